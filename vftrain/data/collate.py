@@ -1,0 +1,58 @@
+"""Stage 5: turn a micro-batch's rows into tensors.
+
+Labels are shifted here, once, per row: `labels[t]` is the token the logits at position t must predict
+(`input_ids[t+1]` where that token is trained, else -100), and the last position of every row is -100. The loss
+then needs no shift, and in a packed micro-batch no position is ever asked to predict the first token of
+the next row (the cross-row leak of trl#1230).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100  # shared by SFT and RL losses, and by transformers' own
+
+
+def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-position targets of one row: next token where it is trained, IGNORE_INDEX elsewhere."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    labels[:-1] = np.where(mask[1:] > 0, ids[1:], IGNORE_INDEX)
+    return labels
+
+
+def collate_packed(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Rows concatenated into one sequence of shape [1, total]; `position_ids` restart at 0 for every row, which
+    is how transformers (and the varlen kernels) know where each row's attention must stop."""
+    ids = np.concatenate([r[0] for r in rows])
+    labels = np.concatenate([shifted_labels(*r) for r in rows])
+    positions = np.concatenate([np.arange(len(r[0])) for r in rows])
+    return {
+        "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
+        "position_ids": torch.from_numpy(positions.astype(np.int64))[None],
+        "labels": torch.from_numpy(labels)[None],
+    }
+
+
+def collate_padded(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows right-padded to the longest one: shape [len(rows), longest], with an attention mask."""
+    longest = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), longest), dtype=torch.long)
+    for i, (row_ids, mask) in enumerate(rows):
+        n = len(row_ids)
+        ids[i, :n] = torch.from_numpy(row_ids.astype(np.int64))
+        labels[i, :n] = torch.from_numpy(shifted_labels(row_ids, mask))
+        attention[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+class Collator:
+    """Picks the rows of a micro-batch from `TokenizedRows` and collates them packed or padded."""
+
+    def __init__(self, pad_id: int, packing: bool):
+        self.pad_id, self.packing = pad_id, packing
+
+    def __call__(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+        return collate_packed(rows) if self.packing else collate_padded(rows, self.pad_id)

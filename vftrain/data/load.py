@@ -1,0 +1,70 @@
+"""Stage 1: load rows (hub name, local file or folder, or a ready `datasets.Dataset`) and detect their format."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vftrain.errors import DataError
+
+# Formats, in the order they are recognised from the column names.
+FORMATS = {
+    "tokenized": ("input_ids",),
+    "prompt_completion": ("prompt", "completion"),
+    "messages": ("messages",),
+    "text": ("text",),
+}
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_rows(source: Any, split: str):
+    """Return the `split` of `source` as a `datasets.Dataset`.
+
+    `source` is a `Dataset` (returned as is), a `DatasetDict` (its `split`), a local file (jsonl, json, parquet,
+    csv: it holds one split, named whatever `split` says), a local folder (split files found by name, e.g.
+    `train.jsonl`, `test.jsonl`), or a hub dataset name.
+    """
+    import datasets
+
+    if isinstance(source, datasets.Dataset):
+        return source
+    if isinstance(source, datasets.DatasetDict):
+        return _pick_split(source, split, "the DatasetDict")
+    if not isinstance(source, str) or not source:
+        raise DataError(f"dataset = {source!r} is not a dataset name, path or datasets.Dataset")
+    if os.path.isfile(source):
+        builder = _FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
+        if builder is None:
+            raise DataError(f"dataset file {source!r} has an unsupported extension; use one of "
+                            + ", ".join(_FILE_BUILDERS))
+        return _load(builder, data_files={split: source}, split=split)
+    if os.path.isdir(source):
+        return _pick_split(_load(source), split, f"folder {source!r}")
+    if source.startswith((".", "/")) or source.endswith(tuple(_FILE_BUILDERS)):
+        raise DataError(f"dataset path {source!r} does not exist")
+    return _pick_split(_load(source), split, f"hub dataset {source!r}")
+
+
+def _load(*args, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"could not load dataset {args[0] if args else kwargs}: {first}") from exc
+
+
+def _pick_split(dataset_dict, split: str, what: str):
+    if split not in dataset_dict:
+        raise DataError(f"{what} has no split {split!r}; available: {', '.join(dataset_dict)}")
+    return dataset_dict[split]
+
+
+def detect_format(columns: list[str]) -> str:
+    """Name of the row format that `columns` support, or a DataError listing what is accepted."""
+    for name, needed in FORMATS.items():
+        if all(c in columns for c in needed):
+            return name
+    accepted = "; ".join(" + ".join(cols) for cols in FORMATS.values())
+    raise DataError(f"dataset has columns {sorted(columns)} but none of the accepted formats: {accepted}")

@@ -1,0 +1,77 @@
+"""Stage 4: plan which rows go into which micro-batch. Pure functions over row lengths.
+
+An optimizer step takes `batch_size` rows (the seed's meaning of batch_size, on any number of processes) and
+splits them into `num_micro_batches` = gradient_accumulation_steps x world_size micro-batches:
+
+- packing: rows are balanced by tokens over the micro-batches (longest row first into the lightest bin, the
+  LPT rule, whose heaviest bin is within one row of the mean: Graham 1969), so every micro-batch carries about
+  the same work and no tail is wasted on padding;
+- padding: rows are sorted by length inside the step and cut into equal-count groups, so each micro-batch
+  pads to a near neighbour.
+
+The step's rows are the same either way, and the loss is normalised by the step's trained tokens, so the
+update does not depend on how a step is split (tests/test_invariance.py).
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> np.ndarray:
+    """A permutation of row indices that depends only on (seed, epoch): resuming replays the same order."""
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Full steps in an epoch; the remainder rows (fewer than batch_size) wait for the next epoch's shuffle."""
+    return num_rows // batch_size
+
+
+def split_step(lengths: np.ndarray, rows: np.ndarray, num_micro_batches: int, packing: bool) -> list[list[int]]:
+    """Split one step's `rows` (indices into `lengths`) into `num_micro_batches` lists of row indices."""
+    if len(rows) < num_micro_batches:
+        raise ValueError(f"{len(rows)} rows cannot fill {num_micro_batches} micro-batches")
+    by_length = sorted(rows.tolist(), key=lambda r: (-int(lengths[r]), r))
+    if not packing:
+        per = len(rows) // num_micro_batches
+        return [sorted(by_length[k * per:(k + 1) * per]) for k in range(num_micro_batches)]
+    bins: list[list[int]] = [[] for _ in range(num_micro_batches)]
+    heap = [(0, k) for k in range(num_micro_batches)]  # (tokens so far, bin)
+    for r in by_length:
+        tokens, k = heapq.heappop(heap)
+        bins[k].append(r)
+        heapq.heappush(heap, (tokens + int(lengths[r]), k))
+    return [sorted(b) for b in bins]
+
+
+def plan_epoch(lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int,
+               epoch: int) -> list[list[int]]:
+    """All micro-batches of one epoch, step after step: micro-batch j of a step goes to process j % world_size."""
+    order = epoch_order(len(lengths), seed, epoch)
+    plan = []
+    for s in range(steps_per_epoch(len(lengths), batch_size)):
+        plan.extend(split_step(lengths, order[s * batch_size:(s + 1) * batch_size], num_micro_batches, packing))
+    return plan
+
+
+class StepBatchSampler:
+    """A batch sampler over `plan_epoch`: yields lists of row indices, one per micro-batch."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int):
+        self.lengths, self.batch_size = lengths, batch_size
+        self.num_micro_batches, self.packing, self.seed = num_micro_batches, packing, seed
+        self.epoch = 0
+        self.drop_last = True  # read by accelerate when it shards the sampler across processes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.lengths), self.batch_size) * self.num_micro_batches
+
+    def __iter__(self):
+        yield from plan_epoch(self.lengths, self.batch_size, self.num_micro_batches, self.packing, self.seed,
+                              self.epoch)

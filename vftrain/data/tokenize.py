@@ -1,0 +1,113 @@
+"""Stage 3: render every row (in parallel through `datasets.map`), apply the long-row policy, drop rows that
+cannot be trained, and keep the result in flat numpy buffers (a row is a slice, so millions of rows cost two
+integer arrays rather than millions of Python lists). Counts of everything dropped are reported before training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+from vftrain.data.load import detect_format
+from vftrain.data.render import Renderer, RowError
+from vftrain.errors import DataError
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What the data path did to the rows: kept, truncated, dropped (by reason, with a first example)."""
+
+    format: str
+    rows_in: int
+    rows_kept: int = 0
+    truncated: int = 0
+    dropped: dict = dataclasses.field(default_factory=dict)  # reason -> (count, first row index)
+    tokens: int = 0
+    trained_tokens: int = 0
+    longest: int = 0
+
+    def lines(self) -> list[str]:
+        out = [f"{self.rows_kept:,} of {self.rows_in:,} rows kept ({self.format} format); {self.tokens:,} tokens, "
+               f"{self.trained_tokens:,} trained ({self.trained_tokens / max(self.tokens, 1):.1%}); "
+               f"longest row {self.longest:,} tokens"]
+        if self.truncated:
+            out.append(f"{self.truncated:,} rows truncated to max_seq_len")
+        for reason, (count, first) in sorted(self.dropped.items(), key=lambda kv: -kv[1][0]):
+            out.append(f"{count:,} rows dropped: {reason} (first: row {first})")
+        return out
+
+
+class TokenizedRows:
+    """Rows as slices of one token buffer and one mask buffer; `rows[i]` -> (input_ids, loss_mask) arrays."""
+
+    def __init__(self, tokens: np.ndarray, masks: np.ndarray, offsets: np.ndarray):
+        self.tokens, self.masks, self.offsets = tokens, masks, offsets
+        self.lengths = np.diff(offsets)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.masks[a:b]
+
+    @classmethod
+    def from_lists(cls, rows: list[tuple[list[int], list[int]]]) -> "TokenizedRows":
+        lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        tokens = np.fromiter((t for ids, _ in rows for t in ids), dtype=np.int64, count=int(offsets[-1]))
+        masks = np.fromiter((m for _, mask in rows for m in mask), dtype=np.uint8, count=int(offsets[-1]))
+        return cls(tokens, masks, offsets)
+
+
+def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "drop",
+                     num_proc: int | None = None, what: str = "train") -> tuple[TokenizedRows, DataReport]:
+    """Render, tokenize and filter a `datasets.Dataset`; raise DataError if no row is left to train on."""
+    fmt = detect_format(list(dataset.column_names))
+    renderer = Renderer(tokenizer, fmt)
+
+    def render(row: dict, index: int) -> dict:
+        try:
+            out = renderer(row)
+        except RowError as exc:
+            return {"input_ids": [], "loss_mask": [], "error": str(exc), "index": index}
+        return {**out, "error": "", "index": index}
+
+    rendered = dataset.map(render, with_indices=True, remove_columns=list(dataset.column_names),
+                           num_proc=num_proc, desc=f"Tokenizing {what} rows")
+    report = DataReport(format=fmt, rows_in=len(dataset))
+    kept, errors = [], Counter()
+    first_error: dict[str, int] = {}
+    for row in rendered:
+        ids, mask, reason = row["input_ids"], row["loss_mask"], row["error"]
+        if not reason:
+            ids, mask, reason = _apply_length_policy(ids, mask, max_seq_len, long_rows, row["index"], report)
+        if not reason and not any(mask[1:]):  # position 0 is never a prediction target
+            reason = "no trained tokens"
+        if reason:
+            errors[reason] += 1
+            first_error.setdefault(reason, row["index"])
+            continue
+        kept.append((ids, mask))
+    report.dropped = {r: (n, first_error[r]) for r, n in errors.items()}
+    if not kept:
+        raise DataError(f"no {what} row is left to train on: " + "; ".join(report.lines()[1:]))
+    rows = TokenizedRows.from_lists(kept)
+    report.rows_kept, report.tokens = len(rows), int(rows.offsets[-1])
+    report.trained_tokens = int(sum(m[1:].sum() for _, m in (rows[i] for i in range(len(rows)))))
+    report.longest = int(rows.lengths.max())
+    return rows, report
+
+
+def _apply_length_policy(ids, mask, max_seq_len: int, policy: str, index: int, report: DataReport):
+    if len(ids) <= max_seq_len:
+        return ids, mask, ""
+    if policy == "error":
+        raise DataError(f"row {index} has {len(ids)} tokens, more than max_seq_len = {max_seq_len} "
+                        "(set long_rows = 'drop' or 'truncate', or raise max_seq_len)")
+    if policy == "drop":
+        return ids, mask, f"longer than max_seq_len ({max_seq_len})"
+    report.truncated += 1
+    return ids[:max_seq_len], mask[:max_seq_len], ""

@@ -1,0 +1,119 @@
+"""Load a causal LM and its tokenizer (hub name, local path, or ready objects) and attach LoRA adapters."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vftrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from vftrain.config import TrainerConfig
+
+log = logging.getLogger("vftrain")
+
+_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def resolve_dtype(name: str):
+    """'auto' -> bfloat16 where the GPU supports it, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, _DTYPES[name])
+
+
+def get_model_and_tokenizer(
+    model: str | PreTrainedModel,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    use_liger: bool = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return `(model, tokenizer)`.
+
+    `model` is a hub name, a local folder, or a loaded `PreTrainedModel` (then `tokenizer` is required unless the
+    model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(model, str):
+        if use_liger:
+            model_obj = _load_liger(model, dtype, attn_implementation, trust_remote_code)
+        else:
+            model_obj = AutoModelForCausalLM.from_pretrained(
+                model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code)
+        source = model
+    else:
+        model_obj, source = model, getattr(model, "name_or_path", None)
+    if tokenizer is None:
+        if not source:
+            raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    ensure_pad_token(tokenizer, model_obj)
+    return model_obj, tokenizer
+
+
+def _load_liger(name: str, dtype: str, attn_implementation: str, trust_remote_code: bool):
+    try:
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM
+    except ImportError:
+        raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
+    return AutoLigerKernelForCausalLM.from_pretrained(
+        name, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> None:
+    """Give the tokenizer a pad token if it has none.
+
+    Reusing eos as pad is safe here because vftrain never derives labels or attention from the pad id: the loss
+    mask comes from the chat template and attention from row lengths, so the real end-of-sequence token is
+    still trained (the bug of trl#1623 and the seed's review, item 3).
+    """
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise ConfigError("the tokenizer has no pad, eos or unk token to pad with; set tokenizer.pad_token")
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def lora_config_from(args: TrainerConfig):
+    """The peft LoraConfig the config asks for, every lora_* field passed through (seed review item 6)."""
+    from peft import LoraConfig
+
+    if args.lora_config is not None:
+        return args.lora_config
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=args.lora_target_modules,
+        modules_to_save=args.lora_modules_to_save,
+        use_rslora=args.lora_use_rslora,
+    )
+
+
+def apply_lora(model: PreTrainedModel, args: TrainerConfig):
+    """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config_from(args))
+    trainable, total = count_parameters(peft_model)
+    log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return peft_model
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

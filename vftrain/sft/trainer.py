@@ -1,0 +1,160 @@
+"""SFTTrainer: a thin `transformers.Trainer` over vftrain's data path, loss and metrics.
+
+The Trainer keeps what it does well (optimizer, schedule, gradient accumulation with DDP/FSDP no-sync,
+checkpointing, integrations). vftrain replaces three pieces:
+
+- the data loader: rows planned into micro-batches by `data.pack` (packed or padded), collated by `data.collate`;
+- the loss normaliser: `get_batch_samples` counts the trained tokens of the whole optimizer step on all
+  processes, and `compute_loss` divides the summed cross-entropy by that count, so the update is the mean over
+  the step's trained tokens however the step is split into micro-batches or processes (transformers#34191,
+  prime-rl#1961);
+- the loss itself: logits only at trained positions, cross-entropy chunked (`vftrain.loss`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from vftrain.config import SFTConfig
+from vftrain.data import prepare_rows
+from vftrain.data.collate import IGNORE_INDEX, Collator
+from vftrain.data.pack import StepBatchSampler
+from vftrain.errors import ConfigError
+from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+from vftrain.metrics import StepStats
+from vftrain.models import apply_lora, get_model_and_tokenizer
+
+log = logging.getLogger("vftrain")
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning on chat (or text, or pre-tokenized) rows.
+
+    `model`: hub name, local path or loaded model. `train_dataset`: a `datasets.Dataset`, or None to load
+    `args.dataset` / `args.dataset_split`. `eval_dataset`: likewise, with `args.eval_split`.
+    """
+
+    def __init__(self, model: Any = None, train_dataset: Any = None, args: SFTConfig | None = None,
+                 processing_class: Any = None, eval_dataset: Any = None, **kwargs):
+        args = args if args is not None else SFTConfig()
+        if model is None:
+            raise ConfigError("SFTTrainer needs a model: a hub name, a local path or a loaded model")
+        self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        model, tokenizer = get_model_and_tokenizer(
+            model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=processing_class)
+        if args.use_lora and not hasattr(model, "peft_config"):
+            model = apply_lora(model, args)
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        self.train_rows, self.train_report = self._rows(train_dataset, args.dataset, args.dataset_split,
+                                                        tokenizer, args, "train")
+        self.eval_rows, self.eval_report = None, None
+        if eval_dataset is not None or (args.eval_split and args.dataset):
+            self.eval_rows, self.eval_report = self._rows(eval_dataset, args.dataset, args.eval_split,
+                                                          tokenizer, args, "eval")
+        if len(self.train_rows) < args.batch_size:
+            raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
+                              "training rows")
+        super().__init__(model=model, args=args, train_dataset=self.train_rows, eval_dataset=self.eval_rows,
+                         processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, args.packing),
+                         **kwargs)
+        # Our compute_loss already normalises over the whole step: the Trainer must not divide again by the
+        # number of accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.stats = StepStats()
+        for line in self.train_report.lines():
+            log.info("train data: %s", line)
+        if self.args.should_save:
+            self.save_resolved_config(self.args.output_dir)
+
+    @staticmethod
+    def _rows(dataset, source, split, tokenizer, args, what):
+        if dataset is None and source is None:
+            raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
+        return prepare_rows(dataset if dataset is not None else source, split, tokenizer, args, what)
+
+    # ---- data
+    def get_train_dataloader(self) -> DataLoader:
+        sampler = StepBatchSampler(
+            self.train_rows.lengths, self.args.batch_size,
+            self.args.gradient_accumulation_steps * self.args.world_size, self.args.packing,
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return self.accelerator.prepare(self._loader(self.train_rows, sampler))
+
+    def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        rows = eval_dataset if eval_dataset is not None else self.eval_rows
+        size = self.args.micro_batch_size
+        batches = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
+        return self.accelerator.prepare(self._loader(rows, batches))
+
+    def _loader(self, rows, batch_sampler) -> DataLoader:
+        return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=self.data_collator,
+                          num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The step's micro-batches and its trained-token count summed over all processes."""
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        count = sum((b["labels"] != IGNORE_INDEX).sum() for b in batches) if batches else torch.tensor(0)
+        count = torch.as_tensor(count, device=device)
+        if self.args.world_size > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return batches, count
+
+    # ---- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels")
+        keep = trained_positions(labels)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+        logits, targets = select_trained(outputs.logits, labels[:, keep])
+        loss_sum, correct = cross_entropy_sum(logits, targets)
+        if model.training and num_items_in_batch is not None:
+            # Gradients are averaged over processes by DDP/FSDP, hence the factor: the result is the mean over
+            # every trained token of the step on every process.
+            loss = loss_sum / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
+            mask = inputs.get("attention_mask")
+            self.stats.add(loss_sum=loss_sum, correct=correct, trained_tokens=targets.numel(),
+                           tokens=mask.sum() if mask is not None else labels.numel(), slots=labels.numel())
+        else:
+            loss = loss_sum / max(targets.numel(), 1)
+        return (loss, outputs) if return_outputs else loss
+
+    # ---- logging and saving
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs.update(self.stats.pop(lambda t: self.accelerator.reduce(t, reduction="sum")))
+        super().log(logs, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            self.save_resolved_config(output_dir or self.args.output_dir)
+
+    def save_resolved_config(self, directory: str) -> str:
+        dataset = self.args.dataset
+        return self.args.save_resolved(directory, extra={"model": self.model_source, "dataset": dataset})
+
+    # ---- generation
+    def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
+        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references."""
+        from vftrain.rewards import exact_match
+        from vftrain.sampling import prompt_and_reference
+        from vftrain.sampling.embedded import generate
+
+        pairs = [prompt_and_reference(r) for r in rows]
+        model = self.accelerator.unwrap_model(self.model)
+        completions = generate(model, self.processing_class, [p for p, _ in pairs],
+                               max_new_tokens or self.args.max_new_tokens)
+        scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
+        return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
+                "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
