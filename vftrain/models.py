@@ -43,31 +43,38 @@ def get_model_and_tokenizer(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(model, str):
-        if use_liger:
-            model_obj = _load_liger(model, dtype, attn_implementation, trust_remote_code)
-        else:
-            model_obj = AutoModelForCausalLM.from_pretrained(
-                model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
-                trust_remote_code=trust_remote_code)
+        loader = _load_liger if use_liger else AutoModelForCausalLM.from_pretrained
+        try:
+            model_obj = loader(model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                               trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise load_error("model", model, exc) from None
         source = model
     else:
         model_obj, source = model, getattr(model, "name_or_path", None)
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise load_error("tokenizer", source, exc) from None
     ensure_pad_token(tokenizer, model_obj)
     return model_obj, tokenizer
 
 
-def _load_liger(name: str, dtype: str, attn_implementation: str, trust_remote_code: bool):
+def _load_liger(name: str, **kwargs):
     try:
         from liger_kernel.transformers import AutoLigerKernelForCausalLM
     except ImportError:
         raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
-    return AutoLigerKernelForCausalLM.from_pretrained(
-        name, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code)
+    return AutoLigerKernelForCausalLM.from_pretrained(name, **kwargs)
+
+
+def load_error(what: str, name: str, exc: Exception) -> ConfigError:
+    """One line for a model or tokenizer that cannot be loaded (offline hub name, wrong path, missing files)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    return ConfigError(f"could not load {what} {name!r}: {first}")
 
 
 def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> None:

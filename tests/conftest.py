@@ -1,0 +1,74 @@
+"""Shared fixtures: the bundled tiny model and tokenizer, real chat templates, small datasets. No network."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "assets" / "tiny-chat")
+ADDITION = str(ROOT / "assets" / "addition")
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
+
+# Special tokens each real template writes, and the token that ends an assistant turn for that family.
+FAMILIES = {
+    "qwen2.5": dict(specials=["<|im_start|>", "<|im_end|>"], eos="<|im_end|>", bos=None),
+    "llama3.1": dict(specials=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+                     eos="<|eot_id|>", bos="<|begin_of_text|>"),
+    "gemma2": dict(specials=["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"], eos="<eos>", bos="<bos>"),
+}
+
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TINY)
+
+
+def family_tokenizer(family: str):
+    """The tiny character-level tokenizer taught a real model family's special tokens and chat template."""
+    tok = tiny_tokenizer()
+    spec = FAMILIES[family]
+    tok.add_special_tokens({"additional_special_tokens": spec["specials"]})
+    tok.eos_token = spec["eos"]
+    if spec["bos"]:
+        tok.bos_token = spec["bos"]
+    tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    return tok
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def addition_rows(n: int, start: int = 0) -> list[dict]:
+    rows = []
+    for k in range(start, start + n):
+        a, b = 10 + k % 90, 10 + (k * 7) % 90
+        rows.append({"prompt": [{"role": "user", "content": f"{a}+{b}"}],
+                     "completion": [{"role": "assistant", "content": str(a + b)}]})
+    return rows
+
+
+def small_config(tmp_path, **overrides):
+    import vftrain as vf
+
+    base = dict(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=8, micro_batch_size=8, max_seq_len=64,
+                learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+                dataloader_pin_memory=False)
+    base.update(overrides)
+    return vf.SFTConfig(**base)

@@ -1,0 +1,138 @@
+"""Data path stages: loading and format detection, long-row policy and reports, packing plans, collation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import ADDITION, addition_rows, tiny_tokenizer, write_jsonl
+from vftrain.data.collate import IGNORE_INDEX, collate_packed, collate_padded, shifted_labels
+from vftrain.data.load import detect_format, load_rows
+from vftrain.data.pack import StepBatchSampler, plan_epoch, split_step
+from vftrain.data.tokenize import tokenize_dataset
+from vftrain.errors import DataError
+
+
+def test_load_folder_splits_and_missing_split():
+    assert len(load_rows(ADDITION, "train")) == 7600 and len(load_rows(ADDITION, "test")) == 500
+    with pytest.raises(DataError, match="no split 'validation'; available: "):
+        load_rows(ADDITION, "validation")
+
+
+@pytest.mark.parametrize("ext", ["jsonl", "parquet", "csv"])
+def test_load_single_files(tmp_path, ext):
+    import datasets
+
+    rows = [{"text": f"row {i}"} for i in range(5)]
+    path = tmp_path / f"data.{ext}"
+    getattr(datasets.Dataset.from_list(rows), {"jsonl": "to_json", "parquet": "to_parquet", "csv": "to_csv"}[ext])(
+        str(path))
+    loaded = load_rows(str(path), "train")
+    assert loaded["text"] == [r["text"] for r in rows]
+
+
+def test_missing_path_and_bad_extension(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"), "train")
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="unsupported extension"):
+        load_rows(str(tmp_path / "data.txt"), "train")
+
+
+def test_format_detection():
+    assert detect_format(["prompt", "completion", "answer"]) == "prompt_completion"
+    assert detect_format(["messages", "tools"]) == "messages"
+    assert detect_format(["input_ids", "loss_mask"]) == "tokenized"
+    assert detect_format(["text"]) == "text"
+    with pytest.raises(DataError, match=r"columns \['answer', 'question'\] but none of the accepted formats"):
+        detect_format(["question", "answer"])
+
+
+def _dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list(rows)
+
+
+def test_long_rows_policies_and_report():
+    tok = tiny_tokenizer()
+    rows = addition_rows(4) + [{"prompt": [{"role": "user", "content": "x" * 80}],
+                                "completion": [{"role": "assistant", "content": "y" * 20}]}]
+    kept, report = tokenize_dataset(_dataset(rows), tok, max_seq_len=64, long_rows="drop")
+    assert len(kept) == 4 and report.dropped == {"longer than max_seq_len (64)": (1, 4)}
+    assert any("1 rows dropped: longer than max_seq_len (64) (first: row 4)" in line for line in report.lines())
+    # Truncating the long row cuts its whole completion: it has no trained token left and is dropped as such.
+    kept, report = tokenize_dataset(_dataset(rows), tok, max_seq_len=64, long_rows="truncate")
+    assert len(kept) == 4 and report.truncated == 1 and report.dropped == {"no trained tokens": (1, 4)}
+    kept, report = tokenize_dataset(_dataset(rows), tok, max_seq_len=100, long_rows="truncate")
+    assert len(kept) == 5 and report.truncated == 1 and kept.lengths.max() == 100
+    with pytest.raises(DataError, match="row 4 has 1.. tokens, more than max_seq_len = 64"):
+        tokenize_dataset(_dataset(rows), tok, max_seq_len=64, long_rows="error")
+
+
+def test_bad_rows_are_counted_and_all_bad_is_an_error():
+    tok = tiny_tokenizer()
+    empty = {"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "assistant", "content": ""}]}
+    kept, report = tokenize_dataset(_dataset(addition_rows(3) + [empty, empty]), tok, max_seq_len=64)
+    assert len(kept) == 3 and report.dropped == {"empty completion": (2, 3)}
+    assert report.trained_tokens == sum(int(kept[i][1].sum()) for i in range(3))
+    with pytest.raises(DataError, match="no train row is left to train on: 2 rows dropped: empty completion"):
+        tokenize_dataset(_dataset([empty, empty]), tok, max_seq_len=64)
+
+
+def test_parallel_tokenization_matches_serial():
+    tok = tiny_tokenizer()
+    ds = _dataset(addition_rows(40))
+    a, _ = tokenize_dataset(ds, tok, max_seq_len=64)
+    b, _ = tokenize_dataset(ds, tok, max_seq_len=64, num_proc=2)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.masks, b.masks)
+
+
+def test_split_step_balances_tokens_and_keeps_every_row():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(10, 500, size=64)
+    bins = split_step(lengths, np.arange(64), 8, packing=True)
+    assert sorted(r for b in bins for r in b) == list(range(64))
+    loads = [int(lengths[b].sum()) for b in bins]
+    assert max(loads) - min(loads) <= lengths.max()  # LPT: within one row of each other
+    padded = split_step(lengths, np.arange(64), 8, packing=False)
+    assert all(len(b) == 8 for b in padded) and sorted(r for b in padded for r in b) == list(range(64))
+
+
+def test_epoch_plan_is_deterministic_and_covers_full_steps():
+    lengths = np.arange(1, 101)
+    plan = plan_epoch(lengths, batch_size=16, num_micro_batches=4, packing=True, seed=3, epoch=0)
+    assert len(plan) == (100 // 16) * 4
+    assert plan == plan_epoch(lengths, 16, 4, True, 3, 0)
+    assert plan != plan_epoch(lengths, 16, 4, True, 3, 1)
+    steps = [sum((plan[s * 4 + k] for k in range(4)), []) for s in range(100 // 16)]
+    assert all(len(step) == 16 for step in steps) and len(set(sum(steps, []))) == 96
+    sampler = StepBatchSampler(lengths, 16, 4, True, seed=3)
+    sampler.set_epoch(1)
+    assert list(sampler) == plan_epoch(lengths, 16, 4, True, 3, 1) and len(sampler) == len(plan)
+
+
+def test_shifted_labels_and_collation():
+    ids, mask = np.array([10, 11, 12, 13]), np.array([0, 0, 1, 1])
+    assert shifted_labels(ids, mask).tolist() == [IGNORE_INDEX, 12, 13, IGNORE_INDEX]
+    rows = [(ids, mask), (np.array([20, 21, 22]), np.array([0, 1, 1]))]
+    packed = collate_packed(rows)
+    assert packed["input_ids"].tolist() == [[10, 11, 12, 13, 20, 21, 22]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    # The last token of row 1 never predicts the first of row 2.
+    assert packed["labels"].tolist() == [[IGNORE_INDEX, 12, 13, IGNORE_INDEX, 21, 22, IGNORE_INDEX]]
+    padded = collate_padded(rows, pad_id=0)
+    assert padded["input_ids"].tolist() == [[10, 11, 12, 13], [20, 21, 22, 0]]
+    assert padded["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert padded["labels"][1].tolist() == [21, 22, IGNORE_INDEX, IGNORE_INDEX]
+
+
+def test_jsonl_messages_with_tools_column(tmp_path):
+    import json
+
+    tok = tiny_tokenizer()
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+           "tools": json.dumps([])}
+    path = write_jsonl(tmp_path / "d.jsonl", [row, row])
+    kept, report = tokenize_dataset(load_rows(path, "train"), tok, max_seq_len=64)
+    assert len(kept) == 2 and report.format == "messages"

@@ -1,0 +1,83 @@
+"""The update is the mean over the step's trained tokens: it does not depend on how the step is split into
+micro-batches, on packing versus padding, or on which rows share a packed micro-batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, addition_rows, small_config
+from vftrain.data.collate import collate_packed
+from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+
+
+def _one_step(tmp_path, rows, **overrides):
+    import datasets
+
+    import vftrain as vf
+
+    cfg = small_config(tmp_path, max_steps=1, batch_size=8, optim="sgd", learning_rate=1.0, warmup_steps=0,
+                       lr_scheduler_type="constant", max_grad_norm=0.0, **overrides)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(rows), args=cfg)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    delta = {n: before[n] - p.detach() for n, p in trainer.model.named_parameters()}  # = lr * grad
+    return trainer.state.log_history[0]["loss"], delta
+
+
+def _rows():
+    # Rows of different lengths, so that a per-micro-batch mean would weigh tokens differently.
+    rows = addition_rows(8)
+    for i, r in enumerate(rows):
+        r["completion"][0]["content"] = r["completion"][0]["content"] * (1 + i % 3)
+    return rows
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_same_update_for_any_micro_batch_split(tmp_path, packing):
+    loss_a, grads_a = _one_step(tmp_path / "a", _rows(), micro_batch_size=8, packing=packing)
+    loss_b, grads_b = _one_step(tmp_path / "b", _rows(), micro_batch_size=2, packing=packing)
+    assert loss_a == pytest.approx(loss_b, abs=1e-4)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert max(float(g.abs().max()) for g in grads_a.values()) > 1e-3  # the step really moved the weights
+
+
+def test_packed_update_equals_padded_update(tmp_path):
+    loss_a, grads_a = _one_step(tmp_path / "a", _rows(), micro_batch_size=2, packing=True)
+    loss_b, grads_b = _one_step(tmp_path / "b", _rows(), micro_batch_size=2, packing=False)
+    assert loss_a == pytest.approx(loss_b, abs=1e-4)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _row_losses(model, rows):
+    batch = collate_packed(rows)
+    labels = batch.pop("labels")
+    logits = model(**batch, use_cache=False).logits
+    out, start = [], 0
+    for ids, _ in rows:
+        seg = slice(start, start + len(ids))
+        flat, targets = select_trained(logits[:, seg], labels[:, seg])
+        out.append(float(cross_entropy_sum(flat, targets)[0]) / len(targets))
+        start += len(ids)
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_row_loss_does_not_depend_on_its_pack_neighbours(attn):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, attn_implementation=attn)
+    rng = np.random.default_rng(0)
+
+    def row(n):
+        return rng.integers(0, 95, n), np.r_[np.zeros(n // 2), np.ones(n - n // 2)].astype(np.uint8)
+
+    target, left, other_left, right = row(12), row(7), row(20), row(5)
+    with torch.no_grad():
+        alone = _row_losses(model, [target])[0]
+        assert _row_losses(model, [left, target, right])[1] == pytest.approx(alone, abs=1e-5)
+        assert _row_losses(model, [other_left, target])[1] == pytest.approx(alone, abs=1e-5)
+        assert trained_positions(collate_packed([target])["labels"]).numel() > 0

@@ -1,0 +1,53 @@
+"""The chunked cross-entropy equals PyTorch's, in value and gradient, without a float32 copy of the logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_matches_torch_cross_entropy_value_gradient_and_accuracy(chunk):
+    torch.manual_seed(0)
+    logits = torch.randn(50, 33, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 33, (50,))
+    loss, correct = cross_entropy_sum(logits, labels, chunk=chunk)
+    (2.0 * loss).backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    ref = F.cross_entropy(logits.float().double(), labels, reduction="sum")
+    (2.0 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-6, atol=1e-7)
+    assert int(correct) == int((logits.argmax(-1) == labels).sum())
+
+
+def test_bfloat16_logits_get_bfloat16_gradient_close_to_float32():
+    torch.manual_seed(1)
+    base = torch.randn(64, 100)
+    labels = torch.randint(0, 100, (64,))
+    logits = base.bfloat16().requires_grad_()
+    loss, _ = cross_entropy_sum(logits, labels, chunk=16)
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    ref = F.cross_entropy(base.bfloat16().float(), labels, reduction="sum")
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_empty_selection_gives_zero_loss_connected_to_graph():
+    logits = torch.randn(0, 10, requires_grad=True)
+    loss, correct = cross_entropy_sum(logits, torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0 and int(correct) == 0
+
+
+def test_trained_position_selection():
+    labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, -100, 2]])
+    keep = trained_positions(labels)
+    assert keep.tolist() == [1, 3]
+    logits = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3)  # [batch, kept positions, vocab]
+    flat, targets = select_trained(logits, labels[:, keep])
+    assert targets.tolist() == [5, 7, 2] and flat.shape == (3, 3)

@@ -1,0 +1,171 @@
+"""Command-line and TOML parsing shared by the entry points: `@ config.toml`, dotted overrides, type checks.
+
+Precedence: config defaults < TOML file < command line. Every key is checked against the config dataclass's
+fields: an unknown key gets a did-you-mean, a wrong type names the key, the value and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import types
+import typing
+from typing import Any
+
+from vftrain.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+TOP_LEVEL = ("model", "dataset")
+
+
+@dataclasses.dataclass
+class Invocation:
+    """What the command line asked for: the config table, top-level values, and the command's own flags."""
+
+    table: dict  # fields of the [section] table
+    top: dict  # model, dataset
+    flags: dict  # entry-point flags such as inspect / json / help
+    config_path: str | None = None
+
+
+def parse_argv(argv: list[str], section: str, flag_names: dict[str, bool]) -> Invocation:
+    """Split argv into `@ file`, `--section.key value` overrides, top-level `--model x`, and flags.
+
+    `flag_names` maps each entry-point flag to whether it takes a value (`--inspect 5`) or not (`--json`).
+    """
+    inv = Invocation(table={}, top={}, flags={})
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "@" or (arg.startswith("@") and len(arg) > 1):
+            path = arg[1:] if len(arg) > 1 else (argv[i + 1] if i + 1 < len(argv) else None)
+            if path is None:
+                raise ConfigError("'@' must be followed by the path of a TOML config file")
+            i += 1 if len(arg) > 1 else 2
+            inv.config_path = path
+            _merge_toml(inv, read_toml(path), section)
+            continue
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use @ config.toml and --{section}.key value overrides")
+        key, eq, value = arg[2:].partition("=")
+        takes_value = flag_names.get(key, True)
+        if not eq and takes_value:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                value = "true"  # a bare --sft.use_lora means true
+            else:
+                value, i = nxt, i + 1
+        i += 1
+        if key in flag_names:
+            inv.flags[key] = value if takes_value else True
+        elif key in TOP_LEVEL:
+            inv.top[key] = value
+        elif key.startswith(section + "."):
+            inv.table[key[len(section) + 1:]] = parse_value(value)
+        else:
+            allowed = [*TOP_LEVEL, f"{section}.<field>", *flag_names]
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{hint[0]}?" if hint else
+                                                            f"; options are {', '.join('--' + a for a in allowed)}"))
+    return inv
+
+
+def read_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+
+
+def _merge_toml(inv: Invocation, data: dict, section: str) -> None:
+    for key, value in data.items():
+        if key == section:
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{section}] must be a table of config fields")
+            inv.table.update(value)
+        elif key in TOP_LEVEL:
+            inv.top[key] = value
+        else:
+            hint = difflib.get_close_matches(key, [*TOP_LEVEL, section], n=1)
+            raise ConfigError(f"unknown top-level key {key!r} in {inv.config_path}"
+                              + (f"; did you mean {hint[0]!r}?" if hint else
+                                 f"; allowed: {', '.join(TOP_LEVEL)} and the [{section}] table"))
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML would read it (40 -> int, true -> bool, [..] -> list), else the string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def build_config(cls, table: dict, section: str):
+    """Instantiate the config dataclass from a checked table."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints = typing.get_type_hints(cls)
+    for key, value in table.items():
+        if key not in fields:
+            hint = difflib.get_close_matches(key, list(fields), n=1)
+            raise ConfigError(f"unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else
+                                                                "; see --help for the fields"))
+        if not type_matches(value, hints[key]):
+            raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {type_name(hints[key])}")
+    return cls(**table)
+
+
+def type_matches(value: Any, hint: Any) -> bool:
+    """Whether a TOML value fits a dataclass annotation (ints are accepted for floats, never bools for ints)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(type_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (list, tuple):
+        inner = typing.get_args(hint)
+        return isinstance(value, list) and (not inner or all(type_matches(v, inner[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(hint, type):
+        if issubclass(hint, str) or hasattr(hint, "__members__"):  # str-valued enums accept their strings
+            return isinstance(value, str)
+        return isinstance(value, hint)
+    return True
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "none"
+    return getattr(hint, "__name__", str(hint))
+
+
+def resolve_path_or_name(value: str, what: str) -> str:
+    """Fail early, with one line, on a local path that does not exist (a hub name passes through)."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{what} = {value!r} must be a hub name or a local path")
+    looks_local = value.startswith((".", "/", "~")) or os.sep in value.strip("/") and os.path.exists(
+        value.split(os.sep)[0])
+    if looks_local and not os.path.exists(os.path.expanduser(value)):
+        raise ConfigError(f"{what} path {value!r} does not exist")
+    return os.path.expanduser(value)

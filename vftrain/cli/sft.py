@@ -1,0 +1,144 @@
+"""`vf-sft @ config.toml [--sft.key value ...] [--model M] [--dataset D] [--inspect N [--json]]`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import textwrap
+
+from vftrain.cli.args import build_config, parse_argv, resolve_path_or_name
+from vftrain.errors import ConfigError, VFTrainError
+
+FLAGS = {"inspect": True, "json": False, "help": False}
+USAGE = """usage: vf-sft @ path/to/config.toml [--sft.<field> VALUE ...] [--model M] [--dataset D]
+              [--inspect N [--json]]
+
+Supervised fine-tuning. The TOML file holds top-level `model` and `dataset` and an [sft] table of the fields
+below; command-line values override the file (e.g. --sft.max_steps 40 --model path/to/model).
+--inspect N prints the first N training rows as they will be trained (trained tokens in green) and the
+masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text)."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or "-h" in argv or "--help" in argv:
+        print_help()
+        return 0
+    try:
+        inv = parse_argv(argv, "sft", FLAGS)
+        model, config = resolve(inv)
+        if "inspect" in inv.flags:
+            return inspect(model, config, inv.flags["inspect"], bool(inv.flags.get("json")))
+        return train(model, config)
+    except VFTrainError as exc:
+        print(f"vf-sft: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vf-sft: interrupted", file=sys.stderr)
+        return 130
+
+
+def resolve(inv):
+    """(model, SFTConfig) from the parsed invocation; missing or malformed model/dataset are one-line errors."""
+    from vftrain.config import SFTConfig
+
+    model = inv.top.get("model")
+    if model is None:
+        raise ConfigError("no model: set `model = ...` at the top of the TOML file or pass --model")
+    table = dict(inv.table)
+    if "dataset" in inv.top:
+        if "dataset" in table and table["dataset"] != inv.top["dataset"]:
+            raise ConfigError("dataset is set both at the top level and in [sft]; set it once")
+        table["dataset"] = inv.top["dataset"]
+    if table.get("dataset") is None:
+        raise ConfigError("no dataset: set `dataset = ...` at the top of the TOML file or pass --dataset")
+    table["dataset"] = resolve_path_or_name(table["dataset"], "dataset")
+    if table.get("resume_from_checkpoint") == "latest":
+        table["resume_from_checkpoint"] = True  # transformers' spelling of "the newest checkpoint in output_dir"
+    try:
+        config = build_config(SFTConfig, table, "sft")
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, VFTrainError):
+            raise
+        raise ConfigError(f"invalid [sft] value: {str(exc).strip().splitlines()[0]}") from None
+    return resolve_path_or_name(model, "model"), config
+
+
+def train(model: str, config) -> int:
+    from vftrain.logging import setup_console_logging
+    from vftrain.sft.trainer import SFTTrainer
+
+    setup_console_logging()
+    trainer = SFTTrainer(model=model, args=config)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model()
+    if config.eval_generation_rows and config.eval_split and trainer.is_world_process_zero():
+        report_generation_accuracy(trainer, config)
+    return 0
+
+
+def report_generation_accuracy(trainer, config) -> float:
+    from vftrain.data.load import load_rows
+
+    rows = load_rows(config.dataset, config.eval_split)
+    rows = [rows[i] for i in range(min(config.eval_generation_rows, len(rows)))]
+    result = trainer.evaluate_generations(rows)
+    for prompt, completion, reference in result["examples"]:
+        last = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        print(f"  {last!r} -> {completion!r} (reference {reference!r})")
+    print(f"held-out exact-match accuracy: {result['accuracy']:.1%} ({result['n']} rows of split "
+          f"{config.eval_split!r})")
+    return result["accuracy"]
+
+
+def inspect(model: str, config, n_text: str, as_json: bool) -> int:
+    from transformers import AutoTokenizer
+
+    from vftrain.cli.inspect import print_rows
+    from vftrain.data import prepare_rows
+    from vftrain.models import ensure_pad_token, load_error
+
+    try:
+        n = int(n_text)
+    except ValueError:
+        raise ConfigError(f"--inspect {n_text!r}: expected a number of rows") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
+    except OSError as exc:
+        raise load_error("tokenizer", model, exc) from None
+    ensure_pad_token(tokenizer)
+    rows, report = prepare_rows(config.dataset, config.dataset_split, tokenizer, config, "train")
+    print_rows(rows, report, tokenizer, n, as_json)
+    return 0
+
+
+def print_help() -> None:
+    from vftrain.config import SFTConfig, TrainerConfig
+
+    print(USAGE)
+    ours, inherited = [], []
+    for f in dataclasses.fields(SFTConfig):
+        if not f.init:
+            continue
+        (ours if f.metadata.get("vftrain") else inherited).append(f)
+    shared = {f.name for f in dataclasses.fields(TrainerConfig) if f.metadata.get("vftrain")}
+    print("\n[sft] fields (vftrain; * = shared with RL):")
+    for f in ours:
+        _print_field(f, "* " if f.name in shared else "  ")
+    print("\n[sft] fields inherited from transformers.TrainingArguments:")
+    for f in inherited:
+        _print_field(f, "  ")
+
+
+def _print_field(f, mark: str) -> None:
+    default = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+    help_text = " ".join(str(f.metadata.get("help", "")).split())
+    print(f"  {mark}{f.name} = {default!r}")
+    if help_text:
+        print(textwrap.fill(help_text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
