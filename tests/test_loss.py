@@ -41,7 +41,7 @@ def test_empty_selection_gives_zero_loss_connected_to_graph():
     logits = torch.randn(0, 10, requires_grad=True)
     loss, correct = cross_entropy_sum(logits, torch.zeros(0, dtype=torch.long))
     loss.backward()
-    assert float(loss) == 0.0 and int(correct) == 0
+    assert float(loss.detach()) == 0.0 and int(correct) == 0
 
 
 def test_trained_position_selection():
@@ -51,3 +51,28 @@ def test_trained_position_selection():
     logits = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3)  # [batch, kept positions, vocab]
     flat, targets = select_trained(logits, labels[:, keep])
     assert targets.tolist() == [5, 7, 2] and flat.shape == (3, 3)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_cross_entropy_matches_logits_path(weight_grad):
+    from vftrain.loss import linear_cross_entropy_sum
+
+    torch.manual_seed(2)
+    hidden = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=weight_grad)
+    labels = torch.randint(0, 50, (37,))
+    loss, correct = linear_cross_entropy_sum(hidden, weight, labels, chunk=8)
+    (3.0 * loss).backward()
+    got_h, got_w = hidden.grad.clone(), weight.grad.clone() if weight_grad else None
+    hidden.grad = None
+    if weight_grad:
+        weight.grad = None
+    ref = F.cross_entropy(hidden @ weight.T, labels, reduction="sum")
+    (3.0 * ref).backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_h, hidden.grad)
+    if weight_grad:
+        torch.testing.assert_close(got_w, weight.grad)
+    else:
+        assert weight.grad is None
+    assert int(correct) == int(((hidden @ weight.T).argmax(-1) == labels).sum())

@@ -49,7 +49,8 @@ class TrainerConfig(TrainingArguments):
     # ---- model loading
     dtype: str = _f("auto", "Weights dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), "
                     "'bfloat16', 'float16' or 'float32'.", ("auto", "bfloat16", "float16", "float32"))
-    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa', 'eager', 'flex_attention', or any name "
+    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa', 'eager', 'varlen' (variable-length flash "
+                                  "attention over packed rows, CUDA; needs packing), 'flex_attention', or any name "
                                   "registered in transformers.AttentionInterface.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     use_liger: bool = _f(False, "Patch the model with liger-kernel's fused Triton kernels (GPU, liger-kernel installed).")
@@ -175,6 +176,12 @@ class SFTConfig(TrainerConfig):
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one).")
     eval_generation_rows: int = _f(0, "After training, greedily generate for this many eval rows and report "
                                    "exact-match accuracy (0: skip).")
+
+    def __post_init__(self):
+        if self.attn_implementation == "varlen" and not self.packing:
+            raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
+                              "boundaries); use 'sdpa' with packing = false")
+        super().__post_init__()
 
 
 def _bf16_supported() -> bool:

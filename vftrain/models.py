@@ -42,6 +42,10 @@ def get_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if attn_implementation == "varlen":
+        from vftrain import attention
+
+        attention.register()
     if isinstance(model, str):
         loader = _load_liger if use_liger else AutoModelForCausalLM.from_pretrained
         try:
@@ -52,6 +56,8 @@ def get_model_and_tokenizer(
         source = model
     else:
         model_obj, source = model, getattr(model, "name_or_path", None)
+        if attn_implementation == "varlen":
+            model_obj.set_attn_implementation("varlen")
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -124,3 +130,47 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+# Config attributes of models whose logits are not plain `hidden @ head.weight.T` (Gemma 2/3 soft-capping,
+# Cohere/Granite scaling): for those the loss goes through the model's own logits.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def plain_output_head(model):
+    """The output head as a bias-free `nn.Linear` if the logits are exactly `hidden @ weight.T`, else None.
+
+    With it, the loss can be fused with the head (no logits held); a LoRA-adapted or fully-trained peft copy of
+    the head, or post-processed logits, fall back to the model's own logits.
+    """
+    import torch
+
+    inner = model
+    while hasattr(inner, "module"):  # DDP and similar wrappers
+        inner = inner.module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    config = getattr(inner, "config", None)
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+        return None
+    return head
+
+
+class head_returns_hidden:
+    """Context in which `head(x)` returns x: the model's forward then yields final hidden states as `.logits`
+    (only at `logits_to_keep` positions), and the loss applies the head itself."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def __enter__(self):
+        self.head.forward = _identity
+        return self.head
+
+    def __exit__(self, *exc):
+        del self.head.forward  # back to the class's forward
+
+
+def _identity(x):
+    return x

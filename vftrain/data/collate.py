@@ -23,14 +23,19 @@ def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def collate_packed(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Rows concatenated into one sequence of shape [1, total]; `position_ids` restart at 0 for every row, which
-    is how transformers (and the varlen kernels) know where each row's attention must stop."""
+    is how transformers' SDPA/eager masks know where each row's attention must stop. `cu_seq_lens_*` and
+    `max_length_*` (transformers' names for varlen kernels) carry the same boundaries without a host sync."""
     ids = np.concatenate([r[0] for r in rows])
     labels = np.concatenate([shifted_labels(*r) for r in rows])
-    positions = np.concatenate([np.arange(len(r[0])) for r in rows])
+    lengths = np.array([len(r[0]) for r in rows])
+    positions = np.concatenate([np.arange(n) for n in lengths])
+    cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    longest = int(lengths.max())
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
         "position_ids": torch.from_numpy(positions.astype(np.int64))[None],
         "labels": torch.from_numpy(labels)[None],
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
 
 

@@ -25,9 +25,9 @@ from vftrain.data import prepare_rows
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
-from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained, trained_positions
 from vftrain.metrics import StepStats
-from vftrain.models import apply_lora, get_model_and_tokenizer
+from vftrain.models import apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head
 
 log = logging.getLogger("vftrain")
 
@@ -114,10 +114,17 @@ class SFTTrainer(Trainer):
     # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        keep = trained_positions(labels)
-        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-        logits, targets = select_trained(outputs.logits, labels[:, keep])
-        loss_sum, correct = cross_entropy_sum(logits, targets)
+        keep = trained_positions(labels)  # the head runs only where a token is trained
+        head = plain_output_head(model)
+        if head is not None:
+            with head_returns_hidden(head):
+                outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+            hidden, targets = select_trained(outputs.logits, labels[:, keep])
+            loss_sum, correct = linear_cross_entropy_sum(hidden, head.weight, targets)
+        else:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+            logits, targets = select_trained(outputs.logits, labels[:, keep])
+            loss_sum, correct = cross_entropy_sum(logits, targets)
         if model.training and num_items_in_batch is not None:
             # Gradients are averaged over processes by DDP/FSDP, hence the factor: the result is the mean over
             # every trained token of the step on every process.

@@ -1,0 +1,279 @@
+"""SFT throughput of vftrain's SFTTrainer against TRL's, on one GPU: same data, same model shape, bf16.
+
+What runs: for each --arch, a random-weight Qwen2.5-shaped model (trl_anchor.ARCHS, vocab 151936) is trained for
+--steps optimizer steps on trl_anchor.make_rows(6000): pre-tokenized rows of random token ids, prompt and
+completion lengths log-normal, at most 2048 tokens, loss on the completion only.
+- vftrain: rows packed into micro-batches of about --seq tokens (--mbs rows; default: --seq / mean row length),
+  one micro-batch per optimizer step, as in the anchor. Options: --lora, --gc, --attn (e.g. varlen), --vf-liger.
+- TRL (--trl): `trl_anchor.py trl_packed ARCH --liger` in its own process (BFD packing into 2048-token
+  sequences, --seq / 2048 of them per micro-batch); skipped with a note when trl is missing, or for --lora
+  (the anchor has no LoRA mode).
+
+How it is measured: steps before --warmup are not timed. A training_step hook counts every micro-batch on the
+device, without a host sync: real tokens (packed: the whole [1, T] input_ids; padded: attention_mask), trained
+tokens (labels != -100) and the sum of squared row lengths (sum over tokens of 2 * position_id + 1). CUDA is
+synchronized when the window opens (first micro-batch of step --warmup) and when train() returns.
+MFU = (6 x matmul params x real tokens + 6 x layers x hidden x sum(len^2)) / time / bf16 matmul peak measured
+on this GPU (trl_anchor.matmul_peak); matmul params = all parameters less the embedding lookup, the lm head
+counted once (tied or not). LoRA runs report the same full-fine-tune formula, labelled by "mfu_formula".
+Each run is a fresh process printing one `RESULT {json}` line; a markdown table of vftrain/TRL ratios follows,
+printed and written to --out.
+
+usage: python benchmarks/throughput.py --arch qwen0.5b qwen1.5b --steps 30 --warmup 5 --trl
+       python benchmarks/throughput.py --lora --arch qwen7b --seq 4096 --gc
+       python benchmarks/throughput.py --tiny      # CPU smoke test of this script (2 layers, 64 wide, 3 steps)
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
+from trl_anchor import ARCHS, VOCAB, make_rows, matmul_peak  # noqa: E402  (benchmarks/ is sys.path[0])
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True)
+TINY_VOCAB, TINY_ROWS, TINY_LEN = 1000, 64, 128
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def tiny_rows(n):
+    """make_rows cut down to at most TINY_LEN tokens (<= 48 of prompt) with ids inside the tiny vocabulary."""
+    out = []
+    for r in make_rows(n):
+        mask = r["completion_mask"]
+        p = min(mask.index(1), 48)
+        c = min(len(mask) - mask.index(1), TINY_LEN - p)
+        out.append({"input_ids": [t % (TINY_VOCAB - 100) + 100 for t in r["input_ids"][:p + c]],
+                    "completion_mask": [0] * p + [1] * c})
+    return out
+
+
+class Meter:
+    """Device-side counters of the timed micro-batches (one host sync at each end of the window)."""
+
+    def __init__(self, warmup):
+        self.warmup, self.t0, self.micro_batches, self.real = warmup, None, 0, 0
+        self.trained = self.attn_sq = 0  # tensors once counting starts
+
+    def see(self, step, inputs):
+        if step < self.warmup:
+            return
+        if self.t0 is None:
+            sync()
+            self.t0 = time.perf_counter()
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:  # padded rows
+            lens = mask.sum(-1)
+            self.real += mask.sum()
+            self.attn_sq += (lens * lens).sum()
+        else:  # packed [1, T]; a row of n tokens has positions 0..n-1 and sum(2p + 1) = n^2
+            self.real += inputs["input_ids"].numel()
+            self.attn_sq += (2 * inputs["position_ids"] + 1).sum()
+        self.trained += (inputs["labels"] != -100).sum()
+        self.micro_batches += 1
+
+
+def measure(args):
+    """One vftrain run in this process; returns the RESULT dict."""
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models
+    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    import vftrain as vf
+
+    cuda = torch.cuda.is_available() and not args.tiny
+    shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
+    rows = tiny_rows(TINY_ROWS) if args.tiny else make_rows(6000)
+    mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    mbs = args.mbs or max(1, round(args.seq / mean_len))
+    ds = Dataset.from_list([{"input_ids": r["input_ids"], "loss_mask": r["completion_mask"]} for r in rows])
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1},
+                                                                              unk_token="<pad>")),
+                                  pad_token="<pad>", eos_token="<eos>")
+
+    cfg = AutoConfig.for_model("qwen2", vocab_size=vocab, max_position_embeddings=32768, rope_theta=1e6,
+                               rms_norm_eps=1e-6, **shape)
+    # Names vftrain registers itself (e.g. "varlen") are unknown to transformers until the trainer sets them.
+    build_attn = args.attn if args.attn in AttentionInterface() or args.attn == "eager" else "sdpa"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+                                             attn_implementation=build_attn)
+    n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
+    d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+    n_matmul = n_params - vocab * d + (vocab * d if cfg.tie_word_embeddings else 0)
+    if args.vf_liger:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        _apply_liger_kernel_to_instance(model=model)
+
+    meter = Meter(args.warmup)
+
+    class Measured(vf.SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            meter.see(self.state.global_step, inputs)  # before compute_loss pops the labels
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    config = vf.SFTConfig(
+        output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs, micro_batch_size=mbs,
+        max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
+        report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
+        attn_implementation=args.attn, use_lora=args.lora, gradient_checkpointing=args.gc)
+    trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    sync()
+    if meter.t0 is None:
+        raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
+    dt = time.perf_counter() - meter.t0
+    real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
+    out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, lora=args.lora, attn=args.attn,
+               gc=args.gc, liger=args.vf_liger, mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
+               else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
+               tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
+               real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
+               params_m=round(n_params / 1e6, 1), trainable_m=round(trainable / 1e6, 2))
+    if cuda:
+        peak = matmul_peak()
+        flops = 6 * n_matmul * real + 6 * n_layers * d * attn_sq
+        out.update(mfu=round(flops / dt / peak, 4), matmul_peak_tflops=round(peak / 1e12),
+                   mfu_formula="6N full-FT formula (LoRA does less work)" if args.lora else "6N",
+                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+    return out
+
+
+def run(cmd):
+    """Run a measuring process, echo its output, return its RESULT dict (or an error dict)."""
+    print("$ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    result, last = None, ""
+    for line in proc.stdout:
+        if line.startswith("RESULT "):
+            result = json.loads(line[len("RESULT "):])
+        else:
+            sys.stdout.write(line)
+            last = line.strip() or last
+    rc = proc.wait()
+    return result if rc == 0 and result else {"error": f"exit {rc}: {last[-200:]}"}
+
+
+def trl_command(args, arch):
+    """The anchor's command line, or a string saying why TRL is skipped."""
+    if args.tiny:
+        return "skipped: --tiny runs on CPU (the anchor needs CUDA)"
+    if args.lora:
+        return "skipped: trl_anchor.py has no LoRA mode"
+    if importlib.util.find_spec("trl") is None:
+        return "skipped: trl is not importable"
+    k = max(1, args.seq // 2048)  # the anchor packs 2048-token sequences, max(1, mbs * 300 // 2048) of them
+    cmd = [sys.executable, os.path.join(HERE, "trl_anchor.py"), "trl_packed", arch, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--mbs", str(math.ceil(k * 2048 / 300)),
+           "--attn", args.attn if args.attn in ("sdpa", "eager", "flex_attention") else "sdpa"]
+    if importlib.util.find_spec("liger_kernel") is not None:
+        cmd.append("--liger")
+    return cmd + (["--gc"] if args.gc else [])
+
+
+def fmt(x, pct=False):
+    if x is None:
+        return "-"
+    return f"{x:.1%}" if pct else f"{x:,}"
+
+
+def table(args, pairs):
+    gpu = next((r.get("gpu") for r, _ in pairs if r.get("gpu")), "?")
+    lines = [f"vftrain vs TRL SFT throughput on {gpu}: {args.steps} steps ({args.warmup} warmup), "
+             f"~{args.seq} tokens per micro-batch, attn={args.attn}, lora={args.lora}, gc={args.gc}", "",
+             "| arch | vftrain real tok/s | TRL real tok/s | ratio | vftrain trained tok/s | TRL trained tok/s "
+             "| ratio | vftrain MFU | TRL MFU | peak GiB vftrain / TRL |", "|" + "---|" * 10]
+    for vf_res, trl_res in pairs:
+        arch = vf_res.get("arch", "?")
+        if "error" in vf_res:
+            lines.append(f"| {arch} | failed: {vf_res['error']} |" + " |" * 8)
+            continue
+        trl_ok = isinstance(trl_res, dict) and "error" not in trl_res
+        t = trl_res if trl_ok else {}
+
+        def ratio(key):
+            return f"{vf_res[key] / t[key]:.2f}x" if trl_ok and t.get(key) else "-"
+
+        lines.append(f"| {arch} | {fmt(vf_res['real_tok_s'])} | {fmt(t.get('real_tok_s'))} | {ratio('real_tok_s')} "
+                     f"| {fmt(vf_res['trained_tok_s'])} | {fmt(t.get('trained_tok_s'))} | {ratio('trained_tok_s')} "
+                     f"| {fmt(vf_res.get('mfu'), True)} | {fmt(t.get('mfu'), True)} "
+                     f"| {vf_res.get('peak_mem_gib', '-')} / {t.get('peak_mem_gib', '-')} |")
+    notes = sorted({f"TRL {r}" if isinstance(r, str) else f"TRL failed: {r['error']}"
+                    for _, r in pairs if isinstance(r, str) or "error" in r})
+    if args.lora:
+        notes.append("LoRA MFU uses the full fine-tune 6N formula (frozen weights get no weight gradient).")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", nargs="+", default=["qwen0.5b"], choices=sorted(ARCHS))
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps (one micro-batch each)")
+    ap.add_argument("--warmup", type=int, default=5, help="steps not timed")
+    ap.add_argument("--trl", action="store_true", help="also run trl_anchor.py trl_packed ARCH --liger")
+    ap.add_argument("--lora", action="store_true", help="vftrain trains LoRA adapters (use_lora)")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per micro-batch to aim at (and max_seq_len)")
+    ap.add_argument("--mbs", type=int, default=None, help="vftrain rows per micro-batch (default: --seq / mean "
+                    "row length, so both trainers see about the same tokens per micro-batch)")
+    ap.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, varlen, flex_attention, ...")
+    ap.add_argument("--gc", action="store_true", help="gradient checkpointing (both trainers)")
+    ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
+                    "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
+    ap.add_argument("--out", default=None, help="markdown table path (default benchmarks/last_run.md; "
+                    "/tmp/vftrain_tiny_run.md with --tiny, so a smoke test never overwrites real numbers)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one arch in-process
+    args = ap.parse_args()
+    if args.tiny:
+        args.steps, args.warmup, args.seq, args.mbs = 3, 1, TINY_LEN, args.mbs or 4
+        args.arch = ["qwen0.5b"]  # only names the run; the tiny shape is used
+
+    if args.child:
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+
+    pairs = []
+    for arch in args.arch:
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
+               "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn]
+        cmd += ["--mbs", str(args.mbs)] if args.mbs else []
+        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "tiny") if getattr(args, f)]
+        vf_res = run(cmd)
+        print("RESULT " + json.dumps({"framework": "vftrain", "arch": arch, **vf_res}), flush=True)
+        trl_res = "not run (pass --trl)"
+        if args.trl:
+            trl_res = trl_command(args, arch)
+            if not isinstance(trl_res, str):
+                trl_res = run(trl_res)
+                print("RESULT " + json.dumps({"framework": "trl", "arch": arch, **trl_res}), flush=True)
+        pairs.append((vf_res, trl_res))
+
+    text = table(args, pairs)
+    print("\n" + text)
+    out = args.out or ("/tmp/vftrain_tiny_run.md" if args.tiny else os.path.join(HERE, "last_run.md"))
+    with open(out, "w") as fh:
+        fh.write(text + "\n")
+    print(f"\nwrote {out}")
+    if any("error" in v for v, _ in pairs):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""`vf-sft`: shipped configs parse, overrides apply, bad input is one line on stderr with exit code 2,
+--inspect shows the masks, --help lists the fields, and the seed's TOML trains and saves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ADDITION, ROOT, TINY, write_jsonl
+from vftrain.cli.args import parse_argv
+from vftrain.cli.sft import FLAGS, main, resolve
+
+
+def _run(argv, capsys):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> bool:
+    """Exactly one error line and no traceback (progress bars of datasets may share stderr)."""
+    return "Traceback" not in err and sum(line.startswith("vf-sft: error: ") for line in err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_toml_parses(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    model, config = resolve(parse_argv(["@", str(path)], "sft", FLAGS))
+    assert model and config.dataset and config.gradient_accumulation_steps >= 1
+
+
+def test_overrides_beat_the_file(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    inv = parse_argv(["@", "examples/quickstart.toml", "--sft.max_steps", "40", "--sft.packing=false",
+                      "--sft.use_lora", "--model", TINY], "sft", FLAGS)
+    model, config = resolve(inv)
+    assert model == TINY and config.max_steps == 40 and config.packing is False and config.use_lora is True
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+GOOD = f'model = "{TINY}"\ndataset = "{ADDITION}"\n'
+
+
+@pytest.mark.parametrize("text,extra,message", [
+    (GOOD + "[sft]\nmax_step = 3\n", [], "unknown key sft.max_step; did you mean sft.max_steps?"),
+    (GOOD + "[sft]\nmax_steps = 'many'\n", [], "sft.max_steps = 'many' has the wrong type; expected int"),
+    (GOOD + "[sft]\nuse_lora = 1\n", [], "sft.use_lora = 1 has the wrong type; expected bool"),
+    (GOOD + "[sft]\nbatch_size = 10\nmicro_batch_size = 4\n", [],
+     "batch_size = 10 is not divisible by micro_batch_size (4) x world_size (1)"),
+    (GOOD + "[sft]\nlong_rows = 'skip'\n", [], "long_rows = 'skip' is not allowed; choose one of 'drop'"),
+    (GOOD + "modle = 'x'\n", [], "unknown top-level key 'modle'"),
+    (f'dataset = "{ADDITION}"\n', [], "no model: set `model = ...`"),
+    (f'model = "{TINY}"\n', [], "no dataset: set `dataset = ...`"),
+    ('model = "./no/such/model"\n' + f'dataset = "{ADDITION}"\n', [], "model path './no/such/model' does not exist"),
+    (GOOD + "[sft\n", [], "is not valid TOML"),
+    (GOOD, ["--sft.max_stepz", "3"], "unknown key sft.max_stepz; did you mean sft.max_steps?"),
+    (GOOD, ["--modle", "x"], "unknown option --modle; did you mean --model?"),
+])
+def test_config_errors_are_one_line(tmp_path, capsys, text, extra, message):
+    code, out, err = _run(["@", _toml(tmp_path, text), *extra], capsys)
+    assert code == 2 and message in err and _one_error_line(err)
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = _run(["@", str(tmp_path / "none.toml")], capsys)
+    assert code == 2 and "does not exist" in err and _one_error_line(err)
+
+
+def test_dataset_without_usable_column(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}])
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n'), "--inspect", "1"], capsys)
+    assert code == 2 and "none of the accepted formats" in err and _one_error_line(err)
+
+
+def test_offline_hub_model_is_one_line(tmp_path, capsys):
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "nobody/no-such-model"\ndataset = "{ADDITION}"\n'),
+                         "--sft.max_steps", "1", "--sft.output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and "could not load model 'nobody/no-such-model'" in err and _one_error_line(err)
+
+
+def test_inspect_json_prints_rows_with_masks(tmp_path, capsys):
+    code, out, err = _run(["@", _toml(tmp_path, GOOD), "--inspect", "3", "--json"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(rows) == 3
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    for row in rows:
+        assert len(row["input_ids"]) == len(row["loss_mask"]) and set(row["loss_mask"]) == {0, 1}
+        trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m])
+        assert trained.endswith("<|im_end|>") and trained[:-len("<|im_end|>")].isdigit()
+    assert "rows kept" in err
+
+
+def test_inspect_text_marks_trained_tokens(tmp_path, capsys):
+    code, out, _ = _run(["@", _toml(tmp_path, GOOD), "--inspect", "1"], capsys)
+    assert code == 0 and "row 0:" in out and "trained" in out and "masking statistics" in out
+
+
+def test_help_lists_fields_with_help(capsys):
+    code, out, _ = _run(["--help"], capsys)
+    assert code == 0
+    for name in ("batch_size", "micro_batch_size", "lora_rank", "sample_every_n_steps", "long_rows",
+                 "learning_rate"):
+        assert f"{name} = " in out
+    assert "Sequences per optimizer step" in out
+
+
+def test_seed_toml_trains_and_saves(tmp_path):
+    """The seed's TOML (LoRA, batch 512 of micro 8) through the installed entry point, in a subprocess."""
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vftrain.cli.sft", "@", "examples/seed.toml", "--sft.max_steps", "2",
+           "--sft.output_dir", str(out_dir), "--sft.batch_size", "64", "--sft.logging_steps", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out_dir / "adapter_model.safetensors").exists()
+    resolved = json.loads((out_dir / "vftrain_config.json").read_text())
+    assert resolved["model"] == "assets/tiny-chat" and resolved["config"]["use_lora"] is True
+    assert resolved["config"]["gradient_accumulation_steps"] == 8 and resolved["config"]["run_name"] == "wordle-sft"
