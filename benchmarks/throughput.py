@@ -129,7 +129,8 @@ def measure(args):
         output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs, micro_batch_size=mbs,
         max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
-        attn_implementation=args.attn, use_lora=args.lora, gradient_checkpointing=args.gc)
+        attn_implementation=args.attn, use_lora=args.lora,
+        **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
@@ -146,7 +147,7 @@ def measure(args):
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
                real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
-               params_m=round(n_params / 1e6, 1), trainable_m=round(trainable / 1e6, 2))
+               params_m=round(n_params / 1e6, 2), trainable_m=round(trainable / 1e6, 2))
     if cuda:
         peak = matmul_peak()
         flops = 6 * n_matmul * real + 6 * n_layers * d * attn_sq
@@ -196,8 +197,10 @@ def fmt(x, pct=False):
 
 def table(args, pairs):
     gpu = next((r.get("gpu") for r, _ in pairs if r.get("gpu")), "?")
+    tpm = ", ".join(str(r["tokens_per_micro_batch"]) for r, _ in pairs if "tokens_per_micro_batch" in r)
     lines = [f"vftrain vs TRL SFT throughput on {gpu}: {args.steps} steps ({args.warmup} warmup), "
-             f"~{args.seq} tokens per micro-batch, attn={args.attn}, lora={args.lora}, gc={args.gc}", "",
+             f"vftrain {tpm} real tokens per micro-batch (TRL: {max(1, args.seq // 2048)} x 2048 packed), "
+             f"attn={args.attn}, lora={args.lora}, gc={args.gc}, vftrain liger={args.vf_liger}", "",
              "| arch | vftrain real tok/s | TRL real tok/s | ratio | vftrain trained tok/s | TRL trained tok/s "
              "| ratio | vftrain MFU | TRL MFU | peak GiB vftrain / TRL |", "|" + "---|" * 10]
     for vf_res, trl_res in pairs:
@@ -217,6 +220,9 @@ def table(args, pairs):
                      f"| {vf_res.get('peak_mem_gib', '-')} / {t.get('peak_mem_gib', '-')} |")
     notes = sorted({f"TRL {r}" if isinstance(r, str) else f"TRL failed: {r['error']}"
                     for _, r in pairs if isinstance(r, str) or "error" in r})
+    trl_attn = {r.get("attn") for _, r in pairs if isinstance(r, dict) and "attn" in r}
+    if trl_attn and trl_attn != {args.attn}:
+        notes.append(f"TRL ran with attn={', '.join(sorted(trl_attn))} (the anchor knows no {args.attn!r}).")
     if args.lora:
         notes.append("LoRA MFU uses the full fine-tune 6N formula (frozen weights get no weight gradient).")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])
@@ -255,14 +261,14 @@ def main():
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "tiny") if getattr(args, f)]
-        vf_res = run(cmd)
-        print("RESULT " + json.dumps({"framework": "vftrain", "arch": arch, **vf_res}), flush=True)
+        vf_res = {"framework": "vftrain", "arch": arch, **run(cmd)}
+        print("RESULT " + json.dumps(vf_res), flush=True)
         trl_res = "not run (pass --trl)"
         if args.trl:
             trl_res = trl_command(args, arch)
             if not isinstance(trl_res, str):
-                trl_res = run(trl_res)
-                print("RESULT " + json.dumps({"framework": "trl", "arch": arch, **trl_res}), flush=True)
+                trl_res = {"framework": "trl", "arch": arch, **run(trl_res)}
+                print("RESULT " + json.dumps(trl_res), flush=True)
         pairs.append((vf_res, trl_res))
 
     text = table(args, pairs)

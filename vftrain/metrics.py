@@ -1,6 +1,9 @@
-"""Training statistics accumulated on the device between logging steps (no host sync per micro-batch)."""
+"""Training statistics accumulated on the device between logging steps (no host sync per micro-batch), and
+the throughput figures derived from them at logging time."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -8,7 +11,7 @@ import torch
 class StepStats:
     """Sums of per-micro-batch counters; `pop(reduce)` returns the logged values and resets."""
 
-    KEYS = ("loss_sum", "correct", "trained_tokens", "tokens", "slots")
+    KEYS = ("loss_sum", "correct", "trained_tokens", "tokens", "slots", "attn_sq")
 
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
@@ -37,4 +40,56 @@ class StepStats:
             out["trained_fraction"] = s.get("trained_tokens", 0) / s["tokens"]
         if s.get("slots"):
             out["padding_efficiency"] = s["tokens"] / s["slots"]
+        out["_attn_sq"] = s.get("attn_sq", 0.0)
         return out
+
+
+def matmul_params(model) -> int:
+    """Parameters that take part in matrix products per token: all but the input embedding lookup, plus the
+    output head when it shares the embedding's weight (counted once by `parameters()`)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    total = sum(p.numel() for p in inner.parameters())
+    embed = inner.get_input_embeddings().weight
+    head = inner.get_output_embeddings()
+    tied = head is not None and head.weight is embed
+    return total - embed.numel() + (embed.numel() if tied else 0)
+
+
+def measured_matmul_peak() -> float:
+    """bf16 matmul FLOP/s of this GPU, measured on an 8192^3 product (the MFU denominator of CONTEXT.md)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        a @ b
+    end.record()
+    end.synchronize()
+    return 2 * 8192**3 * 10 / (start.elapsed_time(end) / 1000)
+
+
+class Throughput:
+    """Tokens/s and MFU between logging calls: MFU = (6 x matmul params x tokens + 6 x layers x hidden x
+    sum of squared row lengths) / seconds / peak (the formula of CONTEXT.md and benchmarks/)."""
+
+    def __init__(self, model):
+        config = getattr(model, "config", None)
+        self.params = matmul_params(model)
+        self.attn_coef = 6 * getattr(config, "num_hidden_layers", 0) * getattr(config, "hidden_size", 0)
+        self.peak = measured_matmul_peak() if torch.cuda.is_available() else None
+        self.last = time.perf_counter()
+
+    def update(self, logs: dict) -> None:
+        now, elapsed = time.perf_counter(), None
+        elapsed, self.last = now - self.last, now
+        attn_sq = logs.pop("_attn_sq", 0.0)
+        if "tokens" in logs and elapsed > 0:
+            logs["tokens_per_second"] = logs["tokens"] / elapsed
+            logs["trained_tokens_per_second"] = logs.get("trained_tokens", 0) / elapsed
+            if self.peak:
+                flops = 6 * self.params * logs["tokens"] + self.attn_coef * attn_sq
+                logs["mfu"] = flops / elapsed / self.peak
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -20,13 +20,15 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
 
+from vftrain import checkpoint
 from vftrain.config import SFTConfig
 from vftrain.data import prepare_rows
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained, trained_positions
-from vftrain.metrics import StepStats
+from vftrain.logging import MetricsFileCallback
+from vftrain.metrics import StepStats, Throughput
 from vftrain.models import apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head
 
 log = logging.getLogger("vftrain")
@@ -68,6 +70,8 @@ class SFTTrainer(Trainer):
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
         self.stats = StepStats()
+        self.throughput: Throughput | None = None
+        self.add_callback(MetricsFileCallback())
         for line in self.train_report.lines():
             log.info("train data: %s", line)
         if self.args.should_save:
@@ -126,12 +130,13 @@ class SFTTrainer(Trainer):
             logits, targets = select_trained(outputs.logits, labels[:, keep])
             loss_sum, correct = cross_entropy_sum(logits, targets)
         if model.training and num_items_in_batch is not None:
+            if self.throughput is None:  # the clock starts at the first micro-batch: start-up is not counted
+                self.throughput = Throughput(self.accelerator.unwrap_model(model))
             # Gradients are averaged over processes by DDP/FSDP, hence the factor: the result is the mean over
             # every trained token of the step on every process.
             loss = loss_sum / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
-            mask = inputs.get("attention_mask")
             self.stats.add(loss_sum=loss_sum, correct=correct, trained_tokens=targets.numel(),
-                           tokens=mask.sum() if mask is not None else labels.numel(), slots=labels.numel())
+                           slots=labels.numel(), **row_counts(inputs, labels))
         else:
             loss = loss_sum / max(targets.numel(), 1)
         return (loss, outputs) if return_outputs else loss
@@ -140,12 +145,40 @@ class SFTTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
             logs.update(self.stats.pop(lambda t: self.accelerator.reduce(t, reduction="sum")))
+            if self.throughput is not None:
+                self.throughput.update(logs)
+            logs.pop("_attn_sq", None)
         super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_resolved_config(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
+        run_dir = self._get_output_dir(trial=trial)
+        folder = f"checkpoint-{self.state.global_step}"
+        if self.args.should_save:
+            checkpoint.clear_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._staging_for = run_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_for = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            checkpoint.publish(run_dir, folder)
+            if self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    checkpoint.staging_dir(run_dir), run_dir)
+            checkpoint.rotate(self, run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return checkpoint.staging_dir(run_dir) if getattr(self, "_staging_for", None) == run_dir else run_dir
 
     def save_resolved_config(self, directory: str) -> str:
         dataset = self.args.dataset
@@ -165,3 +198,17 @@ class SFTTrainer(Trainer):
         scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
         return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
                 "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
+
+
+def row_counts(inputs: dict, labels: torch.Tensor) -> dict:
+    """Real tokens and the sum of squared row lengths (attention work) of a micro-batch, on its device."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        lengths = mask.sum(dim=1)
+    elif "cu_seq_lens_q" in inputs:
+        cu = inputs["cu_seq_lens_q"]
+        lengths = cu[1:] - cu[:-1]
+    else:
+        lengths = torch.tensor([labels.shape[1]] * labels.shape[0])
+    lengths = lengths.double()
+    return {"tokens": lengths.sum(), "attn_sq": (lengths * lengths).sum()}
