@@ -196,8 +196,8 @@ def fmt(x, pct=False):
 
 
 def table(args, pairs):
-    gpu = next((r.get("gpu") for r, _ in pairs if r.get("gpu")), "?")
-    tpm = ", ".join(str(r["tokens_per_micro_batch"]) for r, _ in pairs if "tokens_per_micro_batch" in r)
+    gpu = next((r["gpu"] for pair in pairs for r in pair if isinstance(r, dict) and r.get("gpu")), "?")
+    tpm = ", ".join(str(r["tokens_per_micro_batch"]) for r, _ in pairs if "tokens_per_micro_batch" in r) or "?"
     lines = [f"vftrain vs TRL SFT throughput on {gpu}: {args.steps} steps ({args.warmup} warmup), "
              f"vftrain {tpm} real tokens per micro-batch (TRL: {max(1, args.seq // 2048)} x 2048 packed), "
              f"attn={args.attn}, lora={args.lora}, gc={args.gc}, vftrain liger={args.vf_liger}", "",

@@ -22,13 +22,15 @@ from transformers import Trainer
 
 from vftrain import checkpoint
 from vftrain.config import SFTConfig
-from vftrain.data import prepare_rows
+from vftrain.data import load_rows, tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained, trained_positions
 from vftrain.logging import MetricsFileCallback
 from vftrain.metrics import StepStats, Throughput
+from vftrain.sampling import held_out_samples, make_backend
+from vftrain.sampling.callback import SampleCallback
 from vftrain.models import apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head
 
 log = logging.getLogger("vftrain")
@@ -54,12 +56,19 @@ class SFTTrainer(Trainer):
             model = apply_lora(model, args)
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        self.train_rows, self.train_report = self._rows(train_dataset, args.dataset, args.dataset_split,
-                                                        tokenizer, args, "train")
-        self.eval_rows, self.eval_report = None, None
+        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
+        raw_eval = None
         if eval_dataset is not None or (args.eval_split and args.dataset):
-            self.eval_rows, self.eval_report = self._rows(eval_dataset, args.dataset, args.eval_split,
-                                                          tokenizer, args, "eval")
+            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+        sample_rows = []
+        if args.sample_every_n_steps:
+            sample_rows, raw_train = held_out_samples(raw_train, raw_eval, args.num_samples)
+        self.train_rows, self.train_report = tokenize_dataset(
+            raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train")
+        self.eval_rows, self.eval_report = None, None
+        if raw_eval is not None:
+            self.eval_rows, self.eval_report = tokenize_dataset(
+                raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval")
         if len(self.train_rows) < args.batch_size:
             raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
                               "training rows")
@@ -72,16 +81,18 @@ class SFTTrainer(Trainer):
         self.stats = StepStats()
         self.throughput: Throughput | None = None
         self.add_callback(MetricsFileCallback())
+        if sample_rows:
+            self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
         for line in self.train_report.lines():
             log.info("train data: %s", line)
         if self.args.should_save:
             self.save_resolved_config(self.args.output_dir)
 
     @staticmethod
-    def _rows(dataset, source, split, tokenizer, args, what):
+    def _raw(dataset, source, split, what):
         if dataset is None and source is None:
             raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
-        return prepare_rows(dataset if dataset is not None else source, split, tokenizer, args, what)
+        return load_rows(dataset if dataset is not None else source, split)
 
     # ---- data
     def get_train_dataloader(self) -> DataLoader:
@@ -99,7 +110,8 @@ class SFTTrainer(Trainer):
 
     def _loader(self, rows, batch_sampler) -> DataLoader:
         return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=self.data_collator,
-                          num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+                          num_workers=self.args.dataloader_num_workers,
+                          pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available())
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and its trained-token count summed over all processes."""
