@@ -38,6 +38,9 @@ def test_samples_once_per_trigger_step_with_gradient_accumulation(tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r for r in logged if "eval/reward" in r]
     assert [r["step"] for r in rewards] == [2, 4] and 0.0 <= rewards[0]["eval/reward/exact_match"] <= 1.0
+    # Sampling does not swallow the loss log of its step, and the run ends with its curves.
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "out" / "training_curves.png").stat().st_size > 1000
 
 
 def test_samples_come_from_held_out_rows(tmp_path):

@@ -39,3 +39,117 @@ class MetricsFileCallback(TrainerCallback):
 
 def _plain(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+
+
+CURVES = (("loss", "loss"), ("token_accuracy", "token accuracy"), ("eval/reward", "eval reward"),
+          ("tokens_per_second", "tokens / s"))
+
+
+class RunSummaryCallback(TrainerCallback):
+    """At the end of training (main process): a summary table on the console and
+    `<output_dir>/training_curves.png` (loss, accuracy, eval reward, throughput over steps)."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        records = read_metrics(os.path.join(args.output_dir, "metrics.jsonl"))
+        if not records:
+            return
+        print_summary(records, state.global_step)
+        plot_curves(records, os.path.join(args.output_dir, "training_curves.png"))
+
+
+def read_metrics(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def print_summary(records: list[dict], steps: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"vftrain: {steps} optimizer steps")
+    table.add_column("metric")
+    table.add_column("first", justify="right")
+    table.add_column("last", justify="right")
+    for key in ("loss", "token_accuracy", "eval_loss", "eval/reward", "grad_norm", "tokens_per_second", "mfu",
+                "peak_memory_gib"):
+        values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
+        if values:
+            table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
+    Console().print(table)
+
+
+def plot_curves(records: list[dict], path: str) -> str | None:
+    """Write the curves that have data to `path`; returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.getLogger("vftrain").info("matplotlib not installed: no training_curves.png "
+                                          "(pip install 'vftrain[plots]')")
+        return None
+    panels = [(key, label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
+              for key, label in CURVES]
+    panels = [p for p in panels if p[2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    for ax, (_, label, points) in zip(axes[0], panels):
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_SHORT = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"), ("token_accuracy", "acc", "{:.3f}"),
+          ("eval/reward", "reward", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3g}"),
+          ("tokens_per_second", "tok/s", "{:,.0f}"), ("mfu", "mfu", "{:.1%}"), ("peak_memory_gib", "mem", "{:.1f}G"))
+
+
+class RichProgressCallback(TrainerCallback):
+    """A Rich progress bar with ETA and one compact line per logging step (replaces transformers' tqdm bar
+    and its dict printing); main process only."""
+
+    def __init__(self):
+        self.progress = None
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or args.disable_tqdm:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("eta"), TimeRemainingColumn(), transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        line = format_metrics(state.global_step, state.max_steps, logs)
+        if line:
+            (self.progress.console.print if self.progress is not None else print)(line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def format_metrics(step: int, max_steps: int, logs: dict) -> str:
+    """'step 100/1000 | loss 2.2510 | acc 0.440 | lr 3.00e-03 | tok/s 83,050' from whichever keys are present."""
+    parts = [f"{label} {fmt.format(logs[key])}" for key, label, fmt in _SHORT
+             if isinstance(logs.get(key), (int, float))]
+    return f"step {step}/{max_steps} | " + " | ".join(parts) if parts else ""

@@ -43,8 +43,12 @@ class SampleCallback(TrainerCallback):
             log.warning("sampling at step %d skipped: %s", step, str(exc).splitlines()[0] if str(exc) else exc)
             return None
         metrics = self._score(completions)
-        self._show(step, completions, metrics)
-        self.trainer.log({**metrics})
+        self._show(step, completions)
+        # Trainer.log clears control.should_log; the step's own loss log, due right after this callback, must
+        # still happen.
+        should_log = self.trainer.control.should_log
+        self.trainer.log(dict(metrics))
+        self.trainer.control.should_log = should_log
         return metrics
 
     def _score(self, completions: list[str]) -> dict:
@@ -56,14 +60,12 @@ class SampleCallback(TrainerCallback):
             metrics["eval/reward"] = sum(metrics.values()) / len(metrics)
         return metrics
 
-    def _show(self, step: int, completions: list[str], metrics: dict) -> None:
+    def _show(self, step: int, completions: list[str]) -> None:
         for (prompt, reference), completion in zip(self.pairs, completions):
             text = _prompt_text(prompt)
             self.history.append({"step": step, "prompt": text, "completion": completion, "reference": reference})
             body = f"[bold]prompt[/] {text}\n[bold green]completion[/] {completion}\n[bold]reference[/] {reference}"
             self.console.print(Panel(body, title=f"sample, step {step}", expand=False))
-        if metrics:
-            self.console.print(f"step {step}: eval/reward = {metrics['eval/reward']:.3f}")
         _log_table(self.trainer.args.report_to, self.history)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vftrain import checkpoint
 from vftrain.config import SFTConfig
@@ -27,7 +28,7 @@ from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained, trained_positions
-from vftrain.logging import MetricsFileCallback
+from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
@@ -80,7 +81,10 @@ class SFTTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.stats = StepStats()
         self.throughput: Throughput | None = None
-        self.add_callback(MetricsFileCallback())
+        for callback in (ProgressCallback, PrinterCallback):
+            self.remove_callback(callback)
+        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback()):
+            self.add_callback(callback)
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
         for line in self.train_report.lines():
