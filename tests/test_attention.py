@@ -24,7 +24,8 @@ def test_varlen_matches_sdpa_on_packed_rows():
     rng = np.random.default_rng(0)
     rows = [(rng.integers(0, 95, n), np.ones(n, dtype=np.uint8)) for n in (5, 11, 3)]
     batch = collate_packed(rows)
-    batch.pop("labels")
+    for key in ("labels", "trained_positions", "trained_flat"):
+        batch.pop(key)
     with torch.no_grad():
         sdpa = _model("sdpa")(**batch, use_cache=False).logits
         varlen = _model("varlen")(**batch, use_cache=False).logits

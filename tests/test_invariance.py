@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import TINY, addition_rows, small_config
-from vftrain.data.collate import collate_packed
-from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+from vftrain.data.collate import collate_packed, trained_index
+from vftrain.loss import cross_entropy_sum, select_trained
 
 
 def _one_step(tmp_path, rows, **overrides):
@@ -55,14 +55,21 @@ def test_packed_update_equals_padded_update(tmp_path):
 def _row_losses(model, rows):
     batch = collate_packed(rows)
     labels = batch.pop("labels")
+    batch.pop("trained_positions"), batch.pop("trained_flat")
     logits = model(**batch, use_cache=False).logits
     out, start = [], 0
     for ids, _ in rows:
         seg = slice(start, start + len(ids))
-        flat, targets = select_trained(logits[:, seg], labels[:, seg])
+        where = _where(labels[:, seg])
+        flat, targets = select_trained(logits[:, seg][:, where["positions"]], labels[:, seg], **where)
         out.append(float(cross_entropy_sum(flat, targets)[0]) / len(targets))
         start += len(ids)
     return out
+
+
+def _where(labels):
+    where = trained_index(labels)
+    return {"positions": where["trained_positions"], "flat": where["trained_flat"]}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -80,4 +87,3 @@ def test_row_loss_does_not_depend_on_its_pack_neighbours(attn):
         alone = _row_losses(model, [target])[0]
         assert _row_losses(model, [left, target, right])[1] == pytest.approx(alone, abs=1e-5)
         assert _row_losses(model, [other_left, target])[1] == pytest.approx(alone, abs=1e-5)
-        assert trained_positions(collate_packed([target])["labels"]).numel() > 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vftrain.loss import cross_entropy_sum, select_trained, trained_positions
+from vftrain.loss import cross_entropy_sum, select_trained
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -45,12 +45,14 @@ def test_empty_selection_gives_zero_loss_connected_to_graph():
 
 
 def test_trained_position_selection():
+    from vftrain.data.collate import trained_index
+
     labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, -100, 2]])
-    keep = trained_positions(labels)
-    assert keep.tolist() == [1, 3]
-    logits = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3)  # [batch, kept positions, vocab]
-    flat, targets = select_trained(logits, labels[:, keep])
-    assert targets.tolist() == [5, 7, 2] and flat.shape == (3, 3)
+    where = trained_index(labels)
+    assert where["trained_positions"].tolist() == [1, 3] and where["trained_flat"].tolist() == [0, 1, 3]
+    values = torch.arange(2 * 2 * 3, dtype=torch.float32).reshape(2, 2, 3)  # [batch, kept positions, dim]
+    flat, targets = select_trained(values, labels, where["trained_positions"], where["trained_flat"])
+    assert targets.tolist() == [5, 7, 2] and flat[:, 0].tolist() == [0.0, 3.0, 9.0]
 
 
 @pytest.mark.parametrize("weight_grad", [True, False])

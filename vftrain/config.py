@@ -99,6 +99,9 @@ class TrainerConfig(TrainingArguments):
                                                  "Setting it is an error unless it equals that value.")
     per_device_train_batch_size: int = _f(8, "Set from micro_batch_size.")
     remove_unused_columns: bool = _f(False, "Kept False: the data path selects its own columns.")
+    logging_nan_inf_filter: bool = _f(False, "Replace NaN/inf losses in the logged average (transformers' filter); "
+                                      "off because it costs a GPU sync per micro-batch, and a NaN loss stops "
+                                      "training with a message instead.")
 
     def __post_init__(self):
         self._validate_choices()

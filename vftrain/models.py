@@ -47,10 +47,10 @@ def get_model_and_tokenizer(
 
         attention.register()
     if isinstance(model, str):
-        loader = _load_liger if use_liger else AutoModelForCausalLM.from_pretrained
         try:
-            model_obj = loader(model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
-                               trust_remote_code=trust_remote_code)
+            model_obj = AutoModelForCausalLM.from_pretrained(
+                model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("model", model, exc) from None
         source = model
@@ -58,6 +58,8 @@ def get_model_and_tokenizer(
         model_obj, source = model, getattr(model, "name_or_path", None)
         if attn_implementation == "varlen":
             model_obj.set_attn_implementation("varlen")
+    if use_liger:
+        apply_liger(model_obj)
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -69,12 +71,14 @@ def get_model_and_tokenizer(
     return model_obj, tokenizer
 
 
-def _load_liger(name: str, **kwargs):
+def apply_liger(model) -> None:
+    """Swap in liger-kernel's fused RMSNorm, RoPE and SwiGLU Triton kernels (GPU). Its fused cross-entropy is
+    left off: vftrain's loss already fuses the output head with the cross-entropy (vftrain/loss.py)."""
     try:
-        from liger_kernel.transformers import AutoLigerKernelForCausalLM
+        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
     except ImportError:
         raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
-    return AutoLigerKernelForCausalLM.from_pretrained(name, **kwargs)
+    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
 def load_error(what: str, name: str, exc: Exception) -> ConfigError:

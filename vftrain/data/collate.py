@@ -21,6 +21,15 @@ def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
+def trained_index(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Where the loss looks, computed here on the CPU so the training step needs no host sync to find it:
+    `trained_positions`, the sequence positions (dim 1) where any row has a target, and `trained_flat`, the
+    entries of the flattened [batch, len(trained_positions)] grid that are real targets."""
+    positions = (labels != IGNORE_INDEX).any(dim=0).nonzero()[:, 0]
+    flat = (labels[:, positions] != IGNORE_INDEX).reshape(-1).nonzero()[:, 0]
+    return {"trained_positions": positions, "trained_flat": flat}
+
+
 def collate_packed(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
     """Rows concatenated into one sequence of shape [1, total]; `position_ids` restart at 0 for every row, which
     is how transformers' SDPA/eager masks know where each row's attention must stop. `cu_seq_lens_*` and
@@ -31,10 +40,11 @@ def collate_packed(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch
     positions = np.concatenate([np.arange(n) for n in lengths])
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     longest = int(lengths.max())
+    labels = torch.from_numpy(labels)[None]
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
         "position_ids": torch.from_numpy(positions.astype(np.int64))[None],
-        "labels": torch.from_numpy(labels)[None],
+        "labels": labels, **trained_index(labels),
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
 
@@ -50,7 +60,7 @@ def collate_padded(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> di
         ids[i, :n] = torch.from_numpy(row_ids.astype(np.int64))
         labels[i, :n] = torch.from_numpy(shifted_labels(row_ids, mask))
         attention[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels, **trained_index(labels)}
 
 
 class Collator:

@@ -27,7 +27,7 @@ from vftrain.data import load_rows, tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
-from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained, trained_positions
+from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
 from vftrain.sampling import held_out_samples, make_backend
@@ -134,16 +134,16 @@ class SFTTrainer(Trainer):
     # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
-        keep = trained_positions(labels)  # the head runs only where a token is trained
+        where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
         head = plain_output_head(model)
         if head is not None:
             with head_returns_hidden(head):
-                outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-            hidden, targets = select_trained(outputs.logits, labels[:, keep])
+                outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
+            hidden, targets = select_trained(outputs.logits, labels, *where)
             loss_sum, correct = linear_cross_entropy_sum(hidden, head.weight, targets)
         else:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-            logits, targets = select_trained(outputs.logits, labels[:, keep])
+            outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
+            logits, targets = select_trained(outputs.logits, labels, *where)
             loss_sum, correct = cross_entropy_sum(logits, targets)
         if model.training and num_items_in_batch is not None:
             if self.throughput is None:  # the clock starts at the first micro-batch: start-up is not counted
