@@ -113,11 +113,6 @@ def measure(args):
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     n_matmul = n_params - vocab * d + (vocab * d if cfg.tie_word_embeddings else 0)
-    if args.vf_liger:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        _apply_liger_kernel_to_instance(model=model)
-
     meter = Meter(args.warmup)
 
     class Measured(vf.SFTTrainer):
@@ -129,7 +124,7 @@ def measure(args):
         output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs, micro_batch_size=mbs,
         max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
-        attn_implementation=args.attn, use_lora=args.lora,
+        attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger,
         **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)

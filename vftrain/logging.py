@@ -96,6 +96,8 @@ def plot_curves(records: list[dict], path: str) -> str | None:
     panels = [(key, label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
               for key, label in CURVES]
     panels = [p for p in panels if p[2]]
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     for ax, (_, label, points) in zip(axes[0], panels):
         ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
