@@ -3,6 +3,7 @@
 # liger-kernel, rich; nothing there can be downloaded), check the fast paths, then the benchmark given as args.
 # usage: bash benchmarks/device.sh [throughput.py args...]   (writes logs and tables under $OUT)
 set -uo pipefail
+rm -rf /tmp/site  # a warm machine keeps the last install; --target --upgrade would not replace it
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -10,5 +11,5 @@ out=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, datasets, trl, liger_kernel; print('torch', torch.__version__, 'transformers', transformers.__version__, 'datasets', datasets.__version__, 'trl', trl.__version__)"
 python3 benchmarks/gpu_check.py 2>&1 | tee "$out/gpu_check.log" | grep -v Warning
-[ $# -gt 0 ] && python3 benchmarks/throughput.py "$@" --out "$out/table.md" 2>&1 | tee "$out/bench.log" \
+[ $# -gt 0 ] && python3 benchmarks/throughput.py "$@" --out "$out/table${TAG:-}.md" 2>&1 | tee "$out/bench${TAG:-}.log" \
   | grep -E "RESULT|^\||error|Error|Traceback|wrote" | cut -c1-600

@@ -79,7 +79,8 @@ def print_summary(records: list[dict], steps: int) -> None:
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         if values:
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
-    Console().print(table)
+    if table.row_count:
+        Console().print(table)
 
 
 def plot_curves(records: list[dict], path: str) -> str | None:

@@ -140,7 +140,9 @@ class SFTTrainer(Trainer):
             with head_returns_hidden(head):
                 outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             hidden, targets = select_trained(outputs.logits, labels, *where)
-            loss_sum, correct = linear_cross_entropy_sum(hidden, head.weight, targets)
+            # accelerate's mixed precision returns outputs in float32; the head's matmul runs in its own dtype,
+            # as it would inside the model.
+            loss_sum, correct = linear_cross_entropy_sum(hidden.to(head.weight.dtype), head.weight, targets)
         else:
             outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             logits, targets = select_trained(outputs.logits, labels, *where)
