@@ -108,8 +108,9 @@ def measure(args):
     # Names vftrain registers itself (e.g. "varlen") are unknown to transformers until the trainer sets them.
     build_attn = args.attn if args.attn in AttentionInterface() or args.attn == "eager" else "sdpa"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
-                                             attn_implementation=build_attn)
+    with torch.device("cuda" if cuda else "cpu"):  # a 7B random init on the CPU alone takes minutes
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation=build_attn)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     n_matmul = n_params - vocab * d + (vocab * d if cfg.tie_word_embeddings else 0)
