@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,11 @@ import pytest
 HERE = Path(__file__).parent
 
 
-def _run(out_dir, max_steps, kill_at=0, resume=False):
+def _run(out_dir, max_steps, kill_at=0, resume=False, sig=signal.SIGKILL):
     env = {**os.environ, "PYTHONPATH": str(HERE)}
     return subprocess.run([sys.executable, str(HERE / "train_worker.py"), str(out_dir), str(max_steps),
-                           str(kill_at), "1" if resume else "0"], env=env, capture_output=True, text=True,
-                          timeout=300)
+                           str(kill_at), "1" if resume else "0", str(int(sig))], env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
 def _losses(out_dir) -> dict[int, float]:
@@ -84,3 +85,14 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     from transformers.trainer_utils import get_last_checkpoint
 
     assert get_last_checkpoint(str(out)).endswith("checkpoint-1")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = _run(tmp_path / "run", 7, kill_at=3, sig=signal.SIGINT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "interrupt: saving a checkpoint" in proc.stderr + proc.stdout
+    # Ctrl-C arrives at the end of step 3 (after the guard looked): step 4 completes, is saved, and the run stops.
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
+    resumed = _run(tmp_path / "run", 6, resume=True)  # and it resumes from there
+    assert resumed.returncode == 0 and (tmp_path / "run" / "checkpoint-6").exists()

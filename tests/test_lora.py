@@ -48,3 +48,31 @@ def test_only_adapters_train_and_adapter_round_trips(tmp_path):
         expected = trainer.model(input_ids=ids).logits
         loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY), str(out)).eval()
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_merged_export_loads_with_plain_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from vftrain.cli.sft import main
+
+    trainer = _trainer(tmp_path, lora_modules_to_save=["lm_head"])
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    trainer.model.eval()
+    with torch.no_grad():
+        expected = trainer.model(input_ids=ids).logits
+    merged = trainer.save_merged()
+    with torch.no_grad():
+        # The live model keeps its (unmerged) adapters.
+        torch.testing.assert_close(trainer.model(input_ids=ids).logits, expected)
+        plain = AutoModelForCausalLM.from_pretrained(merged).eval()
+        torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+
+    adapter = tmp_path / "adapter"
+    trainer.save_model(str(adapter))
+    assert main(["export", str(adapter), "--out", str(tmp_path / "exported")]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+    assert main(["export", str(tmp_path / "exported")]) == 2  # not an adapter folder: one-line error

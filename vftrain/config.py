@@ -64,6 +64,10 @@ class TrainerConfig(TrainingArguments):
     lora_modules_to_save: Any = _f(None, "Modules trained in full and saved beside the adapter, e.g. ['lm_head'].")
     lora_use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling alpha / sqrt(r) (Kalajdzievski 2023).")
     lora_config: Any = _f(None, "A ready peft.LoraConfig (Python API only); overrides the lora_* fields.")
+    merge_lora: bool = _f(False, "After training, also write <output_dir>/merged: the base model with the LoRA "
+                          "adapter merged in, loadable by transformers and vLLM without peft.")
+    nan_policy: str = _f("stop", "On a NaN/inf loss: 'stop' with a message before the weights are touched, or "
+                         "'skip' the optimizer step.", ("stop", "skip"))
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "

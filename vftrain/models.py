@@ -178,3 +178,50 @@ class head_returns_hidden:
 
 def _identity(x):
     return x
+
+
+def merged_state_dict(peft_model) -> dict:
+    """The base model's state dict with the LoRA adapters merged in (peft's reversible merge: the live model
+    keeps its adapters), under the base model's own key names."""
+    peft_model.merge_adapter()
+    try:
+        out = {}
+        for key, value in peft_model.get_base_model().state_dict().items():
+            if "lora_" in key or ".original_module." in key:
+                continue
+            key = key.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+            out[key] = value.detach().clone()
+        return out
+    finally:
+        peft_model.unmerge_adapter()
+
+
+def save_merged(peft_model, tokenizer, directory: str) -> str:
+    """Write a plain transformers model folder (merged weights + tokenizer) that vLLM and transformers load
+    without peft: the hand-off from LoRA SFT to RL or serving."""
+    base = peft_model.get_base_model()
+    base.save_pretrained(directory, state_dict=merged_state_dict(peft_model))
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def export_merged(adapter_dir: str, directory: str, base: str | None = None) -> str:
+    """`vf-sft export`: load `base` (default: the adapter's recorded base model) with the adapter and save merged."""
+    import json
+    import os
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config_path = os.path.join(adapter_dir, "adapter_config.json")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"{adapter_dir!r} is not a LoRA adapter folder (no adapter_config.json)")
+    with open(config_path) as fh:
+        base = base or json.load(fh).get("base_model_name_or_path")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+        tokenizer_source = adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+    except OSError as exc:
+        raise load_error("base model", base, exc) from None
+    return save_merged(PeftModel.from_pretrained(model, adapter_dir), tokenizer, directory)

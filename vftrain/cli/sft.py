@@ -13,11 +13,14 @@ from vftrain.errors import ConfigError, VFTrainError
 FLAGS = {"inspect": True, "json": False, "help": False}
 USAGE = """usage: vf-sft @ path/to/config.toml [--sft.<field> VALUE ...] [--model M] [--dataset D]
               [--inspect N [--json]]
+       vf-sft export ADAPTER_DIR [--out DIR] [--model BASE]
 
 Supervised fine-tuning. The TOML file holds top-level `model` and `dataset` and an [sft] table of the fields
 below; command-line values override the file (e.g. --sft.max_steps 40 --model path/to/model).
 --inspect N prints the first N training rows as they will be trained (trained tokens in green) and the
-masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text)."""
+masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text).
+`export` merges a LoRA adapter into its base model (a folder transformers and vLLM load without peft).
+Ctrl-C during training saves a checkpoint at the end of the current step and stops."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or "-h" in argv or "--help" in argv:
         print_help()
         return 0
+    if argv[0] == "export":
+        return export(argv[1:])
     try:
         inv = parse_argv(argv, "sft", FLAGS)
         model, config = resolve(inv)
@@ -37,6 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vf-sft: interrupted", file=sys.stderr)
         return 130
+
+
+def export(argv: list[str]) -> int:
+    """`vf-sft export ADAPTER_DIR [--out DIR] [--model BASE]`: merge a LoRA adapter into its base model."""
+    import argparse
+
+    from vftrain.models import export_merged
+
+    parser = argparse.ArgumentParser(prog="vf-sft export", description="Merge a LoRA adapter into its base "
+                                     "model and save a plain transformers folder (loads in vLLM).")
+    parser.add_argument("adapter", help="folder with adapter_config.json (a LoRA run's output or checkpoint)")
+    parser.add_argument("--out", help="output folder (default: <adapter>/merged)")
+    parser.add_argument("--model", help="base model (default: the one recorded in adapter_config.json)")
+    args = parser.parse_args(argv)
+    try:
+        out = export_merged(args.adapter, args.out or f"{args.adapter.rstrip('/')}/merged", args.model)
+    except VFTrainError as exc:
+        print(f"vf-sft: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"merged model written to {out}")
+    return 0
 
 
 def resolve(inv):
@@ -66,13 +92,23 @@ def resolve(inv):
 
 
 def train(model: str, config) -> int:
+    import torch
+
+    from vftrain.guards import oom_message
     from vftrain.logging import setup_console_logging
     from vftrain.sft.trainer import SFTTrainer
 
     setup_console_logging()
     trainer = SFTTrainer(model=model, args=config)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    except torch.OutOfMemoryError:
+        raise ConfigError(oom_message(config, trainer.state.global_step)) from None
     trainer.save_model()
+    if config.merge_lora:
+        merged = trainer.save_merged()
+        if merged:
+            print(f"merged model written to {merged}")
     if config.eval_generation_rows and config.eval_split and trainer.is_world_process_zero():
         report_generation_accuracy(trainer, config)
     return 0

@@ -14,6 +14,7 @@ checkpointing, integrations). vftrain replaces three pieces:
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -28,11 +29,13 @@ from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
+from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
-from vftrain.models import apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head
+from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head,
+                            save_merged)
 
 log = logging.getLogger("vftrain")
 
@@ -83,7 +86,9 @@ class SFTTrainer(Trainer):
         self.throughput: Throughput | None = None
         for callback in (ProgressCallback, PrinterCallback):
             self.remove_callback(callback)
-        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback()):
+        self.nan_guard = NonFiniteLossGuard(self)
+        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.nan_guard,
+                         GracefulInterrupt()):
             self.add_callback(callback)
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
@@ -148,6 +153,7 @@ class SFTTrainer(Trainer):
             logits, targets = select_trained(outputs.logits, labels, *where)
             loss_sum, correct = cross_entropy_sum(logits, targets)
         if model.training and num_items_in_batch is not None:
+            self.nan_guard.see(loss_sum)
             if self.throughput is None:  # the clock starts at the first micro-batch: start-up is not counted
                 self.throughput = Throughput(self.accelerator.unwrap_model(model))
             # Gradients are averaged over processes by DDP/FSDP, hence the factor: the result is the mean over
@@ -201,6 +207,14 @@ class SFTTrainer(Trainer):
     def save_resolved_config(self, directory: str) -> str:
         dataset = self.args.dataset
         return self.args.save_resolved(directory, extra={"model": self.model_source, "dataset": dataset})
+
+    def save_merged(self, directory: str | None = None) -> str | None:
+        """LoRA runs: write the merged model (plain transformers folder) to `directory` (default
+        `<output_dir>/merged`); returns its path, or None for a full fine-tune (its checkpoints already are)."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "peft_config") or not self.args.should_save:
+            return None
+        return save_merged(model, self.processing_class, directory or os.path.join(self.args.output_dir, "merged"))
 
     # ---- generation
     def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:

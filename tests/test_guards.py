@@ -1,0 +1,62 @@
+"""A NaN loss stops the run before the weights are touched (or skips the step); out-of-memory names the knobs."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+from transformers import TrainerCallback
+
+import vftrain as vf
+import vftrain.sft.trainer as trainer_module
+from conftest import TINY, addition_rows, small_config
+from vftrain.guards import NonFiniteLossError, oom_message
+
+
+class Snapshots(TrainerCallback):
+    def __init__(self):
+        self.params = {}
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.params[state.global_step] = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _poisoned_trainer(tmp_path, monkeypatch, bad_step, **overrides):
+    """A trainer whose loss is NaN during optimizer step `bad_step` (1-based)."""
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)),
+                            args=small_config(tmp_path, max_steps=3, micro_batch_size=4, **overrides))
+    real = trainer_module.linear_cross_entropy_sum
+
+    def poisoned(*args, **kwargs):
+        loss, correct = real(*args, **kwargs)
+        return (loss * float("nan"), correct) if trainer.state.global_step == bad_step - 1 else (loss, correct)
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy_sum", poisoned)
+    snapshots = Snapshots()
+    trainer.add_callback(snapshots)
+    return trainer, snapshots
+
+
+def test_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
+    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2)
+    with pytest.raises(NonFiniteLossError, match="NaN/inf at optimizer step 2"):
+        trainer.train()
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), snapshots.params[1][name]), name
+        assert torch.isfinite(p).all()
+
+
+def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
+    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2, nan_policy="skip")
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert all(torch.equal(snapshots.params[2][n], snapshots.params[1][n]) for n in snapshots.params[1])
+    assert not all(torch.equal(snapshots.params[3][n], snapshots.params[2][n]) for n in snapshots.params[1])
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_oom_message_names_the_knobs(tmp_path):
+    message = oom_message(small_config(tmp_path, micro_batch_size=8), 41)
+    assert message.startswith("out of GPU memory at optimizer step 42")
+    for knob in ("micro_batch_size (now 8", "gradient_checkpointing = true", "use_lora = true"):
+        assert knob in message

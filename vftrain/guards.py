@@ -1,0 +1,88 @@
+"""Guards that keep a run from being lost or silently spoiled: a NaN/inf loss, Ctrl-C, out-of-memory."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+import torch
+from transformers import TrainerCallback
+
+from vftrain.errors import VFTrainError
+
+log = logging.getLogger("vftrain")
+
+
+class NonFiniteLossError(VFTrainError):
+    """The loss became NaN or inf; raised before the optimizer applies the step, so the weights are intact."""
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Checks once per optimizer step (one host sync) whether any micro-batch had a non-finite loss, before the
+    optimizer applies it: `nan_policy = "stop"` raises naming the step, `"skip"` drops the step's gradients
+    (parameters without a gradient are left alone by the optimizer, momentum included)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.flag: torch.Tensor | None = None
+
+    def see(self, loss_sum: torch.Tensor) -> None:
+        bad = ~torch.isfinite(loss_sum.detach())
+        self.flag = bad if self.flag is None else self.flag | bad
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        flag, self.flag = self.flag, None
+        if flag is None or not bool(flag):
+            return
+        step = state.global_step + 1
+        if args.nan_policy == "skip":
+            log.warning("non-finite loss at step %d: step skipped (nan_policy = 'skip')", step)
+            for p in self.trainer.model.parameters():
+                p.grad = None
+            return
+        raise NonFiniteLossError(
+            f"the loss became NaN/inf at optimizer step {step}; the weights are not updated with it. Lower "
+            "learning_rate, check the data of that step, or set nan_policy = 'skip'; resume from the last "
+            "checkpoint with --sft.resume_from_checkpoint latest")
+
+
+class GracefulInterrupt(TrainerCallback):
+    """First Ctrl-C: finish the current optimizer step, save a checkpoint, stop. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def oom_message(args, step: int) -> str:
+    """What to turn when a step does not fit in GPU memory."""
+    knobs = [f"lower micro_batch_size (now {args.micro_batch_size} rows per forward)"]
+    if not args.gradient_checkpointing:
+        knobs.append("set gradient_checkpointing = true")
+    if not args.use_lora:
+        knobs.append("set use_lora = true")
+    if args.max_seq_len > 4096:
+        knobs.append(f"lower max_seq_len (now {args.max_seq_len})")
+    return f"out of GPU memory at optimizer step {step + 1}: " + ", or ".join(knobs)
