@@ -116,7 +116,19 @@ class TrainerConfig(TrainingArguments):
             self.output_dir = os.path.join("outputs", self.run_name)
         if self.bf16 is None:
             self.bf16 = _bf16_supported()
+        if launch_world_size() > 1 and not _cuda():
+            # transformers builds a CPU process group only when told to use the CPU, and needs a backend for it
+            self.use_cpu = True
+            self.ddp_backend = self.ddp_backend or "gloo"
         super().__post_init__()
+        if (self.fsdp or self.deepspeed) and self.sample_every_n_steps:
+            # Sampling runs on the main process alone; a sharded model needs every rank to generate or to gather
+            # its weights for a push.
+            raise ConfigError("sample_every_n_steps is not supported with FSDP / DeepSpeed sharding yet; set "
+                              "sample_every_n_steps = 0 (DDP is supported)")
+        if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
+            raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
+                              "no process group; set ddp_backend (nccl on GPUs, gloo on CPUs)")
 
     def _validate_choices(self):
         for f in dataclasses.fields(self):
@@ -189,6 +201,12 @@ class SFTConfig(TrainerConfig):
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")
         super().__post_init__()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _bf16_supported() -> bool:

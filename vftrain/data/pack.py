@@ -61,17 +61,20 @@ class StepBatchSampler:
     """A batch sampler over `plan_epoch`: yields lists of row indices, one per micro-batch."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int):
-        self.lengths, self.batch_size = lengths, batch_size
+        self.lengths, self.rows_per_step = lengths, batch_size
         self.num_micro_batches, self.packing, self.seed = num_micro_batches, packing, seed
         self.epoch = 0
-        self.drop_last = True  # read by accelerate when it shards the sampler across processes
+        # Read by accelerate when it shards the sampler over processes: batch_size None means "micro-batches of
+        # varying length" (a number would make it wait for batches of exactly that many rows).
+        self.batch_size = None
+        self.drop_last = True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return steps_per_epoch(len(self.lengths), self.batch_size) * self.num_micro_batches
+        return steps_per_epoch(len(self.lengths), self.rows_per_step) * self.num_micro_batches
 
     def __iter__(self):
-        yield from plan_epoch(self.lengths, self.batch_size, self.num_micro_batches, self.packing, self.seed,
+        yield from plan_epoch(self.lengths, self.rows_per_step, self.num_micro_batches, self.packing, self.seed,
                               self.epoch)

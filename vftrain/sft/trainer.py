@@ -140,7 +140,9 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
-        head = plain_output_head(model)
+        # Under FSDP / ZeRO-3 the head's weight is sharded outside the model's forward: use the model's logits.
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        head = None if sharded else plain_output_head(model)
         if head is not None:
             with head_returns_hidden(head):
                 outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
