@@ -108,7 +108,9 @@ def measure(args):
     # Names vftrain registers itself (e.g. "varlen") are unknown to transformers until the trainer sets them.
     build_attn = args.attn if args.attn in AttentionInterface() or args.attn == "eager" else "sdpa"
     torch.manual_seed(0)
-    with torch.device("cuda" if cuda else "cpu"):  # a 7B random init on the CPU alone takes minutes
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one process per GPU, data parallel
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    with device:  # a 7B random init on the CPU alone takes minutes
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation=build_attn)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
@@ -122,7 +124,7 @@ def measure(args):
             return super().training_step(model, inputs, num_items_in_batch)
 
     config = vf.SFTConfig(
-        output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs, micro_batch_size=mbs,
+        output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs * world, micro_batch_size=mbs,
         max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
@@ -250,7 +252,10 @@ def main():
         args.arch = ["qwen0.5b"]  # only names the run; the tiny shape is used
 
     if args.child:
-        print("RESULT " + json.dumps(measure(args)), flush=True)
+        result = measure(args)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0's share (tokens are per rank)
+            result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     pairs = []
