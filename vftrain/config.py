@@ -197,6 +197,8 @@ class SFTConfig(TrainerConfig):
                                    "exact-match accuracy (0: skip).")
 
     def __post_init__(self):
+        if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+            self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         if self.attn_implementation == "varlen" and not self.packing:
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")

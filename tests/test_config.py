@@ -1,0 +1,111 @@
+"""SFTConfig: gradient accumulation from the launch's world size (before TrainingArguments uses it), defaults
+that work offline, documented fields, bad values named, resolved config written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import vftrain as vf
+from vftrain.config import TrainerConfig
+from vftrain.errors import ConfigError
+
+
+@pytest.mark.parametrize("world,batch,micro,steps", [(1, 64, 8, 8), (1, 512, 8, 64), (4, 512, 8, 16), (2, 8, 4, 1)])
+def test_gradient_accumulation_from_world_size(monkeypatch, tmp_path, world, batch, micro, steps):
+    import vftrain.config as config_module
+
+    cfg = vf.SFTConfig(output_dir=str(tmp_path), batch_size=batch, micro_batch_size=micro)
+    # The launcher's WORLD_SIZE, as read before TrainingArguments sets anything up (a real multi-process group
+    # is exercised in test_distributed.py).
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert config_module.launch_world_size() == world
+    cfg.gradient_accumulation_steps = None
+    cfg._validate_batch()
+    assert cfg.gradient_accumulation_steps == steps and cfg.per_device_train_batch_size == micro
+    if world > 1:
+        cfg.gradient_accumulation_steps, cfg.batch_size = None, micro * world + micro
+        with pytest.raises(ConfigError, match=f"world_size \\({world}\\)"):
+            cfg._validate_batch()
+
+
+def test_accumulation_is_set_before_training_arguments_init(tmp_path, monkeypatch):
+    seen = {}
+    original = vf.SFTConfig.__mro__[2].__post_init__  # transformers.TrainingArguments.__post_init__
+
+    def spy(self):
+        seen["ga"], seen["per_device"] = self.gradient_accumulation_steps, self.per_device_train_batch_size
+        original(self)
+
+    monkeypatch.setattr(vf.SFTConfig.__mro__[2], "__post_init__", spy)
+    cfg = vf.SFTConfig(output_dir=str(tmp_path), batch_size=512, micro_batch_size=8)
+    assert seen == {"ga": 64, "per_device": 8} and cfg.gradient_accumulation_steps == 64
+
+
+def test_indivisible_batch_names_the_three_numbers(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"batch_size = 100 is not divisible by micro_batch_size \(8\) x "
+                                          r"world_size \(1\)"):
+        vf.SFTConfig(output_dir=str(tmp_path), batch_size=100, micro_batch_size=8)
+
+
+def test_explicit_accumulation_must_agree(tmp_path):
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps = 3 disagrees"):
+        vf.SFTConfig(output_dir=str(tmp_path), batch_size=64, micro_batch_size=8, gradient_accumulation_steps=3)
+    assert vf.SFTConfig(output_dir=str(tmp_path), batch_size=64, micro_batch_size=8,
+                        gradient_accumulation_steps=8).gradient_accumulation_steps == 8
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("micro_batch_size", 0, "micro_batch_size = 0 must be a positive integer"),
+    ("sample_backend", "vllm", "sample_backend = 'vllm' is not allowed; choose one of 'embedded', 'openai'"),
+    ("nan_policy", "ignore", "nan_policy = 'ignore' is not allowed"),
+    ("dtype", "fp8", "dtype = 'fp8' is not allowed"),
+    ("sample_every_n_steps", -1, "sample_every_n_steps = -1 must be >= 0"),
+])
+def test_bad_values_are_named(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        vf.SFTConfig(output_dir=str(tmp_path), **{field: value})
+
+
+def test_defaults_work_offline(monkeypatch):
+    monkeypatch.chdir("/tmp")
+    cfg = vf.SFTConfig()
+    assert cfg.output_dir == f"outputs/{cfg.run_name}" and cfg.run_name.startswith("sft-")
+    assert "None" not in cfg.output_dir
+    assert cfg.report_to in ([], "none", ["none"])  # no reporting service unless asked
+    assert cfg.bf16 is False  # this machine has no GPU
+    assert cfg.trust_remote_code is False and cfg.lora_target_modules == "all-linear"
+    assert vf.SFTConfig(run_name="exp").output_dir == "outputs/exp"
+
+
+def test_eval_split_turns_on_eval_loss(tmp_path):
+    assert str(vf.SFTConfig(output_dir=str(tmp_path), eval_split="test").eval_strategy.value) == "steps"
+
+
+def test_every_vftrain_field_has_help():
+    fields = [f for f in dataclasses.fields(vf.SFTConfig) if f.metadata.get("vftrain")]
+    assert len(fields) > 40
+    for f in fields:
+        assert len(f.metadata["help"]) > 10, f.name
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = vf.SFTConfig(output_dir=str(tmp_path), run_name="r", lora_rank=4, use_lora=True)
+    path = cfg.save_resolved(str(tmp_path), extra={"model": "m", "dataset": "d"})
+    data = json.loads(open(path).read())
+    assert data["model"] == "m" and data["config"]["lora_rank"] == 4 and data["config"]["run_name"] == "r"
+    rebuilt = vf.SFTConfig(**{k: v for k, v in data["config"].items()
+                              if k in {f.name for f in dataclasses.fields(vf.SFTConfig) if f.metadata.get("vftrain")}})
+    assert rebuilt.lora_rank == 4 and rebuilt.gradient_accumulation_steps == cfg.gradient_accumulation_steps
+
+
+def test_import_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, vftrain; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == \
+        "False False"
