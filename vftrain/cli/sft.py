@@ -26,7 +26,10 @@ Ctrl-C during training saves a checkpoint at the end of the current step and sto
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "-h" in argv or "--help" in argv:
-        print_help()
+        try:
+            print_help()
+        except BrokenPipeError:  # `vf-sft --help | head`
+            sys.stderr.close()
         return 0
     if argv[0] == "export":
         return export(argv[1:])
