@@ -32,6 +32,7 @@ from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_tra
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
+from vftrain.mlp import use_lean_mlp
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
 from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head,
@@ -56,6 +57,8 @@ class SFTTrainer(Trainer):
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=processing_class)
+        if args.lean_mlp:
+            use_lean_mlp(model)
         if args.use_lora and not hasattr(model, "peft_config"):
             model = apply_lora(model, args)
             if args.gradient_checkpointing:
