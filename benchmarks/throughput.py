@@ -129,6 +129,7 @@ def measure(args):
         max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
+        lean_mlp=not args.no_lean_mlp,
         **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -142,7 +143,8 @@ def measure(args):
     dt = time.perf_counter() - meter.t0
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, lora=args.lora, attn=args.attn,
-               gc=args.gc, liger=args.vf_liger, compile=args.compile, ga=args.ga, mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
+               gc=args.gc, liger=args.vf_liger, compile=args.compile, lean_mlp=not args.no_lean_mlp, ga=args.ga,
+               mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
                real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
@@ -242,6 +244,7 @@ def main():
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (both trainers)")
     ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
+    ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false")
     ap.add_argument("--ga", type=int, default=1, help="vftrain micro-batches per optimizer step and process")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
                     "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
@@ -266,7 +269,8 @@ def main():
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
         cmd += ["--ga", str(args.ga)]
-        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "tiny") if getattr(args, f)]
+        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny")
+                if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
         if not args.no_vftrain:
             vf_res = {"framework": "vftrain", "arch": arch, **run(cmd)}
