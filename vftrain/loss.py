@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from vftrain.compile import cuda_compiled
 from vftrain.data.collate import IGNORE_INDEX
 
 # Rows of logits alive (in float32) at once: 2048 x 152k vocabulary = 1.2 GB.
@@ -30,38 +31,13 @@ def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor):
     return (lse - target).sum(), (x.argmax(-1) == labels).sum(), grad.to(logits.dtype)
 
 
-_compiled_ce_chunk = None
-
-
-def _chunk_fn(device: torch.device):
-    """The compiled chunk function on CUDA (one fused pass instead of ~6 over chunk x vocab floats), eager
-    elsewhere or if compilation is unavailable."""
-    global _compiled_ce_chunk
-    if device.type != "cuda":
-        return _ce_chunk
-    if _compiled_ce_chunk is None:
-        compiled = torch.compile(_ce_chunk, dynamic=True)
-
-        def guarded(logits, labels):
-            global _compiled_ce_chunk
-            try:
-                return compiled(logits, labels)
-            except Exception as exc:  # no working inductor toolchain: stay correct, lose speed
-                import logging
-
-                logging.getLogger("vftrain").warning("compiled cross-entropy unavailable (%s); using eager",
-                                                     str(exc).splitlines()[0] if str(exc) else exc)
-                _compiled_ce_chunk = _ce_chunk
-                return _ce_chunk(logits, labels)
-
-        _compiled_ce_chunk = guarded
-    return _compiled_ce_chunk
+_ce_chunk_fused = cuda_compiled(_ce_chunk)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, chunk):
-        fn = _chunk_fn(logits.device)
+        fn = _ce_chunk_fused
         grad = torch.empty_like(logits)
         loss = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
         correct = torch.zeros((), dtype=torch.long, device=logits.device)
@@ -84,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk):
-        fn = _chunk_fn(hidden.device)
+        fn = _ce_chunk_fused
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden)
         # float32 accumulator: the weight gradient sums over chunks, bf16 sums would drop low bits.

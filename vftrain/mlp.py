@@ -14,6 +14,22 @@ import types
 import torch
 import torch.nn.functional as F
 
+from vftrain.compile import cuda_compiled
+
+
+def _swiglu_backward(dc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """(d a, d b, silu(a) * b) from d(silu(a) * b), in at least float32: one fused pass on GPU.
+    d silu(a) / da = s (1 + a (1 - s)) with s = sigmoid(a)."""
+    wide = torch.promote_types(a.dtype, torch.float32)
+    a_, b_, dc_ = a.to(wide), b.to(wide), dc.to(wide)
+    sig = torch.sigmoid(a_)
+    silu = a_ * sig
+    da = dc_ * b_ * (sig * (1 + a_ * (1 - sig)))
+    return da.to(a.dtype), (dc_ * silu).to(b.dtype), (silu * b_).to(dc.dtype)
+
+
+_swiglu_backward_fused = cuda_compiled(_swiglu_backward)
+
 
 class _SiluMulDown(torch.autograd.Function):
     """y = (silu(a) * b) @ weight.T, saving a, b and weight only."""
@@ -28,16 +44,11 @@ class _SiluMulDown(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, dy: torch.Tensor):
         a, b, weight = ctx.saved_tensors
-        sig = torch.sigmoid(a)
-        silu = a * sig
         dc = dy @ weight.to(dy.dtype)
+        da, db, c = _swiglu_backward_fused(dc, a, b)
         dw = None
         if ctx.needs_input_grad[2]:
-            c = silu * b
-            dw = dy.reshape(-1, dy.shape[-1]).T @ c.reshape(-1, c.shape[-1]).to(dy.dtype)
-        # d silu(a) / da = sigmoid(a) * (1 + a * (1 - sigmoid(a)))
-        da = dc * b * (sig * (1 + a * (1 - sig)))
-        db = dc * silu
+            dw = dy.reshape(-1, dy.shape[-1]).T @ c.reshape(-1, c.shape[-1])
         return da, db, dw
 
 
