@@ -5,6 +5,7 @@
 2. The fused linear cross-entropy (compiled chunk function) against float32 `F.cross_entropy(h @ W.T)`, value
    and gradients, bf16 inputs at a 152k vocabulary.
 3. A row's loss does not change with its pack neighbours under varlen.
+4. lean_mlp (vftrain/mlp.py, compiled backward) against the stock MLP's gradients, bf16.
 Prints one line per check with the relative error; exits 1 if a check fails.
 """
 
@@ -48,6 +49,22 @@ def packed(row_list):
     return {k: v.cuda() if torch.is_tensor(v) else v for k, v in b.items()}
 
 
+def lean_mlp_error() -> float:
+    """Largest relative gradient error of the lean SwiGLU MLP against the stock one (bf16, 2 layers)."""
+    from vftrain.mlp import use_lean_mlp
+
+    grads = []
+    for lean in (False, True):
+        m = model("varlen").train()
+        if lean:
+            use_lean_mlp(m)
+        inputs = packed(rows([700, 1500, 900], 4))
+        out = m(**inputs, use_cache=False).logits
+        out.float().pow(2).mean().backward()
+        grads.append({n: p.grad.float() for n, p in m.named_parameters() if "mlp" in n})
+    return max(rel(grads[1][n], grads[0][n]) for n in grads[0])
+
+
 def main():
     attention.register()
     ok = True
@@ -82,6 +99,9 @@ def main():
     errs = (rel(loss, ref), rel(gh, h32.grad), rel(gw, w32.grad))
     ok &= errs[0] < 1e-3 and errs[1] < 2e-2 and errs[2] < 2e-2
     print("fused linear CE vs fp32 reference: loss %.1e, d hidden %.1e, d weight %.1e" % errs, flush=True)
+    err = lean_mlp_error()
+    ok &= err < 2e-2
+    print(f"lean MLP (compiled backward) vs stock MLP, bf16 gradients: rel err {err:.1e}", flush=True)
     print("ALL OK" if ok else "FAILED", flush=True)
     sys.exit(0 if ok else 1)
 

@@ -82,7 +82,7 @@ class Throughput:
         self.last = time.perf_counter()
 
     def update(self, logs: dict) -> None:
-        now, elapsed = time.perf_counter(), None
+        now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         attn_sq = logs.pop("_attn_sq", 0.0)
         if "tokens" in logs and elapsed > 0:
