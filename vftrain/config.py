@@ -106,6 +106,9 @@ class TrainerConfig(TrainingArguments):
                                                  "Setting it is an error unless it equals that value.")
     per_device_train_batch_size: int = _f(8, "Set from micro_batch_size.")
     remove_unused_columns: bool = _f(False, "Kept False: the data path selects its own columns.")
+    ddp_find_unused_parameters: bool | None = _f(False, "DDP's search for parameters without a gradient, a graph "
+                                                 "walk every step; off because vftrain's loss reaches every "
+                                                 "trainable parameter.")
     logging_nan_inf_filter: bool = _f(False, "Replace NaN/inf losses in the logged average (transformers' filter); "
                                       "off because it costs a GPU sync per micro-batch, and a NaN loss stops "
                                       "training with a message instead.")
@@ -195,7 +198,8 @@ class SFTConfig(TrainerConfig):
                        "False pads each micro-batch to its longest row.")
     long_rows: str = _f("drop", "What to do with rows longer than max_seq_len: 'drop' them, 'truncate' them "
                         "(the end of the completion is lost), or 'error'.", ("drop", "truncate", "error"))
-    dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one).")
+    dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one, or up to 8 for "
+                                      "20,000 rows and more).")
     eval_generation_rows: int = _f(0, "After training, greedily generate for this many eval rows and report "
                                    "exact-match accuracy (0: skip).")
 

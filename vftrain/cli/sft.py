@@ -114,6 +114,11 @@ def train(model: str, config) -> int:
             print(f"merged model written to {merged}")
     if config.eval_generation_rows and config.eval_split and trainer.is_world_process_zero():
         report_generation_accuracy(trainer, config)
+    if torch.distributed.is_initialized():
+        # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
+        # exception") after a successful run.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
 
 

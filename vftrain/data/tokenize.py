@@ -6,6 +6,7 @@ integer arrays rather than millions of Python lists). Counts of everything dropp
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import Counter
 
 import numpy as np
@@ -75,8 +76,10 @@ def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "dro
             return {"input_ids": [], "loss_mask": [], "error": str(exc), "index": index}
         return {**out, "error": "", "index": index}
 
+    if num_proc is None and len(dataset) >= 20_000:  # chat templating is Python-bound: use the cores (torchtune#1097)
+        num_proc = min(8, os.cpu_count() or 1)
     rendered = dataset.map(render, with_indices=True, remove_columns=list(dataset.column_names),
-                           num_proc=num_proc, desc=f"Tokenizing {what} rows")
+                           num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"Tokenizing {what} rows")
     report = DataReport(format=fmt, rows_in=len(dataset))
     kept, errors = [], Counter()
     first_error: dict[str, int] = {}

@@ -70,12 +70,14 @@ class SFTTrainer(Trainer):
         sample_rows = []
         if args.sample_every_n_steps:
             sample_rows, raw_train = held_out_samples(raw_train, raw_eval, args.num_samples)
-        self.train_rows, self.train_report = tokenize_dataset(
-            raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train")
-        self.eval_rows, self.eval_report = None, None
-        if raw_eval is not None:
-            self.eval_rows, self.eval_report = tokenize_dataset(
-                raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval")
+        # The main process tokenizes first and datasets caches it; the other ranks then read that cache.
+        with args.main_process_first(desc="tokenizing"):
+            self.train_rows, self.train_report = tokenize_dataset(
+                raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train")
+            self.eval_rows, self.eval_report = None, None
+            if raw_eval is not None:
+                self.eval_rows, self.eval_report = tokenize_dataset(
+                    raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval")
         if len(self.train_rows) < args.batch_size:
             raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
                               "training rows")
