@@ -136,3 +136,27 @@ def test_jsonl_messages_with_tools_column(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [row, row])
     kept, report = tokenize_dataset(load_rows(path, "train"), tok, max_seq_len=64)
     assert len(kept) == 2 and report.format == "messages"
+
+
+def test_split_by_tokens_respects_the_budget_and_keeps_rows():
+    from vftrain.data.pack import split_by_tokens
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(5, 100, size=60).tolist()
+    groups = split_by_tokens(lengths, 200)
+    assert sorted(i for g in groups for i in g) == list(range(60))
+    assert all(sum(lengths[i] for i in g) <= 200 for g in groups)
+    assert len(groups) <= int(np.ceil(sum(lengths) / 200) * 11 / 9) + 1  # near the fewest possible
+
+
+def test_collator_splits_a_micro_batch_over_the_token_budget():
+    from vftrain.data.collate import Collator
+
+    rows = [(np.arange(n) + 3, np.ones(n, dtype=np.uint8)) for n in (30, 25, 20, 15, 10)]
+    whole = Collator(pad_id=0, packing=True)(rows)
+    split = Collator(pad_id=0, packing=True, budget=40)(rows)
+    parts = split["micro_batches"]
+    assert len(parts) >= 3 and all(p["input_ids"].shape[1] <= 40 for p in parts)
+    assert sum(p["input_ids"].shape[1] for p in parts) == whole["input_ids"].shape[1]
+    assert int((split["labels"] != IGNORE_INDEX).sum()) == int((whole["labels"] != IGNORE_INDEX).sum())
+    assert "micro_batches" not in Collator(pad_id=0, packing=True, budget=100)(rows)

@@ -34,10 +34,13 @@ def _rows():
     return rows
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_same_update_for_any_micro_batch_split(tmp_path, packing):
+@pytest.mark.parametrize("packing,split", [(True, {"micro_batch_size": 2}), (False, {"micro_batch_size": 2}),
+                                           (True, {"micro_batch_size": 8, "micro_batch_tokens": 64})])
+def test_same_update_for_any_micro_batch_split(tmp_path, packing, split):
+    """(micro 8, accumulation 1) against (micro 2, accumulation 4), or against one slot of 8 rows run as
+    several forwards of at most 64 tokens (micro_batch_tokens)."""
     loss_a, grads_a = _one_step(tmp_path / "a", _rows(), micro_batch_size=8, packing=packing)
-    loss_b, grads_b = _one_step(tmp_path / "b", _rows(), micro_batch_size=2, packing=packing)
+    loss_b, grads_b = _one_step(tmp_path / "b", _rows(), packing=packing, **split)
     assert loss_a == pytest.approx(loss_b, abs=1e-4)
     for name in grads_a:
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -76,6 +76,9 @@ class TrainerConfig(TrainingArguments):
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
                                "are balanced by tokens).")
     max_seq_len: int = _f(2048, "Longest tokenized row, in tokens; longer rows follow `long_rows`.")
+    micro_batch_tokens: int | None = _f(None, "With packing: most tokens in one forward pass (a hard memory cap). A "
+                                        "micro-batch over it runs as several forwards in the same step, so their "
+                                        "number per step varies; the loss is unchanged. At least max_seq_len.")
     # ---- sample generation (monitoring during training; RL reuses the backends)
     sample_every_n_steps: int = _f(0, "Generate completions for a few fixed held-out prompts every N optimizer "
                                    "steps (0: never).")
@@ -146,6 +149,9 @@ class TrainerConfig(TrainingArguments):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
+        if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
+            raise ConfigError(f"micro_batch_tokens = {self.micro_batch_tokens} must be at least max_seq_len "
+                              f"({self.max_seq_len}), or every row could not fit a forward pass")
         if self.sample_every_n_steps < 0:
             raise ConfigError(f"sample_every_n_steps = {self.sample_every_n_steps!r} must be >= 0 (0 turns it off)")
 
@@ -206,6 +212,8 @@ class SFTConfig(TrainerConfig):
     def __post_init__(self):
         if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
+        if self.micro_batch_tokens is not None and not self.packing:
+            raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
         if self.attn_implementation == "varlen" and not self.packing:
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from vftrain.data.pack import split_by_tokens
+
 IGNORE_INDEX = -100  # shared by SFT and RL losses, and by transformers' own
 
 
@@ -64,10 +66,18 @@ def collate_padded(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> di
 
 
 class Collator:
-    """Picks the rows of a micro-batch from `TokenizedRows` and collates them packed or padded."""
+    """Collates the rows of a micro-batch packed or padded. With a token budget (packing only), a micro-batch
+    whose rows exceed it becomes `{"micro_batches": [...], "labels": ...}`: several packed forwards of at most
+    `budget` tokens each, run back to back in the same accumulation slot (the trainer's `training_step`)."""
 
-    def __init__(self, pad_id: int, packing: bool):
-        self.pad_id, self.packing = pad_id, packing
+    def __init__(self, pad_id: int, packing: bool, budget: int | None = None):
+        self.pad_id, self.packing, self.budget = pad_id, packing, budget
 
-    def __call__(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
-        return collate_packed(rows) if self.packing else collate_padded(rows, self.pad_id)
+    def __call__(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+        if not self.packing:
+            return collate_padded(rows, self.pad_id)
+        lengths = [len(r[0]) for r in rows]
+        if self.budget is None or sum(lengths) <= self.budget:
+            return collate_packed(rows)
+        parts = [collate_packed([rows[i] for i in group]) for group in split_by_tokens(lengths, self.budget)]
+        return {"micro_batches": parts, "labels": torch.cat([p["labels"] for p in parts], dim=1)}

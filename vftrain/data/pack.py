@@ -47,6 +47,27 @@ def split_step(lengths: np.ndarray, rows: np.ndarray, num_micro_batches: int, pa
     return [sorted(b) for b in bins]
 
 
+def split_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Best-fit decreasing: positions of `lengths` grouped so that no group exceeds `budget` tokens.
+
+    Each row goes into the fullest group it still fits in (a new group if none), longest rows first; this
+    leaves little unused budget per group (BFD uses at most 11/9 of the optimal number of groups + 1, Johnson
+    1973). Rows longer than `budget` cannot occur: the config requires budget >= max_seq_len.
+    """
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        fits = [g for g in range(len(groups)) if room[g] >= lengths[i]]
+        if fits:
+            g = min(fits, key=lambda k: room[k])
+            groups[g].append(i)
+            room[g] -= lengths[i]
+        else:
+            groups.append([i])
+            room.append(budget - lengths[i])
+    return [sorted(g) for g in groups]
+
+
 def plan_epoch(lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int,
                epoch: int) -> list[list[int]]:
     """All micro-batches of one epoch, step after step: micro-batch j of a step goes to process j % world_size."""

@@ -13,6 +13,7 @@ checkpointing, integrations). vftrain replaces three pieces:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Any
@@ -82,8 +83,10 @@ class SFTTrainer(Trainer):
             raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
                               "training rows")
         super().__init__(model=model, args=args, train_dataset=self.train_rows, eval_dataset=self.eval_rows,
-                         processing_class=tokenizer, data_collator=Collator(tokenizer.pad_token_id, args.packing),
+                         processing_class=tokenizer,
+                         data_collator=Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens),
                          **kwargs)
+        self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
         # Our compute_loss already normalises over the whole step: the Trainer must not divide again by the
         # number of accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -114,16 +117,16 @@ class SFTTrainer(Trainer):
             self.train_rows.lengths, self.args.batch_size,
             self.args.gradient_accumulation_steps * self.args.world_size, self.args.packing,
             self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-        return self.accelerator.prepare(self._loader(self.train_rows, sampler))
+        return self.accelerator.prepare(self._loader(self.train_rows, sampler, self.data_collator))
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         rows = eval_dataset if eval_dataset is not None else self.eval_rows
         size = self.args.micro_batch_size
         batches = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
-        return self.accelerator.prepare(self._loader(rows, batches))
+        return self.accelerator.prepare(self._loader(rows, batches, self.eval_collator))
 
-    def _loader(self, rows, batch_sampler) -> DataLoader:
-        return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=self.data_collator,
+    def _loader(self, rows, batch_sampler, collator) -> DataLoader:
+        return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=collator,
                           num_workers=self.args.dataloader_num_workers,
                           pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available())
 
@@ -142,6 +145,24 @@ class SFTTrainer(Trainer):
         return batches, count
 
     # ---- loss
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One accumulation slot; a slot split by `micro_batch_tokens` runs its parts back to back, syncing
+        gradients (DDP) only after the last part, and only when the Trainer would sync the slot."""
+        parts = inputs.get("micro_batches")
+        if parts is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        loss = 0.0
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                loss = loss + super().training_step(model, part, num_items_in_batch)
+        return loss
+
+    def floating_point_ops(self, inputs) -> int:
+        parts = inputs.get("micro_batches")
+        return sum(super(SFTTrainer, self).floating_point_ops(p) for p in parts) if parts else \
+            super().floating_point_ops(inputs)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
