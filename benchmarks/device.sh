@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the lent GPU machine (see /work/.library/device): install the carried wheels (.whl/: datasets, trl,
-# liger-kernel, rich; nothing there can be downloaded), check the fast paths, then the benchmark given as args.
+# liger-kernel; nothing there can be downloaded), check the fast paths, then the benchmark given as args.
 # usage: bash benchmarks/device.sh [throughput.py args...]   (writes logs and tables under $OUT)
 set -uo pipefail
 rm -rf /tmp/site  # a warm machine keeps the last install; --target --upgrade would not replace it
