@@ -22,10 +22,11 @@ class StepStats:
             current = self.sums.get(key)
             self.sums[key] = value.to(current.device) + current if current is not None else value
 
-    def pop(self, reduce=lambda t: t) -> dict[str, float]:
-        """Metrics since the last call. `reduce` sums a stacked tensor over processes (e.g. accelerator.reduce)."""
+    def pop(self, reduce=lambda t: t) -> tuple[dict[str, float], float]:
+        """(metrics since the last call, their sum of squared row lengths for the attention FLOPs). `reduce` sums
+        a stacked tensor over processes (e.g. accelerator.reduce)."""
         if not self.sums:
-            return {}
+            return {}, 0.0
         keys = [k for k in self.KEYS if k in self.sums]
         device = next(iter(self.sums.values())).device
         totals = reduce(torch.stack([self.sums[k].to(device) for k in keys])).tolist()
@@ -40,8 +41,7 @@ class StepStats:
             out["trained_fraction"] = s.get("trained_tokens", 0) / s["tokens"]
         if s.get("slots"):
             out["padding_efficiency"] = s["tokens"] / s["slots"]
-        out["_attn_sq"] = s.get("attn_sq", 0.0)
-        return out
+        return out, s.get("attn_sq", 0.0)
 
 
 def matmul_params(model) -> int:
@@ -81,10 +81,9 @@ class Throughput:
         self.peak = measured_matmul_peak() if torch.cuda.is_available() else None
         self.last = time.perf_counter()
 
-    def update(self, logs: dict) -> None:
+    def update(self, logs: dict, attn_sq: float) -> None:
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
-        attn_sq = logs.pop("_attn_sq", 0.0)
         if "tokens" in logs and elapsed > 0:
             logs["tokens_per_second"] = logs["tokens"] / elapsed
             logs["trained_tokens_per_second"] = logs.get("trained_tokens", 0) / elapsed

@@ -196,10 +196,10 @@ class SFTTrainer(Trainer):
     # ---- logging and saving
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:
-            logs.update(self.stats.pop(lambda t: self.accelerator.reduce(t, reduction="sum")))
+            metrics, attn_sq = self.stats.pop(lambda t: self.accelerator.reduce(t, reduction="sum"))
+            logs.update(metrics)
             if self.throughput is not None:
-                self.throughput.update(logs)
-            logs.pop("_attn_sq", None)
+                self.throughput.update(logs, attn_sq)
         super().log(logs, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
