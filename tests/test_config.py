@@ -109,3 +109,15 @@ def test_import_is_lazy():
     code = "import sys, vftrain; print('torch' in sys.modules, 'transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == \
         "False False"
+
+
+@pytest.mark.parametrize("kwargs, world, message", [
+    (dict(fsdp=True, deepspeed={"zero_optimization": {"stage": 3}}), "2", "fsdp and deepspeed are both set"),
+    (dict(fsdp=True), "1", "fsdp shards over several processes, but this is one"),
+    (dict(deepspeed={"zero_optimization": {"stage": 3}}), "2", "deepspeed runs only on GPUs"),
+])
+def test_sharding_that_cannot_run_is_refused(tmp_path, monkeypatch, kwargs, world, message):
+    """Refused before any process group is set up, rather than failing deep inside accelerate or running DDP."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(ConfigError, match=message):
+        vf.SFTConfig(output_dir=str(tmp_path), batch_size=16, micro_batch_size=4, **kwargs)

@@ -29,16 +29,28 @@ def _dataset(tmp_path) -> str:
     return write_jsonl(tmp_path / "data.jsonl", [r for pair in zip(rows, [easy] * 128) for r in pair])
 
 
-def _train(out_dir, processes: int, data: str, extra=()):
+def _run(out_dir, processes: int, data: str, extra=(), fsdp=False):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
-    proc = subprocess.run([*launcher, "-m", "vftrain.cli.sft", *ARGS, *extra, "--dataset", data,
-                           "--sft.output_dir", str(out_dir)],
+    program = [str(ROOT / "tests" / "cpu_fsdp.py")] if fsdp else ["-m", "vftrain.cli.sft"]
+    return subprocess.run([*launcher, *program, *ARGS, *extra, "--dataset", data, "--sft.output_dir", str(out_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _train(out_dir, processes: int, data: str, extra=(), fsdp=False):
+    proc = _run(out_dir, processes, data, extra, fsdp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r], proc.stdout
+
+
+def _assert_same_curve(one, two, rel=5e-5):
+    assert [r["step"] for r in two] == [r["step"] for r in one]  # rank 0 alone writes metrics.jsonl
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
+        assert b["trained_tokens"] == a["trained_tokens"]  # counted over both ranks
 
 
 @pytest.mark.parametrize("extra", [(), ("--sft.micro_batch_tokens", "160")], ids=["packed", "token-budget"])
@@ -47,9 +59,39 @@ def test_two_processes_match_one(tmp_path, extra):
     data = _dataset(tmp_path)
     one, _ = _train(tmp_path / "one", 1, data, extra)
     two, stdout = _train(tmp_path / "two", 2, data, extra)
-    assert [r["step"] for r in two] == [1, 2, 3, 4, 5, 6]  # rank 0 alone writes metrics.jsonl
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=5e-5), (a["step"], a["loss"], b["loss"])
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-5)
-        assert b["trained_tokens"] == a["trained_tokens"]  # counted over both ranks
+    assert [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
+    _assert_same_curve(one, two)
     assert stdout.count("step 1/6 |") == 1
+
+
+def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
+    """FSDP2 (2 CPU processes, tests/cpu_fsdp.py): the 1-process curve, the fused head on sharded weights; its
+    checkpoint is a plain transformers folder, and a resume from step 3 repeats steps 4-6."""
+    from transformers import AutoModelForCausalLM
+
+    data = _dataset(tmp_path)
+    save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3")
+    one, _ = _train(tmp_path / "one", 1, data)
+    two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save), fsdp=True)
+    _assert_same_curve(one, two)
+    resolved = json.loads((tmp_path / "fsdp" / "checkpoint-3" / "vftrain_config.json").read_text())
+    assert resolved["config"]["fsdp"] is True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-6")  # full weights, not shards
+    assert sum(p.numel() for p in model.parameters()) > 100_000
+
+    resumed, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, "--sft.resume_from_checkpoint",
+                                                    str(tmp_path / "fsdp" / "checkpoint-3")), fsdp=True)
+    assert [r["step"] for r in resumed[-3:]] == [4, 5, 6]
+    for a, b in zip(two[3:], resumed[-3:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_fsdp_that_cannot_shard_is_an_error(tmp_path):
+    """One process has nothing to shard over; on CPU processes accelerate would silently run DDP instead."""
+    data = _dataset(tmp_path)
+    proc = _run(tmp_path / "one", 1, data, ("--sft.fsdp", "true"))
+    assert proc.returncode == 2
+    assert "fsdp shards over several processes, but this is one" in proc.stderr
+    proc = _run(tmp_path / "two", 2, data, ("--sft.fsdp", "true"))
+    assert proc.returncode != 0
+    assert "fsdp is set but accelerate did not shard the model" in proc.stderr

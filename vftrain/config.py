@@ -108,6 +108,14 @@ class TrainerConfig(TrainingArguments):
     gradient_accumulation_steps: int | None = _f(None, "Computed: batch_size / (micro_batch_size * world_size). "
                                                  "Setting it is an error unless it equals that value.")
     per_device_train_batch_size: int = _f(8, "Set from micro_batch_size.")
+    fsdp: bool | str | None = _f(None, "Shard weights, gradients and optimizer state over the GPUs with FSDP2 "
+                                 "(through accelerate): true, or transformers' option string such as "
+                                 "'full_shard offload'. Needs one process per GPU (torchrun or accelerate launch). "
+                                 "With bf16 the sharded weights are kept in float32 (FSDP2 mixed precision).")
+    fsdp_config: Any = _f(None, "FSDP tuning, as transformers reads it: a table such as {reshard_after_forward = "
+                          "false, cpu_offload = true, activation_checkpointing = true} or a JSON file path.")
+    deepspeed: Any = _f(None, "DeepSpeed config (JSON file path or table), e.g. ZeRO-3; needs the deepspeed "
+                        "package and one process per GPU. FSDP2 is the tested sharding path.")
     remove_unused_columns: bool = _f(False, "Kept False: the data path selects its own columns.")
     ddp_find_unused_parameters: bool | None = _f(False, "DDP's search for parameters without a gradient, a graph "
                                                  "walk every step; off because vftrain's loss reaches every "
@@ -129,6 +137,14 @@ class TrainerConfig(TrainingArguments):
             # transformers builds a CPU process group only when told to use the CPU, and needs a backend for it
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if self.fsdp and self.deepspeed:
+            raise ConfigError("fsdp and deepspeed are both set; choose one sharding engine")
+        if (self.fsdp or self.deepspeed) and launch_world_size() == 1:
+            raise ConfigError(f"{'fsdp' if self.fsdp else 'deepspeed'} shards over several processes, but this "
+                              "is one; launch with torchrun or accelerate launch (one process per GPU)")
+        if self.deepspeed and not _cuda():
+            raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
+                              "processes use plain data parallel (leave deepspeed unset)")
         super().__post_init__()
         if (self.fsdp or self.deepspeed) and self.sample_every_n_steps:
             # Sampling runs on the main process alone; a sharded model needs every rank to generate or to gather

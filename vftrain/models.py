@@ -154,11 +154,33 @@ def plain_output_head(model):
         inner = inner.module
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     config = getattr(inner, "config", None)
-    if type(head) is not torch.nn.Linear or head.bias is not None:
+    if _own_class(head) is not torch.nn.Linear or head.bias is not None:
         return None
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
         return None
     return head
+
+
+def _own_class(module) -> type:
+    """The module's class before FSDP2, which swaps a sharded module's class for `FSDP<Name>(FSDPModule, cls)`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = type(module)
+    return cls.__bases__[-1] if issubclass(cls, FSDPModule) else cls
+
+
+def keep_gathered_through_backward(model, head) -> None:
+    """FSDP2: keep the output head's weight gathered from the model's forward to its backward, so that the loss
+    can apply it outside the forward (its gradient is reduce-scattered with the rest of its group).
+
+    accelerate (>= 1.15) already puts the head in such a group, and FSDP2's root group does not reshard after
+    forward by default; this makes it hold with any wrapping. Cost: the head stays gathered one phase longer.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    owner = head if isinstance(head, FSDPModule) else model
+    if isinstance(owner, FSDPModule):
+        owner.set_reshard_after_forward(False, recurse=False)
 
 
 class head_returns_hidden:

@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
@@ -36,8 +37,8 @@ from vftrain.metrics import StepStats, Throughput
 from vftrain.mlp import use_lean_mlp
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
-from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden, plain_output_head,
-                            save_merged)
+from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden,
+                            keep_gathered_through_backward, plain_output_head, save_merged)
 
 log = logging.getLogger("vftrain")
 
@@ -86,6 +87,9 @@ class SFTTrainer(Trainer):
                          processing_class=tokenizer,
                          data_collator=Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens),
                          **kwargs)
+        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word
+            raise ConfigError("fsdp is set but accelerate did not shard the model: it runs FSDP only with one "
+                              "process per GPU (torchrun or accelerate launch on GPUs); leave fsdp unset here")
         self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
         # Our compute_loss already normalises over the whole step: the Trainer must not divide again by the
         # number of accumulation steps.
@@ -166,16 +170,18 @@ class SFTTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
-        # Under FSDP / ZeRO-3 the head's weight is sharded outside the model's forward: use the model's logits.
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
-        head = None if sharded else plain_output_head(model)
+        head = self._fused_head(model)
         if head is not None:
             with head_returns_hidden(head):
                 outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             hidden, targets = select_trained(outputs.logits, labels, *where)
+            weight = head.weight
+            if isinstance(weight, DTensor):  # keep_gathered_through_backward failed: never use a shard as the head
+                raise RuntimeError("FSDP resharded the output head after the forward; please report this with "
+                                   "your accelerate and torch versions")
             # accelerate's mixed precision returns outputs in float32; the head's matmul runs in its own dtype,
             # as it would inside the model.
-            loss_sum, correct = linear_cross_entropy_sum(hidden.to(head.weight.dtype), head.weight, targets)
+            loss_sum, correct = linear_cross_entropy_sum(hidden.to(weight.dtype), weight, targets)
         else:
             outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             logits, targets = select_trained(outputs.logits, labels, *where)
@@ -192,6 +198,16 @@ class SFTTrainer(Trainer):
         else:
             loss = loss_sum / max(targets.numel(), 1)
         return (loss, outputs) if return_outputs else loss
+
+    def _fused_head(self, model):
+        """The output head that the loss applies itself (no logits held), or None to use the model's logits:
+        ZeRO-3 and FSDP1 partition the head's weight outside the model's forward. FSDP2 keeps it gathered."""
+        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2):
+            return None
+        head = plain_output_head(model)
+        if head is not None and self.is_fsdp_enabled:
+            keep_gathered_through_backward(model, head)
+        return head
 
     # ---- logging and saving
     def log(self, logs: dict, *args, **kwargs) -> None:
