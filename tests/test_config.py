@@ -115,6 +115,8 @@ def test_import_is_lazy():
     (dict(fsdp=True, deepspeed={"zero_optimization": {"stage": 3}}), "2", "fsdp and deepspeed are both set"),
     (dict(fsdp=True), "1", "fsdp shards over several processes, but this is one"),
     (dict(deepspeed={"zero_optimization": {"stage": 3}}), "2", "deepspeed runs only on GPUs"),
+    (dict(deepspeed={"zero_optimization": {"stage": 3}}, micro_batch_tokens=4096, max_seq_len=2048), "2",
+     "micro_batch_tokens is not supported with deepspeed"),
 ])
 def test_sharding_that_cannot_run_is_refused(tmp_path, monkeypatch, kwargs, world, message):
     """Refused before any process group is set up, rather than failing deep inside accelerate or running DDP."""

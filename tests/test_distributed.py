@@ -65,12 +65,13 @@ def test_two_processes_match_one(tmp_path, extra):
 
 
 def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
-    """FSDP2 (2 CPU processes, tests/cpu_fsdp.py): the 1-process curve, the fused head on sharded weights; its
-    checkpoint is a plain transformers folder, and a resume from step 3 repeats steps 4-6."""
+    """FSDP2 (2 CPU processes, tests/cpu_fsdp.py), with a token budget splitting some micro-batches: the 1-process
+    curve, the fused head on sharded weights; its checkpoint is a plain transformers folder, and a resume from
+    step 3 repeats steps 4-6."""
     from transformers import AutoModelForCausalLM
 
     data = _dataset(tmp_path)
-    save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3")
+    save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3", "--sft.micro_batch_tokens", "160")
     one, _ = _train(tmp_path / "one", 1, data)
     two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save), fsdp=True)
     _assert_same_curve(one, two)

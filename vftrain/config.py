@@ -142,6 +142,9 @@ class TrainerConfig(TrainingArguments):
         if (self.fsdp or self.deepspeed) and launch_world_size() == 1:
             raise ConfigError(f"{'fsdp' if self.fsdp else 'deepspeed'} shards over several processes, but this "
                               "is one; launch with torchrun or accelerate launch (one process per GPU)")
+        if self.deepspeed and self.micro_batch_tokens:
+            raise ConfigError("micro_batch_tokens is not supported with deepspeed (its engine counts every forward "
+                              "as an accumulation step); use fsdp, or leave micro_batch_tokens unset")
         if self.deepspeed and not _cuda():
             raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
                               "processes use plain data parallel (leave deepspeed unset)")
