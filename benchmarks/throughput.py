@@ -22,6 +22,8 @@ printed and written to --out.
 usage: python benchmarks/throughput.py --arch qwen0.5b qwen1.5b --steps 30 --warmup 5 --trl
        python benchmarks/throughput.py --lora --arch qwen7b --seq 4096 --gc
        python benchmarks/throughput.py --tiny      # CPU smoke test of this script (2 layers, 64 wide, 3 steps)
+Several GPUs: run one measuring process per GPU under torchrun, e.g. (benchmarks/scale.sh)
+       torchrun --nproc_per_node 2 benchmarks/throughput.py --child qwen1.5b --ga 4 --engine fsdp ...
 """
 import argparse
 import importlib.util
@@ -46,6 +48,31 @@ TINY_VOCAB, TINY_ROWS, TINY_LEN = 1000, 64, 128
 def sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def chain_rows(n, k=1000, p_follow=0.9):
+    """make_rows' lengths and loss masks with learnable ids, for loss-curve comparisons: each of k token ids is
+    followed by its fixed successor with probability p_follow (else by a random id), so the loss falls from
+    ln(vocab) ~ 11.9 towards the chain's entropy (~1.0 nats) instead of staying flat on random ids."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    successor = rng.permutation(k)
+    out = []
+    for r in make_rows(n):
+        length = len(r["input_ids"])
+        follow, noise = rng.random(length) < p_follow, rng.integers(0, k, size=length)
+        ids = [int(noise[0])]
+        for i in range(1, length):
+            ids.append(int(successor[ids[-1]]) if follow[i] else int(noise[i]))
+        out.append({"input_ids": [t + 100 for t in ids], "completion_mask": r["completion_mask"]})
+    return out
+
+
+# DeepSpeed ZeRO-3 with the Trainer's own AdamW ("auto" values are filled in by transformers from SFTConfig).
+ZERO3 = {"zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
+         "bf16": {"enabled": "auto"}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "zero_allow_untested_optimizer": True}
 
 
 def tiny_rows(n):
@@ -95,7 +122,7 @@ def measure(args):
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
-    rows = tiny_rows(TINY_ROWS) if args.tiny else make_rows(6000)
+    rows = tiny_rows(TINY_ROWS) if args.tiny else chain_rows(6000) if args.task == "chain" else make_rows(6000)
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     mbs = args.mbs or max(1, round(args.seq / mean_len))
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "loss_mask": r["completion_mask"]} for r in rows])
@@ -123,10 +150,12 @@ def measure(args):
             meter.see(self.state.global_step, inputs)  # before compute_loss pops the labels
             return super().training_step(model, inputs, num_items_in_batch)
 
+    engine = {"ddp": {}, "fsdp": {"fsdp": True}, "zero3": {"deepspeed": ZERO3}}[args.engine]
     config = vf.SFTConfig(
-        output_dir="/tmp/vftrain_bench_out", max_steps=args.steps, batch_size=mbs * world * args.ga,
-        micro_batch_size=mbs,
-        max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=1e-5, logging_steps=10, save_strategy="no",
+        output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
+        batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
+        max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
+        else 10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
         lean_mlp=not args.no_lean_mlp,
@@ -142,7 +171,8 @@ def measure(args):
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
     dt = time.perf_counter() - meter.t0
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
-    out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, lora=args.lora, attn=args.attn,
+    out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
+               lora=args.lora, attn=args.attn,
                gc=args.gc, liger=args.vf_liger, compile=args.compile, lean_mlp=not args.no_lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
@@ -246,6 +276,13 @@ def main():
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
     ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false")
     ap.add_argument("--ga", type=int, default=1, help="vftrain micro-batches per optimizer step and process")
+    ap.add_argument("--engine", default="ddp", choices=("ddp", "fsdp", "zero3"), help="under torchrun: data "
+                    "parallel, FSDP2 (fsdp = true) or DeepSpeed ZeRO-3 (ZERO3 above)")
+    ap.add_argument("--task", default="random", choices=("random", "chain"), help="row ids: random (throughput) or "
+                    "a learnable chain (chain_rows, for loss curves)")
+    ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
+                    "metrics.jsonl (for loss-curve comparisons)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
                     "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
     ap.add_argument("--out", default=None, help="markdown table path (default benchmarks/last_run.md; "

@@ -1,4 +1,5 @@
-"""A NaN loss stops the run before the weights are touched (or skips the step); out-of-memory names the knobs."""
+"""A NaN loss stops the run before the weights are touched (or skips the step); out-of-memory saves the
+finished steps and names the knobs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from transformers import TrainerCallback
 import vftrain as vf
 import vftrain.sft.trainer as trainer_module
 from conftest import TINY, addition_rows, small_config
-from vftrain.guards import NonFiniteLossError, oom_message
+from vftrain.guards import NonFiniteLossError, OutOfMemory
 
 
 class Snapshots(TrainerCallback):
@@ -55,8 +56,30 @@ def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
-def test_oom_message_names_the_knobs(tmp_path):
-    message = oom_message(small_config(tmp_path, micro_batch_size=8), 41)
-    assert message.startswith("out of GPU memory at optimizer step 42")
-    for knob in ("micro_batch_size (now 8", "gradient_checkpointing = true", "use_lora = true"):
+def test_out_of_memory_saves_the_finished_steps_and_names_the_knobs(tmp_path, monkeypatch):
+    """An OOM in step 3 leaves checkpoint-2 (the work is not lost) and a message naming what to change; a resume
+    from it with the lowered setting finishes the run."""
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)),
+                            args=small_config(tmp_path, max_steps=4, micro_batch_size=8))
+    real = trainer_module.linear_cross_entropy_sum
+
+    def exhausted(*args, **kwargs):
+        if trainer.state.global_step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy_sum", exhausted)
+    with pytest.raises(OutOfMemory) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert message.startswith("out of GPU memory at optimizer step 3")
+    for knob in ("micro_batch_size (now 8", "set micro_batch_tokens", "gradient_checkpointing = true",
+                 "use_lora = true", "checkpoint-2", "resume_from_checkpoint latest"):
         assert knob in message
+    assert (tmp_path / "out" / "checkpoint-2" / "model.safetensors").exists()
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy_sum", real)
+    resumed = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)),
+                            args=small_config(tmp_path, max_steps=4, micro_batch_size=4))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4

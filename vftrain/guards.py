@@ -76,13 +76,25 @@ class GracefulInterrupt(TrainerCallback):
             self.previous = None
 
 
-def oom_message(args, step: int) -> str:
-    """What to turn when a step does not fit in GPU memory."""
+class OutOfMemory(VFTrainError):
+    """A step did not fit in GPU memory; the message names the settings to change and any checkpoint saved."""
+
+
+def oom_message(args, step: int, saved: str | None = None) -> str:
+    """What to turn when optimizer step `step + 1` does not fit in GPU memory (and where the run was saved)."""
     knobs = [f"lower micro_batch_size (now {args.micro_batch_size} rows per forward)"]
+    if args.packing:
+        knobs.append(f"lower micro_batch_tokens (now {args.micro_batch_tokens})" if args.micro_batch_tokens else
+                     f"set micro_batch_tokens (a hard cap on tokens per forward, at least max_seq_len = "
+                     f"{args.max_seq_len})")
     if not args.gradient_checkpointing:
         knobs.append("set gradient_checkpointing = true")
     if not args.use_lora:
         knobs.append("set use_lora = true")
+    if args.world_size > 1 and not (args.fsdp or args.deepspeed):
+        knobs.append("shard the model over the GPUs with fsdp = true")
     if args.max_seq_len > 4096:
         knobs.append(f"lower max_seq_len (now {args.max_seq_len})")
-    return f"out of GPU memory at optimizer step {step + 1}: " + ", or ".join(knobs)
+    where = (f"; the {step} finished steps are saved in {saved}: resume with --sft.resume_from_checkpoint latest"
+             if saved else "")
+    return f"out of GPU memory at optimizer step {step + 1}: " + ", or ".join(knobs) + where

@@ -48,11 +48,17 @@ def matmul_params(model) -> int:
     """Parameters that take part in matrix products per token: all but the input embedding lookup, plus the
     output head when it shares the embedding's weight (counted once by `parameters()`)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    total = sum(p.numel() for p in inner.parameters())
+    total = sum(_numel(p) for p in inner.parameters())
     embed = inner.get_input_embeddings().weight
     head = inner.get_output_embeddings()
     tied = head is not None and head.weight is embed
-    return total - embed.numel() + (embed.numel() if tied else 0)
+    return total - _numel(embed) + (_numel(embed) if tied else 0)
+
+
+def _numel(p) -> int:
+    """Elements of the whole parameter: ZeRO-3 leaves an empty placeholder and records the size in ds_numel (an
+    FSDP2 DTensor reports its global size itself)."""
+    return getattr(p, "ds_numel", p.numel())
 
 
 def measured_matmul_peak() -> float:

@@ -97,16 +97,12 @@ def resolve(inv):
 def train(model: str, config) -> int:
     import torch
 
-    from vftrain.guards import oom_message
     from vftrain.logging import setup_console_logging
     from vftrain.sft.trainer import SFTTrainer
 
     setup_console_logging()
     trainer = SFTTrainer(model=model, args=config)
-    try:
-        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    except torch.OutOfMemoryError:
-        raise ConfigError(oom_message(config, trainer.state.global_step)) from None
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # out of memory: OutOfMemory, exit 2
     trainer.save_model()
     if config.merge_lora:
         merged = trainer.save_merged()

@@ -31,7 +31,7 @@ from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
-from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard
+from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, oom_message
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
 from vftrain.mlp import use_lean_mlp
@@ -114,6 +114,30 @@ class SFTTrainer(Trainer):
         if dataset is None and source is None:
             raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
         return load_rows(dataset if dataset is not None else source, split)
+
+    def train(self, *args, **kwargs):
+        """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
+        error names the settings to change."""
+        try:
+            return super().train(*args, **kwargs)
+        except torch.OutOfMemoryError as exc:
+            raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+
+    def _save_after_oom(self) -> str | None:
+        """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
+        involved (they are stuck in a collective and cannot join a save)."""
+        step = self.state.global_step
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+        if step == 0 or self.args.world_size > 1 or not self.args.should_save or os.path.isdir(folder):
+            return folder if step and os.path.isdir(folder) else None
+        self.model.zero_grad(set_to_none=True)  # the unfinished step's gradients
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            self._save_checkpoint(self.model, trial=None)
+        except torch.OutOfMemoryError:
+            return None
+        return folder
 
     # ---- data
     def get_train_dataloader(self) -> DataLoader:

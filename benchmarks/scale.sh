@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Multi-GPU checks on the lent 2-GPU machine (see /work/.library/device): install the carried wheels (.whl/ and
+# .whl/ds/ for DeepSpeed, see RESULTS.md), then
+#   bash benchmarks/scale.sh curves   # 0.5B: same global batch on 1 GPU, 2 GPUs DDP, FSDP2, ZeRO-3 -> curves.md
+#   bash benchmarks/scale.sh speed    # 1.5B throughput: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4) -> results.jsonl
+# Every run's log and metrics land under $OUT.
+set -uo pipefail
+rm -rf /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .whl/ds/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+out=${OUT:-/tmp/out}
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+one() { CUDA_VISIBLE_DEVICES=0 python3 benchmarks/throughput.py "$@"; }
+two() { python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/throughput.py "$@"; }
+run() {  # run NAME one|two ARGS...: log to $OUT/NAME.log, keep the RESULT line
+  local name=$1; shift
+  "$@" > "$out/$name.log" 2>&1
+  echo "$name exit $?: $(grep -h '^RESULT' "$out/$name.log" | cut -c8- | tee -a "$out/results.jsonl")"
+  grep -hE "Error|error:" "$out/$name.log" | grep -v Warning | tail -3
+}
+case ${1:-} in
+  curves)
+    C="--child qwen0.5b --task chain --steps 30 --warmup 3 --seq 16384 --attn varlen --vf-liger --lr 2e-4"
+    run curve_1gpu one $C --ga 4 --metrics-dir "$out/1gpu"
+    run curve_ddp two $C --ga 2 --metrics-dir "$out/2gpu_ddp"
+    run curve_fsdp two $C --ga 2 --engine fsdp --metrics-dir "$out/2gpu_fsdp2"
+    run curve_zero3 two $C --ga 2 --engine zero3 --metrics-dir "$out/2gpu_zero3"
+    python3 benchmarks/compare_curves.py "$out"/1gpu "$out"/2gpu_* | tee "$out/curves.md" ;;
+  speed)
+    S="--child qwen1.5b --steps 12 --warmup 4 --ga 4 --seq 16384 --attn varlen --vf-liger"
+    run speed_1gpu one $S
+    run speed_ddp two $S
+    run speed_fsdp two $S --engine fsdp ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|speed"; exit 2 ;;
+esac
