@@ -138,7 +138,8 @@ def measure(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one process per GPU, data parallel
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     with device:  # a 7B random init on the CPU alone takes minutes
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda and not args.fp32_master
+                                                 else torch.float32,
                                                  attn_implementation=build_attn)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
@@ -172,6 +173,7 @@ def measure(args):
     dt = time.perf_counter() - meter.t0
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
+               fp32_master=args.fp32_master, lr=args.lr,
                lora=args.lora, attn=args.attn,
                gc=args.gc, liger=args.vf_liger, compile=args.compile, lean_mlp=not args.no_lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
@@ -281,6 +283,8 @@ def main():
     ap.add_argument("--task", default="random", choices=("random", "chain"), help="row ids: random (throughput) or "
                     "a learnable chain (chain_rows, for loss curves)")
     ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
+    ap.add_argument("--fp32-master", action="store_true", help="float32 weights, bf16 autocast (mixed precision) "
+                    "instead of bf16 weights")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
