@@ -2,8 +2,8 @@
 # Multi-GPU checks on the lent 2-GPU machine (see /work/.library/device): install the carried wheels (.whl/ and
 # .whl/ds/ for DeepSpeed, see RESULTS.md), then
 #   bash benchmarks/scale.sh curves   # 0.5B: same global batch on 1 GPU, 2 GPUs DDP, FSDP2, ZeRO-3 -> curves.md
-#   bash benchmarks/scale.sh precision  # 0.5B curves: bf16 vs float32 master weights; FSDP2 vs 1 GPU, both fp32
-#   bash benchmarks/scale.sh speed    # 1.5B throughput: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4) -> results.jsonl
+#   bash benchmarks/scale.sh precision  # 0.5B curves at lr 2e-5: float32 weights, pure bf16, bf16 + master weights
+#   bash benchmarks/scale.sh speed    # 1.5B: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4); master weights cost -> results.jsonl
 # Every run's log and metrics land under $OUT.
 set -uo pipefail
 rm -rf /tmp/site
@@ -28,19 +28,17 @@ case ${1:-} in
     run curve_fsdp two $C --ga 2 --engine fsdp --metrics-dir "$out/2gpu_fsdp2"
     run curve_zero3 two $C --ga 2 --engine zero3 --metrics-dir "$out/2gpu_zero3"
     python3 benchmarks/compare_curves.py "$out"/1gpu "$out"/2gpu_* | tee "$out/curves.md" ;;
-  precision)  # bf16 weights vs float32 master weights on 1 GPU, against FSDP2 (float32 master) on 2
-    P="--child qwen0.5b --task chain --steps 30 --warmup 3 --seq 16384 --attn varlen --vf-liger"
-    run p_fp32 one $P --ga 4 --lr 2e-4 --fp32-master --metrics-dir "$out/1gpu_fp32master"
-    run p_fsdp two $P --ga 2 --lr 2e-4 --engine fsdp --metrics-dir "$out/2gpu_fsdp2"
-    run p_bf16_low one $P --ga 4 --lr 2e-5 --metrics-dir "$out/lr2e-5_1gpu_bf16"
-    run p_fp32_low one $P --ga 4 --lr 2e-5 --fp32-master --metrics-dir "$out/lr2e-5_1gpu_fp32master"
-    python3 benchmarks/compare_curves.py "$out"/1gpu_fp32master "$out"/2gpu_fsdp2 | tee "$out/precision.md"
-    python3 benchmarks/compare_curves.py "$out"/lr2e-5_1gpu_fp32master "$out"/lr2e-5_1gpu_bf16 | tee -a "$out/precision.md" ;;
+  precision)  # 0.5B, 1 GPU, lr 2e-5: float32 weights (autocast) vs pure bf16 vs bf16 + float32 master weights
+    P="--child qwen0.5b --task chain --steps 30 --warmup 3 --seq 16384 --attn varlen --vf-liger --ga 4 --lr 2e-5"
+    run p_fp32 one $P --fp32-weights --metrics-dir "$out/lr2e-5_fp32_weights"
+    run p_pure one $P --no-master --metrics-dir "$out/lr2e-5_pure_bf16"
+    run p_master one $P --metrics-dir "$out/lr2e-5_bf16_master_weights"
+    python3 benchmarks/compare_curves.py "$out"/lr2e-5_* | tee "$out/precision.md" ;;
   speed)
     S="--child qwen1.5b --steps 12 --warmup 4 --ga 4 --seq 16384 --attn varlen --vf-liger"
     run speed_1gpu one $S
     run speed_ddp two $S
-    run speed_fsdp two $S --engine fsdp
-    run speed_1gpu_fp32master one $S --fp32-master ;;
+    run speed_1gpu_pure_bf16 one $S --no-master
+    run speed_fsdp two $S --engine fsdp ;;
   *) echo "usage: bash benchmarks/scale.sh curves|precision|speed"; exit 2 ;;
 esac

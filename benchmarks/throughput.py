@@ -138,7 +138,7 @@ def measure(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one process per GPU, data parallel
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
     with device:  # a 7B random init on the CPU alone takes minutes
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda and not args.fp32_master
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda and not args.fp32_weights
                                                  else torch.float32,
                                                  attn_implementation=build_attn)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
@@ -159,7 +159,7 @@ def measure(args):
         else 10, save_strategy="no",
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
-        lean_mlp=not args.no_lean_mlp,
+        lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master,
         **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -173,7 +173,7 @@ def measure(args):
     dt = time.perf_counter() - meter.t0
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
-               fp32_master=args.fp32_master, lr=args.lr,
+               fp32_weights=args.fp32_weights, master_weights=not args.no_master, lr=args.lr,
                lora=args.lora, attn=args.attn,
                gc=args.gc, liger=args.vf_liger, compile=args.compile, lean_mlp=not args.no_lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
@@ -283,8 +283,9 @@ def main():
     ap.add_argument("--task", default="random", choices=("random", "chain"), help="row ids: random (throughput) or "
                     "a learnable chain (chain_rows, for loss curves)")
     ap.add_argument("--lr", type=float, default=1e-5, help="peak learning rate")
-    ap.add_argument("--fp32-master", action="store_true", help="float32 weights, bf16 autocast (mixed precision) "
-                    "instead of bf16 weights")
+    ap.add_argument("--fp32-weights", action="store_true", help="float32 weights with bf16 autocast instead of "
+                    "bf16 weights")
+    ap.add_argument("--no-master", action="store_true", help="master_weights = false: pure bf16 AdamW")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "

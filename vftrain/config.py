@@ -52,6 +52,10 @@ class TrainerConfig(TrainingArguments):
     attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa', 'eager', 'varlen' (variable-length flash "
                                   "attention over packed rows, CUDA; needs packing), 'flex_attention', or any name "
                                   "registered in transformers.AttentionInterface.")
+    master_weights: bool = _f(True, "Keep float32 copies of bf16/fp16 trainable weights for the optimizer step "
+                              "(mixed precision). Pure bf16 AdamW rounds most updates away at fine-tuning learning "
+                              "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "
+                              "parameter. FSDP2 and DeepSpeed keep float32 master weights themselves.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     use_liger: bool = _f(False, "Patch the model with liger-kernel's fused Triton kernels (GPU, liger-kernel installed).")
     lean_mlp: bool = _f(False, "Recompute SwiGLU's gate*up product in the backward instead of saving it (exact): "

@@ -35,6 +35,7 @@ from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, o
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.metrics import StepStats, Throughput
 from vftrain.mlp import use_lean_mlp
+from vftrain.optim import needs_master_weights, use_float32_master_weights
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
 from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden,
@@ -138,6 +139,15 @@ class SFTTrainer(Trainer):
         except torch.OutOfMemoryError:
             return None
         return folder
+
+    def create_optimizer(self, model=None):
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # they keep float32 master weights themselves
+        if fresh and self.args.master_weights and not sharded and needs_master_weights(
+                p for group in optimizer.param_groups for p in group["params"]):
+            use_float32_master_weights(optimizer)
+        return optimizer
 
     # ---- data
     def get_train_dataloader(self) -> DataLoader:
