@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import torch
+from safetensors import safe_open
 
 from conftest import TINY, addition_rows, small_config
 
@@ -68,6 +72,13 @@ def test_merged_export_loads_with_plain_transformers(tmp_path):
         plain = AutoModelForCausalLM.from_pretrained(merged).eval()
         torch.testing.assert_close(plain(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert not any("lora" in n for n, _ in plain.named_parameters())
+    # The layout vLLM's loaders read: the base checkpoint's tensor names, plus the trained head, declared untied
+    # (a tied flag would make vLLM skip lm_head.weight and use the embedding).
+    base_keys = set(safe_open(os.path.join(TINY, "model.safetensors"), "pt").keys())
+    merged_keys = set(safe_open(os.path.join(merged, "model.safetensors"), "pt").keys())
+    assert merged_keys == base_keys | {"lm_head.weight"}
+    assert json.loads(open(os.path.join(merged, "config.json")).read())["tie_word_embeddings"] is False
+    assert not os.path.exists(os.path.join(merged, "adapter_config.json"))
 
     adapter = tmp_path / "adapter"
     trainer.save_model(str(adapter))

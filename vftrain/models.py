@@ -222,9 +222,26 @@ def save_merged(peft_model, tokenizer, directory: str) -> str:
     """Write a plain transformers model folder (merged weights + tokenizer) that vLLM and transformers load
     without peft: the hand-off from LoRA SFT to RL or serving."""
     base = peft_model.get_base_model()
-    base.save_pretrained(directory, state_dict=merged_state_dict(peft_model))
+    state = merged_state_dict(peft_model)
+    config = base.config
+    tied = getattr(config, "tie_word_embeddings", False)
+    # A trained copy of a tied head (lm_head in lora_modules_to_save) no longer equals the embedding: the folder
+    # must say so, or loaders that honour the flag (vLLM skips lm_head.weight when tied) use the embedding.
+    config.tie_word_embeddings = tied and not _head_untied(state)
+    try:
+        base.save_pretrained(directory, state_dict=state)
+    finally:
+        config.tie_word_embeddings = tied
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def _head_untied(state: dict) -> bool:
+    import torch
+
+    head = state.get("lm_head.weight")
+    embed = next((v for k, v in state.items() if k.endswith("embed_tokens.weight")), None)
+    return head is not None and embed is not None and not torch.equal(head, embed)
 
 
 def export_merged(adapter_dir: str, directory: str, base: str | None = None) -> str:
