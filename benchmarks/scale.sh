@@ -4,6 +4,7 @@
 #   bash benchmarks/scale.sh curves   # 0.5B: same global batch on 1 GPU, 2 GPUs DDP, FSDP2, ZeRO-3 -> curves.md
 #   bash benchmarks/scale.sh precision  # 0.5B curves at lr 2e-5: float32 weights, pure bf16, bf16 + master weights
 #   bash benchmarks/scale.sh speed    # 1.5B: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4); master weights cost -> results.jsonl
+#   bash benchmarks/scale.sh resume   # FSDP2 / ZeRO-3: save at step 3, resume, compare; checkpoint loads
 # Every run's log and metrics land under $OUT.
 set -uo pipefail
 rm -rf /tmp/site
@@ -40,5 +41,17 @@ case ${1:-} in
     run speed_ddp two $S
     run speed_1gpu_pure_bf16 one $S --no-master
     run speed_fsdp two $S --engine fsdp ;;
-  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed"; exit 2 ;;
+  resume)  # sharded checkpoints: save at step 3, resume, same steps 4-6; the saved model loads with transformers
+    R="--child qwen0.5b --task chain --steps 6 --warmup 1 --seq 16384 --attn varlen --vf-liger --ga 2 --lr 2e-4"
+    for e in fsdp zero3; do
+      run r_$e two $R --engine $e --save-steps 3 --metrics-dir /tmp/ckpt/${e}_straight
+      run r_${e}_resumed two $R --engine $e --save-steps 3 --metrics-dir /tmp/ckpt/${e}_resumed \
+        --resume /tmp/ckpt/${e}_straight/checkpoint-3
+      ls /tmp/ckpt/${e}_straight/checkpoint-3 | tr '\n' ' '; echo
+      python3 benchmarks/compare_curves.py /tmp/ckpt/${e}_straight /tmp/ckpt/${e}_resumed | tee -a "$out/resume.md"
+      python3 -c "import sys, torch; from transformers import AutoModelForCausalLM as M
+m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() for p in m.parameters()), 'params',
+      m.dtype, 'finite', all(torch.isfinite(p).all().item() for p in m.parameters()))" /tmp/ckpt/${e}_straight/checkpoint-6
+    done ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume"; exit 2 ;;
 esac

@@ -156,7 +156,7 @@ def measure(args):
         output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
         batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
         max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
-        else 10, save_strategy="no",
+        else 10, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
         lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master,
@@ -166,7 +166,7 @@ def measure(args):
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=args.resume)
     sync()
     if meter.t0 is None:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
@@ -288,6 +288,8 @@ def main():
     ap.add_argument("--no-master", action="store_true", help="master_weights = false: pure bf16 AdamW")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
+    ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    ap.add_argument("--resume", default=None, help="resume from this checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
                     "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
     ap.add_argument("--out", default=None, help="markdown table path (default benchmarks/last_run.md; "
