@@ -87,6 +87,17 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
 
+def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
+    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16."""
+    from safetensors import safe_open
+
+    extra = ("--sft.fsdp", "true", "--sft.dtype", "bfloat16", "--sft.bf16", "true", "--sft.max_steps", "2",
+             "--sft.save_strategy", "steps", "--sft.save_steps", "2")
+    _train(tmp_path / "out", 2, _dataset(tmp_path), extra, fsdp=True)
+    with safe_open(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
 def test_fsdp_that_cannot_shard_is_an_error(tmp_path):
     """One process has nothing to shard over; on CPU processes accelerate would silently run DDP instead."""
     data = _dataset(tmp_path)

@@ -60,6 +60,8 @@ class SFTTrainer(Trainer):
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=processing_class)
+        # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
+        self.weights_dtype = next(model.parameters()).dtype
         if args.lean_mlp:
             use_lean_mlp(model)
         if args.use_lora and not hasattr(model, "peft_config"):
@@ -256,6 +258,12 @@ class SFTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_resolved_config(output_dir or self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies."""
+        if state_dict and self.is_fsdp_enabled and self.weights_dtype != torch.float32:
+            state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
