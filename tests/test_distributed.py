@@ -29,17 +29,22 @@ def _dataset(tmp_path) -> str:
     return write_jsonl(tmp_path / "data.jsonl", [r for pair in zip(rows, [easy] * 128) for r in pair])
 
 
-def _run(out_dir, processes: int, data: str, extra=(), fsdp=False):
+def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    port = str(29500 + os.getpid() % 1000)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                "--master_port", str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+                "--master_port", port] if processes > 1 else [sys.executable]
+    if accelerate:
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                    port]
     program = [str(ROOT / "tests" / "cpu_fsdp.py")] if fsdp else ["-m", "vftrain.cli.sft"]
     return subprocess.run([*launcher, *program, *ARGS, *extra, "--dataset", data, "--sft.output_dir", str(out_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _train(out_dir, processes: int, data: str, extra=(), fsdp=False):
-    proc = _run(out_dir, processes, data, extra, fsdp)
+def _train(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False):
+    proc = _run(out_dir, processes, data, extra, fsdp, accelerate)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r], proc.stdout
@@ -53,12 +58,14 @@ def _assert_same_curve(one, two, rel=5e-5):
         assert b["trained_tokens"] == a["trained_tokens"]  # counted over both ranks
 
 
-@pytest.mark.parametrize("extra", [(), ("--sft.micro_batch_tokens", "160")], ids=["packed", "token-budget"])
-def test_two_processes_match_one(tmp_path, extra):
-    """With a token budget, ranks run different numbers of forwards per step (gradient sync after the last)."""
+@pytest.mark.parametrize("extra, accelerate", [((), False), (("--sft.micro_batch_tokens", "160"), False),
+                                               ((), True)], ids=["packed", "token-budget", "accelerate-launch"])
+def test_two_processes_match_one(tmp_path, extra, accelerate):
+    """With a token budget, ranks run different numbers of forwards per step (gradient sync after the last);
+    `accelerate launch` and torchrun start the same run."""
     data = _dataset(tmp_path)
     one, _ = _train(tmp_path / "one", 1, data, extra)
-    two, stdout = _train(tmp_path / "two", 2, data, extra)
+    two, stdout = _train(tmp_path / "two", 2, data, extra, accelerate=accelerate)
     assert [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
     _assert_same_curve(one, two)
     assert stdout.count("step 1/6 |") == 1
