@@ -95,6 +95,8 @@ def oom_message(args, step: int, saved: str | None = None) -> str:
         knobs.append("shard the model over the GPUs with fsdp = true")
     if args.max_seq_len > 4096:
         knobs.append(f"lower max_seq_len (now {args.max_seq_len})")
+    if args.master_weights and not args.use_lora:
+        knobs.append("set master_weights = false (8 bytes less per parameter; pure bf16 loses small updates)")
     where = (f"; the {step} finished steps are saved in {saved}: resume with --sft.resume_from_checkpoint latest"
              if saved else "")
     return f"out of GPU memory at optimizer step {step + 1}: " + ", or ".join(knobs) + where
