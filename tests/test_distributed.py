@@ -69,25 +69,31 @@ def test_two_processes_match_one(tmp_path, extra, accelerate):
     assert [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
     _assert_same_curve(one, two)
     assert stdout.count("step 1/6 |") == 1
+    assert stdout.count("train data:") == 1  # info lines from rank 0 only
 
 
 def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
     """FSDP2 (2 CPU processes, tests/cpu_fsdp.py), with a token budget splitting some micro-batches: the 1-process
-    curve, the fused head on sharded weights; its checkpoint is a plain transformers folder, and a resume from
-    step 3 repeats steps 4-6."""
+    curve, the fused head on sharded weights, the same samples; its checkpoint is a plain transformers folder, and
+    a resume from step 3 repeats steps 4-6."""
     from transformers import AutoModelForCausalLM
 
     data = _dataset(tmp_path)
+    sampling = ("--sft.sample_every_n_steps", "3", "--sft.num_samples", "2", "--sft.max_new_tokens", "6")
     save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3", "--sft.micro_batch_tokens", "160")
-    one, _ = _train(tmp_path / "one", 1, data)
-    two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save), fsdp=True)
+    one, one_out = _train(tmp_path / "one", 1, data, sampling)
+    two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *sampling), fsdp=True)
     _assert_same_curve(one, two)
+    # Samples from sharded weights: both processes generate in lockstep, rank 0 alone shows them.
+    assert stdout.count("sample, step 3") == 2 and stdout.count("sample, step 6") == 2  # 2 prompts, once each
+    assert _completions(stdout) == _completions(one_out)
     resolved = json.loads((tmp_path / "fsdp" / "checkpoint-3" / "vftrain_config.json").read_text())
     assert resolved["config"]["fsdp"] is True
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-6")  # full weights, not shards
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
-    resumed, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, "--sft.resume_from_checkpoint",
+    resumed, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *sampling,
+                                                    "--sft.resume_from_checkpoint",
                                                     str(tmp_path / "fsdp" / "checkpoint-3")), fsdp=True)
     assert [r["step"] for r in resumed[-3:]] == [4, 5, 6]
     for a, b in zip(two[3:], resumed[-3:]):
@@ -103,6 +109,10 @@ def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
     _train(tmp_path / "out", 2, _dataset(tmp_path), extra, fsdp=True)
     with safe_open(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+
+
+def _completions(stdout: str) -> list[str]:
+    return [line.split("completion", 1)[1].strip(" │") for line in stdout.splitlines() if "│ completion" in line]
 
 
 def test_fsdp_that_cannot_shard_is_an_error(tmp_path):

@@ -11,11 +11,12 @@ from transformers import TrainerCallback
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
-    """Route the `vftrain` logger through Rich; transformers/datasets stay at warning level."""
+    """Route the `vftrain` logger through Rich; transformers/datasets stay at warning level. Processes other than
+    the launch's first (RANK > 0 under torchrun / accelerate) show warnings and errors only."""
     logger = logging.getLogger("vftrain")
     if not any(isinstance(h, RichHandler) for h in logger.handlers):
         logger.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
-    logger.setLevel(level)
+    logger.setLevel(level if os.environ.get("RANK", "0") == "0" else max(level, logging.WARNING))
     logger.propagate = False
     import transformers
 

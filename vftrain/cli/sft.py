@@ -108,8 +108,8 @@ def train(model: str, config) -> int:
         merged = trainer.save_merged()
         if merged:
             print(f"merged model written to {merged}")
-    if config.eval_generation_rows and config.eval_split and trainer.is_world_process_zero():
-        report_generation_accuracy(trainer, config)
+    if config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero() or trainer.sharded):
+        report_generation_accuracy(trainer, config)  # sharded weights: every process generates, rank 0 prints
     if torch.distributed.is_initialized():
         # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
         # exception") after a successful run.
@@ -124,6 +124,8 @@ def report_generation_accuracy(trainer, config) -> float:
     rows = load_rows(config.dataset, config.eval_split)
     rows = [rows[i] for i in range(min(config.eval_generation_rows, len(rows)))]
     result = trainer.evaluate_generations(rows)
+    if not trainer.is_world_process_zero():
+        return result["accuracy"]
     for prompt, completion, reference in result["examples"]:
         last = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")

@@ -16,11 +16,13 @@ def _encode_prompt(tokenizer, prompt) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             batch_size: int = 64) -> list[str]:
+             batch_size: int = 64, synced: bool = False) -> list[str]:
     """Completions (decoded, special tokens removed) for `prompts` (message lists or strings).
 
     The model is put in eval mode and restored afterwards, so this is safe to call in the middle of training;
-    a peft model generates with its adapters active.
+    a peft model generates with its adapters active. `synced`: the weights are sharded (FSDP, ZeRO-3), every
+    process calls this with the same prompts, and all keep running forwards until the last one has finished
+    (transformers' `synced_gpus`), since each forward gathers weights from all of them.
     """
     was_training = model.training
     model.eval()
@@ -39,7 +41,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
                 else {"do_sample": False}
             generated = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                       eos_token_id=stops, pad_token_id=pad, **sampling)
+                                       eos_token_id=stops, pad_token_id=pad, synced_gpus=synced, **sampling)
             out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     finally:
         model.train(was_training)

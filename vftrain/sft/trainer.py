@@ -142,11 +142,16 @@ class SFTTrainer(Trainer):
             return None
         return folder
 
+    @property
+    def sharded(self) -> bool:
+        """Weights are sharded over the processes (FSDP, DeepSpeed): every process must take part in a forward."""
+        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
+
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled  # they keep float32 master weights themselves
-        if fresh and self.args.master_weights and not sharded and needs_master_weights(
+        # FSDP and DeepSpeed keep float32 master weights themselves.
+        if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
                 p for group in optimizer.param_groups for p in group["params"]):
             use_float32_master_weights(optimizer)
         return optimizer
@@ -304,7 +309,8 @@ class SFTTrainer(Trainer):
 
     # ---- generation
     def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
-        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references."""
+        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references. With
+        sharded weights every process must call this (they generate in lockstep)."""
         from vftrain.rewards import exact_match
         from vftrain.sampling import prompt_and_reference
         from vftrain.sampling.embedded import generate
@@ -312,7 +318,7 @@ class SFTTrainer(Trainer):
         pairs = [prompt_and_reference(r) for r in rows]
         model = self.accelerator.unwrap_model(self.model)
         completions = generate(model, self.processing_class, [p for p, _ in pairs],
-                               max_new_tokens or self.args.max_new_tokens)
+                               max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
         scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
         return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
                 "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
