@@ -196,10 +196,13 @@ class SFTTrainer(Trainer):
         parts = inputs.get("micro_batches")
         if parts is None:
             return super().training_step(model, inputs, num_items_in_batch)
+        # A slot the Trainer does not sync already runs inside no_sync; entering it again would turn syncing back
+        # on at exit under FSDP2 (accelerate's FSDP2 no_sync does not restore the previous setting).
+        sync_slot = self.accelerator.sync_gradients
         loss = 0.0
         for i, part in enumerate(parts):
-            last = i == len(parts) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+            defer = sync_slot and i < len(parts) - 1
+            with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                 loss = loss + super().training_step(model, part, num_items_in_batch)
         return loss
 
