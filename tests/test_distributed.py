@@ -111,6 +111,25 @@ def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
 
 
+def test_fsdp2_lora_merges_like_one_process(tmp_path):
+    """LoRA adapters sharded by FSDP2 are gathered and merged into a plain model folder equal to the 1-process one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    data = _dataset(tmp_path)
+    lora = ("--sft.use_lora", "true", "--sft.merge_lora", "true", "--sft.max_steps", "3")
+    _train(tmp_path / "one", 1, data, lora)
+    _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *lora), fsdp=True)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "merged").eval() for run in ("one", "fsdp"))
+    base = AutoModelForCausalLM.from_pretrained(TINY).eval()
+    with torch.no_grad():
+        expected = one(input_ids=ids).logits
+        torch.testing.assert_close(two(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapter did something
+    assert not (tmp_path / "fsdp" / "merged-adapter").exists()
+
+
 def _completions(stdout: str) -> list[str]:
     return [line.split("completion", 1)[1].strip(" │") for line in stdout.splitlines() if "│ completion" in line]
 

@@ -87,3 +87,14 @@ def test_merged_export_loads_with_plain_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
     assert main(["export", str(tmp_path / "exported")]) == 2  # not an adapter folder: one-line error
+
+
+def test_seed_fixes_the_adapters_initial_weights(tmp_path):
+    """The same seed gives the same LoRA initialisation in every run (and so on every process of a launch)."""
+    def lora_a(seed):
+        trainer = _trainer(tmp_path / str(seed), seed=seed)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_A" in n}
+
+    first, again, other = lora_a(1), lora_a(1), lora_a(2)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)

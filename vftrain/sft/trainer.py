@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vftrain import checkpoint
@@ -39,7 +40,7 @@ from vftrain.optim import needs_master_weights, use_float32_master_weights
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
 from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden,
-                            keep_gathered_through_backward, plain_output_head, save_merged)
+                            export_merged, keep_gathered_through_backward, plain_output_head, save_merged)
 
 log = logging.getLogger("vftrain")
 
@@ -56,6 +57,13 @@ class SFTTrainer(Trainer):
         args = args if args is not None else SFTConfig()
         if model is None:
             raise ConfigError("SFTTrainer needs a model: a hub name, a local path or a loaded model")
+        # Seeded before anything random is created here (LoRA's initial weights), as the Trainer seeds only in its
+        # own __init__: the same seed then gives the same adapters in every run and on every process (FSDP shards
+        # each process's own copy, so differing copies would be stitched together).
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation,
@@ -304,11 +312,24 @@ class SFTTrainer(Trainer):
 
     def save_merged(self, directory: str | None = None) -> str | None:
         """LoRA runs: write the merged model (plain transformers folder) to `directory` (default
-        `<output_dir>/merged`); returns its path, or None for a full fine-tune (its checkpoints already are)."""
+        `<output_dir>/merged`); returns its path (main process), or None for a full fine-tune (its checkpoints
+        already are). With sharded weights every process must call this."""
         model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "peft_config") or not self.args.should_save:
+        if not hasattr(model, "peft_config"):
             return None
-        return save_merged(model, self.processing_class, directory or os.path.join(self.args.output_dir, "merged"))
+        directory = directory or os.path.join(self.args.output_dir, "merged")
+        if not self.sharded:
+            return save_merged(model, self.processing_class, directory) if self.args.should_save else None
+        # The adapters are sharded: gather them into a saved adapter folder (every process takes part), then the
+        # main process merges that into the base model, as `vf-sft export` does.
+        adapter = directory + "-adapter"
+        self.save_model(adapter)
+        merged = None
+        if self.args.should_save:
+            merged = export_merged(adapter, directory, base=self.model_source)
+            shutil.rmtree(adapter)
+        self.accelerator.wait_for_everyone()
+        return merged
 
     # ---- generation
     def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
