@@ -118,8 +118,9 @@ class TrainerConfig(TrainingArguments):
                                  "With bf16 the sharded weights are kept in float32 (FSDP2 mixed precision).")
     fsdp_config: Any = _f(None, "FSDP tuning, as transformers reads it: a table such as {reshard_after_forward = "
                           "false, cpu_offload = true, activation_checkpointing = true} or a JSON file path.")
-    deepspeed: Any = _f(None, "DeepSpeed config (JSON file path or table), e.g. ZeRO-3; needs the deepspeed "
-                        "package and one process per GPU. FSDP2 is the tested sharding path.")
+    deepspeed: Any = _f(None, "DeepSpeed config (JSON file path or table), e.g. ZeRO-3 (run on 2 GPUs: "
+                        "benchmarks/RESULTS.md); needs the deepspeed package and one process per GPU. Not with "
+                        "micro_batch_tokens.")
     remove_unused_columns: bool = _f(False, "Kept False: the data path selects its own columns.")
     ddp_find_unused_parameters: bool | None = _f(False, "DDP's search for parameters without a gradient, a graph "
                                                  "walk every step; off because vftrain's loss reaches every "
