@@ -5,6 +5,7 @@
 #   bash benchmarks/scale.sh precision  # 0.5B curves at lr 2e-5: float32 weights, pure bf16, bf16 + master weights
 #   bash benchmarks/scale.sh speed    # 1.5B: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4); master weights cost -> results.jsonl
 #   bash benchmarks/scale.sh resume   # FSDP2 / ZeRO-3: save at step 3, resume, compare; checkpoint loads
+#   bash benchmarks/scale.sh lora     # LoRA: 1 GPU vs FSDP2 curves, merged model written and loaded
 # Every run's log and metrics land under $OUT.
 set -uo pipefail
 rm -rf /tmp/site
@@ -53,5 +54,10 @@ case ${1:-} in
 m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() for p in m.parameters()), 'params',
       m.dtype, 'finite', all(torch.isfinite(p).all().item() for p in m.parameters()))" /tmp/ckpt/${e}_straight/checkpoint-6
     done ;;
-  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume"; exit 2 ;;
+  lora)  # LoRA under FSDP2 (bf16 base, float32 adapters), merged on the main process, loaded with transformers
+    L="--child qwen0.5b --task chain --steps 6 --warmup 2 --seq 16384 --attn varlen --vf-liger --ga 2 --lr 2e-4"
+    run lora_1gpu one $L --ga 4 --lora --merge --metrics-dir "$out/lora_1gpu"
+    run lora_fsdp two $L --lora --merge --engine fsdp --metrics-dir "$out/lora_fsdp"
+    python3 benchmarks/compare_curves.py "$out"/lora_1gpu "$out"/lora_fsdp | tee "$out/lora.md" ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora"; exit 2 ;;
 esac

@@ -161,6 +161,11 @@ def measure(args):
         attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
         lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master,
         **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
+    if args.merge:  # a merge reloads the base model from disk: give the random one a folder (one per process)
+        base = f"/tmp/vftrain_bench_base_{os.environ.get('RANK', '0')}"
+        model.save_pretrained(base)
+        tok.save_pretrained(base)
+        model.name_or_path = model.config.name_or_path = base
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
@@ -171,6 +176,7 @@ def measure(args):
     if meter.t0 is None:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
     dt = time.perf_counter() - meter.t0
+    merged = trainer.save_merged() if args.merge else None  # every process: sharded adapters are gathered
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
                fp32_weights=args.fp32_weights, master_weights=not args.no_master, lr=args.lr,
@@ -181,6 +187,10 @@ def measure(args):
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
                real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
                params_m=round(n_params / 1e6, 2), trainable_m=round(trainable / 1e6, 2))
+    if merged:
+        plain = AutoModelForCausalLM.from_pretrained(merged)
+        out.update(merged=merged, merged_params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2),
+                   merged_finite=all(bool(torch.isfinite(p).all()) for p in plain.parameters()))
     if cuda:
         peak = matmul_peak()
         flops = 6 * n_matmul * real + 6 * n_layers * d * attn_sq
@@ -288,6 +298,8 @@ def main():
     ap.add_argument("--no-master", action="store_true", help="master_weights = false: pure bf16 AdamW")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
+    ap.add_argument("--merge", action="store_true", help="with --lora: write the merged model after training and "
+                    "load it with transformers")
     ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     ap.add_argument("--resume", default=None, help="resume from this checkpoint folder")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "

@@ -326,6 +326,10 @@ class SFTTrainer(Trainer):
         self.save_model(adapter)
         merged = None
         if self.args.should_save:
+            if not self.model_source:
+                raise ConfigError(f"merge_lora with sharded weights reloads the base model, but it was passed as an "
+                                  f"object without name_or_path; the adapter is saved in {adapter}: run `vf-sft "
+                                  f"export {adapter} --model BASE`")
             merged = export_merged(adapter, directory, base=self.model_source)
             shutil.rmtree(adapter)
         self.accelerator.wait_for_everyone()
