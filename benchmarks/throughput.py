@@ -70,9 +70,7 @@ def chain_rows(n, k=1000, p_follow=0.9):
 
 
 # DeepSpeed ZeRO-3 with the Trainer's own AdamW ("auto" values are filled in by transformers from SFTConfig).
-ZERO3 = {"zero_optimization": {"stage": 3, "overlap_comm": True, "stage3_gather_16bit_weights_on_model_save": True},
-         "bf16": {"enabled": "auto"}, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
-         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "zero_allow_untested_optimizer": True}
+ZERO3 = os.path.join(os.path.dirname(HERE), "examples", "ds_zero3.json")
 
 
 def tiny_rows(n):
