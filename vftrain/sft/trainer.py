@@ -57,25 +57,7 @@ class SFTTrainer(Trainer):
         args = args if args is not None else SFTConfig()
         if model is None:
             raise ConfigError("SFTTrainer needs a model: a hub name, a local path or a loaded model")
-        # Seeded before anything random is created here (LoRA's initial weights), as the Trainer seeds only in its
-        # own __init__: the same seed then gives the same adapters in every run and on every process (FSDP shards
-        # each process's own copy, so differing copies would be stitched together).
-        if args.full_determinism:
-            enable_full_determinism(args.seed)
-        else:
-            set_seed(args.seed)
-        self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-        model, tokenizer = get_model_and_tokenizer(
-            model, dtype=args.dtype, attn_implementation=args.attn_implementation,
-            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=processing_class)
-        # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
-        self.weights_dtype = next(model.parameters()).dtype
-        if args.lean_mlp:
-            use_lean_mlp(model)
-        if args.use_lora and not hasattr(model, "peft_config"):
-            model = apply_lora(model, args)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        model, tokenizer = self._load_model(model, args, processing_class)
         raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
         raw_eval = None
         if eval_dataset is not None or (args.eval_split and args.dataset):
@@ -119,6 +101,29 @@ class SFTTrainer(Trainer):
             log.info("train data: %s", line)
         if self.args.should_save:
             self.save_resolved_config(self.args.output_dir)
+
+    def _load_model(self, model, args: SFTConfig, tokenizer):
+        """The model to train (loaded, patched, LoRA-wrapped) and its tokenizer."""
+        # Seeded before anything random is created here (LoRA's initial weights), as the Trainer seeds only in its
+        # own __init__: the same seed then gives the same adapters in every run and on every process (FSDP shards
+        # each process's own copy, so differing copies would be stitched together).
+        if args.full_determinism:
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
+        self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        model, tokenizer = get_model_and_tokenizer(
+            model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer)
+        # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
+        self.weights_dtype = next(model.parameters()).dtype
+        if args.lean_mlp:
+            use_lean_mlp(model)
+        if args.use_lora and not hasattr(model, "peft_config"):
+            model = apply_lora(model, args)
+            if args.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        return model, tokenizer
 
     @staticmethod
     def _raw(dataset, source, split, what):
