@@ -130,6 +130,35 @@ def test_fsdp2_lora_merges_like_one_process(tmp_path):
     assert not (tmp_path / "fsdp" / "merged-adapter").exists()
 
 
+def test_fsdp2_pushes_gathered_weights_to_an_openai_server(tmp_path):
+    """Sampling through a server with sharded weights: every process helps gather them, rank 0 pushes and asks;
+    the samples of the last step are what the final model generates."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vftrain.sampling.embedded import generate
+    from vftrain.serve import serve
+
+    data = _dataset(tmp_path)
+    server = serve(TINY, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        extra = ("--sft.fsdp", "true", "--sft.sample_every_n_steps", "3", "--sft.num_samples", "2",
+                 "--sft.max_new_tokens", "6", "--sft.sample_backend", "openai", "--sft.sample_base_url", url)
+        records, stdout = _train(tmp_path / "out", 2, data, extra, fsdp=True)
+    finally:
+        server.shutdown()
+    rewards = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rewards if "eval/reward" in r] == [3, 6]
+    # The held-out rows are the data's last two; the final model is the run's output folder.
+    rows = [json.loads(line) for line in open(data)][-2:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    local = generate(model, AutoTokenizer.from_pretrained(tmp_path / "out"), [r["prompt"] for r in rows], 6)
+    assert _completions(stdout)[-2:] == [c.strip() for c in local]
+    base = generate(AutoModelForCausalLM.from_pretrained(TINY), AutoTokenizer.from_pretrained(TINY),
+                    [r["prompt"] for r in rows], 6)
+    assert base != local  # so the server did not just keep serving the base model
+
+
 def _completions(stdout: str) -> list[str]:
     return [line.split("completion", 1)[1].strip(" │") for line in stdout.splitlines() if "│ completion" in line]
 

@@ -154,10 +154,6 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
                               "processes use plain data parallel (leave deepspeed unset)")
         super().__post_init__()
-        if (self.fsdp or self.deepspeed) and self.sample_every_n_steps and self.sample_backend == "openai":
-            # Pushing weights to a server needs them gathered from every shard first: not implemented yet.
-            raise ConfigError("sample_backend = 'openai' is not supported with FSDP / DeepSpeed sharding yet; use "
-                              "sample_backend = 'embedded' (all processes generate) or DDP")
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
             raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
                               "no process group; set ddp_backend (nccl on GPUs, gloo on CPUs)")

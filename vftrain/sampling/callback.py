@@ -1,6 +1,7 @@
 """Sample monitoring during training: every `sample_every_n_steps` optimizer steps, on the main process only,
 generate completions for a few fixed held-out prompts, score them, show them, and log `eval/reward`. With
-sharded weights (FSDP, ZeRO-3) every process generates, in lockstep, and the main process alone scores and shows.
+sharded weights (FSDP, ZeRO-3) every process takes part (the embedded backend generates in lockstep; the OpenAI
+one gathers the weights for its push), and the main process alone scores and shows.
 
 `on_step_end` runs once per optimizer step, after `global_step` has advanced: never once per micro-batch (the
 seed review's bug 1). A backend failure (server down, timeout) is logged and skipped, never fatal.
@@ -33,20 +34,19 @@ class SampleCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         every = args.sample_every_n_steps
-        if not every or state.global_step % every:
-            return
-        if state.is_world_process_zero:
-            self.sample(state.global_step)
-        elif self.trainer.sharded:
-            self.backend([p for p, _ in self.pairs], state.global_step)  # this process's part of the forwards
+        if every and state.global_step % every == 0 and (state.is_world_process_zero or self.trainer.sharded):
+            self.sample(state.global_step, main=state.is_world_process_zero)
 
-    def sample(self, step: int) -> dict | None:
+    def sample(self, step: int, main: bool = True) -> dict | None:
+        """One sampling round; `main=False`: another process's part when the weights are sharded (it generates in
+        lockstep, or helps gather the weights for a push), without scoring or showing."""
         prompts = [p for p, _ in self.pairs]
         try:
+            if not main:
+                getattr(self.backend, "participate", self.backend)(prompts, step)
+                return None
             completions = self.backend(prompts, step)
         except Exception as exc:  # sampling is monitoring: it must never end a training run
-            if self.trainer.sharded:  # the other processes are inside the same generation: stop them all
-                raise
             log.warning("sampling at step %d skipped: %s", step, str(exc).splitlines()[0] if str(exc) else exc)
             return None
         metrics = self._score(completions)

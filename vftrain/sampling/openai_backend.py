@@ -47,26 +47,44 @@ class OpenAIBackend:
         name = self.push_weights(step)
         return self._run(self._complete_all(prompts, name))
 
+    def participate(self, prompts: list, step: int) -> None:
+        """The part of a sampling round that the other processes run when the weights are sharded: their share
+        of gathering the weights for the save."""
+        self._save(step)
+
     # ---- weights
     def push_weights(self, step: int) -> str:
         """Make the server serve the weights being trained; returns the model name to sample from."""
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        root = os.path.abspath(os.path.join(self.trainer.args.output_dir, "sampling"))
-        if hasattr(model, "peft_config"):
-            name = f"{self.trainer.args.run_name}-step-{step}"
-            path = os.path.join(root, f"step-{step}")
-            model.save_pretrained(path)
-            self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
-            if self.current_adapter:
-                self._unload(*self.current_adapter)
-            self.current_adapter = (name, path)
+        name, path, adapter = self._save(step)
+        if not adapter:
+            self._post("/update_weights", {"path": path})
             return name
-        path = os.path.join(root, "latest")
-        shutil.rmtree(path, ignore_errors=True)
-        model.save_pretrained(path)
-        self.trainer.processing_class.save_pretrained(path)
-        self._post("/update_weights", {"path": path})
-        return self.served_name
+        self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        if self.current_adapter:
+            self._unload(*self.current_adapter)
+        self.current_adapter = (name, path)
+        return name
+
+    def _save(self, step: int) -> tuple[str, str, bool]:
+        """(served name, folder, is a LoRA adapter) of the weights written for this round. With sharded weights
+        every process takes part (the Trainer's save gathers them); the main process writes."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        root = os.path.abspath(os.path.join(trainer.args.output_dir, "sampling"))
+        adapter = hasattr(model, "peft_config")
+        if adapter:
+            name, path = f"{trainer.args.run_name}-step-{step}", os.path.join(root, f"step-{step}")
+        else:
+            name, path = self.served_name, os.path.join(root, "latest")
+            if trainer.args.should_save:
+                shutil.rmtree(path, ignore_errors=True)
+        if trainer.sharded:
+            trainer.save_model(path)
+        else:
+            model.save_pretrained(path)
+            if not adapter:
+                trainer.processing_class.save_pretrained(path)
+        return name, path, adapter
 
     def _unload(self, name: str, path: str) -> None:
         try:
