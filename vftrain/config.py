@@ -142,6 +142,10 @@ class TrainerConfig(TrainingArguments):
             # transformers builds a CPU process group only when told to use the CPU, and needs a backend for it
             self.use_cpu = True
             self.ddp_backend = self.ddp_backend or "gloo"
+        if self.dtype == "float16" and self.fp16:
+            raise ConfigError("dtype = 'float16' with fp16 = true cannot train: fp16 autocast scales the loss and "
+                              "torch's GradScaler refuses float16 gradients; use dtype = 'float32' with fp16 = true "
+                              "(GPUs without bfloat16), or bfloat16")
         if self.fsdp and self.deepspeed:
             raise ConfigError("fsdp and deepspeed are both set; choose one sharding engine")
         if (self.fsdp or self.deepspeed) and launch_world_size() == 1:
