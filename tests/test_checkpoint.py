@@ -96,3 +96,29 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
     resumed = _run(tmp_path / "run", 6, resume=True)  # and it resumes from there
     assert resumed.returncode == 0 and (tmp_path / "run" / "checkpoint-6").exists()
+
+
+def test_resume_with_other_data_settings_warns(tmp_path, caplog):
+    """Changing what decides a step's rows breaks the exact continuation: the resume says which settings changed
+    (a different micro_batch_size, which only regroups the rows, passes silently)."""
+    import logging
+
+    import datasets
+
+    import vftrain as vf
+    from conftest import TINY, addition_rows, small_config
+
+    rows = datasets.Dataset.from_list(addition_rows(24))
+    vf.SFTTrainer(model=TINY, train_dataset=rows, args=small_config(
+        tmp_path, max_steps=2, save_strategy="steps", save_steps=2)).train()
+
+    def resume(**changed):
+        args = small_config(tmp_path, max_steps=3, save_strategy="no", **changed)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="vftrain"):
+            vf.SFTTrainer(model=TINY, train_dataset=rows, args=args).train(resume_from_checkpoint=True)
+        return " ".join(r.getMessage() for r in caplog.records if "other data settings" in r.getMessage())
+
+    assert resume(micro_batch_size=4) == ""
+    warned = resume(batch_size=4, micro_batch_size=4, sample_every_n_steps=5, num_samples=2)
+    assert "batch_size: 8 -> 4" in warned and "rows held out of training for samples: 0 -> 2" in warned

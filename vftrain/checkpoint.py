@@ -4,11 +4,15 @@ complete, so a crash during a save leaves the previous checkpoint intact and `re
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 STAGING = ".staging"
 
+# Settings that decide which rows each step trains on: a resume with other values continues on different data
+# (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
+DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "packing", "seed", "data_seed")
 
 def staging_dir(run_dir: str) -> str:
     return os.path.join(run_dir, STAGING)
@@ -38,3 +42,24 @@ def rotate(trainer, run_dir: str) -> None:
         return
     rotate_checkpoints(output_dir=run_dir, save_total_limit=trainer.args.save_total_limit,
                        best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
+
+
+def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
+    """`what: saved -> now` for each setting that decides the training rows and differs from the checkpoint's
+    resolved config (empty when the checkpoint has none)."""
+    path = os.path.join(checkpoint_dir, "vftrain_config.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        saved = json.load(fh).get("config", {})
+    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS if f in saved and saved[f] != config.get(f)]
+    if _held_out(saved) != _held_out(config):
+        changes.append(f"rows held out of training for samples: {_held_out(saved)} -> {_held_out(config)}")
+    return changes
+
+
+def _held_out(config: dict) -> int:
+    """Rows sampling takes out of the training set (sampling.held_out_samples): only without an eval split."""
+    if config.get("sample_every_n_steps") and not config.get("eval_split"):
+        return int(config.get("num_samples") or 0)
+    return 0

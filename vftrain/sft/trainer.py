@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain import checkpoint
 from vftrain.config import SFTConfig
@@ -134,10 +135,22 @@ class SFTTrainer(Trainer):
     def train(self, *args, **kwargs):
         """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
         error names the settings to change."""
+        self._warn_on_data_changes(kwargs.get("resume_from_checkpoint", args[0] if args else None))
         try:
             return super().train(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+
+    def _warn_on_data_changes(self, resume) -> None:
+        """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
+        if resume is True:
+            resume = get_last_checkpoint(self.args.output_dir)
+        if not isinstance(resume, str) or not self.args.should_log:
+            return
+        changes = checkpoint.data_changes(resume, {**self.args.to_dict(), "dataset": self.args.dataset})
+        if changes:
+            log.warning("resuming from %s with other data settings (%s): the steps after it train on other rows "
+                        "than the original run would have", resume, "; ".join(changes))
 
     def _save_after_oom(self) -> str | None:
         """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
