@@ -147,7 +147,7 @@ class SFTTrainer(Trainer):
             resume = get_last_checkpoint(self.args.output_dir)
         if not isinstance(resume, str) or not self.args.should_log:
             return
-        changes = checkpoint.data_changes(resume, {**self.args.to_dict(), "dataset": self.args.dataset})
+        changes = checkpoint.data_changes(resume, self.args.to_dict())
         if changes:
             log.warning("resuming from %s with other data settings (%s): the steps after it train on other rows "
                         "than the original run would have", resume, "; ".join(changes))
