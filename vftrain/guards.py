@@ -47,33 +47,46 @@ class NonFiniteLossGuard(TrainerCallback):
 
 
 class GracefulInterrupt(TrainerCallback):
-    """First Ctrl-C: finish the current optimizer step, save a checkpoint, stop. A second Ctrl-C aborts."""
+    """Ctrl-C (SIGINT) or a termination request (SIGTERM: a scheduler's preemption, torchrun stopping its workers):
+    finish the current optimizer step, save a checkpoint, stop. A second Ctrl-C aborts.
 
-    def __init__(self):
-        self.requested = False
-        self.previous = None
+    With several processes the decision is shared at every step end (one small all-reduce): a signal that reached
+    only some of them still stops all of them at the same step, so the collective save cannot hang.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, agree=None):
+        self.agree = agree  # flag -> whether any process has it set (None: one process)
+        self.requested: int | None = None  # the signal received
+        self.previous: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         try:
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+            self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested:
+        if self.requested == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("interrupt: saving a checkpoint after this step, then stopping (Ctrl-C again to abort)")
+        if self.requested is None:
+            log.warning("%s: saving a checkpoint after this step, then stopping%s", signal.Signals(signum).name,
+                        " (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
+        self.requested = self.requested or signum
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
+        stop = self.requested is not None
+        if self.agree is not None:
+            stop = self.agree(stop)
+        if stop:
             control.should_save = True
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
 
 class OutOfMemory(VFTrainError):

@@ -94,7 +94,7 @@ class SFTTrainer(Trainer):
             self.remove_callback(callback)
         self.nan_guard = NonFiniteLossGuard(self)
         for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.nan_guard,
-                         GracefulInterrupt()):
+                         GracefulInterrupt(self._any_process if self.args.world_size > 1 else None)):
             self.add_callback(callback)
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
@@ -167,6 +167,11 @@ class SFTTrainer(Trainer):
         except torch.OutOfMemoryError:
             return None
         return folder
+
+    def _any_process(self, flag: bool) -> bool:
+        """Whether `flag` is set on any process (every process must call this at the same point)."""
+        value = torch.tensor([int(flag)], device=self.args.device)
+        return bool(self.accelerator.reduce(value, reduction="sum").item())
 
     @property
     def sharded(self) -> bool:
