@@ -7,6 +7,7 @@ import signal
 import sys
 
 import datasets
+import torch
 from transformers import TrainerCallback
 
 import vftrain as vf
@@ -34,6 +35,9 @@ def main(out_dir: str, max_steps: int, kill_at: int, resume: bool, sig: int = si
     if kill_at:
         trainer.add_callback(KillAt(kill_at, sig, rank))
     trainer.train(resume_from_checkpoint=True if resume else None)
+    if torch.distributed.is_initialized():  # as vf-sft does: gloo's threads can abort an exiting process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
