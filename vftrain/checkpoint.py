@@ -14,6 +14,7 @@ STAGING = ".staging"
 # (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
 DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "packing", "seed", "data_seed")
 
+
 def staging_dir(run_dir: str) -> str:
     return os.path.join(run_dir, STAGING)
 

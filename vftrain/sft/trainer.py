@@ -157,8 +157,10 @@ class SFTTrainer(Trainer):
         involved (they are stuck in a collective and cannot join a save)."""
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if step == 0 or self.args.world_size > 1 or not self.args.should_save or os.path.isdir(folder):
-            return folder if step and os.path.isdir(folder) else None
+        if step and os.path.isdir(folder):
+            return folder  # this step is saved already
+        if step == 0 or self.args.world_size > 1 or not self.args.should_save:
+            return None
         self.model.zero_grad(set_to_none=True)  # the unfinished step's gradients
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -276,12 +278,17 @@ class SFTTrainer(Trainer):
 
     def _fused_head(self, model):
         """The output head that the loss applies itself (no logits held), or None to use the model's logits:
-        ZeRO-3 and FSDP1 partition the head's weight outside the model's forward. FSDP2 keeps it gathered."""
-        if self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2):
-            return None
-        head = plain_output_head(model)
-        if head is not None and self.is_fsdp_enabled:
-            keep_gathered_through_backward(model, head)
+        ZeRO-3 and FSDP1 partition the head's weight outside the model's forward. FSDP2 keeps it gathered.
+        Worked out once per model object (the Trainer passes the same wrapped model to every micro-batch)."""
+        cached = getattr(self, "_head_for", None)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        head = None
+        if not (self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2)):
+            head = plain_output_head(model)
+            if head is not None and self.is_fsdp_enabled:
+                keep_gathered_through_backward(model, head)
+        self._head_for = (model, head)
         return head
 
     # ---- logging and saving
