@@ -1,4 +1,5 @@
-"""SFTTrainer: a thin `transformers.Trainer` over vftrain's data path, loss and metrics.
+"""SFTTrainer: a thin `transformers.Trainer` (through `vftrain.trainer.VFTrainer`, shared with RL) over vftrain's
+data path, loss and metrics.
 
 The Trainer keeps what it does well (optimizer, schedule, gradient accumulation with DDP/FSDP no-sync,
 checkpointing, integrations). vftrain replaces three pieces:
@@ -13,40 +14,24 @@ checkpointing, integrations). vftrain replaces three pieces:
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import shutil
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from transformers import Trainer, enable_full_determinism, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from vftrain import checkpoint
 from vftrain.config import SFTConfig
-from vftrain.data import load_rows, tokenize_dataset
+from vftrain.data import tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
-from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, oom_message
-from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
-from vftrain.metrics import StepStats, Throughput
-from vftrain.mlp import use_lean_mlp
-from vftrain.optim import needs_master_weights, use_float32_master_weights
+from vftrain.metrics import StepStats
+from vftrain.models import head_returns_hidden
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
-from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden,
-                            export_merged, keep_gathered_through_backward, plain_output_head, save_merged)
+from vftrain.trainer import VFTrainer
 
-log = logging.getLogger("vftrain")
-
-
-class SFTTrainer(Trainer):
+class SFTTrainer(VFTrainer):
     """Supervised fine-tuning on chat (or text, or pre-tokenized) rows.
 
     `model`: hub name, local path or loaded model. `train_dataset`: a `datasets.Dataset`, or None to load
@@ -56,8 +41,6 @@ class SFTTrainer(Trainer):
     def __init__(self, model: Any = None, train_dataset: Any = None, args: SFTConfig | None = None,
                  processing_class: Any = None, eval_dataset: Any = None, **kwargs):
         args = args if args is not None else SFTConfig()
-        if model is None:
-            raise ConfigError("SFTTrainer needs a model: a hub name, a local path or a loaded model")
         model, tokenizer = self._load_model(model, args, processing_class)
         raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
         raw_eval = None
@@ -81,113 +64,10 @@ class SFTTrainer(Trainer):
                          processing_class=tokenizer,
                          data_collator=Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens),
                          **kwargs)
-        if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word
-            raise ConfigError("fsdp is set but accelerate did not shard the model: it runs FSDP only with one "
-                              "process per GPU (torchrun or accelerate launch on GPUs); leave fsdp unset here")
         self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
-        # Our compute_loss already normalises over the whole step: the Trainer must not divide again by the
-        # number of accumulation steps.
-        self.model_accepts_loss_kwargs = True
-        self.stats = StepStats()
-        self.throughput: Throughput | None = None
-        for callback in (ProgressCallback, PrinterCallback):
-            self.remove_callback(callback)
-        self.nan_guard = NonFiniteLossGuard(self)
-        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.nan_guard,
-                         GracefulInterrupt(self._any_process if self.args.world_size > 1 else None)):
-            self.add_callback(callback)
+        self._setup_run(StepStats(), [f"train data: {line}" for line in self.train_report.lines()])
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
-        for line in self.train_report.lines():
-            log.info("train data: %s", line)
-        if self.args.should_save:
-            self.save_resolved_config(self.args.output_dir)
-
-    def _load_model(self, model, args: SFTConfig, tokenizer):
-        """The model to train (loaded, patched, LoRA-wrapped) and its tokenizer."""
-        # Seeded before anything random is created here (LoRA's initial weights), as the Trainer seeds only in its
-        # own __init__: the same seed then gives the same adapters in every run and on every process (FSDP shards
-        # each process's own copy, so differing copies would be stitched together).
-        if args.full_determinism:
-            enable_full_determinism(args.seed)
-        else:
-            set_seed(args.seed)
-        self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
-        model, tokenizer = get_model_and_tokenizer(
-            model, dtype=args.dtype, attn_implementation=args.attn_implementation,
-            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer)
-        # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
-        self.weights_dtype = next(model.parameters()).dtype
-        if args.lean_mlp:
-            use_lean_mlp(model)
-        if args.use_lora and not hasattr(model, "peft_config"):
-            model = apply_lora(model, args)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        return model, tokenizer
-
-    @staticmethod
-    def _raw(dataset, source, split, what):
-        if dataset is None and source is None:
-            raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
-        return load_rows(dataset if dataset is not None else source, split)
-
-    def train(self, *args, **kwargs):
-        """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
-        error names the settings to change."""
-        self._warn_on_data_changes(kwargs.get("resume_from_checkpoint", args[0] if args else None))
-        try:
-            return super().train(*args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
-
-    def _warn_on_data_changes(self, resume) -> None:
-        """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
-        if resume is True:
-            resume = get_last_checkpoint(self.args.output_dir)
-        if not isinstance(resume, str) or not self.args.should_log:
-            return
-        changes = checkpoint.data_changes(resume, self.args.to_dict())
-        if changes:
-            log.warning("resuming from %s with other data settings (%s): the steps after it train on other rows "
-                        "than the original run would have", resume, "; ".join(changes))
-
-    def _save_after_oom(self) -> str | None:
-        """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
-        involved (they are stuck in a collective and cannot join a save)."""
-        step = self.state.global_step
-        folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-        if step and os.path.isdir(folder):
-            return folder  # this step is saved already
-        if step == 0 or self.args.world_size > 1 or not self.args.should_save:
-            return None
-        self.model.zero_grad(set_to_none=True)  # the unfinished step's gradients
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        try:
-            self._save_checkpoint(self.model, trial=None)
-        except torch.OutOfMemoryError:
-            return None
-        return folder
-
-    def _any_process(self, flag: bool) -> bool:
-        """Whether `flag` is set on any process (every process must call this at the same point)."""
-        value = torch.tensor([int(flag)], device=self.args.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item())
-
-    @property
-    def sharded(self) -> bool:
-        """Weights are sharded over the processes (FSDP, DeepSpeed): every process must take part in a forward."""
-        return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
-
-    def create_optimizer(self, model=None):
-        fresh = self.optimizer is None
-        optimizer = super().create_optimizer(model)
-        # FSDP and DeepSpeed keep float32 master weights themselves.
-        if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
-                p for group in optimizer.param_groups for p in group["params"]):
-            use_float32_master_weights(optimizer)
-        return optimizer
 
     # ---- data
     def get_train_dataloader(self) -> DataLoader:
@@ -223,27 +103,6 @@ class SFTTrainer(Trainer):
         return batches, count
 
     # ---- loss
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """One accumulation slot; a slot split by `micro_batch_tokens` runs its parts back to back, syncing
-        gradients (DDP) only after the last part, and only when the Trainer would sync the slot."""
-        parts = inputs.get("micro_batches")
-        if parts is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        # A slot the Trainer does not sync already runs inside no_sync; entering it again would turn syncing back
-        # on at exit under FSDP2 (accelerate's FSDP2 no_sync does not restore the previous setting).
-        sync_slot = self.accelerator.sync_gradients
-        loss = 0.0
-        for i, part in enumerate(parts):
-            defer = sync_slot and i < len(parts) - 1
-            with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
-                loss = loss + super().training_step(model, part, num_items_in_batch)
-        return loss
-
-    def floating_point_ops(self, inputs) -> int:
-        parts = inputs.get("micro_batches")
-        return sum(super(SFTTrainer, self).floating_point_ops(p) for p in parts) if parts else \
-            super().floating_point_ops(inputs)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
@@ -252,10 +111,7 @@ class SFTTrainer(Trainer):
             with head_returns_hidden(head):
                 outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             hidden, targets = select_trained(outputs.logits, labels, *where)
-            weight = head.weight
-            if isinstance(weight, DTensor):  # keep_gathered_through_backward failed: never use a shard as the head
-                raise RuntimeError("FSDP resharded the output head after the forward; please report this with "
-                                   "your accelerate and torch versions")
+            weight = self.head_weight(head)
             # accelerate's mixed precision returns outputs in float32; the head's matmul runs in its own dtype,
             # as it would inside the model.
             loss_sum, correct = linear_cross_entropy_sum(hidden.to(weight.dtype), weight, targets)
@@ -265,121 +121,13 @@ class SFTTrainer(Trainer):
             loss_sum, correct = cross_entropy_sum(logits, targets)
         if model.training and num_items_in_batch is not None:
             self.nan_guard.see(loss_sum)
-            if self.throughput is None:  # the clock starts at the first micro-batch: start-up is not counted
-                self.throughput = Throughput(self.accelerator.unwrap_model(model))
-            # Gradients are averaged over processes by DDP/FSDP, hence the factor: the result is the mean over
-            # every trained token of the step on every process.
-            loss = loss_sum / num_items_in_batch.clamp(min=1) * self.accelerator.num_processes
+            self._start_throughput(model)
+            loss = self.step_normaliser(loss_sum, num_items_in_batch)
             self.stats.add(loss_sum=loss_sum, correct=correct, trained_tokens=targets.numel(),
                            slots=labels.numel(), **row_counts(inputs, labels))
         else:
             loss = loss_sum / max(targets.numel(), 1)
         return (loss, outputs) if return_outputs else loss
-
-    def _fused_head(self, model):
-        """The output head that the loss applies itself (no logits held), or None to use the model's logits:
-        ZeRO-3 and FSDP1 partition the head's weight outside the model's forward. FSDP2 keeps it gathered.
-        Worked out once per model object (the Trainer passes the same wrapped model to every micro-batch)."""
-        cached = getattr(self, "_head_for", None)
-        if cached is not None and cached[0] is model:
-            return cached[1]
-        head = None
-        if not (self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2)):
-            head = plain_output_head(model)
-            if head is not None and self.is_fsdp_enabled:
-                keep_gathered_through_backward(model, head)
-        self._head_for = (model, head)
-        return head
-
-    # ---- logging and saving
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs:
-            metrics, attn_sq = self.stats.pop(lambda t: self.accelerator.reduce(t, reduction="sum"))
-            logs.update(metrics)
-            if self.throughput is not None:
-                self.throughput.update(logs, attn_sq)
-        super().log(logs, *args, **kwargs)
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            self.save_resolved_config(output_dir or self.args.output_dir)
-
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies."""
-        if state_dict and self.is_fsdp_enabled and self.weights_dtype != torch.float32:
-            state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        super()._save(output_dir, state_dict)
-
-    def _save_checkpoint(self, model, trial):
-        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
-        run_dir = self._get_output_dir(trial=trial)
-        folder = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            checkpoint.clear_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_for = run_dir
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_for = None
-        self.accelerator.wait_for_everyone()
-        if self.args.should_save:
-            checkpoint.publish(run_dir, folder)
-            if self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    checkpoint.staging_dir(run_dir), run_dir)
-            checkpoint.rotate(self, run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _get_output_dir(self, trial):
-        run_dir = super()._get_output_dir(trial)
-        return checkpoint.staging_dir(run_dir) if getattr(self, "_staging_for", None) == run_dir else run_dir
-
-    def save_resolved_config(self, directory: str) -> str:
-        dataset = self.args.dataset
-        return self.args.save_resolved(directory, extra={"model": self.model_source, "dataset": dataset})
-
-    def save_merged(self, directory: str | None = None) -> str | None:
-        """LoRA runs: write the merged model (plain transformers folder) to `directory` (default
-        `<output_dir>/merged`); returns its path (main process), or None for a full fine-tune (its checkpoints
-        already are). With sharded weights every process must call this."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not hasattr(model, "peft_config"):
-            return None
-        directory = directory or os.path.join(self.args.output_dir, "merged")
-        if not self.sharded:
-            return save_merged(model, self.processing_class, directory) if self.args.should_save else None
-        # The adapters are sharded: gather them into a saved adapter folder (every process takes part), then the
-        # main process merges that into the base model, as `vf-sft export` does.
-        adapter = directory + "-adapter"
-        self.save_model(adapter)
-        merged = None
-        if self.args.should_save:
-            if not self.model_source:
-                raise ConfigError(f"merge_lora with sharded weights reloads the base model, but it was passed as an "
-                                  f"object without name_or_path; the adapter is saved in {adapter}: run `vf-sft "
-                                  f"export {adapter} --model BASE`")
-            merged = export_merged(adapter, directory, base=self.model_source)
-            shutil.rmtree(adapter)
-        self.accelerator.wait_for_everyone()
-        return merged
-
-    # ---- generation
-    def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
-        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references. With
-        sharded weights every process must call this (they generate in lockstep)."""
-        from vftrain.rewards import exact_match
-        from vftrain.sampling import prompt_and_reference
-        from vftrain.sampling.embedded import generate
-
-        pairs = [prompt_and_reference(r) for r in rows]
-        model = self.accelerator.unwrap_model(self.model)
-        completions = generate(model, self.processing_class, [p for p, _ in pairs],
-                               max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
-        scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
-        return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
-                "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
 
 
 def row_counts(inputs: dict, labels: torch.Tensor) -> dict:
