@@ -1,7 +1,7 @@
 """Configs: one shared base (model, LoRA, batch, logging, sampling) and `SFTConfig` on top of it.
 
 `TrainerConfig` holds every field an SFT and an RL run share, so SFT -> RL is a change of the `[sft]` table
-to `[rl]`; `SFTConfig` adds only the dataset and data-path fields. Both subclass `transformers.TrainingArguments`
+to `[rl]`; `SFTConfig` adds only data-path fields, `RLConfig` only rollout and loss fields. Both subclass `transformers.TrainingArguments`
 (the seed's API, and what the ecosystem's integrations read). Every field carries a help string in its metadata:
 `vf-sft --help` prints them and the README's TOML reference is generated from the same text.
 """
@@ -44,7 +44,10 @@ def launch_world_size() -> int:
 
 @dataclass
 class TrainerConfig(TrainingArguments):
-    """Fields shared by SFT and RL: model loading, LoRA, batch shape, logging defaults and sample generation."""
+    """Fields shared by SFT and RL: model loading, LoRA, data source, batch shape, logging defaults and sample
+    generation."""
+
+    RUN_PREFIX = "sft"  # default run names: <prefix>-<date>-<time>
 
     # ---- model loading
     dtype: str = _f("auto", "Weights dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), "
@@ -75,6 +78,12 @@ class TrainerConfig(TrainingArguments):
                           "adapter merged in, loadable by transformers and vLLM without peft.")
     nan_policy: str = _f("stop", "On a NaN/inf loss: 'stop' with a message before the weights are touched, or "
                          "'skip' the optimizer step.", ("stop", "skip"))
+    # ---- data
+    dataset: str | None = _f(None, "Dataset: a hub name or a local file/folder (jsonl, json, parquet, csv). The "
+                             "Python API may pass a datasets.Dataset to the trainer instead.")
+    dataset_split: str = _f("train", "Split of `dataset` to train on.")
+    eval_split: str | None = _f(None, "Split of `dataset` for held-out samples (and, in SFT, the evaluation loss); "
+                                "None: none.")
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
@@ -100,7 +109,7 @@ class TrainerConfig(TrainingArguments):
     # ---- TrainingArguments fields whose defaults change for fine-tuning
     output_dir: str | None = _f(None, "Where checkpoints, the resolved config and metrics go (default "
                                 "outputs/<run_name>).")
-    run_name: str | None = _f(None, "Name of the run (default: sft-<date>-<time>).")
+    run_name: str | None = _f(None, "Name of the run (default: <sft or rl>-<date>-<time>).")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup (transformers scheduler names).")
     warmup_steps: float = _f(0.03, "Warmup: an integer number of steps, or a float in [0, 1) as a fraction of all steps.")
@@ -133,7 +142,7 @@ class TrainerConfig(TrainingArguments):
         self._validate_choices()
         self._validate_batch()
         if not self.run_name:
-            self.run_name = "sft-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.run_name = f"{self.RUN_PREFIX}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         if not self.output_dir:
             self.output_dir = os.path.join("outputs", self.run_name)
         if self.bf16 is None:
@@ -219,10 +228,6 @@ class TrainerConfig(TrainingArguments):
 class SFTConfig(TrainerConfig):
     """Supervised fine-tuning: `TrainerConfig` plus where the data comes from and how rows become batches."""
 
-    dataset: str | None = _f(None, "Dataset: a hub name or a local file/folder (jsonl, json, parquet, csv). The "
-                             "Python API may pass a datasets.Dataset to SFTTrainer instead.")
-    dataset_split: str = _f("train", "Split of `dataset` to train on.")
-    eval_split: str | None = _f(None, "Split of `dataset` for evaluation loss and held-out samples (None: none).")
     packing: bool = _f(True, "Pack rows into token-balanced micro-batches with attention kept inside each row; "
                        "False pads each micro-batch to its longest row.")
     long_rows: str = _f("drop", "What to do with rows longer than max_seq_len: 'drop' them, 'truncate' them "
@@ -241,6 +246,89 @@ class SFTConfig(TrainerConfig):
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")
         super().__post_init__()
+
+
+@dataclass
+class RLConfig(TrainerConfig):
+    """RL (GRPO family): `TrainerConfig` plus rollout and loss fields. Names follow verifiers' RLConfig where it has
+    one; `batch_size` counts rollouts per optimizer step over all processes, `micro_batch_size` rollouts per
+    forward, `max_new_tokens` / `temperature` / `top_p` are the rollouts' sampling parameters."""
+
+    RUN_PREFIX = "rl"
+
+    # ---- rollouts
+    rollouts_per_example: int = _f(8, "Completions sampled per prompt (the group whose mean reward is the "
+                                   "baseline); batch_size / rollouts_per_example prompts per step.")
+    max_prompt_len: int = _f(512, "Longest prompt in tokens; longer prompts are dropped (and counted) before "
+                             "training. max_prompt_len + max_new_tokens must fit max_seq_len.")
+    rl_backend: str = _f("embedded", "Who samples rollouts: 'embedded' (the model being trained, no weight sync) or "
+                         "'openai' (a vLLM-compatible server at sample_base_url; weights pushed before every "
+                         "step's sampling).", ("embedded", "openai"))
+    reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
+    scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
+                            "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
+    # ---- loss
+    epsilon: float = _f(0.2, "PPO clip: the ratio's gradient stops beyond 1 - epsilon (Schulman et al. 2017).")
+    epsilon_high: float | None = _f(None, "Upper PPO clip 1 + epsilon_high (DAPO's clip-higher uses 0.28, Yu et al. "
+                                    "2025); None: epsilon.")
+    mask_ratio_low: float = _f(0.125, "Tokens whose trainer/sampler probability ratio is below this are masked out "
+                               "of the loss (sampler mismatch too large to correct; verifiers' default).")
+    mask_ratio_high: float = _f(8.0, "Tokens whose ratio is above this are masked out of the loss.")
+    beta: float = _f(0.0, "Weight of the KL penalty to the starting model (k3 estimator, Schulman 2020); 0 loads "
+                     "no reference model.")
+    num_iterations: int = _f(1, "Optimizer steps taken on each batch of rollouts (GRPO's mu); > 1 reuses them, "
+                             "with the sampler's logprobs as the old policy.")
+    env: str | None = _f(None, "A verifiers environment id (needs `pip install verifiers`): prompts from its "
+                         "dataset, rewards from its rubric, instead of dataset / reward_funcs.")
+    env_args: Any = _f(None, "Keyword arguments for the environment's load_environment (a table).")
+
+    # ---- TrainerConfig / TrainingArguments defaults that suit RL
+    learning_rate: float = _f(2e-6, "Peak learning rate (AdamW); RL steps move the policy further than SFT's, so "
+                              "about 10x lower.")
+    lr_scheduler_type: str = _f("constant", "Learning-rate schedule after warmup (transformers scheduler names).")
+    warmup_steps: float = _f(0, "Warmup: an integer number of steps, or a float in [0, 1) as a fraction of all steps.")
+    batch_size: int = _f(256, "Rollouts per optimizer step, summed over all processes.")
+    micro_batch_size: int = _f(8, "Rollouts per process per forward pass (packed; balanced by tokens).")
+    temperature: float = _f(1.0, "Rollout sampling temperature (> 0); the trainer's log-probabilities use the same "
+                            "temperature. Held-out samples are greedy.")
+    max_new_tokens: int = _f(512, "Most tokens sampled per rollout.")
+    logging_steps: float = _f(1, "Log metrics every N optimizer steps.")
+    save_steps: float = _f(50, "Save a checkpoint every N optimizer steps.")
+
+    def __post_init__(self):
+        self._validate_rl()
+        super().__post_init__()
+
+    def _validate_rl(self):
+        world = launch_world_size()
+        for name in ("rollouts_per_example", "max_prompt_len", "num_iterations"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} = {value!r} must be a positive integer")
+        if self.rollouts_per_example < 2:
+            raise ConfigError("rollouts_per_example = 1 gives every group a zero advantage (the group mean is its "
+                              "only reward); use at least 2")
+        if self.batch_size % (self.rollouts_per_example * world):
+            raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of rollouts_per_example "
+                              f"({self.rollouts_per_example}) x world_size ({world}), so that every process scores "
+                              "whole groups")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature = {self.temperature!r} must be > 0 for RL rollouts")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p = {self.top_p!r} must be in (0, 1]")
+        if self.max_prompt_len + self.max_new_tokens > self.max_seq_len:
+            raise ConfigError(f"max_prompt_len ({self.max_prompt_len}) + max_new_tokens ({self.max_new_tokens}) "
+                              f"exceeds max_seq_len ({self.max_seq_len}); raise max_seq_len or lower one of them")
+        if not 0 <= self.mask_ratio_low <= 1 <= self.mask_ratio_high:
+            raise ConfigError(f"mask_ratio_low = {self.mask_ratio_low!r} and mask_ratio_high = "
+                              f"{self.mask_ratio_high!r} must satisfy 0 <= low <= 1 <= high")
+        if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0) or self.beta < 0:
+            raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.reward_weights is not None:
+            names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs)
+            if not isinstance(self.reward_weights, (list, tuple)) or len(self.reward_weights) != len(names):
+                raise ConfigError(f"reward_weights = {self.reward_weights!r} must be a list with one weight per "
+                                  f"reward_funcs entry ({len(names)})")
 
 
 def _cuda() -> bool:

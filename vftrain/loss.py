@@ -9,6 +9,8 @@ vocabulary is most of the memory of a small model's step (trl#6858).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vftrain.compile import cuda_compiled
@@ -120,3 +122,140 @@ def select_trained(values: torch.Tensor, labels: torch.Tensor, positions: torch.
     flattened, with those targets. `positions` and `flat` come from `data.collate.trained_index`."""
     targets = labels[:, positions].reshape(-1).index_select(0, flat)
     return values.reshape(-1, values.shape[-1]).index_select(0, flat), targets
+
+
+# ---- RL: per-token policy-gradient losses over the same fused / chunked head
+
+# Columns of the per-token statistics returned with a token loss: the trainer's logprob and the entropy of its
+# distribution, then whatever the token-loss function reports (`POLICY_STATS` for `policy_token_loss`).
+TOKEN_COLUMNS = ("logp", "entropy")
+POLICY_STATS = ("ratio", "masked", "clipped", "mismatch_kl")
+
+
+def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages: torch.Tensor, *,
+                      epsilon: float = 0.2, epsilon_high: float | None = None, mask_low: float = 0.125,
+                      mask_high: float = 8.0, ref_logp: torch.Tensor | None = None, beta: float = 0.0):
+    """Per-token loss of the GRPO family, differentiable in `logp`; all tensors [N] (float32).
+
+    ratio = exp(logp - sampler_logp) against the logprob the sampler drew the token with, so the ratio measures the
+    real trainer/sampler mismatch (verifiers' RLTrainer; trl#4159). Tokens whose ratio lies outside
+    [mask_low, mask_high] are masked: loss and gradient 0 (importance-sampling masking, verifiers / prime-rl; a
+    mismatch too large to correct). The rest get PPO's clipped surrogate -min(ratio A, clip(ratio, 1 - epsilon,
+    1 + epsilon_high) A) (Schulman et al. 2017; asymmetric clip from DAPO, Yu et al. 2025), plus, with beta > 0,
+    beta times the k3 estimate of KL(policy || reference) exp(r - logp) - (r - logp) - 1 (Schulman 2020, as in
+    GRPO, Shao et al. 2024). With ratio 1 and no clipping the gradient is REINFORCE's -A grad logp.
+
+    Returns (loss [N], stats [N, 4]): ratio, masked (0/1), clipped (0/1: the clip stopped the gradient), and the
+    mismatch KL estimate ratio - log ratio - 1 (verifiers' mismatch_kl), all detached.
+    """
+    epsilon_high = epsilon if epsilon_high is None else epsilon_high
+    log_ratio = logp - sampler_logp
+    lr = log_ratio.detach()
+    keep = (lr <= math.log(mask_high)) & ((lr >= math.log(mask_low)) if mask_low > 0 else torch.ones_like(lr,
+                                                                                                          dtype=bool))
+    ratio = torch.exp(torch.where(keep, log_ratio, torch.zeros_like(log_ratio)))  # masked: no overflow, no grad
+    clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon_high)
+    loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    if beta:
+        diff = ref_logp - logp
+        loss = loss + beta * (diff.exp() - diff - 1)
+    loss = torch.where(keep, loss, torch.zeros_like(loss))
+    true_ratio = lr.clamp(-20, 20).exp()
+    clipped = keep & (((advantages > 0) & (true_ratio > 1 + epsilon_high)) | ((advantages < 0) & (true_ratio < 1 - epsilon)))
+    stats = torch.stack([true_ratio, (~keep).float(), clipped.float(), true_ratio - lr.clamp(-20, 20) - 1], dim=1)
+    return loss, stats
+
+
+def _token_chunk(logits: torch.Tensor, labels: torch.Tensor, temperature: float, token_fn, start: int):
+    """(summed loss, d loss / d logits, per-token stats) of one chunk of a token loss.
+
+    The loss is a function of each token's logprob only, so its gradient in the logits is
+    d loss / d logp x (onehot - softmax) / temperature: one [chunk, vocab] buffer, no logits graph kept.
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    lse = torch.logsumexp(x, dim=-1)
+    probs = torch.exp(x - lse[:, None])
+    logp = x.gather(1, labels[:, None])[:, 0] - lse
+    entropy = lse - (probs * x).sum(-1)
+    with torch.enable_grad():
+        leaf = logp.detach().requires_grad_()
+        loss, stats = token_fn(leaf, start, start + len(labels))
+        grad_logp = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)[0] if loss.requires_grad else None
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(logp)
+    grad = (-grad_logp[:, None] * probs).scatter_add(1, labels[:, None], grad_logp[:, None]) / temperature
+    columns = torch.cat([logp[:, None], entropy[:, None], stats.detach().to(x.dtype)], dim=1)
+    return loss.detach().sum(), grad.to(logits.dtype), columns
+
+
+class _LinearTokenLoss(torch.autograd.Function):
+    """A per-token loss of `hidden @ weight.T / temperature` without holding more than one chunk of logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, temperature, chunk, token_fn):
+        need_w = ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden)
+        wide = torch.promote_types(weight.dtype, torch.float32)  # float32 accumulator, as in _LinearCrossEntropy
+        grad_w = torch.zeros(weight.shape, dtype=wide, device=weight.device) if need_w else None
+        loss = torch.zeros((), dtype=wide, device=hidden.device)
+        columns = []
+        for s in range(0, hidden.shape[0], chunk):
+            h = hidden[s:s + chunk]
+            l_, g, c = _token_chunk(h @ weight.T, labels[s:s + chunk], temperature, token_fn, s)
+            loss += l_
+            columns.append(c)
+            grad_h[s:s + chunk] = g @ weight
+            if need_w:
+                grad_w += (g.T @ h).to(wide)
+        ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
+        ctx.need_w = need_w
+        stats = torch.cat(columns)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(grad_h.dtype) if ctx.need_w else None,
+                None, None, None, None)
+
+
+class _LogitsTokenLoss(torch.autograd.Function):
+    """A per-token loss of given logits / temperature, chunk by chunk (ZeRO-3 and post-processed heads)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, chunk, token_fn):
+        grad = torch.empty_like(logits)
+        loss = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+        columns = []
+        for s in range(0, logits.shape[0], chunk):
+            l_, grad[s:s + chunk], c = _token_chunk(logits[s:s + chunk], labels[s:s + chunk], temperature, token_fn, s)
+            loss += l_
+            columns.append(c)
+        ctx.save_for_backward(grad)
+        stats = torch.cat(columns)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None
+
+
+def token_loss_sum(token_fn, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None, logits: torch.Tensor | None = None, temperature: float = 1.0,
+                   chunk: int = CHUNK):
+    """Sum over tokens of `token_fn(logp, start, end) -> (loss [n], stats [n, k])`, where logp are the log-softmax
+    probabilities of `labels` under `logits / temperature` (or `hidden @ weight.T / temperature`, fused: no logits
+    held) and [start, end) the chunk's token positions, for slicing per-token inputs.
+
+    Returns (loss_sum: float32 scalar, differentiable; stats [N, 2 + k]: logp, entropy, then token_fn's stats).
+    """
+    n = labels.shape[0]
+    if n == 0:
+        source = hidden if hidden is not None else logits
+        return source.sum() * 0.0, torch.zeros((0, 2), device=source.device)
+    if hidden is not None:
+        return _LinearTokenLoss.apply(hidden, weight, labels, temperature, chunk, token_fn)
+    return _LogitsTokenLoss.apply(logits, labels, temperature, chunk, token_fn)
