@@ -1,7 +1,10 @@
-"""vftrain: supervised fine-tuning (and, next, RL) of chat LLMs with one config structure.
+"""vftrain: supervised fine-tuning and RL of chat LLMs with one config structure.
 
     import vftrain as vf
     trainer = vf.SFTTrainer(model="Qwen/Qwen3-4B-Instruct", train_dataset=ds, args=vf.SFTConfig(...))
+    trainer.train()
+    trainer = vf.RLTrainer(model="outputs/my-sft", train_dataset=prompts, args=vf.RLConfig(...),
+                           reward_funcs=[my_reward])
     trainer.train()
 
 Heavy modules (torch, transformers) are imported on first use of a name, so `import vftrain` stays fast.
@@ -18,16 +21,19 @@ _EXPORTS = {
     "SFTConfig": "vftrain.config",
     "TrainerConfig": "vftrain.config",
     "SFTTrainer": "vftrain.sft.trainer",
+    "RLConfig": "vftrain.config",
+    "RLTrainer": "vftrain.rl.trainer",
     "get_model_and_tokenizer": "vftrain.models",
     "load_rows": "vftrain.data.load",
     "exact_match": "vftrain.rewards",
 }
 
 if TYPE_CHECKING:
-    from vftrain.config import SFTConfig, TrainerConfig
+    from vftrain.config import RLConfig, SFTConfig, TrainerConfig
     from vftrain.data.load import load_rows
     from vftrain.models import get_model_and_tokenizer
     from vftrain.rewards import exact_match
+    from vftrain.rl.trainer import RLTrainer
     from vftrain.sft.trainer import SFTTrainer
 
 

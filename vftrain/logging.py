@@ -42,8 +42,8 @@ def _plain(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-CURVES = (("loss", "loss"), ("token_accuracy", "token accuracy"), ("eval/reward", "eval reward"),
-          ("tokens_per_second", "tokens / s"))
+CURVES = (("loss", "loss"), ("token_accuracy", "token accuracy"), ("reward", "reward (rollouts)"),
+          ("eval/reward", "eval reward"), ("tokens_per_second", "tokens / s"))
 
 
 class RunSummaryCallback(TrainerCallback):
@@ -75,8 +75,8 @@ def print_summary(records: list[dict], steps: int) -> None:
     table.add_column("metric")
     table.add_column("first", justify="right")
     table.add_column("last", justify="right")
-    for key in ("loss", "token_accuracy", "eval_loss", "eval/reward", "grad_norm", "tokens_per_second", "mfu",
-                "peak_memory_gib"):
+    for key in ("loss", "token_accuracy", "eval_loss", "reward", "frac_reward_zero_std", "completion_len",
+                "eval/reward", "grad_norm", "tokens_per_second", "mfu", "peak_memory_gib"):
         values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
         if values:
             table.add_row(key, f"{values[0]:.4g}", f"{values[-1]:.4g}")
@@ -113,7 +113,8 @@ def plot_curves(records: list[dict], path: str) -> str | None:
 
 
 _SHORT = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"), ("token_accuracy", "acc", "{:.3f}"),
-          ("eval/reward", "reward", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3g}"),
+          ("reward", "reward", "{:.3f}"), ("frac_reward_zero_std", "flat", "{:.2f}"),
+          ("completion_len", "len", "{:.1f}"), ("eval/reward", "eval reward", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3g}"),
           ("tokens_per_second", "tok/s", "{:,.0f}"), ("mfu", "mfu", "{:.1%}"), ("peak_memory_gib", "mem", "{:.1f}G"))
 
 

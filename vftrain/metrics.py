@@ -44,6 +44,20 @@ class StepStats:
         return out, s.get("attn_sq", 0.0)
 
 
+def row_counts(inputs: dict, labels: torch.Tensor) -> dict:
+    """Real tokens and the sum of squared row lengths (attention work) of a micro-batch, on its device."""
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        lengths = mask.sum(dim=1)
+    elif "cu_seq_lens_q" in inputs:
+        cu = inputs["cu_seq_lens_q"]
+        lengths = cu[1:] - cu[:-1]
+    else:
+        lengths = torch.tensor([labels.shape[1]] * labels.shape[0])
+    lengths = lengths.double()
+    return {"tokens": lengths.sum(), "attn_sq": (lengths * lengths).sum()}
+
+
 def matmul_params(model) -> int:
     """Parameters that take part in matrix products per token: all but the input embedding lookup, plus the
     output head when it shares the embedding's weight (counted once by `parameters()`)."""

@@ -32,23 +32,38 @@ def trained_index(labels: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"trained_positions": positions, "trained_flat": flat}
 
 
-def collate_packed(rows: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, torch.Tensor]:
+def shifted_values(values: np.ndarray) -> np.ndarray:
+    """Per-token values (RL: sampler logprob, advantage; [len] or [len, k]) aligned with `shifted_labels`: position
+    t carries the value of token t + 1, the token its logits predict."""
+    out = np.zeros_like(values)
+    out[:-1] = values[1:]
+    return out
+
+
+def collate_packed(rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor]:
     """Rows concatenated into one sequence of shape [1, total]; `position_ids` restart at 0 for every row, which
     is how transformers' SDPA/eager masks know where each row's attention must stop. `cu_seq_lens_*` and
-    `max_length_*` (transformers' names for varlen kernels) carry the same boundaries without a host sync."""
+    `max_length_*` (transformers' names for varlen kernels) carry the same boundaries without a host sync.
+
+    Rows are (input_ids, loss_mask) or, for RL, (input_ids, loss_mask, *per-token values): the values come out as
+    `token_values` [1, total, k] (float32), shifted like the labels."""
     ids = np.concatenate([r[0] for r in rows])
-    labels = np.concatenate([shifted_labels(*r) for r in rows])
+    labels = np.concatenate([shifted_labels(r[0], r[1]) for r in rows])
     lengths = np.array([len(r[0]) for r in rows])
     positions = np.concatenate([np.arange(n) for n in lengths])
     cu = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     longest = int(lengths.max())
     labels = torch.from_numpy(labels)[None]
-    return {
+    batch = {
         "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
         "position_ids": torch.from_numpy(positions.astype(np.int64))[None],
         "labels": labels, **trained_index(labels),
         "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
     }
+    if len(rows[0]) > 2:
+        values = np.concatenate([shifted_values(np.stack(r[2:], axis=-1)) for r in rows])
+        batch["token_values"] = torch.from_numpy(values.astype(np.float32))[None]
+    return batch
 
 
 def collate_padded(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -73,7 +88,7 @@ class Collator:
     def __init__(self, pad_id: int, packing: bool, budget: int | None = None):
         self.pad_id, self.packing, self.budget = pad_id, packing, budget
 
-    def __call__(self, rows: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    def __call__(self, rows: list[tuple[np.ndarray, ...]]) -> dict:
         if not self.packing:
             return collate_padded(rows, self.pad_id)
         lengths = [len(r[0]) for r in rows]

@@ -169,3 +169,13 @@ def _tools(value: Any) -> list | None:
         except json.JSONDecodeError:
             raise RowError("tools column is not valid JSON") from None
     return value or None
+
+
+def prompt_ids(tokenizer, prompt, tools: list | None = None) -> list[int]:
+    """Token ids of a prompt exactly as inference continues it: messages rendered by the chat template with the
+    generation prompt (tools included), or a string encoded with the tokenizer's special tokens (BOS). RL samples
+    from these ids and trains on them as they are."""
+    if isinstance(prompt, str):
+        return tokenizer(prompt)["input_ids"]
+    renderer = Renderer(tokenizer, "prompt_completion")
+    return renderer._template(_as_messages(prompt, "prompt"), _tools(tools), generation_prompt=True)

@@ -98,7 +98,9 @@ def embedded_backend(trainer):
     def run(prompts, step):
         args = trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
-        return generate(model, trainer.processing_class, prompts, args.max_new_tokens, args.temperature, args.top_p,
+        # RL samples its rollouts at args.temperature but shows greedy held-out samples (sample_temperature 0)
+        temperature = getattr(trainer, "sample_temperature", args.temperature)
+        return generate(model, trainer.processing_class, prompts, args.max_new_tokens, temperature, args.top_p,
                         synced=trainer.sharded)
 
     return run

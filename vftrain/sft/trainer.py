@@ -25,7 +25,7 @@ from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
-from vftrain.metrics import StepStats
+from vftrain.metrics import StepStats, row_counts
 from vftrain.models import head_returns_hidden
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
@@ -128,17 +128,3 @@ class SFTTrainer(VFTrainer):
         else:
             loss = loss_sum / max(targets.numel(), 1)
         return (loss, outputs) if return_outputs else loss
-
-
-def row_counts(inputs: dict, labels: torch.Tensor) -> dict:
-    """Real tokens and the sum of squared row lengths (attention work) of a micro-batch, on its device."""
-    mask = inputs.get("attention_mask")
-    if mask is not None:
-        lengths = mask.sum(dim=1)
-    elif "cu_seq_lens_q" in inputs:
-        cu = inputs["cu_seq_lens_q"]
-        lengths = cu[1:] - cu[:-1]
-    else:
-        lengths = torch.tensor([labels.shape[1]] * labels.shape[0])
-    lengths = lengths.double()
-    return {"tokens": lengths.sum(), "attn_sq": (lengths * lengths).sum()}

@@ -1,0 +1,152 @@
+"""RL data: prompt rows -> token ids, the prompts of each step, rewards, group advantages, training rows.
+
+Pure functions and small containers; the trainer (`rl/trainer.py`) calls them in order each step:
+`PromptSet.build` (once) -> `step_prompts` -> sampling (`vftrain.sampling`) -> `score` -> `group_advantages` ->
+`training_rows`, whose rows go through the SFT packer and collator (`data/pack.py`, `data/collate.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable
+
+import numpy as np
+
+from vftrain.data.pack import epoch_order
+from vftrain.data.render import RowError, prompt_ids
+from vftrain.errors import DataError
+from vftrain.sampling.tokens import Sample
+
+PROMPT_COLUMNS = ("prompt", "question")
+REFERENCE_COLUMNS = ("answer", "reference", "completion")
+
+
+def prompt_and_answer(row: dict):
+    """(prompt: messages or string, reference answer: str, tools) of an RL row. The prompt is `prompt` (messages or
+    a string) or `question` (a string, asked as a user message); the reference is `answer`, `reference`, or the
+    last assistant message of `completion` (so an SFT dataset serves RL as is)."""
+    prompt = next((row[c] for c in PROMPT_COLUMNS if row.get(c) is not None), None)
+    if prompt is None:
+        raise DataError(f"RL rows need a prompt column ({' or '.join(PROMPT_COLUMNS)}); got {sorted(row)}")
+    if "prompt" not in row or row.get("prompt") is None:
+        prompt = [{"role": "user", "content": prompt}]
+    reference = next((row[c] for c in REFERENCE_COLUMNS if row.get(c) is not None), None)
+    if isinstance(reference, list):  # completion messages: the last assistant turn
+        answers = [m for m in reference if isinstance(m, dict) and m.get("role") == "assistant"]
+        reference = answers[-1].get("content") if answers else None
+    if reference is None:
+        raise DataError(f"RL rows need a reference column ({' or '.join(REFERENCE_COLUMNS)}) for the reward "
+                        f"functions; got {sorted(row)}")
+    return prompt, str(reference), row.get("tools")
+
+
+@dataclasses.dataclass
+class PromptSet:
+    """The training prompts as token ids (rendered once with the chat template and generation prompt, exactly what
+    the sampler continues), their reference answers, and what was dropped."""
+
+    ids: list[list[int]]
+    references: list[str]
+    prompts: list  # the raw prompts, for rollouts.jsonl
+    dropped: dict  # reason -> count
+
+    @classmethod
+    def build(cls, dataset, tokenizer, max_prompt_len: int) -> "PromptSet":
+        ids, references, prompts, dropped = [], [], [], {}
+        for i in range(len(dataset)):
+            prompt, reference, tools = prompt_and_answer(dataset[i])
+            try:
+                tokens = prompt_ids(tokenizer, prompt, tools)
+            except RowError as exc:
+                dropped[str(exc)] = dropped.get(str(exc), 0) + 1
+                continue
+            if len(tokens) > max_prompt_len:
+                reason = f"prompt longer than max_prompt_len ({max_prompt_len})"
+                dropped[reason] = dropped.get(reason, 0) + 1
+                continue
+            ids.append(tokens)
+            references.append(reference)
+            prompts.append(prompt)
+        if not ids:
+            raise DataError("no prompt is left to train on: " + "; ".join(f"{n} {r}" for r, n in dropped.items()))
+        return cls(ids, references, prompts, dropped)
+
+    def lines(self) -> list[str]:
+        out = [f"{len(self.ids):,} prompts; longest {max(len(i) for i in self.ids):,} tokens"]
+        out += [f"{n:,} prompts dropped: {reason}" for reason, n in self.dropped.items()]
+        return out
+
+
+def steps_per_epoch(num_prompts: int, prompts_per_step: int) -> int:
+    return num_prompts // prompts_per_step
+
+
+def step_prompts(num_prompts: int, prompts_per_step: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the prompts of optimizer step `step` (all processes): consecutive slices of a per-epoch shuffle.
+    A function of the step alone, so a resumed run takes exactly the prompts the original run would have."""
+    per_epoch = steps_per_epoch(num_prompts, prompts_per_step)
+    epoch, k = divmod(step, per_epoch)
+    return epoch_order(num_prompts, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
+
+
+def score(texts: list[str], references: list[str], funcs: dict[str, Callable], weights: list[float] | None):
+    """(reward per rollout [n], reward per function {name: [n]}): reward = sum of weight x function value."""
+    per_func = {name: np.array([float(fn(t, r)) for t, r in zip(texts, references)]) for name, fn in funcs.items()}
+    weights = weights or [1.0] * len(funcs)
+    total = sum(w * v for w, v in zip(weights, per_func.values()))
+    return np.asarray(total, dtype=np.float64), per_func
+
+
+def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "none") -> np.ndarray:
+    """Advantage of each rollout: its reward minus its group's mean (the group = the `group_size` consecutive
+    rollouts of one prompt), divided by the group's std with scale = "group" (GRPO, Shao et al. 2024; "none" is
+    Dr. GRPO's unbiased form, Liu et al. 2025). A group whose rewards are all equal gets 0 everywhere."""
+    groups = rewards.reshape(-1, group_size)
+    advantages = groups - groups.mean(axis=1, keepdims=True)
+    if scale == "group":
+        advantages = advantages / (groups.std(axis=1, keepdims=True) + 1e-4)  # TRL's epsilon
+    return advantages.reshape(-1)
+
+
+def training_rows(samples: list[Sample], advantages: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """One packed-collator row per rollout: (input_ids, loss_mask, sampler logprob per token, advantage per
+    token). Prompt tokens have mask 0; every completion token, the stop token included, has mask 1. The ids are
+    the sampler's own (no decode -> re-encode)."""
+    rows = []
+    for sample, advantage in zip(samples, advantages):
+        p, c = len(sample.prompt_ids), len(sample.completion_ids)
+        ids = np.array(sample.prompt_ids + sample.completion_ids, dtype=np.int64)
+        mask = np.concatenate([np.zeros(p, np.uint8), np.ones(c, np.uint8)])
+        logp = np.concatenate([np.zeros(p), np.asarray(sample.logprobs, dtype=np.float64)])
+        adv = np.concatenate([np.zeros(p), np.full(c, advantage, dtype=np.float64)])
+        rows.append((ids, mask, logp, adv))
+    return rows
+
+
+def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray, samples: list[Sample],
+                    group_size: int) -> dict:
+    """The step's rollout statistics (all processes' rollouts gathered first)."""
+    groups = rewards.reshape(-1, group_size)
+    lengths = np.array([len(s.completion_ids) for s in samples])
+    out = {"reward": rewards.mean(), "reward_std": rewards.std(),
+           "frac_reward_zero_std": float((groups.std(axis=1) == 0).mean()),
+           "advantage_abs_mean": np.abs(advantages).mean(),
+           "completion_len": lengths.mean(), "completion_len_max": int(lengths.max()),
+           "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples]))}
+    for name, values in per_func.items():
+        out[f"reward/{name}"] = values.mean()
+        out[f"pass_rate/{name}"] = float((values >= 1.0).mean())
+    return {k: float(v) for k, v in out.items()}
+
+
+def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sample], rewards: np.ndarray,
+                    per_func: dict, advantages: np.ndarray) -> list[str]:
+    """rollouts.jsonl lines: every rollout's prompt, completion, rewards and advantage (to see reward hacking)."""
+    lines = []
+    for i, (prompt, text, sample) in enumerate(zip(prompts, texts, samples)):
+        lines.append(json.dumps({"step": step, "prompt": prompt, "completion": text, "reward": float(rewards[i]),
+                                 "rewards": {k: float(v[i]) for k, v in per_func.items()},
+                                 "advantage": float(advantages[i]), "finish_reason": sample.finish_reason,
+                                 "completion_tokens": len(sample.completion_ids)}))
+    return lines
