@@ -30,7 +30,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from vftrain.data.render import stop_token_ids
-from vftrain.sampling.embedded import encode_prompt, generate_ids
+from vftrain.sampling.embedded import encode_prompt, generate_ids, pad_token_id
 from vftrain.sampling.tokens import Sample, sample
 
 COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (vLLM's too); chat defaults to the context left
@@ -51,7 +51,7 @@ class ModelHost:
         self.adapters: set[str] = set()
         self.lock = threading.Lock()
         self.stops = stop_token_ids(self.tokenizer)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.stops)
+        self.pad = pad_token_id(self.tokenizer)
         self.vocab = self.model.get_input_embeddings().num_embeddings
         self.context = getattr(self.model.config, "max_position_embeddings", None)
 

@@ -17,6 +17,11 @@ def encode_prompt(tokenizer, prompt) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own specials
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills left padding and finished rows: the pad token, else the smallest stop token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_token_ids(tokenizer))
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              batch_size: int = 64, synced: bool = False) -> list[str]:
@@ -27,10 +32,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     process calls this with the same prompts, and all keep running forwards until the last one has finished
     (transformers' `synced_gpus`), since each forward gathers weights from all of them.
     """
-    stops = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops)
-    samples = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens, stops, pad,
-                           temperature, top_p, batch_size, synced)
+    samples = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
+                           stop_token_ids(tokenizer), pad_token_id(tokenizer), temperature, top_p, batch_size, synced)
     return tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
 
 
