@@ -114,10 +114,11 @@ def test_greedy_and_bad_requests(server):
     assert (logprobs - torch.tensor(a.logprobs.token_logprobs)).abs().max() < 1e-5
     logits = model(input_ids=torch.tensor([PROMPTS[0] + a.token_ids])).logits[0, len(PROMPTS[0]) - 1:-1]
     assert logits.argmax(-1).tolist() == a.token_ids  # greedy: each token the most likely one
+    client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
     for body, field in [({"logprobs": 3}, "logprobs"), ({"max_tokens": 10_000}, "context"),
-                        ({"prompt": [1, 10_000]}, "vocabulary"), ({"top_p": 0.0}, "top_p"), ({"n": 0}, "n=0")]:
+                        ({"prompt": [1, 10_000]}, "vocabulary"), ({"top_p": 0.0}, "top_p"), ({"n": 0}, "n=0"),
+                        ({"stream": True}, "stream"), ({"stop": ["\n"]}, "stop_token_ids")]:
         with pytest.raises(openai.BadRequestError, match=field):
-            client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
             client.completions.create(**{"model": TINY, "prompt": PROMPTS[0], "max_tokens": 4, **body})
 
 

@@ -195,6 +195,8 @@ def _params(body: dict, chat: bool, vocab: int) -> dict:
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if body.get("stop"):
         raise BadRequest("stop strings are not supported; use stop_token_ids")
+    if body.get("stream"):
+        raise BadRequest("stream is not supported; send stream = false")
     if chat:
         logprobs = 0 if get("logprobs", False, lambda v: isinstance(v, bool), "true or false") else None
         get("top_logprobs", 0, lambda v: v == 0, "only 0 (the sampled token's logprob) is supported")
