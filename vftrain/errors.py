@@ -11,3 +11,7 @@ class ConfigError(VFTrainError):
 
 class DataError(VFTrainError):
     """A dataset, row or chat template that cannot be trained on correctly."""
+
+
+class SamplerError(VFTrainError):
+    """A sampling server that is down, refuses the request, or does not answer in time."""

@@ -5,13 +5,21 @@ from __future__ import annotations
 import torch
 
 from vftrain.data.render import stop_token_ids
+from vftrain.sampling.tokens import Sample
 
 
-def _encode_prompt(tokenizer, prompt) -> list[int]:
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """Token ids of a prompt: a string as it is, a message list through the chat template with the generation
+    prompt added."""
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own specials
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id that fills left padding and finished rows: the pad token, else the smallest stop token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_token_ids(tokenizer))
 
 
 @torch.no_grad()
@@ -24,25 +32,49 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     process calls this with the same prompts, and all keep running forwards until the last one has finished
     (transformers' `synced_gpus`), since each forward gathers weights from all of them.
     """
+    samples = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
+                           stop_token_ids(tokenizer), pad_token_id(tokenizer), temperature, top_p, batch_size, synced)
+    return tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids, pad_id: int,
+                 temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 64, synced: bool = False,
+                 logprobs: bool = False) -> list[Sample]:
+    """One completion per prompt (token ids) through `model.generate`: greedy at temperature 0, else sampled.
+
+    Each completion ends with its stop token ("stop") or after `max_new_tokens` ("length"). `logprobs`: also
+    the log-probability of each token under the scores it was chosen from (the logits after generate's
+    processors, as vLLM's processed logprobs of a greedy request); otherwise `Sample.logprobs` is empty.
+    RL sampling with the sampler's own logprobs is `vftrain.sampling.tokens.sample`.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    stops = sorted(stop_token_ids(tokenizer))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    out: list[str] = []
+    stops = set(stop_ids)
+    out: list[Sample] = []
     try:
-        encoded = [_encode_prompt(tokenizer, p) for p in prompts]
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
             width = max(len(ids) for ids in chunk)
             # Left padding: every prompt ends at the same column, so generation continues each one directly.
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+            ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk], device=device)
             attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
                 else {"do_sample": False}
-            generated = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                       eos_token_id=stops, pad_token_id=pad, synced_gpus=synced, **sampling)
-            out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+            result = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                    eos_token_id=sorted(stops), pad_token_id=pad_id, synced_gpus=synced,
+                                    return_dict_in_generate=True, output_scores=logprobs, **sampling)
+            tokens = result.sequences[:, width:]
+            logp = torch.stack(result.scores, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0] \
+                if logprobs else None
+            for row, (prompt, generated) in enumerate(zip(chunk, tokens.tolist())):
+                # A finished row is padded up to the longest one: it ends at its first stop token.
+                end = next((i + 1 for i, t in enumerate(generated) if t in stops), None)
+                completion = generated[:end]
+                out.append(Sample(prompt_ids=list(prompt), completion_ids=completion,
+                                  logprobs=logp[row, :len(completion)].tolist() if logprobs else [],
+                                  finish_reason="length" if end is None else "stop"))
     finally:
         model.train(was_training)
     return out
