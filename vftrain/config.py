@@ -84,6 +84,8 @@ class TrainerConfig(TrainingArguments):
     dataset_split: str = _f("train", "Split of `dataset` to train on.")
     eval_split: str | None = _f(None, "Split of `dataset` for held-out samples (and, in SFT, the evaluation loss); "
                                 "None: none.")
+    eval_generation_rows: int = _f(0, "Greedily generate for this many eval_split rows and report exact-match "
+                                   "accuracy after training (vf-rl: before and after); 0: skip.")
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
@@ -234,8 +236,6 @@ class SFTConfig(TrainerConfig):
                         "(the end of the completion is lost), or 'error'.", ("drop", "truncate", "error"))
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one, or up to 8 for "
                                       "20,000 rows and more).")
-    eval_generation_rows: int = _f(0, "After training, greedily generate for this many eval rows and report "
-                                   "exact-match accuracy (0: skip).")
 
     def __post_init__(self):
         if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":

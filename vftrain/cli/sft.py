@@ -68,17 +68,19 @@ def export(argv: list[str]) -> int:
     return 0
 
 
-def resolve(inv):
-    """(model, SFTConfig) from the parsed invocation; missing or malformed model/dataset are one-line errors."""
+def resolve(inv, config_cls=None, section: str = "sft"):
+    """(model, config) from the parsed invocation (SFTConfig, or `config_cls` for another entry point's
+    [section]); missing or malformed model/dataset are one-line errors."""
     from vftrain.config import SFTConfig
 
+    config_cls = config_cls or SFTConfig
     model = inv.top.get("model")
     if model is None:
         raise ConfigError("no model: set `model = ...` at the top of the TOML file or pass --model")
     table = dict(inv.table)
     if "dataset" in inv.top:
         if "dataset" in table and table["dataset"] != inv.top["dataset"]:
-            raise ConfigError("dataset is set both at the top level and in [sft]; set it once")
+            raise ConfigError(f"dataset is set both at the top level and in [{section}]; set it once")
         table["dataset"] = inv.top["dataset"]
     if table.get("dataset") is None:
         raise ConfigError("no dataset: set `dataset = ...` at the top of the TOML file or pass --dataset")
@@ -86,22 +88,27 @@ def resolve(inv):
     if table.get("resume_from_checkpoint") == "latest":
         table["resume_from_checkpoint"] = True  # transformers' spelling of "the newest checkpoint in output_dir"
     try:
-        config = build_config(SFTConfig, table, "sft")
+        config = build_config(config_cls, table, section)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, VFTrainError):
             raise
-        raise ConfigError(f"invalid [sft] value: {str(exc).strip().splitlines()[0]}") from None
+        raise ConfigError(f"invalid [{section}] value: {str(exc).strip().splitlines()[0]}") from None
     return resolve_path_or_name(model, "model"), config
 
 
-def train(model: str, config) -> int:
+def train(model: str, config, trainer_cls=None, before=None) -> int:
+    """Train, save, merge (LoRA), report held-out accuracy; `before(trainer)` runs once the trainer is built."""
     import torch
 
     from vftrain.logging import setup_console_logging
-    from vftrain.sft.trainer import SFTTrainer
+
+    if trainer_cls is None:
+        from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
     setup_console_logging()
-    trainer = SFTTrainer(model=model, args=config)
+    trainer = trainer_cls(model=model, args=config)
+    if before is not None:
+        before(trainer)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # out of memory: OutOfMemory, exit 2
     trainer.save_model()
     if config.merge_lora:
@@ -118,7 +125,7 @@ def train(model: str, config) -> int:
     return 0
 
 
-def report_generation_accuracy(trainer, config) -> float:
+def report_generation_accuracy(trainer, config, when: str = "") -> float:
     from vftrain.data.load import load_rows
 
     rows = load_rows(config.dataset, config.eval_split)
@@ -129,8 +136,8 @@ def report_generation_accuracy(trainer, config) -> float:
     for prompt, completion, reference in result["examples"]:
         last = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")
-    print(f"held-out exact-match accuracy: {result['accuracy']:.1%} ({result['n']} rows of split "
-          f"{config.eval_split!r})")
+    print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of split "
+          f"{config.eval_split!r})", flush=True)
     return result["accuracy"]
 
 
@@ -155,20 +162,22 @@ def inspect(model: str, config, n_text: str, as_json: bool) -> int:
     return 0
 
 
-def print_help() -> None:
+def print_help(config_cls=None, section: str = "sft", usage: str = USAGE) -> None:
     from vftrain.config import SFTConfig, TrainerConfig
 
-    print(USAGE)
+    config_cls = config_cls or SFTConfig
+    print(usage)
     ours, inherited = [], []
-    for f in dataclasses.fields(SFTConfig):
+    for f in dataclasses.fields(config_cls):
         if not f.init:
             continue
         (ours if f.metadata.get("vftrain") else inherited).append(f)
     shared = {f.name for f in dataclasses.fields(TrainerConfig) if f.metadata.get("vftrain")}
-    print("\n[sft] fields (vftrain; * = shared with RL):")
+    other = "RL" if section == "sft" else "SFT"
+    print(f"\n[{section}] fields (vftrain; * = shared with {other}):")
     for f in ours:
         _print_field(f, "* " if f.name in shared else "  ")
-    print("\n[sft] fields inherited from transformers.TrainingArguments:")
+    print(f"\n[{section}] fields inherited from transformers.TrainingArguments:")
     for f in inherited:
         _print_field(f, "  ")
 

@@ -138,11 +138,11 @@ class RLTrainer(VFTrainer):
         indices = R.step_prompts(len(self.prompts.ids), self.prompts_per_step, args.seed, step)
         mine = np.array_split(indices, world)[rank]
         sync = 0.0
-        if self.backend is not None:
+        if self.backend is not None:  # timed apart from sampling, which would push too
             sync = -time.perf_counter()
-            served = self.backend.push_weights(step)
+            self.backend.push_weights(step, everyone=args.world_size > 1)
             sync += time.perf_counter()
-        samples = self._sample([self.prompts.ids[i] for i in mine], step, served if self.backend else None)
+        samples = self._sample([self.prompts.ids[i] for i in mine], step)
         generated = time.perf_counter()
         texts = self.processing_class.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
         references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
@@ -161,12 +161,12 @@ class RLTrainer(VFTrainer):
         self.stats.add_timing(generate=generated - clock - sync, score=scored - generated, sync=sync)
         return {"batches": batches, "tokens": tokens}
 
-    def _sample(self, prompts: list[list[int]], step: int, served: str | None) -> list:
+    def _sample(self, prompts: list[list[int]], step: int) -> list:
         args = self.args
         params = dict(n=args.rollouts_per_example, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=self.stop_ids, seed=seed_for(args.seed, step, args.process_index))
         if self.backend is not None:
-            groups = self.backend.sample_tokens(prompts, model=served, **params)
+            groups = self.backend.sample_tokens(prompts, step=step, **params)
         else:
             model = self.accelerator.unwrap_model(self.model)
             groups = sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)

@@ -71,7 +71,7 @@ class OpenAIBackend:
         token ids and per-token logprobs (processed ones with `vllm serve --logprobs-mode processed_logprobs`).
         Prompt i is sampled with seed `seed_for(seed, i)`: the same call gives the same rollouts from a server
         whose seeded sampling is reproducible (vftrain.serve; vLLM per its own batch-invariance)."""
-        name = self.push_weights(step)
+        name = self.push_weights(step, everyone=self.trainer.args.world_size > 1)
         body = {"model": name, "n": n, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "logprobs": 0, "extra_body": {"return_token_ids": True, "stop_token_ids": sorted(stop_ids)}}
         return self._run(lambda deadline: _all(self._sample(list(p), {**body, "seed": seed_for(seed, i)}, deadline)
@@ -83,12 +83,35 @@ class OpenAIBackend:
         self._save(step)
 
     # ---- weights
-    def push_weights(self, step: int) -> str:
+    def push_weights(self, step: int, everyone: bool = False) -> str:
         """Make the server serve the weights of optimizer step `step` (once per step); returns the model name
-        to sample from."""
-        name, path, adapter = self._save(step)
+        to sample from. `everyone`: every process calls this at the same point (RL rollouts): the main process
+        saves (all take part when the weights are sharded) and pushes, and the others wait for it."""
+        trainer = self.trainer
         if self.pushed_step == step:
+            return self._name(step)
+        if everyone and not trainer.sharded and not trainer.args.should_save:
+            trainer.accelerator.wait_for_everyone()  # the main process saves and pushes
+            self.pushed_step = step
+            return self._name(step)
+        name, path, adapter = self._save(step)
+        if everyone and not trainer.args.should_save:  # a sharded process's part of the save is done
+            trainer.accelerator.wait_for_everyone()
+            self.pushed_step = step
             return name
+        try:
+            self._push(name, path, adapter)
+        finally:
+            if everyone:
+                trainer.accelerator.wait_for_everyone()
+        self.pushed_step = step
+        return name
+
+    def _name(self, step: int) -> str:
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return f"{self.trainer.args.run_name}-step-{step}" if hasattr(model, "peft_config") else self.served_name
+
+    def _push(self, name: str, path: str, adapter: bool) -> None:
         if not adapter:
             try:
                 self._post("/update_weights", {"path": path})
@@ -102,8 +125,6 @@ class OpenAIBackend:
             if self.current_adapter:
                 self._unload(*self.current_adapter)
             self.current_adapter = (name, path)
-        self.pushed_step = step
-        return name
 
     def _save(self, step: int) -> tuple[str, str, bool]:
         """(served name, folder, is a LoRA adapter) of the weights written for this step, written once. With
@@ -114,10 +135,11 @@ class OpenAIBackend:
         model = trainer.accelerator.unwrap_model(trainer.model)
         root = os.path.abspath(os.path.join(trainer.args.output_dir, "sampling"))
         adapter = hasattr(model, "peft_config")
+        name = self._name(step)
         if adapter:
-            name, path = f"{trainer.args.run_name}-step-{step}", os.path.join(root, f"step-{step}")
+            path = os.path.join(root, f"step-{step}")
         else:
-            name, path = self.served_name, os.path.join(root, "latest")
+            path = os.path.join(root, "latest")
             if trainer.args.should_save:
                 shutil.rmtree(path, ignore_errors=True)
         if trainer.sharded:
@@ -144,7 +166,9 @@ class OpenAIBackend:
     # ---- requests
     async def _complete(self, prompt, model: str, deadline: float) -> str:
         args = self.trainer.args
-        common = dict(model=model, max_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        # RL shows greedy held-out samples (sample_temperature 0) while its rollouts use args.temperature
+        temperature = getattr(self.trainer, "sample_temperature", args.temperature)
+        common = dict(model=model, max_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p)
         if isinstance(prompt, str):
             response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
                 prompt=prompt, timeout=timeout, **common))

@@ -1,0 +1,81 @@
+"""`vf-rl @ config.toml [--rl.key value ...] [--model M] [--dataset D] [--inspect N]`: the `vf-sft` command line
+for RL; the same TOML layout with an [rl] table, so SFT -> RL is renaming the table and pointing `model` at the
+SFT run's output."""
+
+from __future__ import annotations
+
+import sys
+
+from vftrain.cli.args import parse_argv
+from vftrain.cli.sft import print_help, report_generation_accuracy, resolve, train
+from vftrain.errors import ConfigError, VFTrainError
+
+FLAGS = {"inspect": True, "help": False}
+USAGE = """usage: vf-rl @ path/to/config.toml [--rl.<field> VALUE ...] [--model M] [--dataset D] [--inspect N]
+
+RL (GRPO family) against reward functions. The TOML file holds top-level `model` (e.g. an SFT run's output
+folder) and `dataset` (prompt rows: `prompt` messages or string, or `question`, with an `answer`, `reference` or
+`completion` column the reward functions check) and an [rl] table of the fields below; command-line values
+override the file. --inspect N prints the first N prompts as the sampler continues them, without training.
+With eval_split and eval_generation_rows set, held-out greedy accuracy is printed before and after training.
+Ctrl-C during training saves a checkpoint at the end of the current step and stops."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vftrain.config import RLConfig
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or "-h" in argv or "--help" in argv:
+        try:
+            print_help(RLConfig, "rl", USAGE)
+        except BrokenPipeError:
+            sys.stderr.close()
+        return 0
+    try:
+        inv = parse_argv(argv, "rl", FLAGS)
+        model, config = resolve(inv, RLConfig, "rl")
+        if "inspect" in inv.flags:
+            return inspect(model, config, inv.flags["inspect"])
+        from vftrain.rl.trainer import RLTrainer
+
+        def before(trainer):
+            if config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero()
+                                                                      or trainer.sharded):
+                report_generation_accuracy(trainer, config, " before RL")
+
+        return train(model, config, RLTrainer, before)
+    except VFTrainError as exc:
+        print(f"vf-rl: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vf-rl: interrupted", file=sys.stderr)
+        return 130
+
+
+def inspect(model: str, config, n_text: str) -> int:
+    from transformers import AutoTokenizer
+
+    from vftrain.data.load import load_rows
+    from vftrain.models import ensure_pad_token, load_error
+    from vftrain.rl.rollouts import PromptSet
+
+    try:
+        n = int(n_text)
+    except ValueError:
+        raise ConfigError(f"--inspect {n_text!r}: expected a number of prompts") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
+    except OSError as exc:
+        raise load_error("tokenizer", model, exc) from None
+    ensure_pad_token(tokenizer)
+    prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
+    for line in prompts.lines():
+        print(line)
+    for ids, reference in list(zip(prompts.ids, prompts.references))[:n]:
+        print(f"--- {len(ids)} prompt tokens; reference {reference!r}")
+        print(tokenizer.decode(ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
