@@ -49,9 +49,11 @@ class TrainerConfig(TrainingArguments):
     # ---- model loading
     dtype: str = _f("auto", "Weights dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), "
                     "'bfloat16', 'float16' or 'float32'.", ("auto", "bfloat16", "float16", "float32"))
-    attn_implementation: str = _f("sdpa", "Attention kernel: 'sdpa', 'eager', 'varlen' (variable-length flash "
-                                  "attention over packed rows, CUDA; needs packing), 'flex_attention', or any name "
-                                  "registered in transformers.AttentionInterface.")
+    attn_implementation: str = _f("auto", "Attention kernel: 'auto' ('varlen' for packed rows on a CUDA GPU where "
+                                  "the model's attention allows it, else the model's default: SDPA, or eager), "
+                                  "'sdpa', 'eager', 'varlen' (variable-length flash attention over packed rows, CUDA; "
+                                  "needs packing; no soft-capping or sinks), 'flex_attention', or any name registered "
+                                  "in transformers.AttentionInterface.")
     master_weights: bool = _f(True, "Keep float32 copies of bf16/fp16 trainable weights for the optimizer step "
                               "(mixed precision). Pure bf16 AdamW rounds most updates away at fine-tuning learning "
                               "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "

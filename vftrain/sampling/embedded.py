@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vftrain.attention import for_generation
 from vftrain.data.render import stop_token_ids
 
 
@@ -22,7 +23,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     The model is put in eval mode and restored afterwards, so this is safe to call in the middle of training;
     a peft model generates with its adapters active. `synced`: the weights are sharded (FSDP, ZeRO-3), every
     process calls this with the same prompts, and all keep running forwards until the last one has finished
-    (transformers' `synced_gpus`), since each forward gathers weights from all of them.
+    (transformers' `synced_gpus`), since each forward gathers weights from all of them. A model that trains with
+    "varlen" attention generates with SDPA (`attention.for_generation`).
     """
     was_training = model.training
     model.eval()
@@ -31,18 +33,19 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     out: list[str] = []
     try:
-        encoded = [_encode_prompt(tokenizer, p) for p in prompts]
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            # Left padding: every prompt ends at the same column, so generation continues each one directly.
-            ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
-                else {"do_sample": False}
-            generated = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                       eos_token_id=stops, pad_token_id=pad, synced_gpus=synced, **sampling)
-            out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
+        with for_generation(model):
+            encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+            for start in range(0, len(encoded), batch_size):
+                chunk = encoded[start:start + batch_size]
+                width = max(len(ids) for ids in chunk)
+                # Left padding: every prompt ends at the same column, so generation continues each one directly.
+                ids = torch.tensor([[pad] * (width - len(x)) + x for x in chunk], device=device)
+                attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+                    else {"do_sample": False}
+                generated = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                           eos_token_id=stops, pad_token_id=pad, synced_gpus=synced, **sampling)
+                out.extend(tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True))
     finally:
         model.train(was_training)
     return out
