@@ -173,6 +173,7 @@ def measure(args):
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     import vftrain as vf
+    from vftrain.models import liger_applies
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
@@ -242,7 +243,7 @@ def measure(args):
                mix=args.mix, default=args.default, fp32_weights=args.fp32_weights,
                master_weights=config.master_weights, lr=args.lr, lora=args.lora,
                attn=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation, gc=args.gc,
-               liger=config.use_liger, compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
+               liger=config.use_liger if config.use_liger is not None else liger_applies(model), compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),

@@ -1,5 +1,6 @@
 """Model-level helpers: the fused output-head loss equals the loss of the model's own logits on every architecture
-family with a logit transform; saved models stop at the end-of-turn token that training teaches."""
+family with a logit transform; saved models stop at the end-of-turn token that training teaches; liger-kernel is
+applied by default only where it can run."""
 
 from __future__ import annotations
 
@@ -135,3 +136,33 @@ def test_merged_export_stops_at_the_trained_end_of_turn(tmp_path):
     base.generation_config.eos_token_id = tok.eos_token_id
     merged = save_merged(get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])), tok, str(tmp_path / "m"))
     assert tok.convert_tokens_to_ids("<|im_end|>") in _eos_ids(merged)
+
+
+def test_liger_is_applied_by_default_only_where_it_can_run(monkeypatch):
+    """use_liger unset: patched on a CUDA machine with liger-kernel and kernels for the model type, else not."""
+    import sys
+    import types
+
+    import vftrain as vf
+
+    patched = []
+    fake = types.ModuleType("liger_kernel.transformers.monkey_patch")
+    fake.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None}
+    fake._apply_liger_kernel_to_instance = lambda model, **kw: patched.append(model.config.model_type)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", fake)
+
+    def load(use_liger, cuda=True, model_type="llama"):
+        from transformers import AutoModelForCausalLM
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        model = AutoModelForCausalLM.from_pretrained(TINY)
+        model.config.model_type = model_type
+        patched.clear()
+        vf.get_model_and_tokenizer(model, use_liger=use_liger, attn_implementation="sdpa",
+                                   tokenizer=tiny_tokenizer())
+        return bool(patched)
+
+    assert load(None) and load(True)
+    assert not load(False)
+    assert not load(None, cuda=False)               # its kernels are Triton: GPU only
+    assert not load(None, model_type="unknown")     # no kernels for this architecture

@@ -33,7 +33,7 @@ def get_model_and_tokenizer(
     attn_implementation: str = "auto",
     packing: bool = True,
     trust_remote_code: bool = False,
-    use_liger: bool = False,
+    use_liger: bool | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
@@ -41,7 +41,8 @@ def get_model_and_tokenizer(
     `model` is a hub name, a local folder, or a loaded `PreTrainedModel` (then `tokenizer` is required unless the
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
-    (`vftrain.attention.choose`), else with the model's own default.
+    (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
+    it can run (`liger_applies`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,9 +64,10 @@ def get_model_and_tokenizer(
     chosen = attention.choose(model_obj, attn_implementation, packing)
     if chosen is not None and chosen != getattr(model_obj.config, "_attn_implementation", None):
         model_obj.set_attn_implementation(chosen)
-    log.info("attention: %s", model_obj.config._attn_implementation)
-    if use_liger:
+    if use_liger or (use_liger is None and liger_applies(model_obj)):
         apply_liger(model_obj)
+        use_liger = True
+    log.info("attention: %s; liger kernels: %s", model_obj.config._attn_implementation, "on" if use_liger else "off")
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -86,6 +88,19 @@ def apply_liger(model) -> None:
     except ImportError:
         raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+
+
+def liger_applies(model) -> bool:
+    """liger-kernel is installed, a CUDA GPU is there (its kernels are Triton) and it has kernels for this model."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def load_error(what: str, name: str, exc: Exception) -> ConfigError:
