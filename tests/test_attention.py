@@ -147,3 +147,19 @@ def test_generation_works_under_varlen():
     assert generate(model, tok, prompts, max_new_tokens=6) == expected
     assert generate(model, tok, prompts[:1], max_new_tokens=6) == expected[:1]
     assert model.config._attn_implementation == "varlen"
+
+
+def test_samples_and_end_of_run_generation_under_varlen(tmp_path):
+    """Sample panels during training and eval_generation_rows after it are generated, not skipped or crashing."""
+    import datasets
+
+    import vftrain as vf
+    from vftrain.sampling.callback import SampleCallback
+
+    cfg = small_config(tmp_path, attn_implementation="varlen", sample_every_n_steps=1, num_samples=2,
+                       max_new_tokens=3)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(24)), args=cfg)
+    trainer.train()
+    sampler = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SampleCallback))
+    assert {h["step"] for h in sampler.history} == {1, 2} and len(sampler.history) == 4
+    assert trainer.evaluate_generations(addition_rows(2, start=50), max_new_tokens=3)["n"] == 2
