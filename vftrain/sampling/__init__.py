@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vftrain.data.load import plain_row
+from vftrain.data.render import RowError, parse_tools
 from vftrain.errors import DataError
 
 
@@ -19,8 +21,6 @@ def prompt_and_reference(row: dict):
     """(prompt, reference answer) of a row: the prompt is everything before the last assistant message with the
     row's tools (what inference sees; a `ChatPrompt`, or a string for string prompts), the reference is that
     message's content."""
-    from vftrain.data.render import RowError, parse_tools
-
     try:
         tools = parse_tools(row.get("tools"))
     except RowError as exc:
@@ -31,33 +31,23 @@ def prompt_and_reference(row: dict):
             reference = completion
         else:
             reference = [m for m in completion if m.get("role") == "assistant"][-1].get("content") or ""
-        return (prompt if isinstance(prompt, str) else ChatPrompt(_present(prompt), tools)), reference
+        return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), tools)), reference
     if "messages" in row:
         messages = list(row["messages"])
         last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
-        return ChatPrompt(_present(messages[:last]), tools), messages[last].get("content") or ""
+        return ChatPrompt(messages[:last], tools), messages[last].get("content") or ""
     raise DataError("sampling needs prompt + completion or messages columns")
-
-
-def _present(messages: list[dict]) -> list[dict]:
-    # A key set to None means absent (datasets fills a message's missing keys with None); an OpenAI-compatible
-    # server may reject `"tool_calls": null`.
-    return [{k: v for k, v in m.items() if v is not None} for m in messages]
 
 
 def held_out_samples(raw_train, raw_eval, n: int):
     """(rows to sample from, rows to train on): the first `n` eval rows when there is an eval split, else the
     last `n` training rows, which are then held out of training. Sample rows are returned as plain Python rows
     (`data.load.plain_row`: without the keys Arrow adds to struct columns)."""
-    from vftrain.data.load import plain_row
-
     if raw_eval is not None and len(raw_eval):
-        picked, train = range(min(n, len(raw_eval))), raw_train
-        source = raw_eval
+        source, picked, train = raw_eval, range(min(n, len(raw_eval))), raw_train
     else:
-        k = min(n, len(raw_train) - 1)
-        keep = len(raw_train) - k
-        picked, train, source = range(keep, len(raw_train)), raw_train.select(range(keep)), raw_train
+        keep = len(raw_train) - min(n, len(raw_train) - 1)
+        source, picked, train = raw_train, range(keep, len(raw_train)), raw_train.select(range(keep))
     return [plain_row(source[i], source.features) for i in picked], train
 
 
