@@ -234,8 +234,8 @@ def test_tokenizer_without_chat_template_is_a_clear_error():
 
 
 def sentencepiece_tokenizer():
-    """A Llama-2 / Mistral-v0.1 style tokenizer (sentencepiece, legacy): the text gets a leading "▁", spaces are "▁",
-    and BOS is added, as the hub's fast tokenizers of those models do."""
+    """A Llama-2 / Mistral-v0.1 style tokenizer (sentencepiece, legacy): the text gets a leading "▁", spaces are
+    "▁", and BOS is added, as the hub's fast tokenizers of those models do."""
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 

@@ -33,8 +33,9 @@ class DataReport:
     split_tokens: int = 0
 
     def lines(self) -> list[str]:
+        share = self.trained_tokens / max(self.tokens, 1)
         out = [f"{self.rows_kept:,} rows kept from {self.rows_in:,} dataset rows ({self.format} format); "
-               f"{self.tokens:,} tokens, {self.trained_tokens:,} trained ({self.trained_tokens / max(self.tokens, 1):.1%}); "
+               f"{self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.1%}); "
                f"longest row {self.longest:,} tokens"]
         if self.split:
             out.append(f"{self.split:,} conversations split into one row per turn the template renders differently "
