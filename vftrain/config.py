@@ -232,6 +232,10 @@ class SFTConfig(TrainerConfig):
                        "False pads each micro-batch to its longest row.")
     long_rows: str = _f("drop", "What to do with rows longer than max_seq_len: 'drop' them, 'truncate' them "
                         "(the end of the completion is lost), or 'error'.", ("drop", "truncate", "error"))
+    split_turns: bool = _f(True, "Train every assistant turn in the context inference renders it in: where the chat "
+                           "template renders earlier turns differently (Qwen3 drops their reasoning), split the "
+                           "conversation into one row per such turn (the added rows and tokens are reported); "
+                           "False drops those conversations instead.")
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one, or up to 8 for "
                                       "20,000 rows and more).")
     eval_generation_rows: int = _f(0, "After training, greedily generate for this many eval rows and report "

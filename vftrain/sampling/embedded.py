@@ -5,20 +5,21 @@ from __future__ import annotations
 import torch
 
 from vftrain.attention import for_generation
-from vftrain.data.render import stop_token_ids
+from vftrain.data.render import render_prompt, stop_token_ids
+from vftrain.sampling import ChatPrompt
 
 
-def _encode_prompt(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own specials
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """The ids training rendered this prompt to (tools included), so samples show what the model learned."""
+    if isinstance(prompt, ChatPrompt):
+        return render_prompt(tokenizer, prompt.messages, prompt.tools)
+    return render_prompt(tokenizer, prompt)
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              batch_size: int = 64, synced: bool = False) -> list[str]:
-    """Completions (decoded, special tokens removed) for `prompts` (message lists or strings).
+    """Completions (decoded, special tokens removed) for `prompts` (`ChatPrompt`s, message lists or strings).
 
     The model is put in eval mode and restored afterwards, so this is safe to call in the middle of training;
     a peft model generates with its adapters active. `synced`: the weights are sharded (FSDP, ZeRO-3), every
@@ -34,7 +35,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     out: list[str] = []
     try:
         with for_generation(model):
-            encoded = [_encode_prompt(tokenizer, p) for p in prompts]
+            encoded = [encode_prompt(tokenizer, p) for p in prompts]
             for start in range(0, len(encoded), batch_size):
                 chunk = encoded[start:start + batch_size]
                 width = max(len(ids) for ids in chunk)

@@ -106,7 +106,8 @@ class OpenAIBackend:
         if isinstance(prompt, str):
             response = await self.client.completions.create(prompt=prompt, **common)
             return response.choices[0].text or ""
-        response = await self.client.chat.completions.create(messages=prompt, **common)
+        tools = {"tools": prompt.tools} if prompt.tools else {}
+        response = await self.client.chat.completions.create(messages=prompt.messages, **tools, **common)
         return response.choices[0].message.content or ""
 
     def _run(self, coroutine):
