@@ -28,7 +28,6 @@ Several GPUs: run one measuring process per GPU under torchrun, e.g. (benchmarks
 import argparse
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
-from trl_anchor import ARCHS, VOCAB, make_rows, matmul_peak  # noqa: E402  (benchmarks/ is sys.path[0])
+from trl_anchor import ARCHS, MIXES, VOCAB, make_rows, matmul_peak  # noqa: E402  (benchmarks/ is sys.path[0])
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True)
@@ -110,6 +109,63 @@ class Meter:
         self.micro_batches += 1
 
 
+class Breakdown:
+    """Where a timed step's time goes: CUDA events around the forward+backward of each micro-batch (the fused head's
+    forward inside it, shown apart), gradient clipping and the optimizer step (master-weight copies included),
+    read after the run, so nothing syncs the host in between. The rest of the step's wall time is host work the
+    GPU waited for, plus small GPU work outside these spans (zero_grad, scheduler)."""
+
+    HEAD, STEP = "head forward (fused loss, inside fwd+bwd)", "forward+backward"
+
+    def __init__(self, trainer, meter):
+        import vftrain.sft.trainer as sft
+
+        self.trainer, self.meter, self.spans = trainer, meter, {}
+        sft.linear_cross_entropy_sum = self.timed(self.HEAD, sft.linear_cross_entropy_sum)
+        sft.cross_entropy_sum = self.timed("head forward (model logits)", sft.cross_entropy_sum)
+        trainer.training_step = self.timed(self.STEP, trainer.training_step)
+        trainer.accelerator.clip_grad_norm_ = self.timed("grad-norm clipping", trainer.accelerator.clip_grad_norm_)
+        create = trainer.create_optimizer
+
+        def create_optimizer(model=None):
+            fresh = trainer.optimizer is None
+            optimizer = create(model)
+            if fresh:
+                optimizer.step = self.timed("optimizer step (incl. master weights)", optimizer.step)
+            return optimizer
+
+        trainer.create_optimizer = create_optimizer
+
+    def mark(self):
+        if torch.cuda.is_available():
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def timed(self, name, fn):
+        def run(*args, **kwargs):
+            if self.trainer.state.global_step < self.meter.warmup:
+                return fn(*args, **kwargs)
+            start = self.mark()
+            out = fn(*args, **kwargs)
+            self.spans.setdefault(name, []).append((start, self.mark()))
+            return out
+
+        return run
+
+    def report(self, seconds: float) -> dict:
+        sync()
+        steps = self.trainer.state.global_step - self.meter.warmup
+        ms = {name: sum(a.elapsed_time(b) if hasattr(a, "elapsed_time") else (b - a) * 1e3
+                        for a, b in pairs) / steps for name, pairs in self.spans.items()}
+        ms["step (wall)"] = seconds * 1e3 / steps
+        ms["rest: host work and idle"] = ms["step (wall)"] - sum(v for k, v in ms.items()
+                                                                  if k not in ("step (wall)", self.HEAD)
+                                                                  and not k.startswith("head"))
+        return {k: round(v, 2) for k, v in ms.items()}
+
+
 def measure(args):
     """One vftrain run in this process; returns the RESULT dict."""
     from datasets import Dataset
@@ -117,10 +173,12 @@ def measure(args):
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     import vftrain as vf
+    from vftrain.models import liger_applies
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
-    rows = tiny_rows(TINY_ROWS) if args.tiny else chain_rows(6000) if args.task == "chain" else make_rows(6000)
+    rows = tiny_rows(TINY_ROWS) if args.tiny else chain_rows(6000) if args.task == "chain" else \
+        make_rows(6000, mix=args.mix)
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     mbs = args.mbs or max(1, round(args.seq / mean_len))
     ds = Dataset.from_list([{"input_ids": r["input_ids"], "loss_mask": r["completion_mask"]} for r in rows])
@@ -150,14 +208,17 @@ def measure(args):
             return super().training_step(model, inputs, num_items_in_batch)
 
     engine = {"ddp": {}, "fsdp": {"fsdp": True}, "zero3": {"deepspeed": ZERO3}}[args.engine]
+    # --default measures what a user gets: every speed and precision field at SFTConfig's default.
+    speed = {} if args.default else dict(
+        attn_implementation=args.attn, use_liger=args.vf_liger, torch_compile=args.compile,
+        lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master, dataloader_num_workers=2)
     config = vf.SFTConfig(
         output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
         batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
-        max_seq_len=max(args.seq, 2048), bf16=cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
+        max_seq_len=max(args.seq, MIXES[args.mix]["max_len"]), bf16=None if args.default else cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
         else 10, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        report_to="none", disable_tqdm=True, dataloader_num_workers=2, packing=True, seed=0,
-        attn_implementation=args.attn, use_lora=args.lora, use_liger=args.vf_liger, torch_compile=args.compile,
-        lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master,
+        report_to="none", disable_tqdm=True, packing=True, seed=0,
+        use_lora=args.lora, **speed,
         **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
     if args.merge:  # a merge reloads the base model from disk: give the random one a folder (one per process)
         base = f"/tmp/vftrain_bench_base_{os.environ.get('RANK', '0')}"
@@ -165,6 +226,8 @@ def measure(args):
         tok.save_pretrained(base)
         model.name_or_path = model.config.name_or_path = base
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
+    if args.breakdown:
+        breakdown = Breakdown(trainer, meter)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
     if cuda:
@@ -177,9 +240,10 @@ def measure(args):
     merged = trainer.save_merged() if args.merge else None  # every process: sharded adapters are gathered
     real, trained, attn_sq = int(meter.real), int(meter.trained), int(meter.attn_sq)
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
-               fp32_weights=args.fp32_weights, master_weights=not args.no_master, lr=args.lr,
-               lora=args.lora, attn=args.attn,
-               gc=args.gc, liger=args.vf_liger, compile=args.compile, lean_mlp=not args.no_lean_mlp, ga=args.ga,
+               mix=args.mix, default=args.default, fp32_weights=args.fp32_weights,
+               master_weights=config.master_weights, lr=args.lr, lora=args.lora,
+               attn=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation, gc=args.gc,
+               liger=config.use_liger if config.use_liger is not None else liger_applies(model), compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
@@ -189,6 +253,8 @@ def measure(args):
         plain = AutoModelForCausalLM.from_pretrained(merged)
         out.update(merged=merged, merged_params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2),
                    merged_finite=all(bool(torch.isfinite(p).all()) for p in plain.parameters()))
+    if args.breakdown:
+        out["breakdown_ms_per_step"] = breakdown.report(dt)
     if cuda:
         peak = matmul_peak()
         flops = 6 * n_matmul * real + 6 * n_layers * d * attn_sq
@@ -221,13 +287,18 @@ def trl_command(args, arch):
         return "skipped: trl_anchor.py has no LoRA mode"
     if importlib.util.find_spec("trl") is None:
         return "skipped: trl is not importable"
-    k = max(1, args.seq // 2048)  # the anchor packs 2048-token sequences, max(1, mbs * 300 // 2048) of them
+    k = trl_sequences(args)
     cmd = [sys.executable, os.path.join(HERE, "trl_anchor.py"), "trl_packed", arch, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--mbs", str(math.ceil(k * 2048 / 300)),
+           "--warmup", str(args.warmup), "--mix", args.mix, "--packed-seqs", str(k),
            "--attn", args.attn if args.attn in ("sdpa", "eager", "flex_attention") else "sdpa"]
     if importlib.util.find_spec("liger_kernel") is not None:
         cmd.append("--liger")
     return cmd + (["--gc"] if args.gc else [])
+
+
+def trl_sequences(args) -> int:
+    """TRL's micro-batch: this many packed sequences of the mix's longest row, about --seq tokens in all."""
+    return max(1, args.seq // MIXES[args.mix]["max_len"])
 
 
 def fmt(x, pct=False):
@@ -240,8 +311,11 @@ def table(args, pairs):
     gpu = next((r["gpu"] for pair in pairs for r in pair if isinstance(r, dict) and r.get("gpu")), "?")
     tpm = ", ".join(str(r["tokens_per_micro_batch"]) for r, _ in pairs if "tokens_per_micro_batch" in r) or "?"
     lines = [f"vftrain vs TRL SFT throughput on {gpu}: {args.steps} steps ({args.warmup} warmup), "
-             f"vftrain {tpm} real tokens per micro-batch (TRL: {max(1, args.seq // 2048)} x 2048 packed), "
-             f"attn={args.attn}, lora={args.lora}, gc={args.gc}, vftrain liger={args.vf_liger}", "",
+             f"{args.mix} mix, vftrain {tpm} real tokens per micro-batch (TRL: {trl_sequences(args)} x "
+             f"{MIXES[args.mix]['max_len']} packed), "
+             + ("vftrain at SFTConfig's defaults" if args.default else
+                f"attn={args.attn}, lora={args.lora}, gc={args.gc}, vftrain liger={args.vf_liger}, "
+                f"compile={args.compile}"), "",
              "| arch | vftrain real tok/s | TRL real tok/s | ratio | vftrain trained tok/s | TRL trained tok/s "
              "| ratio | vftrain MFU | TRL MFU | peak GiB vftrain / TRL |", "|" + "---|" * 10]
     for vf_res, trl_res in pairs:
@@ -304,6 +378,12 @@ def main():
                     "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
     ap.add_argument("--out", default=None, help="markdown table path (default benchmarks/last_run.md; "
                     "/tmp/vftrain_tiny_run.md with --tiny, so a smoke test never overwrites real numbers)")
+    ap.add_argument("--mix", default="standard", choices=sorted(MIXES), help="row lengths: standard (prompts ~180, "
+                    "completions ~260, rows <= 2048) or long (prompts ~900, completions ~120, rows <= 4096)")
+    ap.add_argument("--default", action="store_true", help="vftrain at SFTConfig's defaults (attention, liger, "
+                    "compile, lean_mlp, master weights, bf16); --attn/--vf-liger/--compile/... are ignored")
+    ap.add_argument("--breakdown", action="store_true", help="also split each timed step's time into forward+backward, "
+                    "the fused head's forward, grad clipping, the optimizer step and the rest (host work, idle)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one arch in-process
     args = ap.parse_args()
     if args.tiny:
@@ -320,10 +400,11 @@ def main():
     pairs = []
     for arch in args.arch:
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn]
+               "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
         cmd += ["--ga", str(args.ga)]
-        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny")
+        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",
+                                                     "default", "breakdown")
                 if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
         if not args.no_vftrain:

@@ -23,6 +23,14 @@ FAMILIES = {
     "llama3.1": dict(specials=["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
                      eos="<|eot_id|>", bos="<|begin_of_text|>"),
     "gemma2": dict(specials=["<bos>", "<start_of_turn>", "<end_of_turn>", "<eos>"], eos="<eos>", bos="<bos>"),
+    # Phi-3 ends a turn with <|end|> and the whole conversation with eos.
+    "phi3": dict(specials=["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], eos="<|endoftext|>", bos=None),
+}
+# Templates whose renderings the standard tests do not expect (DeepSeek-R1-distill prefills "<think>\n").
+OTHER_FAMILIES = {
+    "deepseek-r1-distill": dict(specials=["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
+                                          "<｜end▁of▁sentence｜>"],
+                                eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>"),
 }
 
 
@@ -35,7 +43,7 @@ def tiny_tokenizer():
 def family_tokenizer(family: str):
     """The tiny character-level tokenizer taught a real model family's special tokens and chat template."""
     tok = tiny_tokenizer()
-    spec = FAMILIES[family]
+    spec = {**FAMILIES, **OTHER_FAMILIES}[family]
     tok.add_special_tokens({"additional_special_tokens": spec["specials"]})
     tok.eos_token = spec["eos"]
     if spec["bos"]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -128,8 +130,6 @@ def test_shifted_labels_and_collation():
 
 
 def test_jsonl_messages_with_tools_column(tmp_path):
-    import json
-
     tok = tiny_tokenizer()
     row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
            "tools": json.dumps([])}
@@ -160,3 +160,66 @@ def test_collator_splits_a_micro_batch_over_the_token_budget():
     assert sum(p["input_ids"].shape[1] for p in parts) == whole["input_ids"].shape[1]
     assert int((split["labels"] != IGNORE_INDEX).sum()) == int((whole["labels"] != IGNORE_INDEX).sum())
     assert "micro_batches" not in Collator(pad_id=0, packing=True, budget=100)(rows)
+
+
+def _tool_row(arguments, properties: dict) -> dict:
+    return {"messages": [{"role": "user", "content": "go"},
+                         {"role": "assistant", "content": "",
+                          "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+                         {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "done"}],
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+                "type": "object", "properties": properties}}}]}
+
+
+TOOL_ROWS = [_tool_row({"city": "Paris"}, {"city": {"type": "string"}}),
+             _tool_row({"a": 1, "b": 2}, {"a": {"type": "integer"}, "b": {"type": "integer"}})]
+
+
+@pytest.mark.parametrize("storage", ["from_list", "parquet"])
+def test_tool_calls_and_tools_from_arrow_gain_no_keys(tmp_path, storage):
+    from conftest import family_tokenizer
+    from vftrain.data.render import Renderer
+
+    tok = family_tokenizer("qwen2.5")
+    dataset = _dataset(TOOL_ROWS)  # Arrow stores both rows' arguments as one struct {city, a, b}
+    if storage == "parquet":
+        dataset.to_parquet(str(tmp_path / "tools.parquet"))
+        dataset = load_rows(str(tmp_path / "tools.parquet"), "train")
+    kept, _ = tokenize_dataset(dataset, tok, max_seq_len=4096)
+    assert len(kept) == 2
+    for i, row in enumerate(TOOL_ROWS):
+        [expected] = Renderer(tok, "messages")(row)  # the rows as written, never through Arrow
+        ids, mask = kept[i]
+        assert ids.tolist() == expected["input_ids"] and mask.tolist() == expected["loss_mask"]
+    text = tok.decode(kept[0][0])
+    assert '"arguments": {"city": "Paris"}' in text and "null" not in text
+
+
+def test_null_inside_json_string_arguments_is_kept():
+    from conftest import family_tokenizer
+
+    tok = family_tokenizer("qwen2.5")
+    rows = [_tool_row('{"city": "Paris", "unit": null}', {"city": {"type": "string"}}),
+            _tool_row('{"a": 1}', {"a": {"type": "integer"}})]
+    rows[1]["tools"] = json.dumps(rows[1]["tools"])  # a JSON-string tools column is kept exactly too
+    rows[0]["tools"] = json.dumps(rows[0]["tools"])
+    kept, _ = tokenize_dataset(_dataset(rows), tok, max_seq_len=4096)
+    assert '"arguments": {"city": "Paris", "unit": null}' in tok.decode(kept[0][0])
+    assert '"arguments": {"a": 1}' in tok.decode(kept[1][0])
+
+
+def test_split_conversations_are_reported_with_their_growth():
+    from conftest import TEMPLATES, family_tokenizer
+
+    tok = family_tokenizer("qwen2.5")
+    tok.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
+    multi = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>a</think>4"},
+                          {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]}
+    single = {"messages": multi["messages"][:2]}
+    kept, report = tokenize_dataset(_dataset([multi, single, multi]), tok, max_seq_len=256)
+    assert report.rows_in == 3 and len(kept) == report.rows_kept == 5
+    assert (report.split, report.split_rows) == (2, 2) and report.split_tokens == 2 * len(kept[1][0])
+    assert f"2 conversations split into one row per turn the template renders differently later (split_turns): " \
+           f"+2 rows, +{report.split_tokens} tokens" in report.lines()
+    kept, report = tokenize_dataset(_dataset([multi, single, multi]), tok, max_seq_len=256, split_turns=False)
+    assert len(kept) == 1 and list(report.dropped.values()) == [(2, 0)]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FAMILIES, TEMPLATES, family_tokenizer, tiny_tokenizer
 from vftrain.data.collate import collate_packed
-from vftrain.data.render import Renderer, RowError
+from vftrain.data.render import Renderer, RowError, render_prompt
 from vftrain.errors import DataError
 
 CONVERSATION = [
@@ -34,7 +34,23 @@ def trained_segments(tok, out) -> list[str]:
 
 
 def _stop(family: str) -> str:
-    return "<end_of_turn>" if family == "gemma2" else FAMILIES[family]["eos"]
+    return {"gemma2": "<end_of_turn>", "phi3": "<|end|>"}.get(family, FAMILIES[family]["eos"])
+
+
+def trained_turns(tok, messages, rows, tools=None) -> list[tuple[int, str]]:
+    """(assistant turn, decoded trained tokens) for every trained span of `rows`, sorted; each span is identified by
+    the tokens before it, which must be exactly the prompt inference renders for that turn."""
+    prompts = {i: render_prompt(tok, messages[:i], tools) for i, m in enumerate(messages) if m["role"] == "assistant"}
+    found = []
+    for row in rows:
+        ids, mask = row["input_ids"], row["loss_mask"]
+        starts = [k for k in range(len(mask)) if mask[k] and (k == 0 or not mask[k - 1])]
+        for start in starts:
+            end = next((k for k in range(start, len(mask)) if not mask[k]), len(mask))
+            turn = [i for i, prompt in prompts.items() if ids[:start] == prompt]
+            assert len(turn) == 1, f"trained span at {start} does not follow an assistant turn's inference prompt"
+            found.append((turn[0], tok.decode(ids[start:end])))
+    return sorted(found)
 
 
 def _no_system(messages):
@@ -45,7 +61,7 @@ def _no_system(messages):
 def test_messages_train_every_assistant_turn_with_its_stop_token(family):
     tok = family_tokenizer(family)
     messages = CONVERSATION if family != "gemma2" else _no_system(CONVERSATION)  # gemma has no system role
-    out = Renderer(tok, "messages")({"messages": messages})
+    [out] = Renderer(tok, "messages")({"messages": messages})
     assert trained_segments(tok, out) == [f"4.{_stop(family)}", f"6, surely.{_stop(family)}"]
     assert len(out["input_ids"]) == len(out["loss_mask"])
 
@@ -55,7 +71,7 @@ def test_prompt_completion_trains_only_the_completion(family):
     tok = family_tokenizer(family)
     prompt = CONVERSATION[:4] if family != "gemma2" else _no_system(CONVERSATION[:4])
     row = {"prompt": prompt, "completion": [CONVERSATION[4]]}
-    out = Renderer(tok, "prompt_completion")(row)
+    [out] = Renderer(tok, "prompt_completion")(row)
     assert trained_segments(tok, out) == [f"6, surely.{_stop(family)}"]
     # The untrained part is exactly what inference sees: the prompt with the generation prompt.
     start = out["loss_mask"].index(1)
@@ -65,7 +81,7 @@ def test_prompt_completion_trains_only_the_completion(family):
 
 def test_chatml_header_system_and_user_are_not_trained():
     tok = family_tokenizer("qwen2.5")
-    out = Renderer(tok, "messages")({"messages": CONVERSATION})
+    [out] = Renderer(tok, "messages")({"messages": CONVERSATION})
     untrained = tok.decode([t for t, m in zip(out["input_ids"], out["loss_mask"]) if not m])
     for text in ("<|im_start|>assistant\n", "Be terse.", "What is 2+2?", "And 3+3?"):
         assert text in untrained
@@ -85,7 +101,7 @@ def test_completion_with_tool_turns_trains_only_assistant_messages():
         ],
         "tools": tools,
     }
-    out = Renderer(tok, "prompt_completion")(row)
+    [out] = Renderer(tok, "prompt_completion")(row)
     segments = trained_segments(tok, out)
     assert len(segments) == 2
     assert "<tool_call>" in segments[0] and '"name": "add"' in segments[0] and segments[0].endswith("<|im_end|>")
@@ -97,7 +113,7 @@ def test_completion_with_tool_turns_trains_only_assistant_messages():
 def test_pad_equal_to_eos_still_trains_the_stop_token():
     tok = tiny_tokenizer()
     tok.pad_token = tok.eos_token  # the trl#1623 setup
-    out = Renderer(tok, "prompt_completion")({"prompt": [{"role": "user", "content": "1+1"}],
+    [out] = Renderer(tok, "prompt_completion")({"prompt": [{"role": "user", "content": "1+1"}],
                                               "completion": [{"role": "assistant", "content": "2"}]})
     import numpy as np
 
@@ -106,31 +122,88 @@ def test_pad_equal_to_eos_still_trains_the_stop_token():
     assert targets == tok.encode("2", add_special_tokens=False) + [tok.eos_token_id]
 
 
-def test_qwen3_reasoning_dropped_from_earlier_turns_is_reported():
+QWEN3_TOOLS = [{"type": "function", "function": {"name": "add", "description": "add numbers",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+QWEN3_CASES = {
+    # Qwen3 drops the reasoning of earlier turns and writes an empty think block only in the last one.
+    "reasoning": ([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"},
+                   {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}], None,
+                  [(1, "<think>\nadd\n</think>\n\n4<|im_end|>"), (3, "<think>\n\n</think>\n\n6<|im_end|>")]),
+    # A verifiers-style tool trajectory: user, tool call, tool result, answer.
+    "tool trajectory": ([{"role": "user", "content": "2+2?"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}]},
+                         {"role": "tool", "content": "4"}, {"role": "assistant", "content": "It is 4."}], QWEN3_TOOLS,
+                        [(1, '<think>\n\n</think>\n\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 2}}\n'
+                             '</tool_call><|im_end|>'),
+                         (3, "<think>\n\n</think>\n\nIt is 4.<|im_end|>")]),
+}
+
+
+@pytest.mark.parametrize("case", list(QWEN3_CASES))
+def test_qwen3_multi_turn_trains_every_turn_as_inference_renders_it(case):
     tok = family_tokenizer("qwen2.5")
     tok.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
-    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>add</think>4"},
-                {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    messages, tools, expected = QWEN3_CASES[case]
+    rows = Renderer(tok, "messages")({"messages": messages, "tools": tools})
+    assert len(rows) == 2  # the later rendering cannot serve the first turn: one row per turn
+    assert trained_turns(tok, messages, rows, tools) == expected
+    with pytest.raises(RowError, match="renders earlier assistant turns differently"):
+        Renderer(tok, "messages", split_turns=False)({"messages": messages, "tools": tools})
+
+
+def test_turns_one_rendering_serves_share_one_row():
+    tok = family_tokenizer("qwen2.5")
+    tok.chat_template = (TEMPLATES / "qwen3.jinja").read_text()
+    # Both answers come after the last user message with their reasoning: the full rendering keeps both.
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>a</think>4"},
+                {"role": "tool", "content": "ok"}, {"role": "assistant", "content": "<think>b</think>done"}]
+    rows = Renderer(tok, "messages")({"messages": messages})
+    assert len(rows) == 1
+    assert [t for t, _ in trained_turns(tok, messages, rows)] == [1, 3]
+
+
+def test_phi3_trains_each_turn_up_to_its_end_token_not_the_final_eos():
+    tok = family_tokenizer("phi3")
+    rows = Renderer(tok, "messages")({"messages": CONVERSATION})
+    assert trained_turns(tok, CONVERSATION, rows) == [(2, "4.<|end|>"), (4, "6, surely.<|end|>")]
+    [row] = rows
+    assert tok.decode(row["input_ids"]).endswith("<|end|>\n<|endoftext|>")  # rendered, not trained
+
+
+R1_ROW = {"prompt": [{"role": "user", "content": "2+2?"}],
+          "completion": [{"role": "assistant", "content": "<think>2 plus 2 is 4</think>4"}]}
+
+
+def test_template_that_strips_reasoning_is_refused_not_trained_on_the_rest():
+    tok = family_tokenizer("deepseek-r1-distill")
+    # The DeepSeek-R1-distill template renders an assistant turn without its <think> block. Its first release
+    # (January 2025) had a bare "<｜Assistant｜>" generation prompt, so the prompt is a prefix and only "4" + eos
+    # would be trained; today's prefills "<think>\n", which no rendered turn starts with.
     with pytest.raises(RowError, match="not a token prefix"):
-        Renderer(tok, "messages")({"messages": messages})
-    # Only the final turn trained (prompt/completion) is consistent: its prompt is a prefix.
-    out = Renderer(tok, "prompt_completion")({"prompt": messages[:3], "completion": messages[3:]})
-    assert trained_segments(tok, out)[-1].endswith("6<|im_end|>")
+        Renderer(tok, "prompt_completion")(R1_ROW)
+    tok.chat_template = tok.chat_template.replace("{{'<｜Assistant｜><think>\\n'}}", "{{'<｜Assistant｜>'}}")
+    assert tok.apply_chat_template(R1_ROW["prompt"], tokenize=False, add_generation_prompt=True).endswith("｜>")
+    with pytest.raises(RowError, match="drops part of an assistant message"):
+        Renderer(tok, "prompt_completion")(R1_ROW)
+    # Answers without reasoning are untouched by the rewrite and train as usual.
+    plain = {"prompt": R1_ROW["prompt"], "completion": [{"role": "assistant", "content": "4"}]}
+    assert trained_segments(tok, Renderer(tok, "prompt_completion")(plain)[0]) == ["4<｜end▁of▁sentence｜>"]
 
 
 def test_string_prompt_completion_and_text_append_eos():
     tok = tiny_tokenizer()
-    out = Renderer(tok, "prompt_completion")({"prompt": "Q: 1+1\nA:", "completion": " 2"})
+    [out] = Renderer(tok, "prompt_completion")({"prompt": "Q: 1+1\nA:", "completion": " 2"})
     assert trained_segments(tok, out) == [" 2<|im_end|>"]
-    out = Renderer(tok, "text")({"text": "hello"})
+    [out] = Renderer(tok, "text")({"text": "hello"})
     assert tok.decode(out["input_ids"]) == "hello<|im_end|>" and all(out["loss_mask"])
 
 
 def test_tokenized_rows_keep_their_mask_and_check_lengths():
     tok = tiny_tokenizer()
-    out = Renderer(tok, "tokenized")({"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]})
+    [out] = Renderer(tok, "tokenized")({"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]})
     assert out == {"input_ids": [5, 6, 7], "loss_mask": [0, 1, 1]}
-    assert Renderer(tok, "tokenized")({"input_ids": [5, 6]})["loss_mask"] == [1, 1]
+    assert Renderer(tok, "tokenized")({"input_ids": [5, 6]})[0]["loss_mask"] == [1, 1]
     with pytest.raises(RowError, match="length"):
         Renderer(tok, "tokenized")({"input_ids": [5, 6], "loss_mask": [1]})
 
@@ -158,3 +231,58 @@ def test_tokenizer_without_chat_template_is_a_clear_error():
     tok.chat_template = None
     with pytest.raises(DataError, match="no chat_template"):
         Renderer(tok, "messages")
+
+
+def sentencepiece_tokenizer():
+    """A Llama-2 / Mistral-v0.1 style tokenizer (sentencepiece, legacy): the text gets a leading "▁", spaces are
+    "▁", and BOS is added, as the hub's fast tokenizers of those models do."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+:?.\n"
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "▁2": 4, **{c: i + 5 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "2")], unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_text_and_string_prompts_that_start_with_bos_get_one_bos():
+    tok = sentencepiece_tokenizer()
+    rows = [({"text": "<s>hello"}, "text"), ({"text": "hello"}, "text"),
+            ({"prompt": "<s>Q: 1+1\nA:", "completion": " 2"}, "prompt_completion")]
+    for row, fmt in rows:
+        [out] = Renderer(tok, fmt)(row)
+        assert out["input_ids"][0] == tok.bos_token_id and out["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_string_completion_is_tokenized_as_it_follows_the_prompt():
+    tok = sentencepiece_tokenizer()
+    [out] = Renderer(tok, "prompt_completion")({"prompt": "Q: 1+1\nA:", "completion": " 2"})
+    trained = [t for t, m in zip(out["input_ids"], out["loss_mask"]) if m]
+    # " 2" after "A:" is the one token "▁2" (as in the whole text), not "▁" + "▁2" (the completion encoded alone).
+    assert tok.convert_ids_to_tokens(trained) == ["▁2", "</s>"]
+    assert out["input_ids"][: out["loss_mask"].index(1)] == render_prompt(tok, "Q: 1+1\nA:")
+
+
+def test_sample_prompts_are_the_training_prompts_with_the_rows_tools():
+    import datasets
+
+    from vftrain.sampling import held_out_samples, prompt_and_reference
+    from vftrain.sampling.embedded import encode_prompt
+
+    tok = family_tokenizer("qwen2.5")
+    tools = [{"type": "function", "function": {"name": "add", "description": "add numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer"}}}}}]
+    rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}],
+             "tools": tools},
+            {"prompt": [{"role": "user", "content": "3+3?"}], "completion": [{"role": "assistant", "content": "6"}],
+             "tools": [{"type": "function", "function": {"name": "mul", "description": "multiply", "parameters": {
+                 "type": "object", "properties": {"b": {"type": "integer"}}}}}]}]
+    samples, _ = held_out_samples(datasets.Dataset.from_list(rows), None, 1)  # Arrow: properties {a, b}
+    prompt, reference = prompt_and_reference(samples[0])
+    [trained] = Renderer(tok, "prompt_completion")(rows[1])
+    assert reference == "6"
+    assert encode_prompt(tok, prompt) == trained["input_ids"][: trained["loss_mask"].index(1)]
+    assert '"name": "mul"' in tok.decode(encode_prompt(tok, prompt))

@@ -45,7 +45,7 @@ def test_samples_once_per_trigger_step_with_gradient_accumulation(tmp_path):
 
 def test_samples_come_from_held_out_rows(tmp_path):
     trainer = _trainer(tmp_path)
-    held_out = [p[-1]["content"] for p, _ in _sampler(trainer).pairs]
+    held_out = [p.messages[-1]["content"] for p, _ in _sampler(trainer).pairs]
     assert held_out == [r["prompt"][0]["content"] for r in addition_rows(40)[-3:]]
     assert len(trainer.train_rows) == 37  # the sampled rows are not trained on
 

@@ -30,36 +30,44 @@ def get_model_and_tokenizer(
     model: str | PreTrainedModel,
     *,
     dtype: str = "auto",
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
+    packing: bool = True,
     trust_remote_code: bool = False,
-    use_liger: bool = False,
+    use_liger: bool | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
 
     `model` is a hub name, a local folder, or a loaded `PreTrainedModel` (then `tokenizer` is required unless the
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
+    `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
+    (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
+    it can run (`liger_applies`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if attn_implementation == "varlen":
-        from vftrain import attention
+    from vftrain import attention
 
-        attention.register()
+    attention.register()
+    # "varlen" is set after loading, once the model's attention features are known (attention.choose).
+    load_attn = None if attn_implementation in (attention.AUTO, attention.NAME) else attn_implementation
     if isinstance(model, str):
         try:
             model_obj = AutoModelForCausalLM.from_pretrained(
-                model, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
                 trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("model", model, exc) from None
         source = model
     else:
         model_obj, source = model, getattr(model, "name_or_path", None)
-        if attn_implementation == "varlen":
-            model_obj.set_attn_implementation("varlen")
-    if use_liger:
+    chosen = attention.choose(model_obj, attn_implementation, packing)
+    if chosen is not None and chosen != getattr(model_obj.config, "_attn_implementation", None):
+        model_obj.set_attn_implementation(chosen)
+    if use_liger or (use_liger is None and liger_applies(model_obj)):
         apply_liger(model_obj)
+        use_liger = True
+    log.info("attention: %s; liger kernels: %s", model_obj.config._attn_implementation, "on" if use_liger else "off")
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -68,6 +76,7 @@ def get_model_and_tokenizer(
         except OSError as exc:
             raise load_error("tokenizer", source, exc) from None
     ensure_pad_token(tokenizer, model_obj)
+    add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
 
 
@@ -79,6 +88,19 @@ def apply_liger(model) -> None:
     except ImportError:
         raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
     _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+
+
+def liger_applies(model) -> bool:
+    """liger-kernel is installed, a CUDA GPU is there (its kernels are Triton) and it has kernels for this model."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return False
+    return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
 def load_error(what: str, name: str, exc: Exception) -> ConfigError:
@@ -100,6 +122,22 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> N
         raise ConfigError("the tokenizer has no pad, eos or unk token to pad with; set tokenizer.pad_token")
     if model is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def add_stop_tokens(model, tokenizer) -> None:
+    """Add the end-of-turn tokens that training teaches (`data.render.stop_token_ids`) to the model's
+    `generation_config.eos_token_id`, which every save writes: Qwen2.5/3 base models stop on `<|endoftext|>` while
+    their chat template trains `<|im_end|>`, so transformers and vLLM would otherwise run past the end of a turn."""
+    from vftrain.data.render import stop_token_ids
+
+    config = getattr(model, "generation_config", None)
+    if config is None:
+        return
+    current = config.eos_token_id
+    ids = [current] if isinstance(current, int) else list(current or [])
+    ids += sorted(stop_token_ids(tokenizer) - set(ids))
+    if ids:
+        config.eos_token_id = ids[0] if len(ids) == 1 else ids
 
 
 def lora_config_from(args: TrainerConfig):
@@ -136,16 +174,16 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-# Config attributes of models whose logits are not plain `hidden @ head.weight.T` (Gemma 2/3 soft-capping,
-# Cohere/Granite scaling): for those the loss goes through the model's own logits.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
 def plain_output_head(model):
-    """The output head as a bias-free `nn.Linear` if the logits are exactly `hidden @ weight.T`, else None.
+    """The output head as a bias-free `nn.Linear` whose logits the loss can compute itself (fused with the
+    cross-entropy, no logits held), or None to use the model's own logits.
 
-    With it, the loss can be fused with the head (no logits held); a LoRA-adapted or fully-trained peft copy of
-    the head, or post-processed logits, fall back to the model's own logits.
+    Under `head_returns_hidden` the model applies whatever follows its head to the final hidden states instead of
+    the logits. A scalar factor (Cohere's logit_scale, Granite's logits_scaling, Falcon-H1's lm_head_multiplier,
+    MiniCPM3's scaled hidden states, ...) commutes with the head's matmul, so the fused loss stays exact; soft-capping
+    (`c * tanh(x / c)`, Gemma 2/3/3n) does not, and falls back. tests/test_models.py checks every family that
+    transformers ships with a logit transform against the model's own logits. A LoRA-adapted or fully-trained peft
+    copy of the head falls back too.
     """
     import torch
 
@@ -153,12 +191,26 @@ def plain_output_head(model):
     while hasattr(inner, "module"):  # DDP and similar wrappers
         inner = inner.module
     head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    config = getattr(inner, "config", None)
     if _own_class(head) is not torch.nn.Linear or head.bias is not None:
         return None
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING):
+    if logit_softcap(getattr(inner, "config", None)) is not None:
         return None
     return head
+
+
+def logit_softcap(config) -> float | None:
+    """The final-logit soft-cap of a model config, wherever the model keeps it: on the config itself, or on its text
+    config (Gemma-3n's top level says None while its text config caps at 30); recurrent Gemma names it
+    `logits_soft_cap`."""
+    if config is None:
+        return None
+    configs = [config] + [getattr(config, k, None) for k in getattr(config, "sub_configs", {})]
+    for c in configs:
+        for name in ("final_logit_softcapping", "logits_soft_cap"):
+            value = getattr(c, name, None)
+            if value:
+                return float(value)
+    return None
 
 
 def _own_class(module) -> type:
@@ -222,6 +274,7 @@ def save_merged(peft_model, tokenizer, directory: str) -> str:
     """Write a plain transformers model folder (merged weights + tokenizer) that vLLM and transformers load
     without peft: the hand-off from LoRA SFT to RL or serving."""
     base = peft_model.get_base_model()
+    add_stop_tokens(base, tokenizer)  # `vf-sft export` loads the base model afresh
     state = merged_state_dict(peft_model)
     config = base.config
     tied = getattr(config, "tie_word_embeddings", False)

@@ -47,7 +47,7 @@ class ModelHost:
         from vftrain.models import get_model_and_tokenizer
 
         self.name = path
-        self.model, self.tokenizer = get_model_and_tokenizer(path)
+        self.model, self.tokenizer = get_model_and_tokenizer(path, packing=False)  # generation: no packed rows
         self.adapters: set[str] = set()
         self.lock = threading.Lock()
         self.stops = stop_token_ids(self.tokenizer)

@@ -49,6 +49,7 @@ class VFTrainer(Trainer):
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation,
+            packing=getattr(args, "packing", True),  # RL packs its rollouts
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype

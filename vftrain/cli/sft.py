@@ -126,15 +126,15 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
 
 
 def report_generation_accuracy(trainer, config, when: str = "") -> float:
-    from vftrain.data.load import load_rows
+    from vftrain.data.load import load_rows, plain_row
 
     rows = load_rows(config.dataset, config.eval_split)
-    rows = [rows[i] for i in range(min(config.eval_generation_rows, len(rows)))]
+    rows = [plain_row(rows[i], rows.features) for i in range(min(config.eval_generation_rows, len(rows)))]
     result = trainer.evaluate_generations(rows)
     if not trainer.is_world_process_zero():
         return result["accuracy"]
     for prompt, completion, reference in result["examples"]:
-        last = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        last = prompt if isinstance(prompt, str) else prompt.messages[-1]["content"]
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")
     print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of split "
           f"{config.eval_split!r})", flush=True)

@@ -61,6 +61,25 @@ def _pick_split(dataset_dict, split: str, what: str):
     return dataset_dict[split]
 
 
+def plain_row(row: dict, features) -> dict:
+    """`row` (as `datasets` decodes it) with what Arrow added removed: a struct column holds the union of every
+    row's keys, filling the ones a row lacks with None, so a tool call `{"city": "Paris"}` comes back as
+    `{"city": "Paris", "unit": None}` (Dataset.from_list, parquet, every hub dataset). Keys whose value is None are
+    dropped at every struct level. Within a struct a null the user wrote cannot be told from an absent key (and
+    key order follows the column's schema), so it is dropped too; values stored as JSON strings (or the `Json`
+    feature that `load_dataset("json")` infers for mixed structs) are kept exactly, nulls included."""
+    return {k: _without_struct_nulls(v, features.get(k)) for k, v in row.items()}
+
+
+def _without_struct_nulls(value: Any, feature: Any) -> Any:
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {k: _without_struct_nulls(v, feature.get(k)) for k, v in value.items() if v is not None}
+    inner = getattr(feature, "feature", None)  # List / LargeList / Sequence of something
+    if inner is not None and isinstance(value, list):
+        return [_without_struct_nulls(v, inner) for v in value]
+    return value
+
+
 def detect_format(columns: list[str]) -> str:
     """Name of the row format that `columns` support, or a DataError listing what is accepted."""
     for name, needed in FORMATS.items():

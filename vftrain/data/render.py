@@ -1,13 +1,21 @@
 """Stage 2: render one row to token ids and a loss mask, using the tokenizer's own chat template.
 
-Masks never depend on `{% generation %}` markers, which most real templates lack (trl#4879). Instead every
-trained assistant turn is located by rendering the conversation up to it: `messages[:i]` with the generation
-prompt is exactly what inference feeds the model, so its tokens must be a prefix of the full rendering
-(trl#5213, verl#7807); the trained span runs from there to the end of `messages[:i+1]`, cut just after the turn's
-stop token (the end-of-turn token is trained, axolotl#3754; the template's trailing newline is not).
+Masks never depend on `{% generation %}` markers, which most real templates lack (trl#4879). Instead each trained
+assistant turn is rendered as inference produces it: the prompt `messages[:i]` with the generation prompt (what
+inference feeds the model, `render_prompt`) must be a token prefix of `messages[:i+1]` rendered as a finished
+conversation (trl#5213, verl#7807), and the turn's tokens are what follows, up to and including its first stop
+token (the end-of-turn token is trained, axolotl#3754; whatever the template writes after it is not). The trained
+tokens must carry the message's content (its text, reasoning and tool-call names, whitespace aside): a template
+that rewrites the turn it renders (DeepSeek-R1-distill strips `<think>...</think>`) would otherwise train what is
+left of it.
 
-A row that cannot be rendered consistently raises `RowError` with a short reason; the tokenize stage counts
-and reports those rows instead of training on a wrong mask.
+All turns share one row when the whole conversation's rendering starts with each turn's tokens. Templates that
+render earlier turns differently from how they were generated (Qwen3 drops their reasoning) break that; the
+conversation is then split into one row per group of turns that one rendering serves (`split_turns`), or
+refused.
+
+A row that cannot be rendered correctly raises `RowError` with a short reason; the tokenize stage counts and
+reports those rows instead of training on a wrong mask.
 """
 
 from __future__ import annotations
@@ -27,81 +35,124 @@ class RowError(Exception):
 
 
 class Renderer:
-    """Turns rows of one format into `{"input_ids": [...], "loss_mask": [...]}` with a given tokenizer."""
+    """Turns rows of one format into training rows `{"input_ids": [...], "loss_mask": [...]}` with a tokenizer.
 
-    def __init__(self, tokenizer, fmt: str):
+    `split_turns`: when one rendering of a conversation cannot serve all its assistant turns, train them in
+    several rows (True) or refuse the conversation (False)."""
+
+    def __init__(self, tokenizer, fmt: str, split_turns: bool = True):
         self.tokenizer = tokenizer
         self.fmt = fmt
+        self.split_turns = split_turns
         self.stop_ids = stop_token_ids(tokenizer)
-        if fmt in ("prompt_completion", "messages") and not getattr(tokenizer, "chat_template", None):
+        if fmt == "messages":
+            self._require_template()
+
+    def _require_template(self) -> None:
+        # Checked per chat row for prompt/completion: string prompts and completions (base models) need none.
+        if not getattr(self.tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat_template, so chat rows cannot be rendered; set "
                             "tokenizer.chat_template or use a model with one")
 
-    def __call__(self, row: dict) -> dict:
+    def __call__(self, row: dict) -> list[dict]:
+        """The training rows of one dataset row: one, or one per group of turns (see `render_messages`)."""
         if self.fmt == "tokenized":
-            return _tokenized(row)
+            return [_tokenized(row)]
         if self.fmt == "text":
-            ids = self._encode(row["text"], special=True)
-            return _with_eos(ids, [1] * len(ids), self.tokenizer.eos_token_id)
-        tools = _tools(row.get("tools"))
+            ids = encode_text(self.tokenizer, row["text"])
+            return [_with_eos(ids, [1] * len(ids), self.tokenizer.eos_token_id)]
+        tools = parse_tools(row.get("tools"))
         if self.fmt == "messages":
-            return self.render_messages(_as_messages(row["messages"], "messages"), 0, tools)
+            return self.render_messages(as_messages(row["messages"], "messages"), 0, tools)
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(prompt, str) and isinstance(completion, str):
-            return self._strings(prompt, completion)
-        prompt_messages = _as_messages(prompt, "prompt")
-        return self.render_messages(prompt_messages + _as_messages(completion, "completion"), len(prompt_messages),
+            return [self._strings(prompt, completion)]
+        prompt_messages = as_messages(prompt, "prompt")
+        return self.render_messages(prompt_messages + as_messages(completion, "completion"), len(prompt_messages),
                                     tools)
 
-    def render_messages(self, messages: list[dict], train_from: int, tools: list | None = None) -> dict:
-        """Token ids of the whole conversation; mask = 1 on assistant turns at index >= `train_from`."""
+    def render_messages(self, messages: list[dict], train_from: int, tools: list | None = None) -> list[dict]:
+        """Rows that train every assistant turn at index >= `train_from`, each in the context inference renders it
+        in. The first row is the conversation up to its last trained turn, training every turn that rendering
+        serves; each further row (only with `split_turns`) is the conversation up to a turn it does not serve."""
+        self._require_template()
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= train_from]
         if not turns:
             raise RowError("no assistant message to train on")
         if all(_is_empty(messages[i]) for i in turns):
             raise RowError("empty completion")
-        ids = self._template(messages, tools, generation_prompt=False)
-        mask = [0] * len(ids)
-        for i in turns:
-            start = len(self._prefix_of(ids, messages[:i], tools, True, "the prompt rendered for generation"))
-            end = len(ids) if i == len(messages) - 1 else \
-                len(self._prefix_of(ids, messages[: i + 1], tools, False, "the conversation up to this turn"))
-            end = self._cut_after_stop(ids, start, end)
-            mask[start:end] = [1] * (end - start)
-        return {"input_ids": ids, "loss_mask": mask}
+        spans = {i: self._turn(messages, i, tools) for i in turns}
+        rows, pending = [], turns
+        while pending:
+            ids = spans[pending[-1]][0]  # messages[:last + 1]: serves its own last turn by construction
+            mask, left = [0] * len(ids), []
+            for i in pending:
+                turn_ids, start, end = spans[i]
+                if ids[:end] == turn_ids[:end]:
+                    mask[start:end] = [1] * (end - start)
+                else:
+                    left.append(i)
+            if left and not self.split_turns:
+                raise RowError("chat template renders earlier assistant turns differently from inference "
+                               "(split_turns = true trains them in rows of their own)")
+            rows.append({"input_ids": ids, "loss_mask": mask})
+            pending = left
+        return rows
 
-    def _prefix_of(self, ids: list[int], messages, tools, generation_prompt: bool, what: str) -> list[int]:
-        prefix = self._template(messages, tools, generation_prompt)
-        if ids[: len(prefix)] != prefix:
-            raise RowError(f"chat template: {what} is not a token prefix of the full conversation")
-        return prefix
-
-    def _cut_after_stop(self, ids: list[int], start: int, end: int) -> int:
-        for k in range(end - 1, start - 1, -1):
-            if ids[k] in self.stop_ids:
-                return k + 1
-        raise RowError("chat template renders an assistant turn without a stop token")
-
-    def _template(self, messages, tools, generation_prompt: bool) -> list[int]:
-        try:
-            text = self.tokenizer.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
-        except Exception as exc:  # jinja raises TemplateError, templates raise their own exceptions
-            raise RowError(f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
-        return self._encode(text, special=False)
-
-    def _encode(self, text: str, special: bool) -> list[int]:
-        # Rendered chat text already holds the template's BOS and specials: adding them again would double BOS.
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+    def _turn(self, messages: list[dict], i: int, tools) -> tuple[list[int], int, int]:
+        """(ids of `messages[:i+1]`, start, end) of assistant turn `i` as inference produces it."""
+        prompt = render_prompt(self.tokenizer, messages[:i], tools)
+        ids = render_chat(self.tokenizer, messages[: i + 1], tools, generation_prompt=False)
+        if ids[: len(prompt)] != prompt:
+            raise RowError("chat template: the prompt rendered for generation is not a token prefix of the turn")
+        start = len(prompt)
+        end = next((k + 1 for k in range(start, len(ids)) if ids[k] in self.stop_ids), None)
+        if end is None:
+            raise RowError("chat template renders an assistant turn without a stop token")
+        if not _carries(self.tokenizer.decode(ids[start:end]), messages[i]):
+            raise RowError("chat template drops part of an assistant message (e.g. <think> reasoning) from the "
+                           "tokens it would train")
+        return ids, start, end
 
     def _strings(self, prompt: str, completion: str) -> dict:
-        # Encoded separately and concatenated: exactly what inference sees (the prompt's tokens, then generated
-        # ones), where encoding prompt + completion as one string could merge tokens across the boundary.
         if not completion:
             raise RowError("empty completion")
-        p = self._encode(prompt, special=True)
-        c = self._encode(completion, special=False)
+        p = encode_text(self.tokenizer, prompt)
+        # The completion's tokens are those of prompt + completion after the prompt's: encoded alone, a
+        # sentencepiece tokenizer (Llama-2, Mistral v0.1) would start it with an extra "▁" that never follows the
+        # prompt in running text. Where tokens merge across the boundary the prompt's own tokens are kept (what
+        # inference feeds the model) and the completion is encoded alone.
+        whole = encode_text(self.tokenizer, prompt + completion)
+        c = whole[len(p):] if whole[: len(p)] == p and len(whole) > len(p) else \
+            self.tokenizer(completion, add_special_tokens=False)["input_ids"]
         return _with_eos(p + c, [0] * len(p) + [1] * len(c), self.tokenizer.eos_token_id)
+
+
+def render_prompt(tokenizer, prompt: str | list[dict], tools: list | None = None) -> list[int]:
+    """Token ids inference feeds the model for `prompt` (a message list, rendered by the chat template with the
+    generation prompt and `tools`; or a plain string, with the tokenizer's BOS once)."""
+    if isinstance(prompt, str):
+        return encode_text(tokenizer, prompt)
+    return render_chat(tokenizer, [clean_message(m) for m in prompt], tools, generation_prompt=True)
+
+
+def render_chat(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> list[int]:
+    """Token ids of `messages` through the chat template; RowError if the template rejects them."""
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja raises TemplateError, templates raise their own exceptions
+        raise RowError(f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    # Rendered chat text already holds the template's BOS and specials: adding them again would double BOS.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text with the tokenizer's special tokens (BOS), once: text that already starts with the BOS string
+    would otherwise get a second one."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids
 
 
 def stop_token_ids(tokenizer) -> set[int]:
@@ -130,29 +181,39 @@ def _tokenized(row: dict) -> dict:
     return {"input_ids": ids, "loss_mask": mask}
 
 
-def _as_messages(value: Any, column: str) -> list[dict]:
+def as_messages(value: Any, column: str) -> list[dict]:
+    """`value` as a list of template-ready messages (a string is one user or assistant message)."""
     if isinstance(value, str):
         role = "user" if column == "prompt" else "assistant"
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
         raise RowError(f"{column} is not a list of messages with a 'role'")
-    return [_clean(m) for m in value]
+    return [clean_message(m) for m in value]
 
 
-def _clean(message: dict) -> dict:
-    # datasets stores the union of all rows' keys, filling absent ones with None; templates test for presence
-    # ("tool_calls" in message), so None-valued keys must go. JSON-string tool calls are parsed back.
+def clean_message(message: dict) -> dict:
+    """A copy of `message` as templates expect it: None-valued keys removed (templates test for presence:
+    "tool_calls" in message), JSON-string tool calls and arguments parsed (templates write them with `tojson`)."""
     out = {k: v for k, v in message.items() if v is not None}
-    if isinstance(out.get("tool_calls"), str):
-        out["tool_calls"] = json.loads(out["tool_calls"])
-    for call in out.get("tool_calls") or []:
-        fn = call.get("function", {}) if isinstance(call, dict) else {}
-        if isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except json.JSONDecodeError:
-                pass
+    calls = out.get("tool_calls")
+    if isinstance(calls, str):
+        try:
+            calls = json.loads(calls)
+        except json.JSONDecodeError:
+            raise RowError("tool_calls is not valid JSON") from None
+    if isinstance(calls, list):
+        out["tool_calls"] = [_parsed_call(c) for c in calls]
     return out
+
+
+def _parsed_call(call: Any) -> Any:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+    except json.JSONDecodeError:
+        return call
 
 
 def _is_empty(message: dict) -> bool:
@@ -160,7 +221,22 @@ def _is_empty(message: dict) -> bool:
     return not message.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip()))
 
 
-def _tools(value: Any) -> list | None:
+def _carries(text: str, message: dict) -> bool:
+    """Whether rendered `text` holds the message's content, reasoning and tool-call names, whitespace aside
+    (templates trim content and lay out reasoning blocks their own way)."""
+    content = message.get("content")
+    parts = [content] if isinstance(content, str) else \
+        [p.get("text") for p in content or [] if isinstance(p, dict) and p.get("type") == "text"]
+    parts.append(message.get("reasoning_content"))
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        parts.append(fn.get("name") if isinstance(fn, dict) else None)
+    squeezed = "".join(text.split())
+    return all("".join(p.split()) in squeezed for p in parts if isinstance(p, str))
+
+
+def parse_tools(value: Any) -> list | None:
+    """The `tools` column as a list of tool schemas (it may hold a JSON string), or None."""
     if value is None or value == "":
         return None
     if isinstance(value, str):
@@ -170,12 +246,3 @@ def _tools(value: Any) -> list | None:
             raise RowError("tools column is not valid JSON") from None
     return value or None
 
-
-def prompt_ids(tokenizer, prompt, tools: list | None = None) -> list[int]:
-    """Token ids of a prompt exactly as inference continues it: messages rendered by the chat template with the
-    generation prompt (tools included), or a string encoded with the tokenizer's special tokens (BOS). RL samples
-    from these ids and trains on them as they are."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    renderer = Renderer(tokenizer, "prompt_completion")
-    return renderer._template(_as_messages(prompt, "prompt"), _tools(tools), generation_prompt=True)

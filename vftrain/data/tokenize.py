@@ -11,7 +11,7 @@ from collections import Counter
 
 import numpy as np
 
-from vftrain.data.load import detect_format
+from vftrain.data.load import detect_format, plain_row
 from vftrain.data.render import Renderer, RowError
 from vftrain.errors import DataError
 
@@ -28,11 +28,18 @@ class DataReport:
     tokens: int = 0
     trained_tokens: int = 0
     longest: int = 0
+    split: int = 0  # conversations trained in several rows (split_turns), the rows and tokens that added
+    split_rows: int = 0
+    split_tokens: int = 0
 
     def lines(self) -> list[str]:
-        out = [f"{self.rows_kept:,} of {self.rows_in:,} rows kept ({self.format} format); {self.tokens:,} tokens, "
-               f"{self.trained_tokens:,} trained ({self.trained_tokens / max(self.tokens, 1):.1%}); "
+        share = self.trained_tokens / max(self.tokens, 1)
+        out = [f"{self.rows_kept:,} rows kept from {self.rows_in:,} dataset rows ({self.format} format); "
+               f"{self.tokens:,} tokens, {self.trained_tokens:,} trained ({share:.1%}); "
                f"longest row {self.longest:,} tokens"]
+        if self.split:
+            out.append(f"{self.split:,} conversations split into one row per turn the template renders differently "
+                       f"later (split_turns): +{self.split_rows:,} rows, +{self.split_tokens:,} tokens")
         if self.truncated:
             out.append(f"{self.truncated:,} rows truncated to max_seq_len")
         for reason, (count, first) in sorted(self.dropped.items(), key=lambda kv: -kv[1][0]):
@@ -63,28 +70,20 @@ class TokenizedRows:
         return cls(tokens, masks, offsets)
 
 
-def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "drop",
-                     num_proc: int | None = None, what: str = "train") -> tuple[TokenizedRows, DataReport]:
+def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "drop", num_proc: int | None = None,
+                     what: str = "train", split_turns: bool = True) -> tuple[TokenizedRows, DataReport]:
     """Render, tokenize and filter a `datasets.Dataset`; raise DataError if no row is left to train on."""
     fmt = detect_format(list(dataset.column_names))
-    renderer = Renderer(tokenizer, fmt)
-
-    def render(row: dict, index: int) -> dict:
-        try:
-            out = renderer(row)
-        except RowError as exc:
-            return {"input_ids": [], "loss_mask": [], "error": str(exc), "index": index}
-        return {**out, "error": "", "index": index}
-
-    if num_proc is None and len(dataset) >= 20_000:  # chat templating is Python-bound: use the cores (torchtune#1097)
-        num_proc = min(8, os.cpu_count() or 1)
-    rendered = dataset.map(render, with_indices=True, remove_columns=list(dataset.column_names),
-                           num_proc=num_proc if num_proc and num_proc > 1 else None, desc=f"Tokenizing {what} rows")
+    rendered = _render_all(dataset, Renderer(tokenizer, fmt, split_turns), num_proc, what)
     report = DataReport(format=fmt, rows_in=len(dataset))
     kept, errors = [], Counter()
     first_error: dict[str, int] = {}
     for row in rendered:
         ids, mask, reason = row["input_ids"], row["loss_mask"], row["error"]
+        if row["part"]:  # a further row of a split conversation
+            report.split += row["part"] == 1
+            report.split_rows += 1
+            report.split_tokens += len(ids)
         if not reason:
             ids, mask, reason = _apply_length_policy(ids, mask, max_seq_len, long_rows, row["index"], report)
         if not reason and not any(mask[1:]):  # position 0 is never a prediction target
@@ -102,6 +101,36 @@ def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "dro
     report.trained_tokens = int(sum(m[1:].sum() for _, m in (rows[i] for i in range(len(rows)))))
     report.longest = int(rows.lengths.max())
     return rows, report
+
+
+def _render_all(dataset, renderer: Renderer, num_proc: int | None, what: str):
+    """One output row per training row (a split conversation gives several, numbered by `part`), or one with the
+    reason it cannot be trained (`error`); `index` is the dataset row it came from."""
+    columns = dataset.features
+
+    def render(batch: dict, indices: list[int]) -> dict:
+        out = {"input_ids": [], "loss_mask": [], "error": [], "index": [], "part": []}
+        for k, index in enumerate(indices):
+            try:
+                parts, error = renderer(plain_row({c: batch[c][k] for c in batch}, columns)), ""
+            except RowError as exc:
+                parts, error = [{"input_ids": [], "loss_mask": []}], str(exc)
+            for n, part in enumerate(parts):
+                for key, value in (*part.items(), ("error", error), ("index", index), ("part", n)):
+                    out[key].append(value)
+        return out
+
+    if num_proc is None and len(dataset) >= 20_000:  # chat templating is Python-bound: use the cores (torchtune#1097)
+        num_proc = min(8, os.cpu_count() or 1)
+    import datasets
+
+    # Declared, not inferred: a batch of only failed rows would otherwise type input_ids as a list of nulls.
+    features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
+                                  "loss_mask": datasets.List(datasets.Value("int8")), "error": datasets.Value("string"),
+                                  "index": datasets.Value("int64"), "part": datasets.Value("int32")})
+    return dataset.map(render, batched=True, with_indices=True, remove_columns=list(dataset.column_names),
+                       features=features, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                       desc=f"Tokenizing {what} rows")
 
 
 def _apply_length_policy(ids, mask, max_seq_len: int, policy: str, index: int, report: DataReport):

@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from vftrain.data.pack import epoch_order
-from vftrain.data.render import RowError, prompt_ids
+from vftrain.data.load import plain_row
+from vftrain.data.render import RowError, parse_tools, render_prompt
 from vftrain.errors import DataError
 from vftrain.sampling.tokens import Sample
 
@@ -54,10 +55,12 @@ class PromptSet:
     @classmethod
     def build(cls, dataset, tokenizer, max_prompt_len: int) -> "PromptSet":
         ids, references, prompts, dropped = [], [], [], {}
+        features = getattr(dataset, "features", None)
         for i in range(len(dataset)):
-            prompt, reference, tools = prompt_and_answer(dataset[i])
+            row = dataset[i]
+            prompt, reference, tools = prompt_and_answer(plain_row(row, features) if features else row)
             try:
-                tokens = prompt_ids(tokenizer, prompt, tools)
+                tokens = render_prompt(tokenizer, prompt, parse_tools(tools))
             except RowError as exc:
                 dropped[str(exc)] = dropped.get(str(exc), 0) + 1
                 continue

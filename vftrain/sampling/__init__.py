@@ -2,33 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from vftrain.data.load import plain_row
+from vftrain.data.render import RowError, parse_tools
 from vftrain.errors import DataError
 
 
+@dataclass
+class ChatPrompt:
+    """A chat prompt as inference gets it: the messages and the tools the row offers (None: no tools)."""
+
+    messages: list[dict]
+    tools: list | None = None
+
+
 def prompt_and_reference(row: dict):
-    """(prompt, reference answer) of a chat row: the prompt is everything before the last assistant message
-    (what inference sees), the reference is that message's content."""
+    """(prompt, reference answer) of a row: the prompt is everything before the last assistant message with the
+    row's tools (what inference sees; a `ChatPrompt`, or a string for string prompts), the reference is that
+    message's content."""
+    try:
+        tools = parse_tools(row.get("tools"))
+    except RowError as exc:
+        raise DataError(f"sampling: {exc}") from None
     if "prompt" in row and "completion" in row:
         prompt, completion = row["prompt"], row["completion"]
         if isinstance(completion, str):
-            return prompt, completion
-        answers = [m for m in completion if m.get("role") == "assistant"]
-        return list(prompt) if not isinstance(prompt, str) else prompt, answers[-1].get("content") or ""
+            reference = completion
+        else:
+            reference = [m for m in completion if m.get("role") == "assistant"][-1].get("content") or ""
+        return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), tools)), reference
     if "messages" in row:
         messages = list(row["messages"])
         last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
-        return messages[:last], messages[last].get("content") or ""
+        return ChatPrompt(messages[:last], tools), messages[last].get("content") or ""
     raise DataError("sampling needs prompt + completion or messages columns")
 
 
 def held_out_samples(raw_train, raw_eval, n: int):
     """(rows to sample from, rows to train on): the first `n` eval rows when there is an eval split, else the
-    last `n` training rows, which are then held out of training."""
+    last `n` training rows, which are then held out of training. Sample rows are returned as plain Python rows
+    (`data.load.plain_row`: without the keys Arrow adds to struct columns)."""
     if raw_eval is not None and len(raw_eval):
-        return [raw_eval[i] for i in range(min(n, len(raw_eval)))], raw_train
-    k = min(n, len(raw_train) - 1)
-    keep = len(raw_train) - k
-    return [raw_train[i] for i in range(keep, len(raw_train))], raw_train.select(range(keep))
+        source, picked, train = raw_eval, range(min(n, len(raw_eval))), raw_train
+    else:
+        keep = len(raw_train) - min(n, len(raw_train) - 1)
+        source, picked, train = raw_train, range(keep, len(raw_train)), raw_train.select(range(keep))
+    return [plain_row(source[i], source.features) for i in picked], train
 
 
 def make_backend(trainer):

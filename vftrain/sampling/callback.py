@@ -79,7 +79,13 @@ class SampleCallback(TrainerCallback):
 def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
-    return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt)
+    tools = f"tools: {', '.join(_tool_name(t) for t in prompt.tools)}\n" if prompt.tools else ""
+    return tools + "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt.messages)
+
+
+def _tool_name(tool) -> str:
+    fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+    return str(fn.get("name", "?")) if isinstance(fn, dict) else "?"
 
 
 def _log_table(report_to, history: list[dict]) -> None:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import torch
 
-from vftrain.data.render import stop_token_ids
+from vftrain.attention import for_generation
+from vftrain.data.render import render_prompt, stop_token_ids
+from vftrain.sampling import ChatPrompt
 from vftrain.sampling.tokens import Sample
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """Token ids of a prompt: a string as it is, a message list through the chat template with the generation
-    prompt added."""
-    if isinstance(prompt, str):
-        return tokenizer(prompt)["input_ids"]
-    text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template wrote its own specials
+    """The ids training rendered this prompt to (tools included), so samples show what the model learned."""
+    if isinstance(prompt, ChatPrompt):
+        return render_prompt(tokenizer, prompt.messages, prompt.tools)
+    return render_prompt(tokenizer, prompt)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -25,12 +25,13 @@ def pad_token_id(tokenizer) -> int:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              batch_size: int = 64, synced: bool = False) -> list[str]:
-    """Completions (decoded, special tokens removed) for `prompts` (message lists or strings).
+    """Completions (decoded, special tokens removed) for `prompts` (`ChatPrompt`s, message lists or strings).
 
     The model is put in eval mode and restored afterwards, so this is safe to call in the middle of training;
     a peft model generates with its adapters active. `synced`: the weights are sharded (FSDP, ZeRO-3), every
     process calls this with the same prompts, and all keep running forwards until the last one has finished
-    (transformers' `synced_gpus`), since each forward gathers weights from all of them.
+    (transformers' `synced_gpus`), since each forward gathers weights from all of them. A model that trains with
+    "varlen" attention generates with SDPA (`attention.for_generation`).
     """
     samples = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
                            stop_token_ids(tokenizer), pad_token_id(tokenizer), temperature, top_p, batch_size, synced)
@@ -54,27 +55,28 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids,
     stops = set(stop_ids)
     out: list[Sample] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            width = max(len(ids) for ids in chunk)
-            # Left padding: every prompt ends at the same column, so generation continues each one directly.
-            ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk], device=device)
-            attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
-                else {"do_sample": False}
-            result = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                    eos_token_id=sorted(stops), pad_token_id=pad_id, synced_gpus=synced,
-                                    return_dict_in_generate=True, output_scores=logprobs, **sampling)
-            tokens = result.sequences[:, width:]
-            logp = torch.stack(result.scores, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0] \
-                if logprobs else None
-            for row, (prompt, generated) in enumerate(zip(chunk, tokens.tolist())):
-                # A finished row is padded up to the longest one: it ends at its first stop token.
-                end = next((i + 1 for i, t in enumerate(generated) if t in stops), None)
-                completion = generated[:end]
-                out.append(Sample(prompt_ids=list(prompt), completion_ids=completion,
-                                  logprobs=logp[row, :len(completion)].tolist() if logprobs else [],
-                                  finish_reason="length" if end is None else "stop"))
+        with for_generation(model):
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                width = max(len(ids) for ids in chunk)
+                # Left padding: every prompt ends at the same column, so generation continues each one directly.
+                ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk], device=device)
+                attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk], device=device)
+                sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 \
+                    else {"do_sample": False}
+                result = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                        eos_token_id=sorted(stops), pad_token_id=pad_id, synced_gpus=synced,
+                                        return_dict_in_generate=True, output_scores=logprobs, **sampling)
+                tokens = result.sequences[:, width:]
+                logp = torch.stack(result.scores, 1).float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0] \
+                    if logprobs else None
+                for row, (prompt, generated) in enumerate(zip(chunk, tokens.tolist())):
+                    # A finished row is padded up to the longest one: it ends at its first stop token.
+                    end = next((i + 1 for i, t in enumerate(generated) if t in stops), None)
+                    completion = generated[:end]
+                    out.append(Sample(prompt_ids=list(prompt), completion_ids=completion,
+                                      logprobs=logp[row, :len(completion)].tolist() if logprobs else [],
+                                      finish_reason="length" if end is None else "stop"))
     finally:
         model.train(was_training)
     return out

@@ -173,9 +173,10 @@ class OpenAIBackend:
             response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
                 prompt=prompt, timeout=timeout, **common))
             return response.choices[0].text or ""
+        tools = {"tools": prompt.tools} if prompt.tools else {}
         response = await self._request("/chat/completions", deadline,
                                        lambda timeout: self.client.chat.completions.create(
-                                           messages=prompt, timeout=timeout, **common))
+                                           messages=prompt.messages, timeout=timeout, **tools, **common))
         return response.choices[0].message.content or ""
 
     async def _sample(self, prompt: list[int], body: dict, deadline: float) -> list[Sample]:

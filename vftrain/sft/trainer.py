@@ -52,11 +52,13 @@ class SFTTrainer(VFTrainer):
         # The main process tokenizes first and datasets caches it; the other ranks then read that cache.
         with args.main_process_first(desc="tokenizing"):
             self.train_rows, self.train_report = tokenize_dataset(
-                raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train")
+                raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train",
+                args.split_turns)
             self.eval_rows, self.eval_report = None, None
             if raw_eval is not None:
                 self.eval_rows, self.eval_report = tokenize_dataset(
-                    raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval")
+                    raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval",
+                    args.split_turns)
         if len(self.train_rows) < args.batch_size:
             raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
                               "training rows")
