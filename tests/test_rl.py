@@ -91,15 +91,15 @@ def test_only_completion_tokens_are_trained_stop_token_included():
     samples = [Sample([5, 6, 7], [20, 21, stop], [-0.1, -0.2, -0.3], "stop"),
                Sample([5, 8], [30, 31, 32, 33], [-1.0, -1.1, -1.2, -1.3], "length")]
     rows = R.training_rows(samples, np.array([0.5, -2.0]))
-    for padded in (False, True):
-        batch = Collator(tok.pad_token_id, True)(rows) if not padded else Collator(tok.pad_token_id, True, 8)(rows)
-        parts = batch["micro_batches"] if padded else [batch]
+    for collator in (Collator(tok.pad_token_id, True), Collator(tok.pad_token_id, True, 8),
+                     Collator(tok.pad_token_id, False)):
+        batch = collator(rows)
         targets, logps, advs = [], [], []
-        for part in parts:
-            keep = part["labels"][0] != IGNORE_INDEX
-            targets += part["labels"][0][keep].tolist()
-            logps += part["token_values"][0][keep, 0].tolist()
-            advs += part["token_values"][0][keep, 1].tolist()
+        for part in batch.get("micro_batches", [batch]):
+            keep = part["labels"] != IGNORE_INDEX
+            targets += part["labels"][keep].tolist()
+            logps += part["token_values"][keep][:, 0].tolist()
+            advs += part["token_values"][keep][:, 1].tolist()
         assert sorted(targets) == sorted([20, 21, stop, 30, 31, 32, 33])
         order = np.argsort(targets)
         expected = dict(zip([20, 21, stop, 30, 31, 32, 33], [-0.1, -0.2, -0.3, -1.0, -1.1, -1.2, -1.3]))
@@ -124,10 +124,11 @@ def test_on_policy_ratio_is_one_with_the_embedded_sampler(tmp_path):
 
 
 @pytest.mark.parametrize("split", [dict(micro_batch_size=2), dict(micro_batch_size=8, micro_batch_tokens=32),
-                                   "2 processes"])
+                                   dict(micro_batch_size=4, packing=False), "2 processes"])
 def test_update_is_the_same_for_any_split(tmp_path, split):
     """The same rollouts give the same update (SGD, learning rate 1: the weight change is the gradient) for one
-    micro-batch of 16 rollouts, 8 micro-batches of 2, token-capped forwards, or 2 processes x 4 micro-batches."""
+    micro-batch of 16 rollouts, 8 micro-batches of 2, token-capped forwards, padded micro-batches, or 2 processes x
+    4 micro-batches."""
     one_sgd_step(str(tmp_path / "a"), micro_batch_size=16)
     if split == "2 processes":
         run = _run(tmp_path / "b", 0, processes=2)

@@ -96,6 +96,9 @@ class TrainerConfig(TrainingArguments):
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
                                "are balanced by tokens).")
     max_seq_len: int = _f(2048, "Longest tokenized row, in tokens; longer rows follow `long_rows`.")
+    packing: bool = _f(True, "Pack rows (RL: rollouts) into token-balanced micro-batches with attention kept inside "
+                       "each row; False pads each micro-batch to its longest row (cheaper on CPU for short rows, "
+                       "where SDPA builds a dense mask over a packed sequence).")
     micro_batch_tokens: int | None = _f(None, "With packing: most tokens in one forward pass (a hard memory cap). A "
                                         "micro-batch over it runs as several forwards in the same step, so their "
                                         "number per step varies; the loss is unchanged. At least max_seq_len.")
@@ -147,6 +150,11 @@ class TrainerConfig(TrainingArguments):
 
     def __post_init__(self):
         self._validate_choices()
+        if self.micro_batch_tokens is not None and not self.packing:
+            raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
+        if self.attn_implementation == "varlen" and not self.packing:
+            raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
+                              "boundaries); use 'sdpa' with packing = false")
         self._validate_batch()
         if not self.run_name:
             self.run_name = f"{self.RUN_PREFIX}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -235,8 +243,6 @@ class TrainerConfig(TrainingArguments):
 class SFTConfig(TrainerConfig):
     """Supervised fine-tuning: `TrainerConfig` plus where the data comes from and how rows become batches."""
 
-    packing: bool = _f(True, "Pack rows into token-balanced micro-batches with attention kept inside each row; "
-                       "False pads each micro-batch to its longest row.")
     long_rows: str = _f("drop", "What to do with rows longer than max_seq_len: 'drop' them, 'truncate' them "
                         "(the end of the completion is lost), or 'error'.", ("drop", "truncate", "error"))
     split_turns: bool = _f(True, "Train every assistant turn in the context inference renders it in: where the chat "
@@ -249,11 +255,6 @@ class SFTConfig(TrainerConfig):
     def __post_init__(self):
         if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
-        if self.micro_batch_tokens is not None and not self.packing:
-            raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
-        if self.attn_implementation == "varlen" and not self.packing:
-            raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
-                              "boundaries); use 'sdpa' with packing = false")
         super().__post_init__()
 
 

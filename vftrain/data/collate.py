@@ -66,18 +66,25 @@ def collate_packed(rows: list[tuple[np.ndarray, ...]]) -> dict[str, torch.Tensor
     return batch
 
 
-def collate_padded(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows right-padded to the longest one: shape [len(rows), longest], with an attention mask."""
+def collate_padded(rows: list[tuple[np.ndarray, ...]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows right-padded to the longest one: shape [len(rows), longest], with an attention mask (and, for RL
+    rows, `token_values` [len(rows), longest, k] shifted like the labels)."""
     longest = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(rows), longest), dtype=torch.long)
-    for i, (row_ids, mask) in enumerate(rows):
+    values = torch.zeros((len(rows), longest, len(rows[0]) - 2), dtype=torch.float32)
+    for i, (row_ids, mask, *extra) in enumerate(rows):
         n = len(row_ids)
         ids[i, :n] = torch.from_numpy(row_ids.astype(np.int64))
         labels[i, :n] = torch.from_numpy(shifted_labels(row_ids, mask))
         attention[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels, **trained_index(labels)}
+        if extra:
+            values[i, :n] = torch.from_numpy(shifted_values(np.stack(extra, axis=-1)).astype(np.float32))
+    batch = {"input_ids": ids, "attention_mask": attention, "labels": labels, **trained_index(labels)}
+    if values.shape[-1]:
+        batch["token_values"] = values
+    return batch
 
 
 class Collator:

@@ -72,7 +72,7 @@ class RLTrainer(VFTrainer):
                               f"{len(self.prompts.ids)} prompts are usable")
         super().__init__(model=model, args=args, train_dataset=range(1), processing_class=tokenizer,
                          data_collator=lambda x: x, **kwargs)
-        self.collator = Collator(tokenizer.pad_token_id, True, args.micro_batch_tokens)
+        self.collator = Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens)
         self.stop_ids = stop_token_ids(tokenizer)
         self.sample_temperature = 0.0  # held-out samples are greedy; rollouts use args.temperature
         self.rollout_cache: dict | None = None
@@ -153,7 +153,7 @@ class RLTrainer(VFTrainer):
         if self.args.beta:
             rows = self._with_reference_logp(rows)
         lengths = np.array([len(r[0]) for r in rows])
-        groups = split_step(lengths, np.arange(len(rows)), num_batches, packing=True)
+        groups = split_step(lengths, np.arange(len(rows)), num_batches, packing=args.packing)
         batches = [self.collator([rows[i] for i in g]) for g in groups]
         tokens = int(sum(r[1].sum() for r in rows))
         prompts = [self.prompts.prompts[i] for i in mine for _ in range(args.rollouts_per_example)]
