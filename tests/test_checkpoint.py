@@ -98,7 +98,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     """Ctrl-C or a termination request (a scheduler's preemption) saves the step in progress and stops."""
-    proc = run_worker(tmp_path / "run", kill_at=3, signal=sig)
+    proc = run_worker(tmp_path / "run", kill_at=3, kill_signal=sig)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{signal.Signals(sig).name}: saving a checkpoint" in proc.stderr + proc.stdout
     # The signal arrives at the end of step 3 (after the guard looked): step 4 completes, is saved, and the run
@@ -111,7 +111,7 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
 
 def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     """SIGTERM reaching rank 1 alone: both processes agree at the next step end, save together and stop."""
-    proc = run_worker(tmp_path / "run", kill_at=3, signal=signal.SIGTERM, processes=2, rank=1)
+    proc = run_worker(tmp_path / "run", kill_at=3, kill_signal=signal.SIGTERM, processes=2, rank=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()

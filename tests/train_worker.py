@@ -83,7 +83,7 @@ def train(opts) -> None:
     trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(opts.rows)),
                             args=config(opts))
     if opts.kill_at:
-        trainer.add_callback(KillAt(opts.kill_at, opts.signal, opts.rank))
+        trainer.add_callback(KillAt(opts.kill_at, opts.kill_signal, opts.rank))
     if opts.stall_at:
         trainer.add_callback(StallAt(opts.stall_at, opts.out_dir))
     if opts.nan_at and opts.rank in (None, RANK):
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=24, help="training rows: 3 steps of 8 per epoch")
     parser.add_argument("--resume", action="store_true", help="resume_from_checkpoint latest")
     parser.add_argument("--kill-at", type=int, default=0, help="send --signal to this process after that step")
-    parser.add_argument("--signal", type=int, default=int(signal.SIGKILL))
+    # not --signal: torchrun would take it for an abbreviation of its own --signals-to-handle
+    parser.add_argument("--kill-signal", type=int, default=int(signal.SIGKILL))
     parser.add_argument("--rank", help="only this rank is signalled / gets the NaN")
     parser.add_argument("--stall-at", type=int, default=0, help="step that takes 2 minutes")
     parser.add_argument("--nan-at", type=int, default=0, help="step whose loss is NaN")
