@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,28 @@ def small_config(tmp_path, **overrides):
                 dataloader_pin_memory=False)
     base.update(overrides)
     return vf.SFTConfig(**base)
+
+
+def worker_command(out_dir, max_steps=7, processes=1, **options) -> list[str]:
+    """tests/train_worker.py (under torchrun for several processes) with `--option value` for each keyword
+    (True: a bare flag)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                str(29600 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+    flags = []
+    for key, value in options.items():
+        flags.append("--" + key.replace("_", "-"))
+        if value is not True:
+            flags.append(str(int(value)) if isinstance(value, signal.Signals) else str(value))
+    return [*launcher, str(Path(__file__).parent / "train_worker.py"), str(out_dir), "--max-steps", str(max_steps),
+            *flags]
+
+
+def worker_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(Path(__file__).parent)
+    return env
+
+
+def run_worker(out_dir, max_steps=7, processes=1, **options) -> subprocess.CompletedProcess:
+    return subprocess.run(worker_command(out_dir, max_steps, processes, **options), env=worker_env(),
+                          capture_output=True, text=True, timeout=300)

@@ -5,25 +5,14 @@ model loads with plain transformers."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).parent
-
-
-def _run(out_dir, max_steps, kill_at=0, resume=False, sig=signal.SIGKILL, processes=1, rank=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(HERE)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-                str(29600 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
-    return subprocess.run([*launcher, str(HERE / "train_worker.py"), str(out_dir), str(max_steps), str(kill_at),
-                           "1" if resume else "0", str(int(sig)), *([str(rank)] if rank is not None else [])],
-                          env=env, capture_output=True, text=True, timeout=300)
+from conftest import run_worker, worker_command, worker_env
 
 
 def _losses(out_dir) -> dict[int, float]:
@@ -36,12 +25,12 @@ def _losses(out_dir) -> dict[int, float]:
 
 
 def test_sigkill_and_resume_continue_exactly(tmp_path):
-    full = _run(tmp_path / "full", 7)
+    full = run_worker(tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = _run(tmp_path / "killed", 7, kill_at=5)
+    killed = run_worker(tmp_path / "killed", kill_at=5)
     assert killed.returncode == -9
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    resumed = _run(tmp_path / "killed", 7, resume=True)
+    resumed = run_worker(tmp_path / "killed", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
     assert sorted(got) == list(range(1, 8))
@@ -52,10 +41,26 @@ def test_sigkill_and_resume_continue_exactly(tmp_path):
     assert names == ["checkpoint-6", "checkpoint-7"]
 
 
+def test_two_processes_resume_in_the_middle_of_epoch_1(tmp_path):
+    """24 rows, 3 steps per epoch: checkpoint-4 lies inside epoch 1. On 2 processes accelerate wraps the sampler
+    on resume (SkipBatchSampler(BatchSamplerShard(...)), neither forwards set_epoch); the resumed steps must
+    still train epoch 1's and 2's rows: the losses of the uninterrupted 2-process run and of 1 process."""
+    one, full = run_worker(tmp_path / "one"), run_worker(tmp_path / "full", processes=2)
+    assert one.returncode == 0 and full.returncode == 0, full.stderr[-2000:]
+    assert run_worker(tmp_path / "killed", kill_at=5, processes=2).returncode != 0
+    resumed = run_worker(tmp_path / "killed", resume=True, processes=2)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    expected, reference, got = (_losses(tmp_path / run) for run in ("full", "one", "killed"))
+    for step in range(1, 8):  # 2 processes give the 1-process curve (the same rows per step)
+        assert expected[step] == pytest.approx(reference[step], rel=5e-5), step
+    for step in range(5, 8):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
 def test_checkpoint_loads_with_plain_transformers_and_carries_config(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    assert _run(tmp_path / "run", 2).returncode == 0
+    assert run_worker(tmp_path / "run", 2).returncode == 0
     ckpt = tmp_path / "run" / "checkpoint-2"
     model = AutoModelForCausalLM.from_pretrained(str(ckpt))
     assert model.config.model_type == "qwen2"
@@ -93,20 +98,54 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     """Ctrl-C or a termination request (a scheduler's preemption) saves the step in progress and stops."""
-    proc = _run(tmp_path / "run", 7, kill_at=3, sig=sig)
+    proc = run_worker(tmp_path / "run", kill_at=3, kill_signal=sig)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{signal.Signals(sig).name}: saving a checkpoint" in proc.stderr + proc.stdout
     # The signal arrives at the end of step 3 (after the guard looked): step 4 completes, is saved, and the run
     # stops.
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
-    resumed = _run(tmp_path / "run", 6, resume=True)  # and it resumes from there
+    resumed = run_worker(tmp_path / "run", 6, resume=True)  # and it resumes from there
     assert resumed.returncode == 0 and (tmp_path / "run" / "checkpoint-6").exists()
 
 
 def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
     """SIGTERM reaching rank 1 alone: both processes agree at the next step end, save together and stop."""
-    proc = _run(tmp_path / "run", 7, kill_at=3, sig=signal.SIGTERM, processes=2, rank=1)
+    proc = run_worker(tmp_path / "run", kill_at=3, kill_signal=signal.SIGTERM, processes=2, rank=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_second_signal_stops_at_once(tmp_path, sig):
+    """Step 4 takes two minutes (as a step can under torch_compile). The first signal asks for a save after it; a
+    repeat within a second is the same request (a launcher forwarding what a scheduler sent every process); a
+    second signal after that stops the process at once, as the signal would without vftrain, saving nothing:
+    checkpoint-2 stays the last and intact."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(worker_command(out, stall_at=4), env=worker_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "stalled").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (out / "stalled").exists(), proc.communicate()[1][-2000:]
+        proc.send_signal(sig)
+        time.sleep(0.2)
+        proc.send_signal(sig)  # the same request, delivered twice
+        time.sleep(1.5)
+        assert proc.poll() is None  # still in the long step: the first signal waits for its end
+        sent = time.monotonic()
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 30
+    assert proc.returncode == -sig  # an uncaught KeyboardInterrupt ends Python by SIGINT; SIGTERM's default
+    assert f"second signal ({sig.name}): stopping now, without saving" in stderr
+    assert f"the last checkpoint, {out / 'checkpoint-2'}, is intact" in stderr
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")

@@ -124,3 +124,61 @@ def test_sharding_that_cannot_run_is_refused(tmp_path, monkeypatch, kwargs, worl
     monkeypatch.setenv("WORLD_SIZE", world)
     with pytest.raises(ConfigError, match=message):
         vf.SFTConfig(output_dir=str(tmp_path), batch_size=16, micro_batch_size=4, **kwargs)
+
+
+def test_default_run_name_is_the_same_on_every_process(tmp_path):
+    """torchrun, no run_name or output_dir, rank 1 starting a clock second after rank 0: one folder for both."""
+    from conftest import run_worker
+
+    proc = run_worker(tmp_path / "names", processes=2, mode="run_name")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = [(tmp_path / "names" / f"run_name-{rank}.txt").read_text() for rank in (0, 1)]
+    assert names[0] == names[1] and names[0].startswith("sft-")
+
+
+def test_default_run_name_prefix_is_a_class_attribute(monkeypatch):
+    monkeypatch.chdir("/tmp")
+
+    @dataclasses.dataclass
+    class RLLike(TrainerConfig):
+        run_name_prefix = "rl"  # a ClassVar in TrainerConfig: not a field
+
+    assert RLLike().run_name.startswith("rl-") and vf.SFTConfig().run_name.startswith("sft-")
+
+
+@pytest.mark.parametrize("resume", ["latest", True])
+def test_resume_latest_without_a_named_folder_is_refused(tmp_path, monkeypatch, resume):
+    """A generated run name is a new folder every run: 'the newest checkpoint in it' can never exist."""
+    import datasets
+
+    from conftest import TINY, addition_rows
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="resume_from_checkpoint = latest needs run_name or output_dir"):
+        vf.SFTConfig(resume_from_checkpoint=resume)
+    assert vf.SFTConfig(resume_from_checkpoint=resume, run_name="exp").output_dir == "outputs/exp"
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
+                            args=vf.SFTConfig(max_steps=1, batch_size=8))
+    with pytest.raises(ConfigError, match="needs run_name or output_dir"):
+        trainer.train(resume_from_checkpoint=resume)
+
+
+def test_several_gpus_without_a_launcher_train_in_one_process(tmp_path, monkeypatch, caplog):
+    """transformers wraps the model in nn.DataParallel when it sees several GPUs in one process (which breaks
+    logits_to_keep); vftrain trains on one and says how to use all. The GPUs are faked where transformers counts
+    them (TrainingArguments.n_gpu)."""
+    import datasets
+    import torch
+    from transformers import TrainingArguments
+
+    from conftest import TINY, addition_rows, small_config
+
+    monkeypatch.setattr(TrainingArguments, "n_gpu", property(lambda self: 4))
+    with caplog.at_level("WARNING", logger="vftrain"):
+        cfg = small_config(tmp_path, max_steps=1)
+    assert "4 GPUs are visible but this is one process" in caplog.text
+    assert "torchrun --nproc_per_node 4" in caplog.text
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)), args=cfg)
+    trainer.train()
+    assert cfg.n_gpu == 1 and trainer.state.global_step == 1
+    assert not isinstance(trainer.model_wrapped, torch.nn.DataParallel)

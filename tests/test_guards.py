@@ -3,6 +3,9 @@ finished steps and names the knobs."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import datasets
 import pytest
 import torch
@@ -10,7 +13,7 @@ from transformers import TrainerCallback
 
 import vftrain as vf
 import vftrain.sft.trainer as trainer_module
-from conftest import TINY, addition_rows, small_config
+from conftest import TINY, addition_rows, run_worker, small_config
 from vftrain.guards import NonFiniteLossError, OutOfMemory
 
 
@@ -54,6 +57,27 @@ def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
     assert all(torch.equal(snapshots.params[2][n], snapshots.params[1][n]) for n in snapshots.params[1])
     assert not all(torch.equal(snapshots.params[3][n], snapshots.params[2][n]) for n in snapshots.params[1])
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_nan_on_one_process_is_acted_on_by_every_process(tmp_path, policy):
+    """2 processes (DDP, gloo), the loss NaN on rank 1 only at step 2. The gradients are averaged, so the NaN is in
+    both ranks' gradients: with "skip" both skip the step (weights unchanged, finite, the same on both ranks,
+    and step 3 trains); with "stop" both stop with the message (none applies the step or hangs)."""
+    out = tmp_path / "run"
+    proc = run_worker(out, 3, processes=2, nan_at=2, rank=1, nan_policy=policy, snapshots=True)
+    if policy == "stop":
+        assert proc.returncode != 0 and "the loss became NaN/inf at optimizer step 2" in proc.stderr
+        assert (out / "stopped-0").exists() and (out / "stopped-1").exists()  # both raised it
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = [torch.load(out / f"weights-{rank}.pt") for rank in (0, 1)]
+    for w in weights:
+        assert w["sums"][2] == w["sums"][1] != w["sums"][3]
+        assert all(torch.isfinite(p).all() for p in w["final"].values())
+    assert all(torch.equal(p, weights[1]["final"][name]) for name, p in weights[0]["final"].items())
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite({r["step"]: r["loss"] for r in records if "loss" in r}[3])
 
 
 def test_out_of_memory_saves_the_finished_steps_and_names_the_knobs(tmp_path, monkeypatch):

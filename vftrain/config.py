@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
 from vftrain.errors import ConfigError
+
+log = logging.getLogger("vftrain")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, **kw) -> Any:
@@ -47,7 +50,8 @@ class TrainerConfig(TrainingArguments):
     """Fields shared by SFT and RL: model loading, LoRA, data source, batch shape, logging defaults and sample
     generation."""
 
-    RUN_PREFIX = "sft"  # default run names: <prefix>-<date>-<time>
+
+    run_name_prefix: ClassVar[str] = "run"  # default run names are <prefix>-<date>-<time>; SFT: sft, RL: rl
 
     # ---- model loading
     dtype: str = _f("auto", "Weights dtype: 'auto' (bfloat16 on a GPU that supports it, else float32), "
@@ -119,7 +123,8 @@ class TrainerConfig(TrainingArguments):
     # ---- TrainingArguments fields whose defaults change for fine-tuning
     output_dir: str | None = _f(None, "Where checkpoints, the resolved config and metrics go (default "
                                 "outputs/<run_name>).")
-    run_name: str | None = _f(None, "Name of the run (default: <sft or rl>-<date>-<time>).")
+    run_name: str | None = _f(None, "Name of the run (default: sft-<date>-<time>, rl-... for RL; with several "
+                              "processes the main process's clock decides).")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup (transformers scheduler names).")
     warmup_steps: float = _f(0.03, "Warmup: an integer number of steps, or a float in [0, 1) as a fraction of all steps.")
@@ -156,8 +161,11 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")
         self._validate_batch()
+        # A generated name makes a new folder every run: "the newest checkpoint in it" can never exist.
+        self.generated_output_dir = not self.run_name and not self.output_dir
+        self.check_resume(self.resume_from_checkpoint)
         if not self.run_name:
-            self.run_name = f"{self.RUN_PREFIX}-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            self.run_name = self.run_name_prefix + "-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         if not self.output_dir:
             self.output_dir = os.path.join("outputs", self.run_name)
         if self.bf16 is None:
@@ -185,6 +193,39 @@ class TrainerConfig(TrainingArguments):
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
             raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
                               "no process group; set ddp_backend (nccl on GPUs, gloo on CPUs)")
+        if self.generated_output_dir and launch_world_size() > 1:
+            self._agree_on_run_name()
+        gpus = super().n_gpu  # more than one only without a launcher
+        if gpus > 1:
+            log.warning("%d GPUs are visible but this is one process: it trains on the first one only (never in "
+                        "nn.DataParallel). To train on all of them, start one process per GPU: put torchrun "
+                        "--nproc_per_node %d (or accelerate launch --num_processes %d) in front of the command, e.g. "
+                        "torchrun --nproc_per_node %d -m vftrain.cli.sft @ config.toml; CUDA_VISIBLE_DEVICES chooses "
+                        "the GPU", gpus, gpus, gpus, gpus)
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process uses: at most one. transformers wraps the model in nn.DataParallel when it sees more,
+        which splits `logits_to_keep` over the GPUs and breaks the trained-position lookup (issue #10, item 11)."""
+        return min(super().n_gpu, 1)
+
+    def _agree_on_run_name(self) -> None:
+        """Every process takes the main process's generated name: each process's clock would give its own name
+        (and folder) to processes started across a second boundary. Called once the process group exists."""
+        import torch.distributed as dist
+
+        name = [self.run_name]
+        dist.broadcast_object_list(name, src=0)
+        self.run_name = name[0]
+        self.output_dir = os.path.join("outputs", self.run_name)
+
+    def check_resume(self, resume) -> None:
+        """`resume_from_checkpoint = latest` (or True) looks in output_dir, which must then be named: a generated
+        one is new in every run."""
+        if (resume is True or resume == "latest") and self.generated_output_dir:
+            raise ConfigError("resume_from_checkpoint = latest needs run_name or output_dir: without them every run "
+                              "writes to a new folder (outputs/<generated name>), which holds no earlier checkpoint; "
+                              "set the run_name (or output_dir) of the run to continue, or give the checkpoint's path")
 
     def _validate_choices(self):
         for f in dataclasses.fields(self):
@@ -243,6 +284,8 @@ class TrainerConfig(TrainingArguments):
 class SFTConfig(TrainerConfig):
     """Supervised fine-tuning: `TrainerConfig` plus where the data comes from and how rows become batches."""
 
+    run_name_prefix: ClassVar[str] = "sft"
+
     long_rows: str = _f("drop", "What to do with rows longer than max_seq_len: 'drop' them, 'truncate' them "
                         "(the end of the completion is lost), or 'error'.", ("drop", "truncate", "error"))
     split_turns: bool = _f(True, "Train every assistant turn in the context inference renders it in: where the chat "
@@ -264,7 +307,7 @@ class RLConfig(TrainerConfig):
     one; `batch_size` counts rollouts per optimizer step over all processes, `micro_batch_size` rollouts per
     forward, `max_new_tokens` / `temperature` / `top_p` are the rollouts' sampling parameters."""
 
-    RUN_PREFIX = "rl"
+    run_name_prefix: ClassVar[str] = "rl"
 
     # ---- rollouts
     rollouts_per_example: int = _f(8, "Completions sampled per prompt (the group whose mean reward is the "

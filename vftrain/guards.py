@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain.errors import VFTrainError
 
@@ -17,14 +20,35 @@ class NonFiniteLossError(VFTrainError):
     """The loss became NaN or inf; raised before the optimizer applies the step, so the weights are intact."""
 
 
-class NonFiniteLossGuard(TrainerCallback):
-    """Checks once per optimizer step (one host sync) whether any micro-batch had a non-finite loss, before the
-    optimizer applies it: `nan_policy = "stop"` raises naming the step, `"skip"` drops the step's gradients
-    (parameters without a gradient are left alone by the optimizer, momentum included)."""
+def any_process(accelerator):
+    """`flag -> whether any process has it set`: one small all-reduce, which every process must reach at the same
+    point; None with one process (nothing to agree on)."""
+    if accelerator.num_processes == 1:
+        return None
 
-    def __init__(self, trainer):
+    def agree(flag) -> bool:
+        value = torch.as_tensor(flag, device=accelerator.device).reshape(1).int()
+        return bool(accelerator.reduce(value, reduction="sum").item())
+
+    return agree
+
+
+class NonFiniteLossGuard(TrainerCallback):
+    """Checks once per optimizer step (one host sync; with several processes one small all-reduce) whether any
+    micro-batch on any process had a non-finite loss, before the optimizer applies it: `nan_policy = "stop"`
+    raises naming the step, `"skip"` drops the step's gradients (parameters without a gradient are left alone by
+    the optimizer, momentum included).
+
+    The decision is shared: gradients are averaged over processes before this point, so a NaN on one process is
+    in every process's gradients, and a process that applied them (or kept going while another stopped) would
+    spoil every copy of the weights or hang the next collective.
+    """
+
+    def __init__(self, trainer, agree=None):
         self.trainer = trainer
+        self.agree = agree  # flag -> whether any process has it set (None: one process)
         self.flag: torch.Tensor | None = None
+        self.skipped = False  # a step was skipped since the last logged loss
 
     def see(self, loss_sum: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss_sum.detach())
@@ -32,48 +56,75 @@ class NonFiniteLossGuard(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         flag, self.flag = self.flag, None
-        if flag is None or not bool(flag):
+        flag = False if flag is None else flag
+        if not (self.agree(flag) if self.agree is not None else bool(flag)):
             return
         step = state.global_step + 1
         if args.nan_policy == "skip":
             log.warning("non-finite loss at step %d: step skipped (nan_policy = 'skip')", step)
             for p in self.trainer.model.parameters():
                 p.grad = None
+            self.skipped = True
             return
         raise NonFiniteLossError(
             f"the loss became NaN/inf at optimizer step {step}; the weights are not updated with it. Lower "
             "learning_rate, check the data of that step, or set nan_policy = 'skip'; resume from the last "
             "checkpoint with --sft.resume_from_checkpoint latest")
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        # The logged loss of the window with the skipped step is NaN, as it was. transformers then resets its running
+        # loss by subtracting it from itself, which keeps the NaN: clear it, or every later logged loss is NaN too.
+        if self.skipped and logs and "loss" in logs:
+            self.trainer._tr_loss.zero_()
+            self.skipped = False
+
 
 class GracefulInterrupt(TrainerCallback):
     """Ctrl-C (SIGINT) or a termination request (SIGTERM: a scheduler's preemption, torchrun stopping its workers):
-    finish the current optimizer step, save a checkpoint, stop. A second Ctrl-C aborts.
+    finish the current optimizer step, save a checkpoint, stop. A second signal stops at once, as it would without
+    this callback (Ctrl-C: KeyboardInterrupt; SIGTERM: the process ends), without saving the step in progress: the
+    last checkpoint is left as it is (a save cut short is only ever a staging folder, `checkpoint.py`).
+
+    Signals within `SAME_REQUEST_S` of the first count as that one: a scheduler that signals every process of a job
+    while torchrun forwards the same signal to its workers delivers it twice.
 
     With several processes the decision is shared at every step end (one small all-reduce): a signal that reached
     only some of them still stops all of them at the same step, so the collective save cannot hang.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAME_REQUEST_S = 1.0
 
     def __init__(self, agree=None):
         self.agree = agree  # flag -> whether any process has it set (None: one process)
         self.requested: int | None = None  # the signal received
+        self.requested_at = 0.0
+        self.output_dir: str | None = None
         self.previous: dict = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.output_dir = args.output_dir
         try:
             self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         except ValueError:  # not the main thread: leave signals alone
             self.previous = {}
 
     def _handle(self, signum, frame):
-        if self.requested == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        name = signal.Signals(signum).name
+        now = time.monotonic()
         if self.requested is None:
-            log.warning("%s: saving a checkpoint after this step, then stopping%s", signal.Signals(signum).name,
-                        " (Ctrl-C again to abort)" if signum == signal.SIGINT else "")
-        self.requested = self.requested or signum
+            self.requested, self.requested_at = signum, now
+            log.warning("%s: saving a checkpoint after this step, then stopping (%s again to stop at once, without "
+                        "saving)", name, "Ctrl-C" if signum == signal.SIGINT else name)
+            return
+        if now - self.requested_at < self.SAME_REQUEST_S:
+            return
+        last = get_last_checkpoint(self.output_dir) if self.output_dir and os.path.isdir(self.output_dir) else None
+        log.error("second signal (%s): stopping now, without saving the step in progress; %s", name,
+                  f"the last checkpoint, {last}, is intact: resume_from_checkpoint = {last} continues from it"
+                  if last else "no checkpoint was saved in this run")
+        self._restore()
+        signal.raise_signal(signum)  # the signal's own behaviour: KeyboardInterrupt, or the process ends
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.requested is not None
@@ -84,8 +135,11 @@ class GracefulInterrupt(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
+    def _restore(self) -> None:
         for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self.previous = {}
 
 

@@ -56,6 +56,32 @@ def row_counts(inputs: dict, labels: torch.Tensor) -> dict:
         lengths = torch.tensor([labels.shape[1]] * labels.shape[0])
     lengths = lengths.double()
     return {"tokens": lengths.sum(), "attn_sq": (lengths * lengths).sum()}
+class EvalLoss:
+    """The evaluation loss as one token mean over the whole eval set and every process: summed cross-entropy over
+    summed trained tokens. A mean of per-micro-batch means would weigh a token by the size of its micro-batch
+    (so change with micro_batch_size) and count rows that even-batch padding repeats. Only the first `counted`
+    micro-batches of this process add (the rest are lockstep copies, `data.pack.eval_batches`)."""
+
+    def __init__(self, counted: int | None = None):
+        self.counted, self.seen = counted, 0
+        self.sums: torch.Tensor | None = None  # [loss_sum, correct, trained_tokens], float64 on the device
+
+    def add(self, loss_sum: torch.Tensor, correct: torch.Tensor, trained_tokens: int) -> None:
+        self.seen += 1
+        if self.counted is not None and self.seen > self.counted:
+            return
+        values = torch.stack([loss_sum.detach().double(), torch.as_tensor(correct).to(loss_sum.device).double(),
+                              torch.tensor(float(trained_tokens), dtype=torch.float64, device=loss_sum.device)])
+        self.sums = values if self.sums is None else self.sums + values
+
+    def result(self, reduce, device) -> dict[str, float]:
+        """`loss` and `token_accuracy` over every process's tokens (`reduce` sums a tensor over processes; every
+        process must call this)."""
+        sums = self.sums if self.sums is not None else torch.zeros(3, dtype=torch.float64, device=device)
+        loss_sum, correct, tokens = reduce(sums.to(device)).tolist()
+        if not tokens:
+            return {}
+        return {"loss": loss_sum / tokens, "token_accuracy": correct / tokens}
 
 
 def matmul_params(model) -> int:

@@ -21,7 +21,7 @@ from vftrain import checkpoint
 from vftrain.config import TrainerConfig
 from vftrain.data import load_rows
 from vftrain.errors import ConfigError
-from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, oom_message
+from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, export_merged, get_model_and_tokenizer, keep_gathered_through_backward,
@@ -79,9 +79,10 @@ class VFTrainer(Trainer):
         self.throughput = None
         for callback in (ProgressCallback, PrinterCallback):
             self.remove_callback(callback)
-        self.nan_guard = NonFiniteLossGuard(self)
+        agree = any_process(self.accelerator)  # the processes take the stop/skip decisions together
+        self.nan_guard = NonFiniteLossGuard(self, agree)
         for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.nan_guard,
-                         GracefulInterrupt(self._any_process if self.args.world_size > 1 else None)):
+                         GracefulInterrupt(agree)):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)
@@ -91,7 +92,9 @@ class VFTrainer(Trainer):
     def train(self, *args, **kwargs):
         """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
         error names the settings to change."""
-        self._warn_on_data_changes(kwargs.get("resume_from_checkpoint", args[0] if args else None))
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        self.args.check_resume(resume)
+        self._warn_on_data_changes(resume)
         try:
             return super().train(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
@@ -125,11 +128,6 @@ class VFTrainer(Trainer):
         except torch.OutOfMemoryError:
             return None
         return folder
-
-    def _any_process(self, flag: bool) -> bool:
-        """Whether `flag` is set on any process (every process must call this at the same point)."""
-        value = torch.tensor([int(flag)], device=self.args.device)
-        return bool(self.accelerator.reduce(value, reduction="sum").item())
 
     @property
     def sharded(self) -> bool:

@@ -16,6 +16,7 @@ update does not depend on how a step is split (tests/test_invariance.py).
 from __future__ import annotations
 
 import heapq
+from typing import Callable
 
 import numpy as np
 
@@ -78,12 +79,37 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, num_micro_batches: int, pac
     return plan
 
 
-class StepBatchSampler:
-    """A batch sampler over `plan_epoch`: yields lists of row indices, one per micro-batch."""
+def eval_batches(num_rows: int, micro_batch_size: int, rank: int, world_size: int,
+                 lockstep: bool) -> tuple[list[list[int]], int]:
+    """This process's evaluation micro-batches (runs of consecutive rows) and how many of the first ones count.
 
-    def __init__(self, lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int):
+    Micro-batches go round-robin to the processes, each row to exactly one (accelerate's even-batch sharding would
+    repeat rows so that every process gets as many, and the repeats would weigh in the eval loss). With
+    `lockstep` (sharded weights: every process must take part in every forward) a process short of batches runs
+    copies of the first one, which do not count.
+    """
+    everything = [list(range(i, min(i + micro_batch_size, num_rows))) for i in range(0, num_rows, micro_batch_size)]
+    mine = everything[rank::world_size]
+    counted = len(mine)
+    if lockstep and everything:
+        mine += [everything[0]] * (-(-len(everything) // world_size) - counted)
+    return mine, counted
+
+
+class StepBatchSampler:
+    """A batch sampler over `plan_epoch`: yields lists of row indices, one per micro-batch.
+
+    `steps_done` (the trainer's count of optimizer steps taken) is read when an epoch's iteration starts and
+    decides which epoch's order it yields. The usual `set_epoch` cannot be relied on: on a multi-process resume
+    accelerate wraps this sampler as SkipBatchSampler(BatchSamplerShard(...)), neither of which forwards
+    `set_epoch`, so every process replayed epoch 0's rows. Without `steps_done`, `set_epoch` decides.
+    """
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, num_micro_batches: int, packing: bool, seed: int,
+                 steps_done: Callable[[], int] | None = None):
         self.lengths, self.rows_per_step = lengths, batch_size
         self.num_micro_batches, self.packing, self.seed = num_micro_batches, packing, seed
+        self.steps_done = steps_done
         self.epoch = 0
         # Read by accelerate when it shards the sampler over processes: batch_size None means "micro-batches of
         # varying length" (a number would make it wait for batches of exactly that many rows).
@@ -93,9 +119,14 @@ class StepBatchSampler:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.lengths), self.rows_per_step)
+
     def __len__(self) -> int:
-        return steps_per_epoch(len(self.lengths), self.rows_per_step) * self.num_micro_batches
+        return self.steps_per_epoch * self.num_micro_batches
 
     def __iter__(self):
+        epoch = self.steps_done() // self.steps_per_epoch if self.steps_done is not None else self.epoch
         yield from plan_epoch(self.lengths, self.rows_per_step, self.num_micro_batches, self.packing, self.seed,
-                              self.epoch)
+                              epoch)

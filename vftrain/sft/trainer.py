@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 from vftrain.config import SFTConfig
 from vftrain.data import tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
-from vftrain.data.pack import StepBatchSampler
+from vftrain.data.pack import StepBatchSampler, eval_batches
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
-from vftrain.metrics import StepStats, row_counts
+from vftrain.metrics import EvalLoss, StepStats, row_counts
 from vftrain.models import head_returns_hidden
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
@@ -76,14 +76,19 @@ class SFTTrainer(VFTrainer):
         sampler = StepBatchSampler(
             self.train_rows.lengths, self.args.batch_size,
             self.args.gradient_accumulation_steps * self.args.world_size, self.args.packing,
-            self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+            self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            steps_done=lambda: self.state.global_step)
         return self.accelerator.prepare(self._loader(self.train_rows, sampler, self.data_collator))
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
+        """This process's share of the eval rows, each row on one process (`data.pack.eval_batches`). Not passed
+        through accelerate, whose even-batch sharding repeats rows; `prediction_step` moves batches to the device."""
         rows = eval_dataset if eval_dataset is not None else self.eval_rows
-        size = self.args.micro_batch_size
-        batches = [list(range(i, min(i + size, len(rows)))) for i in range(0, len(rows), size)]
-        return self.accelerator.prepare(self._loader(rows, batches, self.eval_collator))
+        batches, counted = eval_batches(len(rows), self.args.micro_batch_size, self.args.process_index,
+                                        self.args.world_size, lockstep=self.sharded)
+        loader = self._loader(rows, batches, self.eval_collator)
+        loader.counted = counted  # read by evaluation_loop: the micro-batches after these are lockstep copies
+        return loader
 
     def _loader(self, rows, batch_sampler, collator) -> DataLoader:
         return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=collator,
@@ -106,6 +111,20 @@ class SFTTrainer(VFTrainer):
 
     # ---- loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, correct, targets, labels, outputs = self._summed_loss(model, inputs)
+        if model.training and num_items_in_batch is not None:
+            self.nan_guard.see(loss_sum)
+            self._start_throughput(model)
+            loss = self.step_normaliser(loss_sum, num_items_in_batch)
+            self.stats.add(loss_sum=loss_sum, correct=correct, trained_tokens=targets.numel(),
+                           slots=labels.numel(), **row_counts(inputs, labels))
+        else:
+            loss = loss_sum / max(targets.numel(), 1)
+        return (loss, outputs) if return_outputs else loss
+
+    def _summed_loss(self, model, inputs):
+        """(summed cross-entropy of the micro-batch's trained tokens, correct predictions, targets, labels, model
+        outputs); takes the label entries out of `inputs`."""
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
         head = self._fused_head(model)
@@ -121,12 +140,25 @@ class SFTTrainer(VFTrainer):
             outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
             logits, targets = select_trained(outputs.logits, labels, *where)
             loss_sum, correct = cross_entropy_sum(logits, targets)
-        if model.training and num_items_in_batch is not None:
-            self.nan_guard.see(loss_sum)
-            self._start_throughput(model)
-            loss = self.step_normaliser(loss_sum, num_items_in_batch)
-            self.stats.add(loss_sum=loss_sum, correct=correct, trained_tokens=targets.numel(),
-                           slots=labels.numel(), **row_counts(inputs, labels))
-        else:
-            loss = loss_sum / max(targets.numel(), 1)
-        return (loss, outputs) if return_outputs else loss
+        return loss_sum, correct, targets, labels, outputs
+
+    # ---- evaluation
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """transformers' loop (model preparation, callbacks); the loss is `metrics.EvalLoss`: the token mean over
+        the whole eval set on all processes, which best-checkpoint selection reads as `eval_loss`."""
+        self.eval_loss = EvalLoss(getattr(dataloader, "counted", None))
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        result = self.eval_loss.result(lambda t: self.accelerator.reduce(t, reduction="sum"), self.args.device)
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in result.items()})
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Adds the micro-batch's summed loss and trained tokens to `eval_loss`; returns nothing per batch, so the
+        Trainer's loop gathers nothing (one reduction at the end instead). Logits are not returned."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss_sum, correct, targets, _, _ = self._summed_loss(model, inputs)
+        self.eval_loss.add(loss_sum, correct, targets.numel())
+        return None, None, None

@@ -1,0 +1,71 @@
+"""The eval loss (what best-checkpoint selection reads) is the mean over every trained token of the eval set: the
+same for any micro_batch_size and number of processes, each row counted once, equal to the mean computed directly
+from the model's logits."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+import vftrain as vf
+from conftest import TINY, addition_rows, run_worker, small_config
+
+EVAL_ROWS = 13  # completions of 2 and 3 digits: rows carry different numbers of trained tokens
+
+
+def _direct_token_mean(rows) -> float:
+    """Cross-entropy of each row alone, summed over its trained tokens, over the total trained tokens."""
+    model = AutoModelForCausalLM.from_pretrained(TINY).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids, mask in rows:
+            logits = model(torch.tensor(ids, dtype=torch.long)[None]).logits[0, :-1].double()
+            keep = torch.tensor(mask[1:]) > 0
+            targets = torch.tensor(ids[1:], dtype=torch.long)
+            total += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+def test_eval_loss_is_the_token_mean_for_any_micro_batch_size(tmp_path):
+    eval_rows = datasets.Dataset.from_list(addition_rows(EVAL_ROWS, start=500))
+    metrics = {}
+    for size in (1, 4, 8):
+        trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
+                                eval_dataset=eval_rows, args=small_config(tmp_path, micro_batch_size=size))
+        metrics[size] = trainer.evaluate()
+    direct = _direct_token_mean(trainer.eval_rows)
+    for size, m in metrics.items():
+        assert m["eval_loss"] == pytest.approx(direct, rel=1e-5), size
+        assert m["eval_token_accuracy"] == metrics[1]["eval_token_accuracy"]
+
+
+def test_eval_loss_on_two_processes_counts_each_row_once(tmp_path):
+    """7 micro-batches of 2 rows on 2 processes: one process has one more (accelerate's even batches would have
+    given the other a repeated one)."""
+    proc = run_worker(tmp_path / "two", processes=2, mode="evaluate", rows=EVAL_ROWS, micro_batch_size=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
+                            eval_dataset=datasets.Dataset.from_list(addition_rows(EVAL_ROWS, start=500)),
+                            args=small_config(tmp_path))
+    assert two["eval_loss"] == pytest.approx(_direct_token_mean(trainer.eval_rows), rel=1e-5)
+
+
+@pytest.mark.parametrize("lockstep", [False, True])
+def test_eval_batches_give_each_row_to_one_process(lockstep):
+    """Over any number of processes every row is counted exactly once; with sharded weights (lockstep) every
+    process runs as many forwards, the extra ones not counted."""
+    from vftrain.data.pack import eval_batches
+
+    for world in (1, 2, 3, 5, 20):
+        shares = [eval_batches(EVAL_ROWS, 2, rank, world, lockstep) for rank in range(world)]
+        counted = sorted(row for batches, n in shares for batch in batches[:n] for row in batch)
+        assert counted == list(range(EVAL_ROWS)), world
+        if lockstep:
+            assert len({len(batches) for batches, _ in shares}) == 1
