@@ -63,6 +63,8 @@ GOOD = f'model = "{TINY}"\ndataset = "{ADDITION}"\n'
     (f'model = "{TINY}"\n', [], "no dataset: set `dataset = ...`"),
     ('model = "./no/such/model"\n' + f'dataset = "{ADDITION}"\n', [], "model path './no/such/model' does not exist"),
     (GOOD + "[sft\n", [], "is not valid TOML"),
+    (GOOD + "[sft]\nlearning_rate = -1.0\n", [], "learning_rate = -1.0 is not allowed; expected a number >= 0"),
+    (GOOD + "[sft]\nlr_scheduler_type = 'bogus'\n", [], "lr_scheduler_type = 'bogus' is not allowed; choose one of"),
     (GOOD, ["--sft.max_stepz", "3"], "unknown key sft.max_stepz; did you mean sft.max_steps?"),
     (GOOD, ["--modle", "x"], "unknown option --modle; did you mean --model?"),
 ])
@@ -80,6 +82,29 @@ def test_dataset_without_usable_column(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}])
     code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n'), "--inspect", "1"], capsys)
     assert code == 2 and "none of the accepted formats" in err and _one_error_line(err)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "dataset file '{path}' is empty"),
+    ("\n\n", "dataset file '{path}' is empty"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": \n{"text": "d"}\n',
+     "dataset file '{path}' line 3 is not valid JSON (Expecting value, column 10)"),
+    ('{"text": "a"}\nnot json\n', "dataset file '{path}' line 2 is not valid JSON (Expecting value, column 1)"),
+], ids=["empty", "blank-lines", "malformed-line", "not-json"])
+def test_unreadable_data_file_is_one_line(tmp_path, capsys, content, message):
+    """Empty files and malformed JSONL lines (once StopIteration and DatasetGenerationError tracebacks)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{path}"\n'), "--inspect", "1"], capsys)
+    assert code == 2 and message.format(path=path) in err and _one_error_line(err)
+
+
+def test_empty_file_in_a_dataset_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{tmp_path / "data"}"\n'),
+                         "--inspect", "1"], capsys)
+    assert code == 2 and "a data file is empty" in err and _one_error_line(err)
 
 
 def test_offline_hub_model_is_one_line(tmp_path, capsys):
