@@ -84,7 +84,7 @@ _BOUNDS = (
     ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
     ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
 )
-_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc"}
+_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc", "max_grad_norm"}
 
 
 def _check_bounds(config, bounds) -> None:
