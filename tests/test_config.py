@@ -114,6 +114,12 @@ def test_unknown_names_are_named_with_the_choices(tmp_path, field):
         vf.SFTConfig(output_dir=str(tmp_path), **{field: "bogus"})
 
 
+def test_label_smoothing_is_refused_not_ignored(tmp_path):
+    """transformers smooths labels in the compute_loss that vftrain replaces: a set value would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"label_smoothing_factor = 0.1 is not supported .*; leave it 0"):
+        vf.SFTConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1)
+
+
 @pytest.mark.parametrize("field,value", [("warmup_steps", 0), ("warmup_steps", 0.1), ("warmup_steps", 100),
                                          ("logging_steps", 0.25), ("max_grad_norm", 0.0), ("max_steps", -1),
                                          ("lr_scheduler_type", "constant"), ("report_to", ["tensorboard"]),

@@ -257,6 +257,9 @@ class TrainerConfig(TrainingArguments):
             if name not in known:
                 raise ConfigError(f"report_to = {self.report_to!r}: {name!r} is not an integration; choose from "
                                   + ", ".join(repr(k) for k in known))
+        if self.label_smoothing_factor:  # transformers applies it in the compute_loss that vftrain replaces
+            raise ConfigError(f"label_smoothing_factor = {self.label_smoothing_factor!r} is not supported (vftrain's "
+                              "loss is the plain cross-entropy of the trained tokens); leave it 0")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(f"micro_batch_tokens = {self.micro_batch_tokens} must be at least max_seq_len "
                               f"({self.max_seq_len}), or every row could not fit a forward pass")
