@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ADDITION, ROOT, TINY, write_jsonl
+from conftest import ADDITION, ROOT, TINY, addition_rows, write_jsonl
 from vftrain.cli.args import parse_argv
 from vftrain.cli.sft import FLAGS, main, resolve
 
@@ -62,6 +63,8 @@ GOOD = f'model = "{TINY}"\ndataset = "{ADDITION}"\n'
     (f'model = "{TINY}"\n', [], "no dataset: set `dataset = ...`"),
     ('model = "./no/such/model"\n' + f'dataset = "{ADDITION}"\n', [], "model path './no/such/model' does not exist"),
     (GOOD + "[sft\n", [], "is not valid TOML"),
+    (GOOD + "[sft]\nlearning_rate = -1.0\n", [], "learning_rate = -1.0 is not allowed; expected a number >= 0"),
+    (GOOD + "[sft]\nlr_scheduler_type = 'bogus'\n", [], "lr_scheduler_type = 'bogus' is not allowed; choose one of"),
     (GOOD, ["--sft.max_stepz", "3"], "unknown key sft.max_stepz; did you mean sft.max_steps?"),
     (GOOD, ["--modle", "x"], "unknown option --modle; did you mean --model?"),
 ])
@@ -79,6 +82,29 @@ def test_dataset_without_usable_column(tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [{"question": "1+1", "answer": "2"}])
     code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n'), "--inspect", "1"], capsys)
     assert code == 2 and "none of the accepted formats" in err and _one_error_line(err)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "dataset file '{path}' is empty"),
+    ("\n\n", "dataset file '{path}' is empty"),
+    ('{"text": "a"}\n{"text": "b"}\n{"text": \n{"text": "d"}\n',
+     "dataset file '{path}' line 3 is not valid JSON (Expecting value, column 10)"),
+    ('{"text": "a"}\nnot json\n', "dataset file '{path}' line 2 is not valid JSON (Expecting value, column 1)"),
+], ids=["empty", "blank-lines", "malformed-line", "not-json"])
+def test_unreadable_data_file_is_one_line(tmp_path, capsys, content, message):
+    """Empty files and malformed JSONL lines (once StopIteration and DatasetGenerationError tracebacks)."""
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{path}"\n'), "--inspect", "1"], capsys)
+    assert code == 2 and message.format(path=path) in err and _one_error_line(err)
+
+
+def test_empty_file_in_a_dataset_folder_is_one_line(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    code, _, err = _run(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{tmp_path / "data"}"\n'),
+                         "--inspect", "1"], capsys)
+    assert code == 2 and "a data file is empty" in err and _one_error_line(err)
 
 
 def test_offline_hub_model_is_one_line(tmp_path, capsys):
@@ -127,3 +153,45 @@ def test_seed_toml_trains_and_saves(tmp_path):
     resolved = json.loads((out_dir / "vftrain_config.json").read_text())
     assert resolved["model"] == "assets/tiny-chat" and resolved["config"]["use_lora"] is True
     assert resolved["config"]["gradient_accumulation_steps"] == 8 and resolved["config"]["run_name"] == "wordle-sft"
+
+
+def test_string_fields_keep_the_text_as_typed(tmp_path, monkeypatch):
+    """TOML reads `true`, `2024` or `1e3` as a bool or number; a field that takes a string keeps the text."""
+    monkeypatch.chdir(ROOT)
+    inv = parse_argv(["--sft.max_steps", "40", "--sft.run_name", "2024", "--sft.output_dir", "true",
+                      "--sft.resume_from_checkpoint", "latest", "@", "examples/quickstart.toml"], "sft", FLAGS)
+    _, config = resolve(inv)
+    assert config.run_name == "2024" and config.output_dir == "true" and config.resume_from_checkpoint == "latest"
+    assert config.max_steps == 40  # the command line beats the file even when `@ file` comes after it
+
+
+def _tiny_run(tmp_path, *extra):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(32))
+    toml = _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n[sft]\nbatch_size = 8\nmicro_batch_size = 8\n'
+                 f'max_seq_len = 64\nlogging_steps = 1\nsave_steps = 1\ndisable_tqdm = true\n'
+                 f'output_dir = "{tmp_path / "out"}"\n')
+    return ["@", toml, *extra]
+
+
+def test_resume_latest_continues_from_the_newest_checkpoint(tmp_path, capsys):
+    """The README's `--sft.resume_from_checkpoint latest`, through the command line (it once failed type checks)."""
+    assert _run(_tiny_run(tmp_path, "--sft.max_steps", "2"), capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    code, _, err = _run(_tiny_run(tmp_path, "--sft.max_steps", "3", "--sft.resume_from_checkpoint", "latest"), capsys)
+    assert code == 0, err
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # from checkpoint-2: step 2 not trained again
+
+
+def test_resume_latest_without_a_checkpoint_starts_fresh(tmp_path, capsys, caplog):
+    """One command line for the first launch and every restart of a preempted job."""
+    with caplog.at_level(logging.WARNING, logger="vftrain"):
+        code, _, _ = _run(_tiny_run(tmp_path, "--sft.max_steps", "1", "--sft.resume_from_checkpoint", "latest"),
+                          capsys)
+    assert code == 0 and (tmp_path / "out" / "checkpoint-1").is_dir()
+    assert any("no checkpoint in" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_from_a_missing_folder_is_one_line(tmp_path, capsys):
+    code, _, err = _run(_tiny_run(tmp_path, "--sft.resume_from_checkpoint", str(tmp_path / "nope")), capsys)
+    assert code == 2 and "is not a checkpoint folder; use 'latest'" in err and _one_error_line(err)

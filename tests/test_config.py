@@ -63,11 +63,69 @@ def test_explicit_accumulation_must_agree(tmp_path):
     ("sample_backend", "vllm", "sample_backend = 'vllm' is not allowed; choose one of 'embedded', 'openai'"),
     ("nan_policy", "ignore", "nan_policy = 'ignore' is not allowed"),
     ("dtype", "fp8", "dtype = 'fp8' is not allowed"),
-    ("sample_every_n_steps", -1, "sample_every_n_steps = -1 must be >= 0"),
+    ("sample_every_n_steps", -1, "sample_every_n_steps = -1 is not allowed; expected an integer >= 0 (0: never)"),
 ])
 def test_bad_values_are_named(tmp_path, field, value, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         vf.SFTConfig(output_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.parametrize("field,value,allowed", [
+    ("learning_rate", -1.0, "a number >= 0"),
+    ("learning_rate", float("nan"), "a number >= 0"),
+    ("weight_decay", -0.1, "a number >= 0"),
+    ("adam_beta1", 1.0, "a number in [0, 1)"),
+    ("adam_beta2", -0.1, "a number in [0, 1)"),
+    ("adam_epsilon", 0.0, "a number > 0"),
+    ("max_grad_norm", -1.0, "a number >= 0 (0: no clipping)"),
+    ("max_grad_norm", float("inf"), "a number >= 0"),
+    ("warmup_steps", -1, "0, an integer number of steps >= 1, or a fraction in (0, 1)"),
+    ("warmup_steps", 1.5, "0, an integer number of steps >= 1, or a fraction in (0, 1)"),
+    ("logging_steps", 0, "an integer number of steps >= 1, or a fraction in (0, 1)"),
+    ("logging_steps", 2.5, "an integer number of steps >= 1"),
+    ("save_steps", -5, "an integer number of steps >= 1"),
+    ("eval_steps", 0, "an integer number of steps >= 1"),
+    ("max_steps", 0, "a positive integer, or -1 to train num_train_epochs"),
+    ("num_train_epochs", 0, "a number > 0"),
+    ("save_total_limit", 0, "an integer >= 1 (unset: keep every checkpoint)"),
+    ("seed", -1, "an integer in [0, 2**32)"),
+    ("data_seed", 2**32, "an integer in [0, 2**32)"),
+    ("dataloader_num_workers", -1, "an integer >= 0"),
+    ("lora_alpha", 0, "a number > 0"),
+    ("lora_dropout", 1.0, "a number in [0, 1)"),
+    ("temperature", -0.5, "a number >= 0 (0: greedy)"),
+    ("top_p", 0, "a number in (0, 1]"),
+    ("sample_timeout", 0, "a number of seconds > 0"),
+    ("dataset_num_proc", 0, "an integer >= 1"),
+    ("eval_generation_rows", -1, "an integer >= 0 (0: skip)"),
+])
+def test_out_of_range_values_are_named(tmp_path, field, value, allowed):
+    """Refused with the key, the value and what is allowed, before torch or transformers reject them with a
+    traceback (learning_rate in Adam) or silently misread them (a negative max_grad_norm turns clipping off)."""
+    with pytest.raises(ConfigError) as info:
+        vf.SFTConfig(output_dir=str(tmp_path), **{field: value})
+    assert str(info.value).startswith(f"{field} = {value!r} is not allowed; expected {allowed}")
+
+
+@pytest.mark.parametrize("field", ["lr_scheduler_type", "optim", "eval_strategy", "save_strategy",
+                                   "logging_strategy", "report_to"])
+def test_unknown_names_are_named_with_the_choices(tmp_path, field):
+    with pytest.raises(ConfigError, match=rf"^{field} = 'bogus'.* choose (one of|from) .*'(cosine|adamw_torch|steps|wandb)'"):
+        vf.SFTConfig(output_dir=str(tmp_path), **{field: "bogus"})
+
+
+def test_label_smoothing_is_refused_not_ignored(tmp_path):
+    """transformers smooths labels in the compute_loss that vftrain replaces: a set value would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"label_smoothing_factor = 0.1 is not supported .*; leave it 0"):
+        vf.SFTConfig(output_dir=str(tmp_path), label_smoothing_factor=0.1)
+
+
+@pytest.mark.parametrize("field,value", [("warmup_steps", 0), ("warmup_steps", 0.1), ("warmup_steps", 100),
+                                         ("logging_steps", 0.25), ("max_grad_norm", 0.0), ("max_steps", -1),
+                                         ("lr_scheduler_type", "constant"), ("report_to", ["tensorboard"]),
+                                         ("learning_rate", 0.0), ("temperature", 0.7)])
+def test_allowed_edge_values_pass(tmp_path, field, value):
+    vf.SFTConfig(output_dir=str(tmp_path), **{field: value})
 
 
 def test_defaults_work_offline(monkeypatch):

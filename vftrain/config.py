@@ -12,6 +12,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -43,6 +44,82 @@ def launch_world_size() -> int:
         return max(1, int(value))
     except ValueError:
         raise ConfigError(f"environment WORLD_SIZE={value!r} is not an integer") from None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _steps_or_fraction(value) -> bool:
+    return 0 < value < 1 or (value >= 1 and float(value).is_integer())
+
+
+def _integer(low: int) -> Any:
+    return lambda value: float(value).is_integer() and value >= low
+
+
+# Numeric fields whose bad values torch or transformers reject with a traceback that does not name the field, or
+# accept and silently misread (a negative max_grad_norm turns clipping off, warmup_steps = 1.5 becomes 1 step,
+# save_total_limit = 0 keeps every checkpoint, max_steps = 0 trains num_train_epochs): (field, test, allowed).
+_STEPS = "an integer number of steps >= 1, or a fraction in (0, 1) of all steps"
+_BOUNDS = (
+    ("learning_rate", lambda v: v >= 0, "a number >= 0"),
+    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("adam_epsilon", lambda v: v > 0, "a number > 0"),
+    ("max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
+    ("warmup_steps", lambda v: v == 0 or _steps_or_fraction(v), "0, " + _STEPS),
+    ("logging_steps", _steps_or_fraction, _STEPS),
+    ("save_steps", _steps_or_fraction, _STEPS),
+    ("eval_steps", _steps_or_fraction, _STEPS + " (unset: logging_steps)"),
+    ("max_steps", lambda v: v == -1 or _integer(1)(v), "a positive integer, or -1 to train num_train_epochs"),
+    ("num_train_epochs", lambda v: v > 0, "a number > 0"),
+    ("save_total_limit", _integer(1), "an integer >= 1 (unset: keep every checkpoint)"),
+    ("seed", lambda v: _integer(0)(v) and v < 2**32, "an integer in [0, 2**32)"),
+    ("data_seed", lambda v: _integer(0)(v) and v < 2**32, "an integer in [0, 2**32) (unset: seed)"),
+    ("dataloader_num_workers", _integer(0), "an integer >= 0"),
+    ("lora_alpha", lambda v: v > 0, "a number > 0"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("micro_batch_tokens", _integer(1), "a positive integer (unset: no cap)"),
+    ("sample_every_n_steps", _integer(0), "an integer >= 0 (0: never)"),
+    ("sample_timeout", lambda v: v > 0, "a number of seconds > 0"),
+    ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
+    ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+)
+_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc", "max_grad_norm"}
+
+
+def _check_bounds(config, bounds) -> None:
+    for name, ok, allowed in bounds:
+        value = getattr(config, name)
+        if value is None and name in _OPTIONAL:
+            continue
+        if not _number(value) or not math.isfinite(value) or not ok(value):
+            raise ConfigError(f"{name} = {value!r} is not allowed; expected {allowed}")
+
+
+def _enum_choices() -> dict[str, tuple]:
+    """TrainingArguments' enum-valued fields (optim, lr_scheduler_type, *_strategy) and their allowed strings, so a
+    bad one is named here rather than by transformers' 'bogus is not a valid SchedulerType'."""
+    import enum
+    import typing
+
+    choices = {}
+    for name, hint in typing.get_type_hints(TrainingArguments).items():
+        for arg in typing.get_args(hint):
+            if isinstance(arg, type) and issubclass(arg, enum.Enum):
+                choices[name] = tuple(e.value for e in arg)
+    return choices
+
+
+_TRANSFORMERS_CHOICES = _enum_choices()
+
+
+def _reporting_integrations() -> tuple:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return tuple(INTEGRATION_TO_CALLBACK)
 
 
 @dataclass
@@ -229,19 +306,28 @@ class TrainerConfig(TrainingArguments):
 
     def _validate_choices(self):
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("vf_choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name} = {getattr(self, f.name)!r} is not allowed; choose one of "
+            choices = f.metadata.get("vf_choices") or _TRANSFORMERS_CHOICES.get(f.name)
+            value = getattr(self, f.name)
+            if choices and getattr(value, "value", value) not in choices:
+                raise ConfigError(f"{f.name} = {value!r} is not allowed; choose one of "
                                   + ", ".join(repr(c) for c in choices))
         for name in ("batch_size", "micro_batch_size", "max_seq_len", "lora_rank", "num_samples", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
+        _check_bounds(self, _BOUNDS)
+        reporters = [self.report_to] if isinstance(self.report_to, str) else (self.report_to or [])
+        known = ("none", "all", *_reporting_integrations())
+        for name in reporters:
+            if name not in known:
+                raise ConfigError(f"report_to = {self.report_to!r}: {name!r} is not an integration; choose from "
+                                  + ", ".join(repr(k) for k in known))
+        if self.label_smoothing_factor:  # transformers applies it in the compute_loss that vftrain replaces
+            raise ConfigError(f"label_smoothing_factor = {self.label_smoothing_factor!r} is not supported (vftrain's "
+                              "loss is the plain cross-entropy of the trained tokens); leave it 0")
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(f"micro_batch_tokens = {self.micro_batch_tokens} must be at least max_seq_len "
                               f"({self.max_seq_len}), or every row could not fit a forward pass")
-        if self.sample_every_n_steps < 0:
-            raise ConfigError(f"sample_every_n_steps = {self.sample_every_n_steps!r} must be >= 0 (0 turns it off)")
 
     def _validate_batch(self):
         world = launch_world_size()
@@ -296,6 +382,8 @@ class SFTConfig(TrainerConfig):
                                       "20,000 rows and more).")
 
     def __post_init__(self):
+        _check_bounds(self, (("dataset_num_proc", _integer(1), "an integer >= 1 (unset: automatic)"),
+                             ("eval_generation_rows", _integer(0), "an integer >= 0 (0: skip)")))
         if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         super().__post_init__()

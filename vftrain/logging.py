@@ -5,17 +5,28 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 
+from rich.console import Console
 from rich.logging import RichHandler
 from transformers import TrainerCallback
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
-    """Route the `vftrain` logger through Rich; transformers/datasets stay at warning level. Processes other than
-    the launch's first (RANK > 0 under torchrun / accelerate) show warnings and errors only."""
+    """Route the `vftrain` logger to stdout: through Rich on a terminal, as plain unwrapped lines into a file or pipe
+    (Rich would wrap them at 80 columns there, splitting a value from its name). transformers/datasets stay at
+    warning level. Processes other than the launch's first (RANK > 0 under torchrun / accelerate) show warnings and
+    errors only."""
     logger = logging.getLogger("vftrain")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        logger.addHandler(RichHandler(show_path=False, show_time=False, markup=False))
+    for old in [h for h in logger.handlers if getattr(h, "vftrain_console", False)]:
+        logger.removeHandler(old)  # a second call (tests, notebooks) may find another stdout
+    if Console().is_terminal:
+        handler = RichHandler(show_path=False, show_time=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    handler.vftrain_console = True
+    logger.addHandler(handler)
     logger.setLevel(level if os.environ.get("RANK", "0") == "0" else max(level, logging.WARNING))
     logger.propagate = False
     import transformers
@@ -42,8 +53,10 @@ def _plain(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-CURVES = (("loss", "loss"), ("token_accuracy", "token accuracy"), ("reward", "reward (rollouts)"),
-          ("eval/reward", "eval reward"), ("tokens_per_second", "tokens / s"))
+# Panels of training_curves.png: (title, ((metrics.jsonl key, legend label), ...)).
+CURVES = (("loss", (("loss", "train"), ("eval_loss", "eval"))), ("token accuracy", (("token_accuracy", None),)),
+          ("reward", (("reward", "rollouts"), ("eval/reward", "held-out"))),
+          ("tokens / s", (("tokens_per_second", None),)))
 
 
 class RunSummaryCallback(TrainerCallback):
@@ -68,7 +81,6 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def print_summary(records: list[dict], steps: int) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"vftrain: {steps} optimizer steps")
@@ -84,6 +96,18 @@ def print_summary(records: list[dict], steps: int) -> None:
         Console().print(table)
 
 
+def curve_panels(records: list[dict]) -> list[tuple[str, list[tuple[str | None, list]]]]:
+    """The panels of CURVES that have data: (title, [(label, [(step, value), ...]), ...])."""
+    panels = []
+    for title, series in CURVES:
+        lines = [(label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
+                 for key, label in series]
+        lines = [line for line in lines if line[1]]
+        if lines:
+            panels.append((title, lines))
+    return panels
+
+
 def plot_curves(records: list[dict], path: str) -> str | None:
     """Write the curves that have data to `path`; returns the path, or None without matplotlib."""
     try:
@@ -95,15 +119,17 @@ def plot_curves(records: list[dict], path: str) -> str | None:
         logging.getLogger("vftrain").info("matplotlib not installed: no training_curves.png "
                                           "(pip install 'vftrain[plots]')")
         return None
-    panels = [(key, label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
-              for key, label in CURVES]
-    panels = [p for p in panels if p[2]]
+    panels = curve_panels(records)
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (_, label, points) in zip(axes[0], panels):
-        ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None)
-        ax.set_title(label)
+    for ax, (title, lines) in zip(axes[0], panels):
+        for label, points in lines:
+            ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None,
+                    label=label)
+        if any(label for label, _ in lines):
+            ax.legend()
+        ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -145,7 +171,10 @@ class RichProgressCallback(TrainerCallback):
             return
         line = format_metrics(state.global_step, state.max_steps, logs)
         if line:
-            (self.progress.console.print if self.progress is not None else print)(line)
+            if self.progress is not None:
+                self.progress.console.print(line, soft_wrap=True)  # one line, also into a file (no 80-column wrap)
+            else:
+                print(line)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.progress is not None:

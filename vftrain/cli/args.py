@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 import types
@@ -32,6 +33,7 @@ class Invocation:
     top: dict  # model, dataset
     flags: dict  # entry-point flags such as inspect / json / help
     config_path: str | None = None
+    cli_text: dict = dataclasses.field(default_factory=dict)  # each --section.key override as typed
 
 
 def parse_argv(argv: list[str], section: str, flag_names: dict[str, bool]) -> Invocation:
@@ -67,12 +69,14 @@ def parse_argv(argv: list[str], section: str, flag_names: dict[str, bool]) -> In
         elif key in TOP_LEVEL:
             inv.top[key] = value
         elif key.startswith(section + "."):
-            inv.table[key[len(section) + 1:]] = parse_value(value)
+            inv.cli_text[key[len(section) + 1:]] = value
         else:
             allowed = [*TOP_LEVEL, f"{section}.<field>", *flag_names]
             hint = difflib.get_close_matches(key, allowed, n=1)
             raise ConfigError(f"unknown option --{key}" + (f"; did you mean --{hint[0]}?" if hint else
                                                             f"; options are {', '.join('--' + a for a in allowed)}"))
+    # Applied after every file, wherever `@ file` stood: the command line beats the TOML.
+    inv.table.update({key: parse_value(text) for key, text in inv.cli_text.items()})
     return inv
 
 
@@ -111,15 +115,23 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def build_config(cls, table: dict, section: str):
-    """Instantiate the config dataclass from a checked table."""
+def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
+    """Instantiate the config dataclass from a checked table.
+
+    A command-line value is read as TOML would read it, except where the field takes a string and the TOML
+    reading does not fit: `--sft.run_name 2024` and `--sft.output_dir true` keep the text as typed.
+    """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
+    table = dict(table)
     for key, value in table.items():
         if key not in fields:
             hint = difflib.get_close_matches(key, list(fields), n=1)
             raise ConfigError(f"unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else
                                                                 "; see --help for the fields"))
+        text = (cli_text or {}).get(key)
+        if not type_matches(value, hints[key]) and text is not None and type_matches(text, hints[key]):
+            table[key] = value = text
         if not type_matches(value, hints[key]):
             raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {type_name(hints[key])}")
     return cls(**table)
@@ -158,6 +170,26 @@ def type_name(hint: Any) -> str:
     if hint is type(None):
         return "none"
     return getattr(hint, "__name__", str(hint))
+
+
+def resume_point(config) -> str | None:
+    """The checkpoint folder `resume_from_checkpoint` names: 'latest' is the newest `checkpoint-<step>` in output_dir,
+    or none yet (a first launch: the same command line then serves every restart of a preempted job)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    value = config.resume_from_checkpoint
+    if not value:
+        return None
+    if value == "latest":
+        found = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+        if found is None:
+            logging.getLogger("vftrain").warning("resume_from_checkpoint = 'latest': no checkpoint in %s yet; "
+                                                 "starting at step 0", config.output_dir)
+        return found
+    if not os.path.isdir(value):
+        raise ConfigError(f"resume_from_checkpoint = {value!r} is not a checkpoint folder; use 'latest' (the newest "
+                          "checkpoint in output_dir) or the path of a checkpoint-<step> folder")
+    return value
 
 
 def resolve_path_or_name(value: str, what: str) -> str:

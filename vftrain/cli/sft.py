@@ -7,7 +7,7 @@ import logging
 import sys
 import textwrap
 
-from vftrain.cli.args import build_config, parse_argv, resolve_path_or_name
+from vftrain.cli.args import build_config, parse_argv, resolve_path_or_name, resume_point
 from vftrain.errors import ConfigError, VFTrainError
 
 FLAGS = {"inspect": True, "json": False, "help": False}
@@ -85,10 +85,8 @@ def resolve(inv, config_cls=None, section: str = "sft"):
     if table.get("dataset") is None:
         raise ConfigError("no dataset: set `dataset = ...` at the top of the TOML file or pass --dataset")
     table["dataset"] = resolve_path_or_name(table["dataset"], "dataset")
-    if table.get("resume_from_checkpoint") == "latest":
-        table["resume_from_checkpoint"] = True  # transformers' spelling of "the newest checkpoint in output_dir"
     try:
-        config = build_config(config_cls, table, section)
+        config = build_config(config_cls, table, section, inv.cli_text)
     except (TypeError, ValueError) as exc:
         if isinstance(exc, VFTrainError):
             raise
@@ -106,10 +104,11 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
     setup_console_logging()
+    resume = resume_point(config)
     trainer = trainer_cls(model=model, args=config)
     if before is not None:
         before(trainer)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # out of memory: OutOfMemory, exit 2
+    trainer.train(resume_from_checkpoint=resume)  # out of memory: OutOfMemory, exit 2
     trainer.save_model()
     if config.merge_lora:
         merged = trainer.save_merged()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from typing import Any
 
@@ -37,7 +39,7 @@ def load_rows(source: Any, split: str):
         if builder is None:
             raise DataError(f"dataset file {source!r} has an unsupported extension; use one of "
                             + ", ".join(_FILE_BUILDERS))
-        return _load(builder, data_files={split: source}, split=split)
+        return _load_file(source, builder, split)
     if os.path.isdir(source):
         return _pick_split(_load(source), split, f"folder {source!r}")
     if source.startswith((".", "/")) or source.endswith(tuple(_FILE_BUILDERS)):
@@ -48,11 +50,52 @@ def load_rows(source: Any, split: str):
 def _load(*args, **kwargs):
     import datasets
 
+    what = repr(next(iter(kwargs["data_files"].values())) if "data_files" in kwargs else args[0])
     try:
         return datasets.load_dataset(*args, **kwargs)
-    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"could not load dataset {args[0] if args else kwargs}: {first}") from exc
+    except StopIteration:  # datasets' JSON builder on an empty file of a folder
+        raise DataError(f"could not load dataset {what}: a data file is empty") from None
+    except (FileNotFoundError, ValueError, ConnectionError, OSError, datasets.exceptions.DatasetGenerationError) as exc:
+        cause = exc.__cause__ if isinstance(exc, datasets.exceptions.DatasetGenerationError) and exc.__cause__ else exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise DataError(f"could not load dataset {what}: {first}") from exc
+
+
+def _load_file(path: str, builder: str, split: str):
+    if _is_blank(path):
+        raise DataError(f"dataset file {path!r} is empty")
+    json_log = logging.getLogger("datasets.packaged_modules.json.json")
+    quiet, json_log.disabled = json_log.disabled, True  # its "Failed to load JSON" line would precede our error
+    try:
+        return _load(builder, data_files={split: path}, split=split)
+    except DataError:
+        if builder == "json":
+            _raise_on_malformed_json(path)  # names the line; datasets' message does not
+        raise
+    finally:
+        json_log.disabled = quiet
+
+
+def _is_blank(path: str) -> bool:
+    with open(path, "rb") as fh:
+        return not any(chunk.strip() for chunk in iter(lambda: fh.read(1 << 16), b""))
+
+
+def _raise_on_malformed_json(path: str) -> None:
+    """DataError naming the first line of `path` that is not JSON (one document, or one per line); else return."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        text = fh.read()
+    if text.lstrip().startswith("["):
+        documents = [(1, text)]  # one JSON array: the decoder counts lines itself
+    else:
+        documents = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    for number, document in documents:
+        try:
+            json.loads(document)
+        except json.JSONDecodeError as exc:
+            line = number + exc.lineno - 1
+            raise DataError(f"dataset file {path!r} line {line} is not valid JSON ({exc.msg}, column "
+                            f"{exc.colno})") from None
 
 
 def _pick_split(dataset_dict, split: str, what: str):
