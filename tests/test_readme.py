@@ -4,7 +4,6 @@ unseen; a new `vf-sft` line is picked up and run without any change here."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import re
 import shlex
@@ -17,10 +16,12 @@ import pytest
 
 from conftest import ROOT, addition_rows, write_jsonl
 
-# Appended to every vf-sft run (later overrides win): two steps, a few generations.
+# Appended to every run (later overrides win): two steps, a few generations.
 TINY_SFT = ["--sft.max_steps", "2", "--sft.eval_generation_rows", "2"]
+TINY_RL = ["--rl.max_steps", "2", "--rl.eval_generation_rows", "2"]
 SFT_PROGRAMS = (["vf-sft"], ["torchrun", "--nproc_per_node", "2", "-m", "vftrain.cli.sft"],
                 ["accelerate", "launch", "--num_processes", "2", "-m", "vftrain.cli.sft"])
+RL_PROGRAMS = (["vf-rl"],)
 
 # README lines that cannot run here, with the reason (keys: the command without its comment).
 EXEMPT = {
@@ -50,13 +51,16 @@ def readme_commands() -> list[str]:
 def _exemption(command: str) -> str | None:
     if command in EXEMPT:
         return EXEMPT[command]
-    if command.startswith("vf-rl ") and not importlib.metadata.entry_points(group="console_scripts", name="vf-rl"):
-        return "vf-rl is not built yet (no entry point); once it is, this test fails until its lines run here"
     return None
 
 
-def _program(args: list[str]) -> list[str] | None:
-    return next((p for p in SFT_PROGRAMS if args[:len(p)] == p), None)
+def _tiny(args: list[str]) -> list[str] | None:
+    """The tiny settings for the program `args` start (None: not a program this test runs)."""
+    if any(args[:len(p)] == p for p in SFT_PROGRAMS):
+        return TINY_SFT
+    if any(args[:len(p)] == p for p in RL_PROGRAMS):
+        return TINY_RL
+    return None
 
 
 COMMANDS = readme_commands()
@@ -95,10 +99,10 @@ def _free_port() -> str:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs_as_written(command, scratch):
     """In README order, in one scratch folder (so `--sft.resume_from_checkpoint latest` finds the checkpoints of
-    the lines before it)."""
+    the lines before it, and `vf-rl @ examples/sft_then_rl/rl.toml` the model its SFT line wrote)."""
     reason = _exemption(command)
     args = shlex.split(command)
-    if reason is None and _program(args) is None:
+    if reason is None and _tiny(args) is None:
         pytest.fail(f"README command {command!r} is neither run nor exempted: teach tests/test_readme.py to run it "
                     "(tiny settings), or add it to EXEMPT with the reason")
     if reason is not None:
@@ -106,6 +110,6 @@ def test_readme_command_runs_as_written(command, scratch):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "COLUMNS")}
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")  # the venv's vf-sft, torchrun
     env["PET_MASTER_PORT"] = _free_port()  # torchrun's --master_port, without changing the command line
-    proc = subprocess.run([*args, *TINY_SFT], cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*args, *_tiny(args)], cwd=scratch, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
