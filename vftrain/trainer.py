@@ -22,10 +22,11 @@ from vftrain.config import TrainerConfig
 from vftrain.data import load_rows
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
+from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (apply_lora, export_merged, get_model_and_tokenizer, keep_gathered_through_backward,
-                            plain_output_head, save_merged)
+from vftrain.models import (apply_lora, export_merged, get_model_and_tokenizer, head_returns_hidden,
+                            keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import needs_master_weights, use_float32_master_weights
 
 log = logging.getLogger("vftrain")
@@ -190,6 +191,23 @@ class VFTrainer(Trainer):
                 keep_gathered_through_backward(model, head)
         self._head_for = (model, head)
         return head
+
+    def trained_forward(self, model, inputs: dict, labels: torch.Tensor, where: tuple):
+        """The model's forward, evaluated only at trained positions: (values, targets, head weight, outputs), where
+        values are final hidden states [N, hidden] when the loss applies the output head itself (weight is the
+        head's; no logits held), else the model's logits [N, vocab] (weight None)."""
+        head = self._fused_head(model)
+        if head is None:
+            outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
+            logits, targets = select_trained(outputs.logits, labels, *where)
+            return logits, targets, None, outputs
+        with head_returns_hidden(head):
+            outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
+        hidden, targets = select_trained(outputs.logits, labels, *where)
+        weight = self.head_weight(head)
+        # accelerate's mixed precision returns outputs in float32; the head's matmul runs in its own dtype, as it
+        # would inside the model.
+        return hidden.to(weight.dtype), targets, weight, outputs
 
     @staticmethod
     def head_weight(head) -> torch.Tensor:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import sys
 
 from vftrain.cli.args import parse_argv
-from vftrain.cli.sft import print_help, report_generation_accuracy, resolve, train
-from vftrain.errors import ConfigError, VFTrainError
+from vftrain.cli.sft import inspect_setup, print_help, report_generation_accuracy, resolve, train
+from vftrain.errors import VFTrainError
 
 FLAGS = {"inspect": True, "help": False}
 USAGE = """usage: vf-rl @ path/to/config.toml [--rl.<field> VALUE ...] [--model M] [--dataset D] [--inspect N]
@@ -53,21 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def inspect(model: str, config, n_text: str) -> int:
-    from transformers import AutoTokenizer
-
     from vftrain.data.load import load_rows
-    from vftrain.models import ensure_pad_token, load_error
     from vftrain.rl.rollouts import PromptSet
 
-    try:
-        n = int(n_text)
-    except ValueError:
-        raise ConfigError(f"--inspect {n_text!r}: expected a number of prompts") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
-    except OSError as exc:
-        raise load_error("tokenizer", model, exc) from None
-    ensure_pad_token(tokenizer)
+    n, tokenizer = inspect_setup(model, config, n_text, "prompts")
     prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
     for line in prompts.lines():
         print(line)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 import textwrap
 
@@ -140,22 +139,29 @@ def report_generation_accuracy(trainer, config, when: str = "") -> float:
     return result["accuracy"]
 
 
-def inspect(model: str, config, n_text: str, as_json: bool) -> int:
+def inspect_setup(model: str, config, n_text: str, what: str):
+    """(count, tokenizer) for `--inspect N`: N checked, the model's tokenizer loaded with a pad token."""
     from transformers import AutoTokenizer
 
-    from vftrain.cli.inspect import print_rows
-    from vftrain.data import prepare_rows
     from vftrain.models import ensure_pad_token, load_error
 
     try:
         n = int(n_text)
     except ValueError:
-        raise ConfigError(f"--inspect {n_text!r}: expected a number of rows") from None
+        raise ConfigError(f"--inspect {n_text!r}: expected a number of {what}") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
     except OSError as exc:
         raise load_error("tokenizer", model, exc) from None
     ensure_pad_token(tokenizer)
+    return n, tokenizer
+
+
+def inspect(model: str, config, n_text: str, as_json: bool) -> int:
+    from vftrain.cli.inspect import print_rows
+    from vftrain.data import prepare_rows
+
+    n, tokenizer = inspect_setup(model, config, n_text, "rows")
     rows, report = prepare_rows(config.dataset, config.dataset_split, tokenizer, config, "train")
     print_rows(rows, report, tokenizer, n, as_json)
     return 0

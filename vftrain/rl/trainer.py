@@ -29,7 +29,6 @@ from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
-from vftrain.models import head_returns_hidden
 from vftrain.rewards import load_reward_funcs
 from vftrain.rl import rollouts as R
 from vftrain.rl.stats import RLStats
@@ -235,18 +234,9 @@ class RLTrainer(VFTrainer):
                 epsilon_high=args.epsilon_high, mask_low=args.mask_ratio_low, mask_high=args.mask_ratio_high,
                 ref_logp=None if ref_logp is None else ref_logp[s:e].to(logp.dtype), beta=args.beta)
 
-        head = self._fused_head(model)
-        if head is not None:
-            with head_returns_hidden(head):
-                outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
-            hidden, targets = select_trained(outputs.logits, labels, *where)
-            weight = self.head_weight(head)
-            loss_sum, stats = token_loss_sum(token_fn, targets, hidden=hidden.to(weight.dtype), weight=weight,
-                                             temperature=args.temperature)
-        else:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
-            logits, targets = select_trained(outputs.logits, labels, *where)
-            loss_sum, stats = token_loss_sum(token_fn, targets, logits=logits, temperature=args.temperature)
+        values, targets, weight, outputs = self.trained_forward(model, inputs, labels, where)
+        fused = dict(hidden=values, weight=weight) if weight is not None else dict(logits=values)
+        loss_sum, stats = token_loss_sum(token_fn, targets, temperature=args.temperature, **fused)
         if num_items_in_batch is None:  # evaluation: a plain mean
             return loss_sum / max(targets.numel(), 1)
         self.nan_guard.see(loss_sum)

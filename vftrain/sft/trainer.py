@@ -24,9 +24,8 @@ from vftrain.data import tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler, eval_batches
 from vftrain.errors import ConfigError
-from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum, select_trained
+from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum
 from vftrain.metrics import EvalLoss, StepStats, row_counts
-from vftrain.models import head_returns_hidden
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
 from vftrain.trainer import VFTrainer
@@ -127,19 +126,9 @@ class SFTTrainer(VFTrainer):
         outputs); takes the label entries out of `inputs`."""
         labels = inputs.pop("labels")
         where = (inputs.pop("trained_positions"), inputs.pop("trained_flat"))  # the head runs only there
-        head = self._fused_head(model)
-        if head is not None:
-            with head_returns_hidden(head):
-                outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
-            hidden, targets = select_trained(outputs.logits, labels, *where)
-            weight = self.head_weight(head)
-            # accelerate's mixed precision returns outputs in float32; the head's matmul runs in its own dtype,
-            # as it would inside the model.
-            loss_sum, correct = linear_cross_entropy_sum(hidden.to(weight.dtype), weight, targets)
-        else:
-            outputs = model(**inputs, use_cache=False, logits_to_keep=where[0])
-            logits, targets = select_trained(outputs.logits, labels, *where)
-            loss_sum, correct = cross_entropy_sum(logits, targets)
+        values, targets, weight, outputs = self.trained_forward(model, inputs, labels, where)
+        loss_sum, correct = (linear_cross_entropy_sum(values, weight, targets) if weight is not None else
+                             cross_entropy_sum(values, targets))
         return loss_sum, correct, targets, labels, outputs
 
     # ---- evaluation
