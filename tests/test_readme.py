@@ -33,6 +33,15 @@ EXEMPT = {
         "accelerate takes its port only from its own flag or config file (default 29500, which concurrent runs on "
         "one machine share); the torchrun line below is the same DDP run, and "
         "test_distributed.py::test_two_processes_match_one[accelerate-launch] runs accelerate launch",
+    "export VFTRAIN_API_KEY=$(openssl rand -hex 16)":
+        "a shell builtin for the server commands below; test_serve.py runs the server with a key from the environment",
+    "python -m vftrain.serve --model outputs/my-sft --port 8000":
+        "a server that runs until stopped; test_serve.py::test_command_line_reads_the_key_from_the_environment starts "
+        "`python -m vftrain.serve` as a subprocess and talks to it",
+    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve outputs/my-sft --port 8000 --api-key $VFTRAIN_API_KEY "
+    "--enable-lora --max-lora-rank 64 --logprobs-mode processed_logprobs":
+        "vLLM's wheels need another torch build than ours (and a GPU); the openai backend is tested against "
+        "vftrain.serve, which answers the same requests",
     "torchrun --nproc_per_node 2 -m vftrain.cli.sft @ config.toml --sft.fsdp true":
         "accelerate applies FSDP only on accelerators (on CPU processes vftrain refuses it); "
         "test_distributed.py runs the FSDP2 path on CPU through tests/cpu_fsdp.py",
@@ -44,8 +53,8 @@ EXEMPT = {
 def readme_commands() -> list[str]:
     """Each command line of the README's ```bash blocks, without its comment."""
     blocks = re.findall(r"^```bash\n(.*?)^```", (ROOT / "README.md").read_text(), flags=re.S | re.M)
-    return [" ".join(shlex.split(line, comments=True)) for block in blocks for line in block.splitlines()
-            if shlex.split(line, comments=True)]
+    lines = [line for block in blocks for line in block.replace("\\\n", " ").splitlines()]  # continuations
+    return [" ".join(shlex.split(line, comments=True)) for line in lines if shlex.split(line, comments=True)]
 
 
 def _exemption(command: str) -> str | None:
