@@ -12,7 +12,8 @@ STAGING = ".staging"
 
 # Settings that decide which rows each step trains on: a resume with other values continues on different data
 # (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
-DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "split_turns", "seed", "data_seed",
+DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "packing", "split_turns", "seed",
+               "data_seed",
                "rollouts_per_example", "max_prompt_len")  # the last two: which prompts an RL step takes
 
 
