@@ -223,7 +223,7 @@ def test_sigkill_and_resume_reproduce_losses_and_rewards(tmp_path, num_iteration
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
     assert sorted(got) == list(range(1, 7))
-    assert len({expected[s]["reward"] for s in expected}) > 1  # rewards vary: the check below can fail
+    assert len({r["reward"] for r in expected.values() if "reward" in r}) > 1  # rewards vary: the check can fail
     last_checkpoint = 5 // save_steps * save_steps
     for step in range(last_checkpoint + 1, 7):
         for key in {"reward", "loss", "completion_len"} & set(expected[step]):  # reused rollouts log no reward
