@@ -123,6 +123,40 @@ def test_on_policy_ratio_is_one_with_the_embedded_sampler(tmp_path):
     assert record["grad_norm"] > 0
 
 
+def test_on_policy_ratio_is_one_when_training_with_varlen_attention(tmp_path):
+    """A model that trains with "varlen" (the default on a CUDA GPU) samples its rollouts with masked attention:
+    the packed-only kernel cannot decode padded prompts over a KV cache."""
+    trainer = _trainer(tmp_path, attn_implementation="varlen", micro_batch_size=4)
+    trainer.train()
+    record = _metrics(tmp_path / "out")[1]
+    assert abs(record["importance_ratio_min"] - 1) < 1e-5 and abs(record["importance_ratio_max"] - 1) < 1e-5
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_cache_decoding_samples_what_the_dynamic_cache_does(device):
+    """Rollouts over a static KV cache (on CUDA: replayed as a CUDA graph) are those of transformers' dynamic cache:
+    same seed, same tokens, logprobs and finish reasons, with left-padded prompts of different lengths, stop tokens
+    reached at different steps, and more rows than one batch."""
+    from transformers import AutoModelForCausalLM
+
+    from vftrain.sampling.tokens import sample
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).to(device)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    runs = {graphs: sample(model, prompts, n=3, max_new_tokens=12, temperature=0.8, top_p=0.95,
+                           stop_ids=set(range(20, 32)), pad_id=96, seed=1, batch_size=4, graphs=graphs)
+            for graphs in (True, False)}
+    static, dynamic = [[s for group in runs[g] for s in group] for g in (True, False)]
+    assert [s.completion_ids for s in static] == [s.completion_ids for s in dynamic]
+    assert [s.finish_reason for s in static] == [s.finish_reason for s in dynamic]
+    assert {s.finish_reason for s in static} == {"stop", "length"}  # both endings are exercised
+    for a, b in zip(static, dynamic):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
 @pytest.mark.parametrize("split", [dict(micro_batch_size=2), dict(micro_batch_size=8, micro_batch_tokens=32),
                                    dict(micro_batch_size=4, packing=False), "2 processes"])
 def test_update_is_the_same_for_any_split(tmp_path, split):
@@ -189,7 +223,7 @@ def test_sigkill_and_resume_reproduce_losses_and_rewards(tmp_path, num_iteration
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     expected, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
     assert sorted(got) == list(range(1, 7))
-    assert len({expected[s]["reward"] for s in expected}) > 1  # rewards vary: the check below can fail
+    assert len({r["reward"] for r in expected.values() if "reward" in r}) > 1  # rewards vary: the check can fail
     last_checkpoint = 5 // save_steps * save_steps
     for step in range(last_checkpoint + 1, 7):
         for key in {"reward", "loss", "completion_len"} & set(expected[step]):  # reused rollouts log no reward

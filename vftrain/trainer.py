@@ -96,6 +96,9 @@ class VFTrainer(Trainer):
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         self.args.check_resume(resume)
         self._warn_on_data_changes(resume)
+        folder = get_last_checkpoint(self.args.output_dir) if resume is True else resume
+        if isinstance(folder, str):
+            self._load_extra_state(folder)
         try:
             return super().train(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
@@ -271,6 +274,10 @@ class VFTrainer(Trainer):
 
     def _save_extra_state(self, folder: str) -> None:
         """A subclass's own state, written into the checkpoint folder before it is published."""
+
+    def _load_extra_state(self, folder: str) -> None:
+        """What `_save_extra_state` wrote, read before training resumes from `folder` (before the first step's
+        `get_batch_samples`, which the Trainer calls before it restores its own RNG state)."""
 
     def _get_output_dir(self, trial):
         run_dir = super()._get_output_dir(trial)

@@ -251,16 +251,15 @@ class RLTrainer(VFTrainer):
         if cache is None or self.args.num_iterations == 1 or self.state.global_step - cache["step"] >= \
                 self.args.num_iterations:
             return
-        name = ROLLOUT_CACHE if self.args.world_size == 1 else f"rank{self.args.process_index}-{ROLLOUT_CACHE}"
         os.makedirs(folder, exist_ok=True)
-        torch.save(cache, os.path.join(folder, name))
+        torch.save(cache, self._cache_path(folder))
 
-    def _load_rng_state(self, checkpoint):
-        super()._load_rng_state(checkpoint)
-        if checkpoint is None:
-            return
+    def _cache_path(self, folder: str) -> str:
         name = ROLLOUT_CACHE if self.args.world_size == 1 else f"rank{self.args.process_index}-{ROLLOUT_CACHE}"
-        path = os.path.join(checkpoint, name)
+        return os.path.join(folder, name)
+
+    def _load_extra_state(self, folder: str) -> None:
+        path = self._cache_path(folder)
         if os.path.exists(path):
             self.rollout_cache = torch.load(path, weights_only=False)
 
