@@ -35,6 +35,7 @@ def get_model_and_tokenizer(
     trust_remote_code: bool = False,
     use_liger: bool | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    load_weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
 
@@ -42,7 +43,8 @@ def get_model_and_tokenizer(
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
-    it can run (`liger_applies`).
+    it can run (`liger_applies`). `load_weights = False` (a hub name or folder only) builds the model with empty
+    (meta-device) parameters and real buffers, for FSDP ranks that receive their shards from rank 0.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,10 +54,10 @@ def get_model_and_tokenizer(
     # "varlen" is set after loading, once the model's attention features are known (attention.choose).
     load_attn = None if attn_implementation in (attention.AUTO, attention.NAME) else attn_implementation
     if isinstance(model, str):
+        load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
-            model_obj = AutoModelForCausalLM.from_pretrained(
-                model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
-                trust_remote_code=trust_remote_code)
+            model_obj = load(model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
+                             trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("model", model, exc) from None
         source = model
@@ -78,6 +80,26 @@ def get_model_and_tokenizer(
     ensure_pad_token(tokenizer, model_obj)
     add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
+
+
+def empty_model(source: str, *, dtype, attn_implementation, trust_remote_code: bool):
+    """The model of `source` as `from_pretrained` would build it, without reading its weights: parameters on the meta
+    device (no memory), buffers real (RoPE frequencies are computed, not loaded, and FSDP does not broadcast
+    non-persistent buffers), generation config loaded. For the FSDP ranks that get their shards from rank 0."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                                                 trust_remote_code=trust_remote_code)
+    model.tie_weights()  # init_empty_weights re-creates each parameter on meta, which unties a tied head
+    model.name_or_path = model.config.name_or_path = source
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: from_pretrained derives it from the model config, as from_config
+        pass
+    return model
 
 
 def apply_liger(model) -> None:

@@ -27,7 +27,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain import checkpoint
-from vftrain.config import SFTConfig
+from vftrain.config import SFTConfig, weights_from_rank0
 from vftrain.data import load_rows, tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.pack import StepBatchSampler
@@ -115,9 +115,13 @@ class SFTTrainer(Trainer):
         else:
             set_seed(args.seed)
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        # FSDP with cpu_ram_efficient_loading (vftrain's default): rank 0 reads the weights and sends each process
+        # its shards (accelerate's fsdp2_prepare_model), so the others need not hold a copy of the model.
+        load_weights = not weights_from_rank0(args) or args.process_index == 0
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
-            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer)
+            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer,
+            load_weights=load_weights)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
         if args.lean_mlp:
