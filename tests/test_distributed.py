@@ -108,8 +108,8 @@ import datasets, torch
 import vftrain as vf
 from conftest import TINY, addition_rows
 fsdp = {fsdp!r}
-cfg = vf.SFTConfig(output_dir={out!r}, max_steps=2, batch_size=8, micro_batch_size=4, max_seq_len=64, seed=0,
-                   learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True,
+cfg = vf.SFTConfig(output_dir={out!r}, max_steps=3, batch_size=8, micro_batch_size=4, max_seq_len=64, seed=0,
+                   learning_rate=1e-2, warmup_steps=0, logging_steps=1, save_strategy="no", disable_tqdm=True,
                    dataloader_pin_memory=False, **fsdp)
 trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=cfg)
 empty = all(p.is_meta for p in trainer.model.parameters())
@@ -145,6 +145,19 @@ def test_fsdp2_reads_the_weights_on_rank_0_only(tmp_path):
     empty, _ = _load_run(tmp_path, "every_rank", 2, {"fsdp": True,
                                                    "fsdp_config": {"cpu_ram_efficient_loading": False}})
     assert empty == {0: False, 1: False}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, every):
+    """`gradient_checkpointing` (every layer, or every 2nd: `gradient_checkpointing_kwargs = {every_n_layers = 2}`)
+    inside FSDP2's layer groups recomputes exactly what the 1-process run without it computes."""
+    data = _dataset(tmp_path)
+    extra = ("--sft.max_steps", "3")
+    one, _ = _train(tmp_path / "one", 1, data, extra)
+    gc = ("--sft.gradient_checkpointing", "true", "--sft.gradient_checkpointing_kwargs",
+          json.dumps({"every_n_layers": every}))
+    two, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *extra, *gc), fsdp=True)
+    _assert_same_curve(one, two)
 
 
 def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):

@@ -259,12 +259,16 @@ class SFTConfig(TrainerConfig):
 def _fsdp_config_with_defaults(config: Any) -> dict:
     """`fsdp_config` (a table or a JSON file path) with vftrain's defaults: weights read by rank 0 alone and sent to
     the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks)."""
-    if isinstance(config, str):
+    if isinstance(config, str):  # inline JSON (as transformers accepts it) or a JSON file
         try:
-            with open(config) as fh:
-                config = json.load(fh)
+            if config.lstrip().startswith("{"):
+                config = json.loads(config)
+            else:
+                with open(config) as fh:
+                    config = json.load(fh)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"fsdp_config = {config!r} is not a readable JSON file: {exc}") from None
+            raise ConfigError(f"fsdp_config = {config!r} is neither a JSON table nor a readable JSON file: "
+                              f"{exc}") from None
     config = dict(config or {})
     if "cpu_ram_efficient_loading" not in config and "fsdp_cpu_ram_efficient_loading" not in config:
         config["cpu_ram_efficient_loading"] = True

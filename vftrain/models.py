@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -86,20 +87,42 @@ def empty_model(source: str, *, dtype, attn_implementation, trust_remote_code: b
     """The model of `source` as `from_pretrained` would build it, without reading its weights: parameters on the meta
     device (no memory), buffers real (RoPE frequencies are computed, not loaded, and FSDP does not broadcast
     non-persistent buffers), generation config loaded. For the FSDP ranks that get their shards from rank 0."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn_implementation,
-                                                 trust_remote_code=trust_remote_code)
-    model.tie_weights()  # init_empty_weights re-creates each parameter on meta, which unties a tied head
+    model = empty_from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                              trust_remote_code=trust_remote_code)
     model.name_or_path = model.config.name_or_path = source
     try:
         model.generation_config = GenerationConfig.from_pretrained(source)
     except OSError:  # no generation_config.json: from_pretrained derives it from the model config, as from_config
         pass
     return model
+
+
+def empty_from_config(config, **kwargs):
+    """`AutoModelForCausalLM.from_config(config, **kwargs)` with parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # init_empty_weights re-creates each parameter on meta, which unties a tied head
+    return model
+
+
+def distinct_meta_pointers(model) -> None:
+    """Give each meta-device parameter of `model` its own stand-in `data_ptr()`.
+
+    accelerate's FSDP2 `prepare` (1.15) swaps the optimizer's parameters for their sharded copies through a map keyed
+    by `data_ptr()`, which is 0 for every meta parameter: on the ranks that build the model empty (`empty_model`)
+    every optimizer entry became the same sharded parameter, so the others were never updated (the loss left the
+    1-process curve from the second update on; tests/test_distributed.py). Negative numbers are never real
+    addresses; fully_shard replaces these parameters, so the stand-ins do not outlive the prepare.
+    """
+    for i, p in enumerate(model.parameters()):
+        if p.is_meta:
+            p.data_ptr = functools.partial(int, -1 - i)
 
 
 def apply_liger(model) -> None:

@@ -40,7 +40,7 @@ from vftrain.mlp import use_lean_mlp
 from vftrain.optim import needs_master_weights, use_float32_master_weights
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
-from vftrain.models import (apply_lora, get_model_and_tokenizer, head_returns_hidden,
+from vftrain.models import (apply_lora, distinct_meta_pointers, get_model_and_tokenizer, head_returns_hidden,
                             export_merged, keep_gathered_through_backward, plain_output_head, save_merged)
 
 log = logging.getLogger("vftrain")
@@ -188,6 +188,8 @@ class SFTTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
+        if fresh and self.sharded:
+            distinct_meta_pointers(model if model is not None else self.model)
         optimizer = super().create_optimizer(model)
         # FSDP and DeepSpeed keep float32 master weights themselves.
         if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
