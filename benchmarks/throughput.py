@@ -301,9 +301,10 @@ def communication(engine: str, n_params: int, ga: int, step_ms: float) -> dict:
     the gradients. The time overlaps compute, so this bounds the exposed communication from above."""
     import torch.distributed as dist
 
-    world, dev = dist.get_world_size(), torch.device("cuda", torch.cuda.current_device())
-    chunk = torch.randn(world, 64 * 2**20, device=dev, dtype=torch.bfloat16)  # 128 MiB per rank
-    mine = torch.empty(64 * 2**20, device=dev, dtype=torch.bfloat16)
+    world = dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mine = torch.randn(64 * 2**20, device=dev).to(torch.bfloat16)  # 128 MiB per rank
+    chunk = torch.empty(world * mine.numel(), device=dev, dtype=torch.bfloat16)
     rates = {}
     for name, op in (("all_gather", lambda: dist.all_gather_into_tensor(chunk, mine)),
                      ("reduce_scatter", lambda: dist.reduce_scatter_tensor(mine, chunk))):
