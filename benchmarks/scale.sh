@@ -64,10 +64,10 @@ m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() f
     python3 benchmarks/compare_curves.py "$out"/lora_1gpu "$out"/lora_fsdp | tee "$out/lora.md" ;;
   fsdp7b)  # Qwen2.5-7B shape, ~16k tokens per micro-batch and GPU, one micro-batch per step: activation
            # checkpointing on every 2nd layer, then on every layer with the final model saved and loaded by
-           # transformers. Each run gets the time left of a 480 s window (the device call's budget).
+           # transformers. Each run gets the time left of a 450 s window (the device call's budget).
     F="--child qwen7b --engine fsdp --steps 8 --warmup 3 --seq 16384 --attn varlen --vf-liger --breakdown"
     LIMIT=270 run fsdp7b_gc2 two $F --gc --gc-every 2
-    LIMIT=$((480 - SECONDS)) run fsdp7b_gc1 two $F --gc --save-final /tmp/fsdp7b_final
+    LIMIT=$((450 - SECONDS)) run fsdp7b_gc1 two $F --gc --save-final /tmp/fsdp7b_final
     df -h /tmp | tail -1; echo "elapsed ${SECONDS}s" ;;
   *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b"; exit 2 ;;
 esac
