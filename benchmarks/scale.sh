@@ -7,6 +7,7 @@
 #   bash benchmarks/scale.sh resume   # FSDP2 / ZeRO-3: save at step 3, resume, compare; checkpoint loads
 #   bash benchmarks/scale.sh lora     # LoRA: 1 GPU vs FSDP2 curves, merged model written and loaded
 #   bash benchmarks/scale.sh fsdp7b   # 7B full fine-tune under FSDP2 (issue #12); needs no DeepSpeed wheels
+#   bash benchmarks/scale.sh save7b   # the same, saved and loaded with from_pretrained
 # Every run's log and metrics land under $OUT. WHL names the wheel folder (default .whl).
 set -uo pipefail
 rm -rf /tmp/site
@@ -69,5 +70,9 @@ m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() f
     LIMIT=270 run fsdp7b_gc2 two $F --gc --gc-every 2
     LIMIT=$((450 - SECONDS)) run fsdp7b_gc1 two $F --gc --save-final /tmp/fsdp7b_final
     df -h /tmp | tail -1; echo "elapsed ${SECONDS}s" ;;
-  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b"; exit 2 ;;
+  save7b)  # the 7B FSDP2 run saved after 4 steps and loaded with transformers (after fsdp7b's save was cut short)
+    LIMIT=400 run fsdp7b_save two --child qwen7b --engine fsdp --steps 4 --warmup 2 --seq 16384 --attn varlen \
+      --vf-liger --gc --save-final /tmp/fsdp7b_final
+    ls -la /tmp/fsdp7b_final; echo "elapsed ${SECONDS}s" ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b|save7b"; exit 2 ;;
 esac

@@ -469,6 +469,11 @@ def main():
             saved = save_and_load(trainer, args.save_final)
             if main_process:
                 print("SAVED " + json.dumps(saved), flush=True)
+        if torch.distributed.is_initialized():
+            # The other ranks wait for rank 0's load; one that exits first tears down its process group under
+            # a peer still using it (a 7B save: rank 1 died with SIGSEGV, and torchrun stopped rank 0 mid-write).
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return
 
     pairs = []

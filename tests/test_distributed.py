@@ -161,14 +161,20 @@ def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, every
 
 
 def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
-    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16."""
+    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16, and its
+    config says so: loaders that follow it (`dtype="auto"`, vLLM) would otherwise upcast a 7B model to 30 GB."""
+    import torch
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     extra = ("--sft.fsdp", "true", "--sft.dtype", "bfloat16", "--sft.bf16", "true", "--sft.max_steps", "2",
              "--sft.save_strategy", "steps", "--sft.save_steps", "2")
     _train(tmp_path / "out", 2, _dataset(tmp_path), extra, fsdp=True)
-    with safe_open(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), "pt") as f:
-        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out"):  # checkpoint and final model
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+        assert AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype == torch.bfloat16
 
 
 def test_fsdp2_lora_merges_like_one_process(tmp_path):

@@ -312,12 +312,24 @@ class SFTTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_resolved_config(output_dir or self.args.output_dir)
+        # Sharded weights: the other processes only helped gather them. Held here until the main process has
+        # written the folder, so that a script that exits after saving does not tear down the process group under
+        # it (on the 7B benchmark, rank 1 then died with SIGSEGV and torchrun stopped rank 0 mid-write).
+        if self.sharded:
+            self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies."""
-        if state_dict and self.is_fsdp_enabled and self.weights_dtype != torch.float32:
+        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies,
+        and with a config.json that says so (save_pretrained writes the sharded parameters' float32, so loaders that
+        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights)."""
+        recast = bool(state_dict) and self.is_fsdp_enabled and self.weights_dtype != torch.float32
+        if recast:
             state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict)
+        if recast:
+            config = self.accelerator.unwrap_model(self.model).config
+            config.dtype = self.weights_dtype
+            config.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
