@@ -314,7 +314,7 @@ class SFTTrainer(Trainer):
             self.save_resolved_config(output_dir or self.args.output_dir)
         # Sharded weights: the other processes only helped gather them. Held here until the main process has
         # written the folder, so that a script that exits after saving does not tear down the process group under
-        # it (on the 7B benchmark, rank 1 then died with SIGSEGV and torchrun stopped rank 0 mid-write).
+        # it (most likely what happened on the 7B benchmark: rank 1 died with SIGSEGV while rank 0 was writing).
         if self.sharded:
             self.accelerator.wait_for_everyone()
 
