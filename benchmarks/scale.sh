@@ -6,20 +6,24 @@
 #   bash benchmarks/scale.sh speed    # 1.5B: 1 GPU, 2 GPUs DDP and FSDP2 (GA 4); master weights cost -> results.jsonl
 #   bash benchmarks/scale.sh resume   # FSDP2 / ZeRO-3: save at step 3, resume, compare; checkpoint loads
 #   bash benchmarks/scale.sh lora     # LoRA: 1 GPU vs FSDP2 curves, merged model written and loaded
-# Every run's log and metrics land under $OUT.
+#   bash benchmarks/scale.sh fsdp7b   # 7B full fine-tune under FSDP2 (issue #12); needs no DeepSpeed wheels
+#   bash benchmarks/scale.sh save7b   # the same, saved and loaded with from_pretrained
+# Every run's log and metrics land under $OUT. WHL names the wheel folder (default .whl).
 set -uo pipefail
 rm -rf /tmp/site
+whl=${WHL:-.whl}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/*.whl .whl/ds/*.whl || exit 1
+  "$whl"/*.whl $(ls "$whl"/ds/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 one() { CUDA_VISIBLE_DEVICES=0 python3 benchmarks/throughput.py "$@"; }
-two() { python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/throughput.py "$@"; }
+two() { timeout "${LIMIT:-1800}" python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/throughput.py "$@"; }
 run() {  # run NAME one|two ARGS...: log to $OUT/NAME.log, keep the RESULT line
   local name=$1; shift
   "$@" > "$out/$name.log" 2>&1
   echo "$name exit $?: $(grep -h '^RESULT' "$out/$name.log" | cut -c8- | tee -a "$out/results.jsonl")"
+  grep -h '^SAVED' "$out/$name.log"
   grep -hE "Error|error:" "$out/$name.log" | grep -v Warning | tail -3
 }
 case ${1:-} in
@@ -59,5 +63,16 @@ m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() f
     run lora_1gpu one $L --ga 4 --lora --merge --metrics-dir "$out/lora_1gpu"
     run lora_fsdp two $L --lora --merge --engine fsdp --metrics-dir "$out/lora_fsdp"
     python3 benchmarks/compare_curves.py "$out"/lora_1gpu "$out"/lora_fsdp | tee "$out/lora.md" ;;
-  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora"; exit 2 ;;
+  fsdp7b)  # Qwen2.5-7B shape, ~16k tokens per micro-batch and GPU, one micro-batch per step: activation
+           # checkpointing on every 2nd layer, then on every layer with the final model saved and loaded by
+           # transformers. Each run gets the time left of a 450 s window (the device call's budget).
+    F="--child qwen7b --engine fsdp --steps 8 --warmup 3 --seq 16384 --attn varlen --vf-liger --breakdown"
+    LIMIT=270 run fsdp7b_gc2 two $F --gc --gc-every 2
+    LIMIT=$((450 - SECONDS)) run fsdp7b_gc1 two $F --gc --save-final /tmp/fsdp7b_final
+    df -h /tmp | tail -1; echo "elapsed ${SECONDS}s" ;;
+  save7b)  # the 7B FSDP2 run saved after 4 steps and loaded with transformers (after fsdp7b's save was cut short)
+    LIMIT=400 run fsdp7b_save two --child qwen7b --engine fsdp --steps 4 --warmup 2 --seq 16384 --attn varlen \
+      --vf-liger --gc --save-final /tmp/fsdp7b_final
+    ls -la /tmp/fsdp7b_final; echo "elapsed ${SECONDS}s" ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b|save7b"; exit 2 ;;
 esac

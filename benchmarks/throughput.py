@@ -167,13 +167,13 @@ class Breakdown:
 
 
 def measure(args):
-    """One vftrain run in this process; returns the RESULT dict."""
+    """One vftrain run in this process; returns the RESULT dict and the trainer."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models
     from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     import vftrain as vf
-    from vftrain.models import liger_applies
+    from vftrain.models import empty_from_config, liger_applies
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
@@ -193,10 +193,14 @@ def measure(args):
     torch.manual_seed(0)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: one process per GPU, data parallel
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
-    with device:  # a 7B random init on the CPU alone takes minutes
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda and not args.fp32_weights
-                                                 else torch.float32,
-                                                 attn_implementation=build_attn)
+    build = dict(dtype=torch.bfloat16 if cuda and not args.fp32_weights else torch.float32,
+                 attn_implementation=build_attn)
+    if args.engine == "fsdp" and int(os.environ.get("RANK", "0")) > 0:
+        # As SFTTrainer does for a hub name under FSDP: rank 0 alone holds the weights and sends the shards.
+        model = empty_from_config(cfg, **build)
+    else:
+        with device:  # a 7B random init on the CPU alone takes minutes
+            model = AutoModelForCausalLM.from_config(cfg, **build)
     n_params = sum(p.numel() for p in model.parameters())  # tied weights are counted once
     d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     n_matmul = n_params - vocab * d + (vocab * d if cfg.tie_word_embeddings else 0)
@@ -219,7 +223,8 @@ def measure(args):
         else 10, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         report_to="none", disable_tqdm=True, packing=True, seed=0,
         use_lora=args.lora, **speed,
-        **({"gradient_checkpointing": True} if args.gc else {}))  # passing False warns on transformers >= 5.2x
+        **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"every_n_layers": args.gc_every}}
+           if args.gc else {}))  # passing False warns on transformers >= 5.2x
     if args.merge:  # a merge reloads the base model from disk: give the random one a folder (one per process)
         base = f"/tmp/vftrain_bench_base_{os.environ.get('RANK', '0')}"
         model.save_pretrained(base)
@@ -255,13 +260,73 @@ def measure(args):
                    merged_finite=all(bool(torch.isfinite(p).all()) for p in plain.parameters()))
     if args.breakdown:
         out["breakdown_ms_per_step"] = breakdown.report(dt)
+        if world > 1 and cuda:
+            out["communication"] = communication(args.engine, n_params, args.ga, dt * 1e3 / out["steps_timed"])
     if cuda:
         peak = matmul_peak()
         flops = 6 * n_matmul * real + 6 * n_layers * d * attn_sq
         out.update(mfu=round(flops / dt / peak, 4), matmul_peak_tflops=round(peak / 1e12),
                    mfu_formula="6N full-FT formula (LoRA does less work)" if args.lora else "6N",
                    peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        if world > 1:  # every process's peak (rank 0 also built the whole model before sharding it)
+            peaks = [None] * world
+            torch.distributed.all_gather_object(peaks, out["peak_mem_gib"])
+            out["peak_mem_gib_per_rank"] = peaks
+    return out, trainer
+
+
+def save_and_load(trainer, folder: str) -> dict:
+    """Save the trained model (every process helps gather the sharded weights), then load the folder with
+    transformers on the main process: the hand-off a checkpoint must allow."""
+    from transformers import AutoModelForCausalLM
+
+    t = time.perf_counter()
+    trainer.save_model(folder)
+    out = {"save_s": round(time.perf_counter() - t, 1)}
+    if trainer.args.should_save:
+        t = time.perf_counter()
+        plain = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
+        out.update(load_s=round(time.perf_counter() - t, 1), dtype=str(plain.dtype),
+                   params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2),
+                   finite=all(bool(torch.isfinite(p).all()) for p in plain.parameters()),
+                   files=sorted(os.listdir(folder)))
     return out
+
+
+def communication(engine: str, n_params: int, ga: int, step_ms: float) -> dict:
+    """Bytes each GPU receives per optimizer step and what they cost at the all-gather / reduce-scatter bandwidth
+    measured here (one layer-sized bf16 tensor). FSDP2 gathers the bf16 weights for the forward and again for the
+    backward (reshard_after_forward) of every micro-batch and reduce-scatters the bf16 gradients (accelerate's
+    reduce dtype) once per step; activation checkpointing recomputes inside the backward's gather. DDP all-reduces
+    the gradients. The time overlaps compute, so this bounds the exposed communication from above."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    mine = torch.randn(64 * 2**20, device=dev).to(torch.bfloat16)  # 128 MiB per rank
+    chunk = torch.empty(world * mine.numel(), device=dev, dtype=torch.bfloat16)
+    rates = {}
+    for name, op in (("all_gather", lambda: dist.all_gather_into_tensor(chunk, mine)),
+                     ("reduce_scatter", lambda: dist.reduce_scatter_tensor(mine, chunk))):
+        for _ in range(3):
+            op()
+        sync()
+        t = time.perf_counter()
+        for _ in range(20):
+            op()
+        sync()
+        # bytes received per rank per call: (world - 1) shards of 128 MiB
+        rates[name] = (world - 1) * mine.numel() * 2 * 20 / (time.perf_counter() - t)
+    share = (world - 1) / world * n_params * 2  # one bf16 copy of the model, less this rank's own shard
+    if engine == "fsdp":
+        gathered, reduced = 2 * ga * share, share
+        ms = 1e3 * (gathered / rates["all_gather"] + reduced / rates["reduce_scatter"])
+    else:  # an all-reduce = reduce-scatter + all-gather of the gradients
+        gathered = reduced = share
+        ms = 1e3 * (share / rates["all_gather"] + share / rates["reduce_scatter"])
+    return {"gb_gathered_per_step": round(gathered / 1e9, 1), "gb_reduce_scattered_per_step": round(reduced / 1e9, 1),
+            "all_gather_gb_s": round(rates["all_gather"] / 1e9), "reduce_scatter_gb_s": round(rates["reduce_scatter"] / 1e9),
+            "ms_per_step_if_not_overlapped": round(ms, 1), "share_of_step": round(ms / step_ms, 3)}
 
 
 def run(cmd):
@@ -356,6 +421,10 @@ def main():
                     "row length, so both trainers see about the same tokens per micro-batch)")
     ap.add_argument("--attn", default="sdpa", help="attn_implementation: sdpa, varlen, flex_attention, ...")
     ap.add_argument("--gc", action="store_true", help="gradient checkpointing (both trainers)")
+    ap.add_argument("--gc-every", type=int, default=1, help="with --gc: checkpoint every N-th decoder layer only "
+                    "(gradient_checkpointing_kwargs every_n_layers)")
+    ap.add_argument("--save-final", default=None, help="after training, save the model to this folder (every "
+                    "process) and load it with transformers' from_pretrained (rank 0)")
     ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
     ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false")
@@ -391,10 +460,20 @@ def main():
         args.arch = ["qwen0.5b"]  # only names the run; the tiny shape is used
 
     if args.child:
-        result = measure(args)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun: rank 0's share (tokens are per rank)
+        result, trainer = measure(args)
+        main_process = int(os.environ.get("RANK", "0")) == 0
+        if main_process:  # under torchrun: rank 0's share (tokens are per rank)
             result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
             print("RESULT " + json.dumps(result), flush=True)
+        if args.save_final:  # after the RESULT line, so a save that runs out of time keeps the measurement
+            saved = save_and_load(trainer, args.save_final)
+            if main_process:
+                print("SAVED " + json.dumps(saved), flush=True)
+        if torch.distributed.is_initialized():
+            # The other ranks wait for rank 0's load; one that exits first tears down its process group under
+            # a peer still using it (a 7B save: rank 1 died with SIGSEGV, and torchrun stopped rank 0 mid-write).
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         return
 
     pairs = []
@@ -402,7 +481,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
-        cmd += ["--ga", str(args.ga)]
+        cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",
                                                      "default", "breakdown")
                 if getattr(args, f)]

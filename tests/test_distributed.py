@@ -100,15 +100,81 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
 
+LOAD_WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import cpu_fsdp  # noqa: F401  (FSDP2 on CPU processes)
+import datasets, torch
+import vftrain as vf
+from conftest import TINY, addition_rows
+fsdp = {fsdp!r}
+cfg = vf.SFTConfig(output_dir={out!r}, max_steps=3, batch_size=8, micro_batch_size=4, max_seq_len=64, seed=0,
+                   learning_rate=1e-2, warmup_steps=0, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                   dataloader_pin_memory=False, **fsdp)
+trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=cfg)
+empty = all(p.is_meta for p in trainer.model.parameters())
+trainer.train()
+print("RANK", cfg.process_index, json.dumps(empty), flush=True)
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+"""
+
+
+def _load_run(tmp_path, name, processes, fsdp):
+    script = tmp_path / f"{name}.py"
+    script.write_text(LOAD_WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / name), fsdp=fsdp))
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
+    proc = subprocess.run([*launcher, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    empty = dict(line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RANK "))
+    losses = [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    return {int(k): json.loads(v) for k, v in empty.items()}, losses
+
+
+def test_fsdp2_reads_the_weights_on_rank_0_only(tmp_path):
+    """Under FSDP the other ranks build the model empty (no CPU copy per GPU) and receive their shards from rank 0:
+    the run trains exactly as one process does; `cpu_ram_efficient_loading = false` loads on every rank."""
+    _, one = _load_run(tmp_path, "one", 1, {})
+    empty, losses = _load_run(tmp_path, "fsdp", 2, {"fsdp": True})
+    assert empty == {0: False, 1: True}
+    assert losses == pytest.approx(one, rel=5e-5)
+    empty, _ = _load_run(tmp_path, "every_rank", 2, {"fsdp": True,
+                                                   "fsdp_config": {"cpu_ram_efficient_loading": False}})
+    assert empty == {0: False, 1: False}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, every):
+    """`gradient_checkpointing` (every layer, or every 2nd: `gradient_checkpointing_kwargs = {every_n_layers = 2}`)
+    inside FSDP2's layer groups recomputes exactly what the 1-process run without it computes."""
+    data = _dataset(tmp_path)
+    extra = ("--sft.max_steps", "3")
+    one, _ = _train(tmp_path / "one", 1, data, extra)
+    gc = ("--sft.gradient_checkpointing", "true", "--sft.gradient_checkpointing_kwargs",
+          json.dumps({"every_n_layers": every}))
+    two, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *extra, *gc), fsdp=True)
+    _assert_same_curve(one, two)
+
+
 def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
-    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16."""
+    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16, and its
+    config says so: loaders that follow it (`dtype="auto"`, vLLM) would otherwise upcast a 7B model to 30 GB."""
+    import torch
     from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
 
     extra = ("--sft.fsdp", "true", "--sft.dtype", "bfloat16", "--sft.bf16", "true", "--sft.max_steps", "2",
              "--sft.save_strategy", "steps", "--sft.save_steps", "2")
     _train(tmp_path / "out", 2, _dataset(tmp_path), extra, fsdp=True)
-    with safe_open(str(tmp_path / "out" / "checkpoint-2" / "model.safetensors"), "pt") as f:
-        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out"):  # checkpoint and final model
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+        assert AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype == torch.bfloat16
 
 
 def test_fsdp2_lora_merges_like_one_process(tmp_path):

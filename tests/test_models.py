@@ -166,3 +166,20 @@ def test_liger_is_applied_by_default_only_where_it_can_run(monkeypatch):
     assert not load(False)
     assert not load(None, cuda=False)               # its kernels are Triton: GPU only
     assert not load(None, model_type="unknown")     # no kernels for this architecture
+
+
+def test_model_built_without_weights_matches_the_loaded_one():
+    """FSDP ranks that receive their shards from rank 0 build the model empty: no parameter memory, but the same
+    architecture, buffers (RoPE frequencies), name and generation config as the loaded model."""
+    from vftrain.models import get_model_and_tokenizer
+
+    loaded, _ = get_model_and_tokenizer(TINY, dtype="bfloat16")
+    empty, _ = get_model_and_tokenizer(TINY, dtype="bfloat16", load_weights=False)
+    assert all(p.is_meta for p in empty.parameters())
+    assert [(n, p.shape, p.dtype) for n, p in empty.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in loaded.named_parameters()]
+    buffers = dict(loaded.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
+    assert empty.name_or_path == loaded.name_or_path == TINY
+    assert empty.generation_config.eos_token_id == loaded.generation_config.eos_token_id
+    assert empty.config._attn_implementation == loaded.config._attn_implementation

@@ -218,7 +218,9 @@ class TrainerConfig(TrainingArguments):
                                  "'full_shard offload'. Needs one process per GPU (torchrun or accelerate launch). "
                                  "With bf16 the sharded weights are kept in float32 (FSDP2 mixed precision).")
     fsdp_config: Any = _f(None, "FSDP tuning, as transformers reads it: a table such as {reshard_after_forward = "
-                          "false, cpu_offload = true, activation_checkpointing = true} or a JSON file path.")
+                          "false, cpu_offload = true} or a JSON file path. vftrain sets cpu_ram_efficient_loading "
+                          "= true unless given: only rank 0 reads the weights, the others build the model empty "
+                          "and receive their shards from it (one copy of the model in CPU memory, not one per GPU).")
     deepspeed: Any = _f(None, "DeepSpeed config (JSON file path or table), e.g. ZeRO-3 (run on 2 GPUs: "
                         "benchmarks/RESULTS.md); needs the deepspeed package and one process per GPU. Not with "
                         "micro_batch_tokens.")
@@ -255,6 +257,8 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("dtype = 'float16' with fp16 = true cannot train: fp16 autocast scales the loss and "
                               "torch's GradScaler refuses float16 gradients; use dtype = 'float32' with fp16 = true "
                               "(GPUs without bfloat16), or bfloat16")
+        if self.fsdp:
+            self.fsdp_config = _fsdp_config_with_defaults(self.fsdp_config)
         if self.fsdp and self.deepspeed:
             raise ConfigError("fsdp and deepspeed are both set; choose one sharding engine")
         if (self.fsdp or self.deepspeed) and launch_world_size() == 1:
@@ -470,6 +474,30 @@ class RLConfig(TrainerConfig):
             if not isinstance(self.reward_weights, (list, tuple)) or len(self.reward_weights) != len(names):
                 raise ConfigError(f"reward_weights = {self.reward_weights!r} must be a list with one weight per "
                                   f"reward_funcs entry ({len(names)})")
+def _fsdp_config_with_defaults(config: Any) -> dict:
+    """`fsdp_config` (a table or a JSON file path) with vftrain's defaults: weights read by rank 0 alone and sent to
+    the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks)."""
+    if isinstance(config, str):  # inline JSON (as transformers accepts it) or a JSON file
+        try:
+            if config.lstrip().startswith("{"):
+                config = json.loads(config)
+            else:
+                with open(config) as fh:
+                    config = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"fsdp_config = {config!r} is neither a JSON table nor a readable JSON file: "
+                              f"{exc}") from None
+    config = dict(config or {})
+    if "cpu_ram_efficient_loading" not in config and "fsdp_cpu_ram_efficient_loading" not in config:
+        config["cpu_ram_efficient_loading"] = True
+    return config
+
+
+def weights_from_rank0(args) -> bool:
+    """Whether FSDP loads the weights on rank 0 only and broadcasts them (resolved `fsdp_config`)."""
+    config = (args.fsdp_config or {}) if args.fsdp else {}
+    value = config.get("cpu_ram_efficient_loading", config.get("fsdp_cpu_ram_efficient_loading", False))
+    return str(value).lower() == "true"
 
 
 def _cuda() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ def get_model_and_tokenizer(
     trust_remote_code: bool = False,
     use_liger: bool | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    load_weights: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
 
@@ -42,7 +44,8 @@ def get_model_and_tokenizer(
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
-    it can run (`liger_applies`).
+    it can run (`liger_applies`). `load_weights = False` (a hub name or folder only) builds the model with empty
+    (meta-device) parameters and real buffers, for FSDP ranks that receive their shards from rank 0.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,10 +55,10 @@ def get_model_and_tokenizer(
     # "varlen" is set after loading, once the model's attention features are known (attention.choose).
     load_attn = None if attn_implementation in (attention.AUTO, attention.NAME) else attn_implementation
     if isinstance(model, str):
+        load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
-            model_obj = AutoModelForCausalLM.from_pretrained(
-                model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
-                trust_remote_code=trust_remote_code)
+            model_obj = load(model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
+                             trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("model", model, exc) from None
         source = model
@@ -78,6 +81,48 @@ def get_model_and_tokenizer(
     ensure_pad_token(tokenizer, model_obj)
     add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
+
+
+def empty_model(source: str, *, dtype, attn_implementation, trust_remote_code: bool):
+    """The model of `source` as `from_pretrained` would build it, without reading its weights: parameters on the meta
+    device (no memory), buffers real (RoPE frequencies are computed, not loaded, and FSDP does not broadcast
+    non-persistent buffers), generation config loaded. For the FSDP ranks that get their shards from rank 0."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    model = empty_from_config(config, dtype=dtype, attn_implementation=attn_implementation,
+                              trust_remote_code=trust_remote_code)
+    model.name_or_path = model.config.name_or_path = source
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(source)
+    except OSError:  # no generation_config.json: from_pretrained derives it from the model config, as from_config
+        pass
+    return model
+
+
+def empty_from_config(config, **kwargs):
+    """`AutoModelForCausalLM.from_config(config, **kwargs)` with parameters on the meta device, buffers real."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # init_empty_weights re-creates each parameter on meta, which unties a tied head
+    return model
+
+
+def distinct_meta_pointers(model) -> None:
+    """Give each meta-device parameter of `model` its own stand-in `data_ptr()`.
+
+    accelerate's FSDP2 `prepare` (1.15) swaps the optimizer's parameters for their sharded copies through a map keyed
+    by `data_ptr()`, which is 0 for every meta parameter: on the ranks that build the model empty (`empty_model`)
+    every optimizer entry became the same sharded parameter, so the others were never updated (the loss left the
+    1-process curve from the second update on; tests/test_distributed.py). Negative numbers are never real
+    addresses; fully_shard replaces these parameters, so the stand-ins do not outlive the prepare.
+    """
+    for i, p in enumerate(model.parameters()):
+        if p.is_meta:
+            p.data_ptr = functools.partial(int, -1 - i)
 
 
 def apply_liger(model) -> None:

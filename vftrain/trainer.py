@@ -18,14 +18,15 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain import checkpoint
-from vftrain.config import TrainerConfig
+from vftrain.config import TrainerConfig, weights_from_rank0
 from vftrain.data import load_rows
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (apply_lora, export_merged, get_model_and_tokenizer, head_returns_hidden,
+from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged, get_model_and_tokenizer,
+                            head_returns_hidden,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import needs_master_weights, use_float32_master_weights
 
@@ -48,10 +49,13 @@ class VFTrainer(Trainer):
         if model is None:
             raise ConfigError(f"{type(self).__name__} needs a model: a hub name, a local path or a loaded model")
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
+        # FSDP with cpu_ram_efficient_loading (vftrain's default): rank 0 reads the weights and sends each process
+        # its shards (accelerate's fsdp2_prepare_model), so the others need not hold a copy of the model.
+        load_weights = not weights_from_rank0(args) or args.process_index == 0
         model, tokenizer = get_model_and_tokenizer(
-            model, dtype=args.dtype, attn_implementation=args.attn_implementation,
-            packing=getattr(args, "packing", True),  # RL packs its rollouts
-            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer)
+            model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
+            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer,
+            load_weights=load_weights)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
         if args.lean_mlp:
@@ -140,6 +144,8 @@ class VFTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         fresh = self.optimizer is None
+        if fresh and self.sharded:
+            distinct_meta_pointers(model if model is not None else self.model)
         optimizer = super().create_optimizer(model)
         # FSDP and DeepSpeed keep float32 master weights themselves.
         if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
@@ -243,12 +249,24 @@ class VFTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_resolved_config(output_dir or self.args.output_dir)
+        # Sharded weights: the other processes only helped gather them. Held here until the main process has
+        # written the folder, so that a script that exits after saving does not tear down the process group under
+        # it (most likely what happened on the 7B benchmark: rank 1 died with SIGSEGV while rank 0 was writing).
+        if self.sharded:
+            self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies."""
-        if state_dict and self.is_fsdp_enabled and self.weights_dtype != torch.float32:
+        """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies,
+        and with a config.json that says so (save_pretrained writes the sharded parameters' float32, so loaders that
+        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights)."""
+        recast = bool(state_dict) and self.is_fsdp_enabled and self.weights_dtype != torch.float32
+        if recast:
             state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict)
+        if recast:
+            config = self.accelerator.unwrap_model(self.model).config
+            config.dtype = self.weights_dtype
+            config.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
         """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
