@@ -1,5 +1,5 @@
 """Reward functions: `fn(completion: str, reference: str) -> float`. The same functions score SFT samples and,
-later, RL rollouts. `load_reward_funcs` resolves config names ('exact_match' or 'package.module:function')."""
+RL rollouts. `load_reward_funcs` resolves config names ('exact_match' or 'package.module:function')."""
 
 from __future__ import annotations
 
