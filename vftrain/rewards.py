@@ -1,4 +1,4 @@
-"""Reward functions: `fn(completion: str, reference: str) -> float`. The same functions score SFT samples and,
+"""Reward functions: `fn(completion: str, reference: str) -> float`. The same functions score SFT samples and
 RL rollouts. `load_reward_funcs` resolves config names ('exact_match' or 'package.module:function')."""
 
 from __future__ import annotations
