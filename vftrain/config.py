@@ -423,9 +423,9 @@ class RLConfig(TrainerConfig):
                      "no reference model.")
     num_iterations: int = _f(1, "Optimizer steps taken on each batch of rollouts (GRPO's mu); > 1 reuses them, "
                              "with the sampler's logprobs as the old policy.")
-    env: str | None = _f(None, "A verifiers environment id (needs `pip install verifiers`): prompts from its "
-                         "dataset, rewards from its rubric, instead of dataset / reward_funcs.")
-    env_args: Any = _f(None, "Keyword arguments for the environment's load_environment (a table).")
+    env: str | None = _f(None, "Reserved for a verifiers environment id (prompts from its dataset, rewards from its "
+                         "rubric); not supported yet: setting it is an error.")
+    env_args: Any = _f(None, "Reserved: keyword arguments for the environment's load_environment.")
 
     # ---- TrainerConfig / TrainingArguments defaults that suit RL
     learning_rate: float = _f(2e-6, "Peak learning rate (AdamW); RL steps move the policy further than SFT's, so "
@@ -469,6 +469,9 @@ class RLConfig(TrainerConfig):
                               f"{self.mask_ratio_high!r} must satisfy 0 <= low <= 1 <= high")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0) or self.beta < 0:
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
+        if self.env is not None or self.env_args is not None:
+            raise ConfigError(f"env = {self.env!r}: verifiers environments are not supported yet; give prompt rows "
+                              "as dataset and their checks as reward_funcs")
         if self.reward_weights is not None:
             names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs)
             if not isinstance(self.reward_weights, (list, tuple)) or len(self.reward_weights) != len(names):
