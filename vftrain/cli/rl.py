@@ -38,12 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             return inspect(model, config, inv.flags["inspect"])
         from vftrain.rl.trainer import RLTrainer
 
-        def before(trainer):
-            if config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero()
-                                                                      or trainer.sharded):
-                report_generation_accuracy(trainer, config, " before RL")
-
-        return train(model, config, RLTrainer, before)
+        return train(model, config, RLTrainer, lambda trainer: report_generation_accuracy(trainer, config,
+                                                                                          " before RL"))
     except VFTrainError as exc:
         print(f"vf-rl: error: {exc}", file=sys.stderr)
         return 2

@@ -113,8 +113,7 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
         merged = trainer.save_merged()
         if merged:
             print(f"merged model written to {merged}")
-    if config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero() or trainer.sharded):
-        report_generation_accuracy(trainer, config)  # sharded weights: every process generates, rank 0 prints
+    report_generation_accuracy(trainer, config)
     if torch.distributed.is_initialized():
         # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
         # exception") after a successful run.
@@ -123,8 +122,14 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     return 0
 
 
-def report_generation_accuracy(trainer, config, when: str = "") -> float:
+def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
+    """Held-out greedy exact match on `eval_generation_rows` rows of `eval_split`, printed by the main process
+    (None when not asked for). With sharded weights every process generates; otherwise only the main one."""
     from vftrain.data.load import load_rows, plain_row
+
+    if not (config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero()
+                                                                   or trainer.sharded)):
+        return None
 
     rows = load_rows(config.dataset, config.eval_split)
     rows = [plain_row(rows[i], rows.features) for i in range(min(config.eval_generation_rows, len(rows)))]
