@@ -201,6 +201,36 @@ def test_trainer_gradient_equals_reinforce_on_the_same_tokens(tmp_path):
     assert torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_kl_reference_is_the_starting_model_token_by_token(tmp_path, lora):
+    """beta > 0: the reference logprobs the loss uses, batched per micro-batch, are the starting model's logprobs
+    of each trained token (computed here row by row); KL is 0 at the first step and grows once the policy moves.
+    Under LoRA the reference is the base model (adapters off)."""
+    trainer = _trainer(tmp_path, beta=0.5, micro_batch_size=4, max_steps=3, learning_rate=3e-2, use_lora=lora,
+                       lora_rank=4)
+    trainer.train()
+    kls = [_metrics(tmp_path / "out")[step]["kl"] for step in (1, 2, 3)]
+    assert kls[0] < 1e-7 and kls[2] > 1e-4, kls
+    start = vf.get_model_and_tokenizer(TINY)[0]
+    batches, _ = trainer.get_batch_samples(iter(range(100)), trainer.args.gradient_accumulation_steps, "cpu")
+    for batch in batches:
+        labels = batch["labels"]
+        where = (batch["trained_positions"], batch["trained_flat"])
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "token_values", *WHERE)}
+        got = trainer._reference_logp(trainer.model, inputs, labels, where)
+        expected, policy = [], []
+        for s, e in zip(batch["cu_seq_lens_q"][:-1].tolist(), batch["cu_seq_lens_q"][1:].tolist()):
+            row, keep = batch["input_ids"][:, s:e], labels[0, s:e] != IGNORE_INDEX
+            for model, out in ((start, expected), (trainer.model, policy)):
+                logits = model(input_ids=row).logits[0].detach() / trainer.args.temperature
+                out.append(logits.log_softmax(-1)[keep].gather(1, labels[0, s:e][keep][:, None])[:, 0])
+        torch.testing.assert_close(got, torch.cat(expected), rtol=1e-4, atol=1e-5)
+        assert (got - torch.cat(policy)).abs().max() > 1e-3  # the policy has moved away from it
+
+
+WHERE = ("trained_positions", "trained_flat")
+
+
 def _run(out_dir, max_steps, kill_at=0, resume=False, processes=1, num_iterations=1, save_steps=2):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(HERE)

@@ -129,7 +129,7 @@ def select_trained(values: torch.Tensor, labels: torch.Tensor, positions: torch.
 # Columns of the per-token statistics returned with a token loss: the trainer's logprob and the entropy of its
 # distribution, then whatever the token-loss function reports (`POLICY_STATS` for `policy_token_loss`).
 TOKEN_COLUMNS = ("logp", "entropy")
-POLICY_STATS = ("ratio", "masked", "clipped", "mismatch_kl")
+POLICY_STATS = ("ratio", "masked", "clipped", "mismatch_kl", "kl")
 
 
 def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages: torch.Tensor, *,
@@ -145,8 +145,9 @@ def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages
     beta times the k3 estimate of KL(policy || reference) exp(r - logp) - (r - logp) - 1 (Schulman 2020, as in
     GRPO, Shao et al. 2024). With ratio 1 and no clipping the gradient is REINFORCE's -A grad logp.
 
-    Returns (loss [N], stats [N, 4]): ratio, masked (0/1), clipped (0/1: the clip stopped the gradient), and the
-    mismatch KL estimate ratio - log ratio - 1 (verifiers' mismatch_kl), all detached.
+    Returns (loss [N], stats [N, 5]): ratio, masked (0/1), clipped (0/1: the clip stopped the gradient), the
+    mismatch KL estimate ratio - log ratio - 1 (verifiers' mismatch_kl), and the k3 KL to the reference (0 without
+    one), all detached.
     """
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     log_ratio = logp - sampler_logp
@@ -156,13 +157,16 @@ def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages
     ratio = torch.exp(torch.where(keep, log_ratio, torch.zeros_like(log_ratio)))  # masked: no overflow, no grad
     clipped_ratio = ratio.clamp(1 - epsilon, 1 + epsilon_high)
     loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
+    kl = torch.zeros_like(lr)
     if beta:
         diff = ref_logp - logp
-        loss = loss + beta * (diff.exp() - diff - 1)
+        kl = diff.exp() - diff - 1
+        loss = loss + beta * kl
     loss = torch.where(keep, loss, torch.zeros_like(loss))
     true_ratio = lr.clamp(-20, 20).exp()
     clipped = keep & (((advantages > 0) & (true_ratio > 1 + epsilon_high)) | ((advantages < 0) & (true_ratio < 1 - epsilon)))
-    stats = torch.stack([true_ratio, (~keep).float(), clipped.float(), true_ratio - lr.clamp(-20, 20) - 1], dim=1)
+    stats = torch.stack([true_ratio, (~keep).float(), clipped.float(), true_ratio - lr.clamp(-20, 20) - 1,
+                         kl.detach()], dim=1)
     return loss, stats
 
 

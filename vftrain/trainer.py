@@ -189,16 +189,17 @@ class VFTrainer(Trainer):
     def _fused_head(self, model):
         """The output head that the loss applies itself (no logits held), or None to use the model's logits:
         ZeRO-3 and FSDP1 partition the head's weight outside the model's forward. FSDP2 keeps it gathered.
-        Worked out once per model object (the Trainer passes the same wrapped model to every micro-batch)."""
-        cached = getattr(self, "_head_for", None)
-        if cached is not None and cached[0] is model:
-            return cached[1]
+        Worked out once per model object (the Trainer passes the same wrapped model to every micro-batch; RL's
+        frozen reference is a second one)."""
+        heads = self.__dict__.setdefault("_heads", {})
+        if id(model) in heads and heads[id(model)][0] is model:
+            return heads[id(model)][1]
         head = None
         if not (self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2)):
             head = plain_output_head(model)
             if head is not None and self.is_fsdp_enabled:
                 keep_gathered_through_backward(model, head)
-        self._head_for = (model, head)
+        heads[id(model)] = (model, head)
         return head
 
     def trained_forward(self, model, inputs: dict, labels: torch.Tensor, where: tuple):

@@ -1,5 +1,5 @@
 """What an RL run logs each logging step: rollout statistics (rewards, groups, lengths), per-token loss statistics
-(importance ratio, masking, clipping, entropy, mismatch KL) and where the time went. Token statistics accumulate
+(importance ratio, masking, clipping, entropy, mismatch KL, KL to the reference) and where the time went. Token statistics accumulate
 on the device (no host sync per micro-batch) and are reduced over processes at logging time, as `StepStats` does
 for SFT."""
 
@@ -13,14 +13,15 @@ from vftrain.loss import POLICY_STATS, TOKEN_COLUMNS
 from vftrain.metrics import row_counts
 
 _COL = {name: i for i, name in enumerate(TOKEN_COLUMNS + POLICY_STATS)}
-_SUMS = ("loss_sum", "completion_tokens", "entropy", "ratio", "masked", "clipped", "mismatch_kl", "tokens",
+_SUMS = ("loss_sum", "completion_tokens", "entropy", "ratio", "masked", "clipped", "mismatch_kl", "kl", "tokens",
          "attn_sq")
 
 
 class RLStats:
     """Accumulates between logging steps; `pop(reduce)` -> (metrics, sum of squared row lengths) like StepStats."""
 
-    def __init__(self):
+    def __init__(self, kl: bool = False):
+        self.kl = kl  # log the KL to the reference (beta > 0)
         self._reset()
 
     def _reset(self) -> None:
@@ -33,8 +34,8 @@ class RLStats:
     def add_tokens(self, loss_sum: torch.Tensor, stats: torch.Tensor, inputs: dict, labels: torch.Tensor) -> None:
         """One micro-batch: its summed loss and the per-token statistics of `loss.token_loss_sum`."""
         values = {"loss_sum": loss_sum.detach(), "completion_tokens": stats.shape[0], **row_counts(inputs, labels)}
-        if stats.shape[0] and stats.shape[1] > _COL["mismatch_kl"]:
-            for name in ("entropy", "ratio", "masked", "clipped", "mismatch_kl"):
+        if stats.shape[0] and stats.shape[1] > _COL["kl"]:
+            for name in ("entropy", "ratio", "masked", "clipped", "mismatch_kl", "kl"):
                 values[name] = stats[:, _COL[name]].sum()
             ratio = stats[:, _COL["ratio"]]
             self._extreme("ratio_min", ratio.min(), torch.minimum)
@@ -69,7 +70,7 @@ class RLStats:
             device = next(iter(self.sums.values())).device
             s = dict(zip(keys, reduce(torch.stack([self.sums[k].to(device) for k in keys])).tolist()))
             n = max(s.get("completion_tokens", 0), 1)
-            for name in ("entropy", "ratio", "mismatch_kl"):
+            for name in ("entropy", "ratio", "mismatch_kl") + (("kl",) if self.kl else ()):
                 if name in s:
                     out[name if name != "ratio" else "importance_ratio"] = s[name] / n
             for name in ("masked", "clipped"):

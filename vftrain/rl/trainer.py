@@ -81,7 +81,7 @@ class RLTrainer(VFTrainer):
 
             self.backend = OpenAIBackend(self)
         self.reference = self._reference_model() if args.beta else None
-        self._setup_run(RLStats(), [f"train data: {line}" for line in self.prompts.lines()])
+        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in self.prompts.lines()])
         if sample_rows:
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback
@@ -93,7 +93,7 @@ class RLTrainer(VFTrainer):
         copy), else a second copy of the model loaded from the same source."""
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "peft_config"):
-            return None  # `_reference_logp` disables the adapters
+            return None  # `_reference_logp` switches the adapters off
         if not self.model_source:
             raise ConfigError("beta > 0 needs the reference model: pass the model as a name or path")
         from vftrain.models import get_model_and_tokenizer
@@ -149,8 +149,6 @@ class RLTrainer(VFTrainer):
         advantages = R.group_advantages(rewards, args.rollouts_per_example, args.scale_rewards)
         scored = time.perf_counter()
         rows = R.training_rows(samples, advantages)
-        if self.args.beta:
-            rows = self._with_reference_logp(rows)
         lengths = np.array([len(r[0]) for r in rows])
         groups = split_step(lengths, np.arange(len(rows)), num_batches, packing=args.packing)
         batches = [self.collator([rows[i] for i in g]) for g in groups]
@@ -170,33 +168,6 @@ class RLTrainer(VFTrainer):
             model = self.accelerator.unwrap_model(self.model)
             groups = sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
         return [s for group in groups for s in group]
-
-    def _with_reference_logp(self, rows: list) -> list:
-        """Rows with a fifth per-token column: the reference model's logprob of each token (for the KL term)."""
-        out = []
-        for ids, mask, logp, adv in rows:
-            ref = np.zeros(len(ids))
-            ref[1:] = self._reference_logp(ids)
-            out.append((ids, mask, logp, adv, ref))
-        return out
-
-    @torch.no_grad()
-    def _reference_logp(self, ids: np.ndarray) -> np.ndarray:
-        """logprob of ids[1:] under the reference policy, at the rollout temperature."""
-        model = self.reference
-        adapters = None
-        if model is None:  # LoRA: the base model is the reference
-            model = self.accelerator.unwrap_model(self.model)
-            adapters = model.disable_adapter()
-            adapters.__enter__()
-        try:
-            tensor = torch.as_tensor(ids[None], device=self.args.device)
-            logits = model(input_ids=tensor, use_cache=False).logits[0, :-1].float() / self.args.temperature
-            logp = logits.log_softmax(-1).gather(1, tensor[0, 1:, None])[:, 0]
-        finally:
-            if adapters is not None:
-                adapters.__exit__(None, None, None)
-        return logp.cpu().numpy()
 
     def _record(self, step, prompts, texts, samples, rewards, per_func, advantages) -> None:
         """All processes' rollouts: metrics for the log, and rollouts.jsonl (main process)."""
@@ -226,7 +197,7 @@ class RLTrainer(VFTrainer):
         values = inputs.pop("token_values")
         values, _ = select_trained(values[:, where[0]], labels, *where)
         sampler_logp, advantages = values[:, 0], values[:, 1]
-        ref_logp = values[:, 2] if values.shape[1] > 2 else None
+        ref_logp = self._reference_logp(model, inputs, labels, where) if args.beta else None
 
         def token_fn(logp, s, e):
             return policy_token_loss(
@@ -245,6 +216,20 @@ class RLTrainer(VFTrainer):
         loss = self.step_normaliser(loss_sum, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    @torch.no_grad()
+    def _reference_logp(self, model, inputs: dict, labels: torch.Tensor, where: tuple) -> torch.Tensor:
+        """The trained tokens' logprobs under the frozen starting policy (the KL term's reference), at the rollout
+        temperature: one batched forward per micro-batch over the fused head, as the policy's own. Under LoRA the
+        reference is the model with its adapters switched off, else the reference copy."""
+        if self.reference is None:
+            with self.accelerator.unwrap_model(model).disable_adapter():
+                values, targets, weight, _ = self.trained_forward(model, inputs, labels, where)
+        else:
+            values, targets, weight, _ = self.trained_forward(self.reference, inputs, labels, where)
+        fused = dict(hidden=values, weight=weight) if weight is not None else dict(logits=values)
+        _, stats = token_loss_sum(_no_loss, targets, temperature=self.args.temperature, **fused)
+        return stats[:, 0]
+
     # ---- checkpoints: rollouts still to be reused (num_iterations > 1) travel with the checkpoint
     def _save_extra_state(self, folder: str) -> None:
         cache = self.rollout_cache
@@ -262,6 +247,11 @@ class RLTrainer(VFTrainer):
         path = self._cache_path(folder)
         if os.path.exists(path):
             self.rollout_cache = torch.load(path, weights_only=False)
+
+
+def _no_loss(logp: torch.Tensor, start: int, end: int):
+    """A token loss of zero (`token_loss_sum` then only reports each token's logprob)."""
+    return torch.zeros_like(logp), logp.new_zeros((len(logp), 0))
 
 
 def _reward_funcs(spec) -> dict:
