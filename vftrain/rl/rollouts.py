@@ -114,13 +114,15 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "none") 
 
 def training_rows(samples: list[Sample], advantages: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     """One packed-collator row per rollout: (input_ids, loss_mask, sampler logprob per token, advantage per
-    token). Prompt tokens have mask 0; every completion token, the stop token included, has mask 1. The ids are
-    the sampler's own (no decode -> re-encode)."""
+    token). Prompt tokens have mask 0; every sampled completion token, the stop token included, has mask 1, and
+    an environment's tokens between turns (`Sample.mask` 0) have mask 0. The ids are the sampler's own (no decode
+    -> re-encode)."""
     rows = []
     for sample, advantage in zip(samples, advantages):
         p, c = len(sample.prompt_ids), len(sample.completion_ids)
         ids = np.array(sample.prompt_ids + sample.completion_ids, dtype=np.int64)
-        mask = np.concatenate([np.zeros(p, np.uint8), np.ones(c, np.uint8)])
+        sampled = np.ones(c, np.uint8) if sample.mask is None else np.asarray(sample.mask, np.uint8)
+        mask = np.concatenate([np.zeros(p, np.uint8), sampled])
         logp = np.concatenate([np.zeros(p), np.asarray(sample.logprobs, dtype=np.float64)])
         adv = np.concatenate([np.zeros(p), np.full(c, advantage, dtype=np.float64)])
         rows.append((ids, mask, logp, adv))
