@@ -423,7 +423,8 @@ class RLConfig(TrainerConfig):
                      "no reference model.")
     num_iterations: int = _f(1, "Optimizer steps taken on each batch of rollouts (GRPO's mu); > 1 reuses them, "
                              "with the sampler's logprobs as the old policy.")
-    env: str | None = _f(None, "A verifiers environment (taskset) id: prompts from its tasks, rewards from their "
+    env: str | None = _f(None, "A verifiers environment (taskset) id, or the path of its .py module: prompts from "
+                         "its tasks, rewards from their "
                          "reward functions, tool calls answered by its tools (needs pip install "
                          "'vftrain[verifiers]'); replaces dataset and reward_funcs.")
     env_args: Any = _f(None, "A table of the environment's taskset config fields (verifiers' --env.taskset.*).")

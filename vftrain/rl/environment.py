@@ -9,7 +9,8 @@ and sends every turn over HTTP twice. vftrain keeps the taskset half and plays t
 verifiers' own tool-calling chat loop does (`harnesses/utils/core.py::run_chat_loop`):
 
 - `vf.resolve_env_config({"taskset": {"id": env, **env_args}})` + `vf.load_environment`: the environment's module
-  is imported by id (`-` -> `_`) and its `__all__` names its Taskset; env_args are the taskset config's fields.
+  is imported by id (`-` -> `_`; installed or on PYTHONPATH; `env` may also be the path of a module file, whose
+  folder then goes on sys.path) and its `__all__` names its Taskset; env_args are the taskset config's fields.
 - each model turn is sampled by the trainer's backend (embedded sampler or OpenAI-compatible server, token ids in
   and out) and committed into a real `vf.Trace` with `verifiers.v1.graph.prepare_turn(...).commit(Response(tokens=
   TurnTokens(...)))`, the call verifiers' interception server makes. The training row is the trace's branch
@@ -27,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -71,6 +74,7 @@ class VerifiersEnv:
 
     def __init__(self, env_id: str, env_args: dict | None, tokenizer, max_prompt_len: int, max_turns: int):
         self.vf = vf = import_verifiers()
+        env_id = _importable(env_id)
         try:
             env = vf.load_environment(vf.resolve_env_config({"taskset": {"id": env_id, **(env_args or {})}}))
         except (ImportError, TypeError, ValueError, AttributeError) as exc:
@@ -222,6 +226,19 @@ class VerifiersEnv:
     def _per_func(self, runs: list[_Rollout]) -> dict[str, np.ndarray]:
         names = list(dict.fromkeys(k for r in runs for k in r.trace.rewards))
         return {k: np.array([_score(r.trace.rewards.get(k)) for r in runs]) for k in names}
+
+
+def _importable(env_id: str) -> str:
+    """The id verifiers imports: `env_id` itself, or for a path to a `.py` file its name, with the file's folder put
+    on sys.path (verifiers imports environments by module name only)."""
+    if not env_id.endswith(".py"):
+        return env_id
+    if not os.path.isfile(env_id):
+        raise ConfigError(f"env = {env_id!r}: no such environment file")
+    folder = os.path.dirname(os.path.abspath(env_id))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return os.path.basename(env_id)[:-3]
 
 
 def _score(reward) -> float:
