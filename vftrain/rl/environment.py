@@ -36,7 +36,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vftrain.data.render import RowError, render_prompt
 from vftrain.errors import ConfigError, DataError
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
@@ -92,25 +91,10 @@ class VerifiersEnv:
         self.reward_names = [fn.__name__ for fn in self.tasks[0].hooks("reward")]
 
     def _prompt_set(self, tasks: list, max_prompt_len: int) -> tuple[list, PromptSet]:
-        kept, ids, prompts, dropped = [], [], [], {}
-        for task in tasks:
-            messages = [_wire(m) for m in self.initial_messages(task)]
-            try:
-                tokens = render_prompt(self.tokenizer, messages, self.schemas)
-            except RowError as exc:
-                dropped[str(exc)] = dropped.get(str(exc), 0) + 1
-                continue
-            if len(tokens) > max_prompt_len:
-                reason = f"prompt longer than max_prompt_len ({max_prompt_len})"
-                dropped[reason] = dropped.get(reason, 0) + 1
-                continue
-            kept.append(task)
-            ids.append(tokens)
-            prompts.append(messages)
-        if not kept:
-            raise DataError("the environment left no prompt to train on: " +
-                            "; ".join(f"{n} {r}" for r, n in dropped.items()))
-        return kept, PromptSet(ids, [""] * len(ids), prompts, dropped)
+        """(the tasks kept, their PromptSet): prompts the template rejects or longer than max_prompt_len dropped."""
+        items = (([_wire(m) for m in self.initial_messages(task)], "", self.schemas) for task in tasks)
+        prompts = PromptSet.from_prompts(items, self.tokenizer, max_prompt_len)
+        return [tasks[i] for i in prompts.kept], prompts
 
     def initial_messages(self, task) -> list:
         """The conversation the model starts from: the task's system prompt and prompt (as verifiers messages)."""

@@ -5,7 +5,8 @@ One optimizer step (`get_batch_samples`, called by the Trainer once per step):
    process's share of them;
 2. `rollouts_per_example` completions of each, token ids in and out with the sampler's own logprobs (the model
    being trained, or an OpenAI-compatible server after a weight push), from a seed of (run seed, step, process);
-3. rewards from `reward_funcs`, advantage = reward - group mean (/ std);
+3. rewards from `reward_funcs`, advantage = reward - group mean (/ std); with `env` set, steps 1-3 play a verifiers
+   environment instead (`rl/environment.py`: its tasks' prompts, tool turns, reward functions);
 4. one row per rollout through the SFT packer (token-balanced micro-batches) and collator, and the step's
    completion-token count over all processes: the loss normaliser of SFT, so the update is the same for any
    micro-batch / accumulation / process split.
@@ -46,7 +47,8 @@ class RLTrainer(VFTrainer):
     `model`: hub name, local path or loaded model (an SFT run's output). `train_dataset`: a `datasets.Dataset` of
     prompt rows (`prompt` messages or string, or `question`; reference in `answer` / `reference` / `completion`),
     or None to load `args.dataset`. `reward_funcs`: callables `fn(completion, reference) -> float` or config names
-    (default `args.reward_funcs`); weighted by `args.reward_weights`.
+    (default `args.reward_funcs`); weighted by `args.reward_weights`. With `args.env` (a verifiers environment) pass
+    neither: the environment gives both.
     """
 
     def __init__(self, model: Any = None, train_dataset: Any = None, args: RLConfig | None = None,
