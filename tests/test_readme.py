@@ -4,6 +4,7 @@ unseen; a new `vf-sft` line is picked up and run without any change here."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
@@ -60,6 +61,8 @@ def readme_commands() -> list[str]:
 def _exemption(command: str) -> str | None:
     if command in EXEMPT:
         return EXEMPT[command]
+    if "verifiers_env" in command and importlib.util.find_spec("verifiers") is None:
+        return "needs the verifiers extra (Python >= 3.11; .ci/run installs it there)"
     return None
 
 

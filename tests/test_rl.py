@@ -42,7 +42,8 @@ def _metrics(out_dir) -> dict[int, dict]:
     (dict(mask_ratio_low=2.0), "mask_ratio_low"),
     (dict(scale_rewards="std"), "scale_rewards = 'std' is not allowed"),
     (dict(reward_weights=[1.0, 2.0]), "one weight per reward_funcs entry"),
-    (dict(env="gsm8k"), "verifiers environments are not supported yet"),
+    (dict(env="gsm8k", reward_funcs=["m:f"]), "leave reward_funcs unset"),
+    (dict(env_args={"n": 1}), "env_args is set without env"),
 ])
 def test_config_errors_name_the_field(tmp_path, overrides, needle):
     with pytest.raises(ConfigError, match=needle):

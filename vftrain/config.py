@@ -423,9 +423,13 @@ class RLConfig(TrainerConfig):
                      "no reference model.")
     num_iterations: int = _f(1, "Optimizer steps taken on each batch of rollouts (GRPO's mu); > 1 reuses them, "
                              "with the sampler's logprobs as the old policy.")
-    env: str | None = _f(None, "Reserved for a verifiers environment id (prompts from its dataset, rewards from its "
-                         "rubric); not supported yet: setting it is an error.")
-    env_args: Any = _f(None, "Reserved: keyword arguments for the environment's load_environment.")
+    env: str | None = _f(None, "A verifiers environment (taskset) id, or the path of its .py module: prompts from "
+                         "its tasks, rewards from their "
+                         "reward functions, tool calls answered by its tools (needs pip install "
+                         "'vftrain[verifiers]'); replaces dataset and reward_funcs.")
+    env_args: Any = _f(None, "A table of the environment's taskset config fields (verifiers' --env.taskset.*).")
+    max_turns: int = _f(8, "Most model turns per rollout in an environment with tools (a turn whose tool calls "
+                        "are answered is followed by another).")
 
     # ---- TrainerConfig / TrainingArguments defaults that suit RL
     learning_rate: float = _f(2e-6, "Peak learning rate (AdamW); RL steps move the policy further than SFT's, so "
@@ -446,7 +450,7 @@ class RLConfig(TrainerConfig):
 
     def _validate_rl(self):
         world = launch_world_size()
-        for name in ("rollouts_per_example", "max_prompt_len", "num_iterations"):
+        for name in ("rollouts_per_example", "max_prompt_len", "num_iterations", "max_turns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
@@ -469,14 +473,33 @@ class RLConfig(TrainerConfig):
                               f"{self.mask_ratio_high!r} must satisfy 0 <= low <= 1 <= high")
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0) or self.beta < 0:
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
-        if self.env is not None or self.env_args is not None:
-            raise ConfigError(f"env = {self.env!r}: verifiers environments are not supported yet; give prompt rows "
-                              "as dataset and their checks as reward_funcs")
+        self._validate_env()
         if self.reward_weights is not None:
             names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs)
             if not isinstance(self.reward_weights, (list, tuple)) or len(self.reward_weights) != len(names):
                 raise ConfigError(f"reward_weights = {self.reward_weights!r} must be a list with one weight per "
                                   f"reward_funcs entry ({len(names)})")
+    def _validate_env(self):
+        """env names the prompts and the rewards: a dataset, reward functions or held-out samples beside it are
+        errors rather than silently ignored."""
+        if self.env is None:
+            if self.env_args is not None:
+                raise ConfigError("env_args is set without env; set env = \"<environment id>\" or drop env_args")
+            return
+        if self.env_args is not None and not isinstance(self.env_args, dict):
+            raise ConfigError(f"env_args = {self.env_args!r} must be a table of the environment's config fields")
+        clashes = [name for name, value in (("dataset", self.dataset), ("reward_weights", self.reward_weights),
+                                            ("sample_every_n_steps", self.sample_every_n_steps))
+                   if value] + ([] if self.reward_funcs in (["exact_match"], "exact_match") else ["reward_funcs"])
+        if clashes:
+            raise ConfigError(f"env = {self.env!r} gives the prompts and rewards; leave {', '.join(clashes)} unset")
+        import importlib.util
+
+        if importlib.util.find_spec("verifiers") is None:
+            raise ConfigError(f"env = {self.env!r} needs the verifiers package (Python >= 3.11): "
+                              "pip install 'vftrain[verifiers]'")
+
+
 def _fsdp_config_with_defaults(config: Any) -> dict:
     """`fsdp_config` (a table or a JSON file path) with vftrain's defaults: weights read by rank 0 alone and sent to
     the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks)."""

@@ -81,9 +81,10 @@ def resolve(inv, config_cls=None, section: str = "sft"):
         if "dataset" in table and table["dataset"] != inv.top["dataset"]:
             raise ConfigError(f"dataset is set both at the top level and in [{section}]; set it once")
         table["dataset"] = inv.top["dataset"]
-    if table.get("dataset") is None:
+    if table.get("dataset") is not None:
+        table["dataset"] = resolve_path_or_name(table["dataset"], "dataset")
+    elif not table.get("env"):  # RL on a verifiers environment takes its prompts from there
         raise ConfigError("no dataset: set `dataset = ...` at the top of the TOML file or pass --dataset")
-    table["dataset"] = resolve_path_or_name(table["dataset"], "dataset")
     try:
         config = build_config(config_cls, table, section, inv.cli_text)
     except (TypeError, ValueError) as exc:

@@ -51,16 +51,22 @@ class PromptSet:
     references: list[str]
     prompts: list  # the raw prompts, for rollouts.jsonl
     dropped: dict  # reason -> count
+    kept: list[int] = dataclasses.field(default_factory=list)  # positions of the source prompts kept
 
     @classmethod
     def build(cls, dataset, tokenizer, max_prompt_len: int) -> "PromptSet":
-        ids, references, prompts, dropped = [], [], [], {}
         features = getattr(dataset, "features", None)
-        for i in range(len(dataset)):
-            row = dataset[i]
-            prompt, reference, tools = prompt_and_answer(plain_row(row, features) if features else row)
+        rows = (prompt_and_answer(plain_row(dataset[i], features) if features else dataset[i])
+                for i in range(len(dataset)))
+        return cls.from_prompts(((p, r, parse_tools(t)) for p, r, t in rows), tokenizer, max_prompt_len)
+
+    @classmethod
+    def from_prompts(cls, items, tokenizer, max_prompt_len: int) -> "PromptSet":
+        """From (prompt, reference, tools) items; `kept` lists the positions of the items kept."""
+        out, dropped = cls([], [], [], {}), {}
+        for i, (prompt, reference, tools) in enumerate(items):
             try:
-                tokens = render_prompt(tokenizer, prompt, parse_tools(tools))
+                tokens = render_prompt(tokenizer, prompt, tools)
             except RowError as exc:
                 dropped[str(exc)] = dropped.get(str(exc), 0) + 1
                 continue
@@ -68,12 +74,14 @@ class PromptSet:
                 reason = f"prompt longer than max_prompt_len ({max_prompt_len})"
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
-            ids.append(tokens)
-            references.append(reference)
-            prompts.append(prompt)
-        if not ids:
+            out.ids.append(tokens)
+            out.references.append(reference)
+            out.prompts.append(prompt)
+            out.kept.append(i)
+        if not out.ids:
             raise DataError("no prompt is left to train on: " + "; ".join(f"{n} {r}" for r, n in dropped.items()))
-        return cls(ids, references, prompts, dropped)
+        out.dropped = dropped
+        return out
 
     def lines(self) -> list[str]:
         out = [f"{len(self.ids):,} prompts; longest {max(len(i) for i in self.ids):,} tokens"]
@@ -114,13 +122,15 @@ def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "none") 
 
 def training_rows(samples: list[Sample], advantages: np.ndarray) -> list[tuple[np.ndarray, ...]]:
     """One packed-collator row per rollout: (input_ids, loss_mask, sampler logprob per token, advantage per
-    token). Prompt tokens have mask 0; every completion token, the stop token included, has mask 1. The ids are
-    the sampler's own (no decode -> re-encode)."""
+    token). Prompt tokens have mask 0; every sampled completion token, the stop token included, has mask 1, and
+    an environment's tokens between turns (`Sample.mask` 0) have mask 0. The ids are the sampler's own (no decode
+    -> re-encode)."""
     rows = []
     for sample, advantage in zip(samples, advantages):
         p, c = len(sample.prompt_ids), len(sample.completion_ids)
         ids = np.array(sample.prompt_ids + sample.completion_ids, dtype=np.int64)
-        mask = np.concatenate([np.zeros(p, np.uint8), np.ones(c, np.uint8)])
+        sampled = np.ones(c, np.uint8) if sample.mask is None else np.asarray(sample.mask, np.uint8)
+        mask = np.concatenate([np.zeros(p, np.uint8), sampled])
         logp = np.concatenate([np.zeros(p), np.asarray(sample.logprobs, dtype=np.float64)])
         adv = np.concatenate([np.zeros(p), np.full(c, advantage, dtype=np.float64)])
         rows.append((ids, mask, logp, adv))

@@ -5,7 +5,8 @@ One optimizer step (`get_batch_samples`, called by the Trainer once per step):
    process's share of them;
 2. `rollouts_per_example` completions of each, token ids in and out with the sampler's own logprobs (the model
    being trained, or an OpenAI-compatible server after a weight push), from a seed of (run seed, step, process);
-3. rewards from `reward_funcs`, advantage = reward - group mean (/ std);
+3. rewards from `reward_funcs`, advantage = reward - group mean (/ std); with `env` set, steps 1-3 play a verifiers
+   environment instead (`rl/environment.py`: its tasks' prompts, tool turns, reward functions);
 4. one row per rollout through the SFT packer (token-balanced micro-batches) and collator, and the step's
    completion-token count over all processes: the loss normaliser of SFT, so the update is the same for any
    micro-batch / accumulation / process split.
@@ -46,7 +47,8 @@ class RLTrainer(VFTrainer):
     `model`: hub name, local path or loaded model (an SFT run's output). `train_dataset`: a `datasets.Dataset` of
     prompt rows (`prompt` messages or string, or `question`; reference in `answer` / `reference` / `completion`),
     or None to load `args.dataset`. `reward_funcs`: callables `fn(completion, reference) -> float` or config names
-    (default `args.reward_funcs`); weighted by `args.reward_weights`.
+    (default `args.reward_funcs`); weighted by `args.reward_weights`. With `args.env` (a verifiers environment) pass
+    neither: the environment gives both.
     """
 
     def __init__(self, model: Any = None, train_dataset: Any = None, args: RLConfig | None = None,
@@ -55,15 +57,24 @@ class RLTrainer(VFTrainer):
         if not isinstance(args, RLConfig):
             raise ConfigError(f"RLTrainer needs an RLConfig, got {type(args).__name__}")
         model, tokenizer = self._load_model(model, args, processing_class)
-        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-        raw_eval = None
-        if eval_dataset is not None or (args.eval_split and args.dataset):
-            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
-        self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
-        sample_rows = []
-        if args.sample_every_n_steps:
-            sample_rows, raw_train = _held_out(raw_train, raw_eval, args.num_samples)
-        self.prompts = R.PromptSet.build(raw_train, tokenizer, args.max_prompt_len)
+        self.env, sample_rows = None, []
+        if args.env:  # prompts and rewards from a verifiers environment (rl/environment.py)
+            if train_dataset is not None or reward_funcs is not None:
+                raise ConfigError("with env set, prompts and rewards come from the environment: pass no "
+                                  "train_dataset or reward_funcs")
+            from vftrain.rl.environment import VerifiersEnv
+
+            self.env = VerifiersEnv(args.env, args.env_args, tokenizer, args.max_prompt_len, args.max_turns)
+            self.prompts, self.reward_funcs = self.env.prompts, dict.fromkeys(self.env.reward_names)
+        else:
+            raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
+            raw_eval = None
+            if eval_dataset is not None or (args.eval_split and args.dataset):
+                raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+            self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
+            if args.sample_every_n_steps:
+                sample_rows, raw_train = _held_out(raw_train, raw_eval, args.num_samples)
+            self.prompts = R.PromptSet.build(raw_train, tokenizer, args.max_prompt_len)
         self.prompts_per_step = args.batch_size // args.rollouts_per_example
         if len(self.prompts.ids) < self.prompts_per_step:
             raise ConfigError(f"batch_size = {args.batch_size} needs {self.prompts_per_step} prompts per step "
@@ -141,11 +152,7 @@ class RLTrainer(VFTrainer):
             sync = -time.perf_counter()
             self.backend.push_weights(step, everyone=args.world_size > 1)
             sync += time.perf_counter()
-        samples = self._sample([self.prompts.ids[i] for i in mine], step)
-        generated = time.perf_counter()
-        texts = self.processing_class.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-        references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
-        rewards, per_func = R.score(texts, references, self.reward_funcs, args.reward_weights)
+        samples, texts, rewards, per_func, score_seconds = self._scored_rollouts(mine, step)
         advantages = R.group_advantages(rewards, args.rollouts_per_example, args.scale_rewards)
         scored = time.perf_counter()
         rows = R.training_rows(samples, advantages)
@@ -155,19 +162,39 @@ class RLTrainer(VFTrainer):
         tokens = int(sum(r[1].sum() for r in rows))
         prompts = [self.prompts.prompts[i] for i in mine for _ in range(args.rollouts_per_example)]
         self._record(step, prompts, texts, samples, rewards, per_func, advantages)
-        self.stats.add_timing(generate=generated - clock - sync, score=scored - generated, sync=sync)
+        self.stats.add_timing(generate=scored - clock - sync - score_seconds, score=score_seconds, sync=sync)
         return {"batches": batches, "tokens": tokens}
 
-    def _sample(self, prompts: list[list[int]], step: int) -> list:
+    def _scored_rollouts(self, mine, step: int):
+        """(samples, completion texts, rewards [n], rewards per function, seconds spent scoring) of this process's
+        prompts: sampled then scored by `reward_funcs`, or played and scored by the environment."""
         args = self.args
-        params = dict(n=args.rollouts_per_example, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_p=args.top_p, stop_ids=self.stop_ids, seed=seed_for(args.seed, step, args.process_index))
-        if self.backend is not None:
-            groups = self.backend.sample_tokens(prompts, step=step, **params)
-        else:
-            model = self.accelerator.unwrap_model(self.model)
-            groups = sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
+        if self.env is not None:
+            out = self.env.rollouts(mine, args.rollouts_per_example,
+                                    lambda prompts, n, turn: self._sample_groups(prompts, step, n, turn),
+                                    args.max_seq_len, args.max_new_tokens)
+            return out["samples"], out["texts"], out["rewards"], out["per_func"], out["score_seconds"]
+        samples = self._sample([self.prompts.ids[i] for i in mine], step)
+        clock = time.perf_counter()
+        texts = self.processing_class.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+        references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
+        rewards, per_func = R.score(texts, references, self.reward_funcs, args.reward_weights)
+        return samples, texts, rewards, per_func, time.perf_counter() - clock
+
+    def _sample(self, prompts: list[list[int]], step: int) -> list:
+        groups = self._sample_groups(prompts, step, self.args.rollouts_per_example)
         return [s for group in groups for s in group]
+
+    def _sample_groups(self, prompts: list[list[int]], step: int, n: int, turn: int = 0) -> list[list]:
+        """`n` Samples of each prompt, from a seed of (run seed, step, process[, turn of a multi-turn rollout])."""
+        args = self.args
+        seed = seed_for(args.seed, step, args.process_index, *([turn] if turn else []))
+        params = dict(n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      stop_ids=self.stop_ids, seed=seed)
+        if self.backend is not None:
+            return self.backend.sample_tokens(prompts, step=step, **params)
+        model = self.accelerator.unwrap_model(self.model)
+        return sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
 
     def _record(self, step, prompts, texts, samples, rewards, per_func, advantages) -> None:
         """All processes' rollouts: metrics for the log, and rollouts.jsonl (main process)."""
@@ -177,7 +204,8 @@ class RLTrainer(VFTrainer):
                  for i, (p, t, s, r, a) in enumerate(zip(prompts, texts, samples, rewards, advantages))]
         everything = gather_object(local) if self.args.world_size > 1 else local
         rewards = np.array([x[3] for x in everything])
-        per_func = {k: np.array([x[4][k] for x in everything]) for k in self.reward_funcs}
+        names = dict.fromkeys(k for x in everything for k in x[4])  # an environment's functions may vary by task
+        per_func = {k: np.array([x[4].get(k, 0.0) for x in everything]) for k in names}
         advantages = np.array([x[5] for x in everything])
         samples = [x[2] for x in everything]
         self.stats.add_rollouts(R.rollout_metrics(rewards, per_func, advantages, samples,

@@ -34,12 +34,15 @@ log = logging.getLogger("vftrain")
 @dataclasses.dataclass
 class Sample:
     """One completion: prompt and completion token ids, the sampler's logprob of each completion token, and why
-    it ended: "stop" (a stop token, included in `completion_ids` and trained) or "length" (max_new_tokens)."""
+    it ended: "stop" (a stop token, included in `completion_ids` and trained) or "length" (max_new_tokens).
+    `mask`: None (every completion token was sampled), or per completion token 1 = sampled, 0 = written by an
+    environment between turns (a multi-turn rollout, `rl/environment.py`; never trained, logprob 0)."""
 
     prompt_ids: list[int]
     completion_ids: list[int]
     logprobs: list[float]
     finish_reason: str
+    mask: list[int] | None = None
 
 
 def seed_for(*parts: int) -> int:

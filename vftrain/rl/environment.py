@@ -1,0 +1,270 @@
+"""verifiers environments for RL: prompts from an environment's taskset, rewards from its tasks' reward functions,
+tool calls answered by its tool servers, every rollout trained as the token ids that were sampled.
+
+verifiers 0.4.0 (`verifiers.v1`) splits an environment into a taskset (tasks: a prompt and task data, `@vf.reward`
+and `@vf.metric` methods, tool servers as `vf.Toolset`s) and a harness: a program (a PEP 723 script that `uv`
+installs from the network, run in a subprocess, container or sandbox) whose model calls go through verifiers'
+interception server to a `Client` (prime-rl's renders to token ids and calls vLLM). That path cannot run offline
+and sends every turn over HTTP twice. vftrain keeps the taskset half and plays the harness in process, the way
+verifiers' own tool-calling chat loop does (`harnesses/utils/core.py::run_chat_loop`):
+
+- `vf.resolve_env_config({"taskset": {"id": env, **env_args}})` + `vf.load_environment`: the environment's module
+  is imported by id (`-` -> `_`; installed or on PYTHONPATH; `env` may also be the path of a module file, whose
+  folder then goes on sys.path) and its `__all__` names its Taskset; env_args are the taskset config's fields.
+- each model turn is sampled by the trainer's backend (embedded sampler or OpenAI-compatible server, token ids in
+  and out) and committed into a real `vf.Trace` with `verifiers.v1.graph.prepare_turn(...).commit(Response(tokens=
+  TurnTokens(...)))`, the call verifiers' interception server makes. The training row is the trace's branch
+  (`Branch.token_ids` / `sampled_mask` / `logprobs`): verifiers' own attribution of sampled and environment tokens.
+- no decode -> re-encode: turn k+1's prompt ids are turn k's prompt ids + its sampled ids + the template tokens of
+  the environment's messages (tool results) and the next generation prompt, so a branch never forks.
+- tools: the task's and taskset's `Toolset`s registered on an in-memory MCP server and called in process. Tool calls
+  are read from Hermes / Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks.
+- rewards: `Task.score(trace)` without a runtime; reward = sum of weight x score (`Trace.reward`), per function
+  `trace.rewards[name].score`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from vftrain.errors import ConfigError, DataError
+from vftrain.rl.rollouts import PromptSet
+from vftrain.sampling.tokens import Sample
+
+INSTALL = "pip install 'vftrain[verifiers]'"
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+
+# sample_fn(prompt ids, n, turn) -> one list of n Samples per prompt (the trainer's backend)
+SampleFn = Callable[[list[list[int]], int, int], list[list[Sample]]]
+
+
+def import_verifiers():
+    try:
+        import verifiers.v1 as vf
+    except ImportError:
+        raise ConfigError(f"env needs the verifiers package (Python >= 3.11): {INSTALL}") from None
+    return vf
+
+
+@dataclasses.dataclass
+class _Rollout:
+    """One episode in progress: its task, conversation (verifiers messages), trace and current prompt ids."""
+
+    task: Any
+    messages: list
+    trace: Any
+    ids: list[int]
+    first_ids: list[int]
+    finish_reason: str = "length"
+    done: bool = False
+
+
+class VerifiersEnv:
+    """A loaded verifiers environment: `prompts` (a PromptSet for the trainer's step schedule) and `rollouts`."""
+
+    def __init__(self, env_id: str, env_args: dict | None, tokenizer, max_prompt_len: int, max_turns: int):
+        self.vf = vf = import_verifiers()
+        env_id = _importable(env_id)
+        try:
+            env = vf.load_environment(vf.resolve_env_config({"taskset": {"id": env_id, **(env_args or {})}}))
+        except (ImportError, TypeError, ValueError, AttributeError) as exc:
+            raise ConfigError(f"env = {env_id!r}: {str(exc).splitlines()[0]}") from None
+        if not env.taskset.bounded:
+            raise ConfigError(f"env = {env_id!r} has an infinite taskset; bound it through env_args")
+        self.tokenizer, self.max_turns = tokenizer, max_turns
+        self.toolsets = [*env.taskset.toolsets(env.taskset.config),
+                         *type(env.taskset).task_type().toolsets(env.taskset.config.task)]
+        self.loop = asyncio.new_event_loop()
+        self.mcp, self.tools = self.loop.run_until_complete(self._tool_server())
+        self.schemas = [{"type": "function", "function": {"name": t.name, "description": t.description,
+                                                          "parameters": t.parameters}} for t in self.tools] or None
+        self.tasks, self.prompts = self._prompt_set(list(env.taskset), max_prompt_len)
+        self.reward_names = [fn.__name__ for fn in self.tasks[0].hooks("reward")]
+
+    def _prompt_set(self, tasks: list, max_prompt_len: int) -> tuple[list, PromptSet]:
+        """(the tasks kept, their PromptSet): prompts the template rejects or longer than max_prompt_len dropped."""
+        items = (([_wire(m) for m in self.initial_messages(task)], "", self.schemas) for task in tasks)
+        prompts = PromptSet.from_prompts(items, self.tokenizer, max_prompt_len)
+        return [tasks[i] for i in prompts.kept], prompts
+
+    def initial_messages(self, task) -> list:
+        """The conversation the model starts from: the task's system prompt and prompt (as verifiers messages)."""
+        vf, data = self.vf, task.data
+        prompt = [vf.UserMessage(content=data.prompt)] if isinstance(data.prompt, str) else list(data.prompt or [])
+        return ([vf.SystemMessage(content=data.system_prompt)] if data.system_prompt else []) + prompt
+
+    async def _tool_server(self):
+        """(in-memory MCP server with every tool, the tools as verifiers `Tool`s); (None, []) without tools."""
+        if not self.toolsets:
+            return None, []
+        from mcp.server.mcpserver import MCPServer
+
+        server = MCPServer("vftrain")
+        for toolset in self.toolsets:
+            await toolset.setup()
+            toolset.register(server)
+        tools = await server.list_tools()
+        return server, [self.vf.Tool(name=t.name, description=t.description or "", parameters=t.input_schema)
+                        for t in tools]
+
+    # ---- rollouts
+    def rollouts(self, indices, n: int, sample_fn: SampleFn, max_seq_len: int, max_new_tokens: int) -> dict:
+        """`n` episodes of each prompt index: {"samples", "texts", "rewards", "per_func", "score_seconds"}. A
+        Sample's completion is everything after the first prompt, with `mask` 1 on sampled tokens only."""
+        runs = [self._start(self.tasks[i], self.prompts.ids[i]) for i in indices for _ in range(n)]
+        for turn in range(self.max_turns):
+            active = [r for r in runs if not r.done]
+            if not active:
+                break
+            if turn == 0:  # groups share their prompt: sample them together
+                groups = sample_fn([self.prompts.ids[i] for i in indices], n, 0)
+                samples = [s for group in groups for s in group]
+            else:
+                samples = [g[0] for g in sample_fn([r.ids for r in active], 1, turn)]
+            last = turn + 1 == self.max_turns
+            self._run(self._advance(r, s, last, max_seq_len - max_new_tokens) for r, s in zip(active, samples))
+        clock = time.perf_counter()
+        self._run(r.task.score(r.trace) for r in runs)
+        scored = time.perf_counter() - clock
+        return {"samples": [self._sample(r) for r in runs], "texts": [self._text(r) for r in runs],
+                "rewards": np.array([float(r.trace.reward) for r in runs]),
+                "per_func": self._per_func(runs), "score_seconds": scored}
+
+    def _run(self, coroutines) -> list:
+        """The coroutines' results, run concurrently on the environment's own loop (tools and rewards are async)."""
+        async def gather():
+            return await asyncio.gather(*coroutines)
+
+        return self.loop.run_until_complete(gather())
+
+    def _start(self, task, ids: list[int]) -> _Rollout:
+        vf = self.vf
+        trace = vf.Trace(task=vf.TraceTask(type=type(task).__name__, data=task.data, key=task.key, hash=task.hash),
+                         agent=vf.AgentInfo(config=vf.AgentConfig()))
+        return _Rollout(task, self.initial_messages(task), trace, list(ids), list(ids))
+
+    async def _advance(self, run: _Rollout, sample: Sample, last: bool, longest_prompt: int) -> None:
+        """Commit one sampled turn to the trace; answer its tool calls, or end the episode."""
+        from verifiers.v1.graph import prepare_turn
+
+        vf = self.vf
+        text = self.tokenizer.decode(sample.completion_ids, skip_special_tokens=True)
+        content, calls = parse_tool_calls(text, vf)
+        message = vf.AssistantMessage(content=content, tool_calls=calls or None)
+        finish = "tool_calls" if calls and sample.finish_reason == "stop" else sample.finish_reason
+        tokens = vf.TurnTokens(prompt_ids=run.ids, completion_ids=list(sample.completion_ids),
+                               completion_logprobs=list(sample.logprobs))
+        prepare_turn(run.trace, run.messages, self.tools).commit(vf.Response(
+            id=f"{run.trace.id}-{len(run.messages)}", created=0, model="policy", message=message,
+            finish_reason=finish, tokens=tokens))
+        run.messages.append(message)
+        run.finish_reason = sample.finish_reason
+        if finish != "tool_calls" or last:  # a truncated turn's tool calls are not run
+            run.done = True
+            return
+        results = [vf.ToolMessage(tool_call_id=c.id, content=await self._call(c)) for c in calls]
+        tail = env_tokens(self.tokenizer, [_wire(m) for m in run.messages], [_wire(m) for m in results],
+                          sample.completion_ids[-1], self.schemas)
+        run.messages += results
+        run.ids = run.ids + list(sample.completion_ids) + tail
+        if len(run.ids) > longest_prompt:  # the next turn would not fit max_seq_len
+            run.finish_reason, run.done = "length", True
+
+    async def _call(self, call) -> str:
+        """A tool's result as text; an unknown tool, bad arguments or a failing tool answer with the error (the model
+        sees it, as in verifiers' chat loop)."""
+        if self.mcp is None or call.name not in {t.name for t in self.tools}:
+            return f"error: unknown tool {call.name!r}"
+        try:
+            arguments = json.loads(call.arguments or "{}")
+            result = await self.mcp.call_tool(call.name, arguments)
+        except Exception as exc:  # the tool's own failure is the model's observation
+            return f"error: {exc}"
+        return "\n".join(getattr(block, "text", "") for block in result.content)
+
+    def _sample(self, run: _Rollout) -> Sample:
+        branches = run.trace.branches
+        if len(branches) != 1:
+            raise DataError(f"a rollout's turns did not extend one token sequence ({len(branches)} branches)")
+        branch, start = branches[0], len(run.first_ids)
+        return Sample(prompt_ids=run.first_ids, completion_ids=branch.token_ids[start:],
+                      logprobs=branch.logprobs[start:], finish_reason=run.finish_reason,
+                      mask=[int(m) for m in branch.sampled_mask[start:]])
+
+    def _text(self, run: _Rollout):
+        """What rollouts.jsonl shows as the completion: the reply (one turn) or the messages after the prompt."""
+        after = run.messages[len(self.initial_messages(run.task)):]
+        if len(after) == 1:
+            return after[0].content or ""
+        return [_wire(m) for m in after]
+
+    def _per_func(self, runs: list[_Rollout]) -> dict[str, np.ndarray]:
+        names = list(dict.fromkeys(k for r in runs for k in r.trace.rewards))
+        return {k: np.array([_score(r.trace.rewards.get(k)) for r in runs]) for k in names}
+
+
+def _importable(env_id: str) -> str:
+    """The id verifiers imports: `env_id` itself, or for a path to a `.py` file its name, with the file's folder put
+    on sys.path (verifiers imports environments by module name only)."""
+    if not env_id.endswith(".py"):
+        return env_id
+    if not os.path.isfile(env_id):
+        raise ConfigError(f"env = {env_id!r}: no such environment file")
+    folder = os.path.dirname(os.path.abspath(env_id))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return os.path.basename(env_id)[:-3]
+
+
+def _score(reward) -> float:
+    return float(reward.score) if reward is not None else 0.0  # None: the function did not run (an error)
+
+
+def parse_tool_calls(text: str, vf) -> tuple[str, list]:
+    """(text without its tool-call blocks, verifiers ToolCalls) from Hermes / Qwen `<tool_call>` JSON blocks;
+    a block that is not JSON with a name stays text."""
+    calls, content = [], text
+    for i, match in enumerate(TOOL_CALL.finditer(text)):
+        try:
+            body = json.loads(match.group(1))
+            name, arguments = body["name"], body.get("arguments", {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
+        calls.append(vf.ToolCall(id=f"call_{i}", name=str(name), arguments=arguments))
+        content = content.replace(match.group(0), "")
+    return content.strip(), calls
+
+
+def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: int, tools=None) -> list[int]:
+    """Token ids between a sampled turn's stop token and the next generation prompt's end: the chat template's text
+    after that stop token (e.g. a newline), the environment's messages and the generation prompt. Only this text
+    is encoded; the sampled tokens before it are kept as they are."""
+    before = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False)
+    after = tokenizer.apply_chat_template(conversation + new, tools=tools, tokenize=False, add_generation_prompt=True)
+    stop = tokenizer.decode([stop_id])
+    if not after.startswith(before) or stop not in before:
+        raise DataError("the chat template does not extend a conversation by appending (tool turns need one that "
+                        "does)")
+    scaffold = before[before.rfind(stop) + len(stop):]
+    return tokenizer(scaffold + after[len(before):], add_special_tokens=False)["input_ids"]
+
+
+def _wire(message) -> dict:
+    """A verifiers message as a chat-template dict (content always a string, as simple templates expect)."""
+    out = {"role": message.role, "content": message.content or ""}
+    if getattr(message, "tool_calls", None):
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.name, "arguments": c.arguments}} for c in message.tool_calls]
+    if getattr(message, "tool_call_id", None):
+        out["tool_call_id"] = message.tool_call_id
+    return out
