@@ -41,22 +41,47 @@ def _poisoned_trainer(tmp_path, monkeypatch, bad_step, **overrides):
     return trainer, snapshots
 
 
-def test_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch):
-    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2)
+# The default fused AdamW skips a bad step on the device and the flag is read a step later (or at the first log);
+# "adamw_torch" (not fused) reads it at once. Logging every 10 steps makes the fused case read it one step late.
+OPTIMIZERS = [dict(optim="adamw_torch_fused", logging_steps=10), dict(optim="adamw_torch_fused", logging_steps=1),
+              dict(optim="adamw_torch", logging_steps=10)]
+
+
+@pytest.mark.parametrize("settings", OPTIMIZERS)
+def test_nan_loss_stops_before_the_weights_change(tmp_path, monkeypatch, settings):
+    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2, **settings)
     with pytest.raises(NonFiniteLossError, match="NaN/inf at optimizer step 2"):
         trainer.train()
     for name, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), snapshots.params[1][name]), name
         assert torch.isfinite(p).all()
+    assert not list(tmp_path.glob("**/checkpoint-2"))
 
 
-def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch):
-    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2, nan_policy="skip")
+class OptimizerState(TrainerCallback):
+    """The optimizer's state (moments, step counts) after every step."""
+
+    def __init__(self, trainer):
+        self.trainer, self.states = trainer, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        inner = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        self.states[state.global_step] = [{k: v.clone() for k, v in s.items()} for s in inner.state.values()]
+
+
+@pytest.mark.parametrize("settings", OPTIMIZERS)
+def test_nan_loss_skip_policy_skips_the_step(tmp_path, monkeypatch, settings):
+    trainer, snapshots = _poisoned_trainer(tmp_path, monkeypatch, bad_step=2, nan_policy="skip", **settings)
+    optimizer_state = OptimizerState(trainer)
+    trainer.add_callback(optimizer_state)
     trainer.train()
     assert trainer.state.global_step == 3
     assert all(torch.equal(snapshots.params[2][n], snapshots.params[1][n]) for n in snapshots.params[1])
     assert not all(torch.equal(snapshots.params[3][n], snapshots.params[2][n]) for n in snapshots.params[1])
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    before, after = optimizer_state.states[1], optimizer_state.states[2]
+    assert len(before) == len(after) > 0  # the skipped step left moments and step counts as they were
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(before, after) for k in a)
 
 
 @pytest.mark.parametrize("policy", ["skip", "stop"])

@@ -86,8 +86,9 @@ class VFTrainer(Trainer):
             self.remove_callback(callback)
         agree = any_process(self.accelerator)  # the processes take the stop/skip decisions together
         self.nan_guard = NonFiniteLossGuard(self, agree)
-        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.nan_guard,
-                         GracefulInterrupt(agree)):
+        # The NaN guard after the interrupt: a stop or save that the interrupt asks for sees the step's flag read.
+        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), GracefulInterrupt(agree),
+                         self.nan_guard):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)
