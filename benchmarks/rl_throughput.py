@@ -14,6 +14,8 @@ Runs:
   where installed, micro_batch_size 8); only batch sizes and lengths are set.
 - vftrain-eager: the same, rollouts decoded without CUDA graphs (`sample(graphs=False)`: transformers' dynamic
   cache, one eager forward per token), to show what the graphs buy.
+- vftrain-no-master: the same as vftrain with master_weights = false (pure bf16 AdamW, as TRL trains), to show
+  what the float32 master weights cost in memory.
 - trl: GRPOConfig(use_vllm=False: transformers' generate; beta 0; its default loss, "dapo"), bf16, micro-batch 8
   rollouts, gradient accumulation up to the step's rollouts (one generate call per step, as vftrain);
   gradient_checkpointing=False (TRL defaults it to True, which only slows the train phase).
@@ -49,7 +51,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
 TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
             "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-RUNS = ("vftrain", "trl", "vftrain-eager")
+RUNS = ("vftrain", "trl", "vftrain-eager", "vftrain-no-master")
 
 
 def make_tokenizer(vocab: int):
@@ -146,7 +148,7 @@ def build_model(args, cuda: bool):
     return model, vocab
 
 
-def run_vftrain(args, model, tok, rows, clock, graphs: bool):
+def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True):
     from datasets import Dataset
 
     import vftrain as vf
@@ -157,7 +159,7 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool):
         output_dir="/tmp/vftrain_rl_bench", max_steps=args.steps, batch_size=args.prompts * args.group,
         rollouts_per_example=args.group, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
         max_seq_len=args.prompt_len + args.new_tokens, temperature=1.0, save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=0)
+        disable_tqdm=True, seed=0, master_weights=master)
     if not graphs:
         rl_trainer.sample = lambda *a, **k: sample(*a, **k, graphs=False)
     trainer = vf.RLTrainer(model=model, train_dataset=Dataset.from_list(rows), args=config, reward_funcs=[reward],
@@ -239,7 +241,8 @@ def measure(args) -> dict:
     if args.child == "trl":
         extra = run_trl(args, model, tok, rows, clock, cuda)
     else:
-        extra = run_vftrain(args, model, tok, rows, clock, graphs=args.child == "vftrain")
+        extra = run_vftrain(args, model, tok, rows, clock, graphs=args.child != "vftrain-eager",
+                            master=args.child != "vftrain-no-master")
     timed = [s for s in clock.steps if s["step"] > args.warmup]
     if not timed:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")

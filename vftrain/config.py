@@ -144,8 +144,8 @@ class TrainerConfig(TrainingArguments):
                               "parameter. FSDP2 and DeepSpeed keep float32 master weights themselves.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU). "
-                                "Default: on when training on a CUDA GPU with liger-kernel installed (pip install "
-                                "'vftrain[liger]') and the model type supported (0.5B: -20% peak memory, up to +18% speed; "
+                                "Default: on when training on a CUDA GPU with liger-kernel installed (a dependency on "
+                                "Linux) and the model type supported (0.5B: -20% peak memory, up to +18% speed; "
                                 "benchmarks/RESULTS.md); true requires it.")
     lean_mlp: bool = _f(False, "Recompute SwiGLU's gate*up product in the backward instead of saving it (exact): "
                         "intermediate_size x 2 bytes less per token per layer (-17% peak memory on a 1.5B shape "
