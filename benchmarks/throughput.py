@@ -292,12 +292,14 @@ CHECKPOINT_SECONDS = {}
 
 
 def checkpoint_timer(name, fn):
-    """`fn` timed into CHECKPOINT_SECONDS[name] (host clock: the saves and loads are synchronous)."""
+    """`fn` timed into CHECKPOINT_SECONDS[name] (host clock: the saves and loads are synchronous), and printed at
+    once, so that a run cut short by its time limit still tells how far its save or load got."""
     def timed(self, *args, **kwargs):
         t = time.perf_counter()
         out = fn(self, *args, **kwargs)
         sync()
         CHECKPOINT_SECONDS[name] = round(CHECKPOINT_SECONDS.get(name, 0) + time.perf_counter() - t, 1)
+        print(f"CKPT rank {os.environ.get('RANK', '0')} {name} {CHECKPOINT_SECONDS[name]}s", flush=True)
         return out
 
     return timed
