@@ -84,7 +84,7 @@ m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() f
     df -h /tmp | tail -1
     LIMIT=330 run r7_straight two $K --metrics-dir /tmp/r7/straight
     du -sh $c $c/* 2>&1 | tee "$out/r7_disk.txt"; df -h /tmp | tail -1; echo "elapsed ${SECONDS}s"
-    LIMIT=$((530 - SECONDS)) run r7_resumed two $K --metrics-dir /tmp/r7/resumed --resume $c
+    LIMIT=$((515 - SECONDS)) run r7_resumed two $K --metrics-dir /tmp/r7/resumed --resume $c
     echo "elapsed ${SECONDS}s"
     python3 - /tmp/r7/straight /tmp/r7/resumed <<'PY' | tee "$out/resume7b.md"
 import json, sys
@@ -97,7 +97,7 @@ for s, a in sorted(runs[0].items()):
     print(f"| {s} | {a['loss']:.6f} | " + " | ".join(cells) + f" | {a['grad_norm']:.4f} | "
           + (f"{b['grad_norm']:.4f} |" if b else "- |"))
 PY
-    timeout $((595 - SECONDS)) python3 -c "import sys, time, torch; from transformers import AutoModelForCausalLM as M
+    timeout $((580 - SECONDS)) python3 -c "import sys, time, torch; from transformers import AutoModelForCausalLM as M
 t = time.perf_counter(); m = M.from_pretrained(sys.argv[1], dtype='auto'); t = time.perf_counter() - t
 print(sys.argv[1], f'loads in {t:.1f}s:', sum(p.numel() for p in m.parameters()), 'params', m.dtype, 'finite',
       all(torch.isfinite(p).all().item() for p in m.parameters()))" $c 2>&1 | grep -v Warning | tail -2

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -126,8 +127,10 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly_and_loads(tmp_path):
     assert (ckpt / "pytorch_model_fsdp_0" / ".metadata").is_file() and (ckpt / "optimizer_0" / ".metadata").is_file()
     assert len(list((ckpt / "optimizer_0").glob("*.distcp"))) == 2  # one file per process, written in parallel
     assert not (ckpt / "pytorch_model_fsdp.bin").exists() and not (ckpt / "optimizer.bin").exists()
-    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f, \
+            safe_open(str(Path(TINY) / "model.safetensors"), "pt") as base:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        assert set(f.keys()) == set(base.keys())  # the model's own names, the tied head once
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
     assert model.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in model.parameters())
 
