@@ -247,6 +247,7 @@ def test_several_gpus_without_a_launcher_train_in_one_process(tmp_path, monkeypa
     ({"state_dict_type": "FULL_STATE_DICT"}, False, "FULL_STATE_DICT"),
     ('{"fsdp_state_dict_type": "FULL_STATE_DICT"}', False, None),  # transformers strips the fsdp_ prefix itself
     (None, True, None),
+    ({"version": 1}, False, None),  # transformers writes FSDP1's model only from a full state dict
 ])
 def test_fsdp_writes_sharded_resume_state_unless_told(given, save_only_model, expected):
     """vftrain's FSDP default: resume state written by every process in parallel (issue #12); an explicit

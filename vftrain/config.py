@@ -221,7 +221,7 @@ class TrainerConfig(TrainingArguments):
                           "false, cpu_offload = true} or a JSON file path. vftrain sets cpu_ram_efficient_loading "
                           "= true unless given: only rank 0 reads the weights, the others build the model empty "
                           "and receive their shards from it (one copy of the model in CPU memory, not one per GPU). "
-                          "It also sets state_dict_type = 'SHARDED_STATE_DICT' unless given (or save_only_model): "
+                          "It also sets state_dict_type = 'SHARDED_STATE_DICT' unless given (or save_only_model, or FSDP1): "
                           "each process writes its own shards of the resume state (float32 weights, Adam moments: "
                           "~12 bytes per parameter, 91 GB for a 7B model) in parallel through "
                           "torch.distributed.checkpoint, where 'FULL_STATE_DICT' gathers all of it through rank 0's "
@@ -525,7 +525,8 @@ def _fsdp_config_with_defaults(config: Any, save_only_model: bool = False) -> di
     config = dict(config or {})
     if "cpu_ram_efficient_loading" not in config and "fsdp_cpu_ram_efficient_loading" not in config:
         config["cpu_ram_efficient_loading"] = True
-    if "state_dict_type" not in config and "fsdp_state_dict_type" not in config and not save_only_model:
+    fsdp2 = str(config.get("version", config.get("fsdp_version", 2))) == "2"  # vftrain gathers FSDP2's model only
+    if "state_dict_type" not in config and "fsdp_state_dict_type" not in config and not save_only_model and fsdp2:
         config["state_dict_type"] = "SHARDED_STATE_DICT"
     return config
 
