@@ -8,6 +8,7 @@
 #   bash benchmarks/scale.sh lora     # LoRA: 1 GPU vs FSDP2 curves, merged model written and loaded
 #   bash benchmarks/scale.sh fsdp7b   # 7B full fine-tune under FSDP2 (issue #12); needs no DeepSpeed wheels
 #   bash benchmarks/scale.sh save7b   # the same, saved and loaded with from_pretrained
+#   bash benchmarks/scale.sh resume7b # 7B FSDP2: checkpoint at step 2 (sharded resume state), resume to step 4
 # Every run's log and metrics land under $OUT. WHL names the wheel folder (default .whl).
 set -uo pipefail
 rm -rf /tmp/site
@@ -23,7 +24,7 @@ run() {  # run NAME one|two ARGS...: log to $OUT/NAME.log, keep the RESULT line
   local name=$1; shift
   "$@" > "$out/$name.log" 2>&1
   echo "$name exit $?: $(grep -h '^RESULT' "$out/$name.log" | cut -c8- | tee -a "$out/results.jsonl")"
-  grep -h '^SAVED' "$out/$name.log"
+  grep -h '^SAVED\|^CKPT' "$out/$name.log"
   grep -hE "Error|error:" "$out/$name.log" | grep -v Warning | tail -3
 }
 case ${1:-} in
@@ -74,5 +75,32 @@ m = M.from_pretrained(sys.argv[1]); print(sys.argv[1], 'loads:', sum(p.numel() f
     LIMIT=400 run fsdp7b_save two --child qwen7b --engine fsdp --steps 4 --warmup 2 --seq 16384 --attn varlen \
       --vf-liger --gc --save-final /tmp/fsdp7b_final
     ls -la /tmp/fsdp7b_final; echo "elapsed ${SECONDS}s" ;;
-  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b|save7b"; exit 2 ;;
+  resume7b)  # 7B FSDP2 with vftrain's default sharded resume state: a checkpoint at step 2, a second run resumes
+              # from it to step 4 (losses at steps 3-4 compared), then transformers loads the checkpoint's model.
+              # Learnable rows at lr 1e-4, so that a resume that lost the Adam moments would show in the losses.
+    K="--child qwen7b --engine fsdp --steps 4 --warmup 2 --seq 16384 --attn varlen --vf-liger --gc --task chain"
+    K="$K --lr 1e-4 --save-at 2"
+    c=/tmp/r7/straight/checkpoint-2
+    df -h /tmp | tail -1
+    LIMIT=330 run r7_straight two $K --metrics-dir /tmp/r7/straight
+    du -sh $c $c/* 2>&1 | tee "$out/r7_disk.txt"; df -h /tmp | tail -1; echo "elapsed ${SECONDS}s"
+    LIMIT=$((515 - SECONDS)) run r7_resumed two $K --metrics-dir /tmp/r7/resumed --resume $c
+    echo "elapsed ${SECONDS}s"
+    python3 - /tmp/r7/straight /tmp/r7/resumed <<'PY' | tee "$out/resume7b.md"
+import json, sys
+runs = [{r["step"]: r for r in map(json.loads, open(f + "/metrics.jsonl")) if "loss" in r} for f in sys.argv[1:]]
+print("| step | loss straight | loss resumed | abs diff | grad norm straight | grad norm resumed |")
+print("|---|---|---|---|---|---|")
+for s, a in sorted(runs[0].items()):
+    b = runs[1].get(s)
+    cells = [f"{b['loss']:.6f}", f"{abs(b['loss'] - a['loss']):.2e}"] if b else ["-", "-"]
+    print(f"| {s} | {a['loss']:.6f} | " + " | ".join(cells) + f" | {a['grad_norm']:.4f} | "
+          + (f"{b['grad_norm']:.4f} |" if b else "- |"))
+PY
+    timeout $((580 - SECONDS)) python3 -c "import sys, time, torch; from transformers import AutoModelForCausalLM as M
+t = time.perf_counter(); m = M.from_pretrained(sys.argv[1], dtype='auto'); t = time.perf_counter() - t
+print(sys.argv[1], f'loads in {t:.1f}s:', sum(p.numel() for p in m.parameters()), 'params', m.dtype, 'finite',
+      all(torch.isfinite(p).all().item() for p in m.parameters()))" $c 2>&1 | grep -v Warning | tail -2
+    echo "elapsed ${SECONDS}s" ;;
+  *) echo "usage: bash benchmarks/scale.sh curves|precision|speed|resume|lora|fsdp7b|save7b|resume7b"; exit 2 ;;
 esac

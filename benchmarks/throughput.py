@@ -170,7 +170,8 @@ def measure(args):
     """One vftrain run in this process; returns the RESULT dict and the trainer."""
     from datasets import Dataset
     from tokenizers import Tokenizer, models
-    from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast,
+                              TrainerCallback)
 
     import vftrain as vf
     from vftrain.models import empty_from_config, liger_applies
@@ -211,6 +212,11 @@ def measure(args):
             meter.see(self.state.global_step, inputs)  # before compute_loss pops the labels
             return super().training_step(model, inputs, num_items_in_batch)
 
+    if args.save_at:  # seconds spent in each part of a checkpoint's save and a resume's load, per process
+        for name in ("_save_checkpoint", "save_model", "_save_optimizer_and_scheduler", "_load_from_checkpoint",
+                     "_load_optimizer_and_scheduler"):
+            setattr(Measured, name, checkpoint_timer(name, getattr(vf.SFTTrainer, name)))
+
     engine = {"ddp": {}, "fsdp": {"fsdp": True}, "zero3": {"deepspeed": ZERO3}}[args.engine]
     # --default measures what a user gets: every speed and precision field at SFTConfig's default.
     speed = {} if args.default else dict(
@@ -220,7 +226,8 @@ def measure(args):
         output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
         batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
         max_seq_len=max(args.seq, MIXES[args.mix]["max_len"]), bf16=None if args.default else cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
-        else 10, save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
+        else 10, save_strategy="steps" if args.save_steps or args.save_at else "no",
+        save_steps=args.save_at or args.save_steps or 500,
         report_to="none", disable_tqdm=True, packing=True, seed=0,
         use_lora=args.lora, **speed,
         **({"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"every_n_layers": args.gc_every}}
@@ -231,6 +238,12 @@ def measure(args):
         tok.save_pretrained(base)
         model.name_or_path = model.config.name_or_path = base
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
+    if args.save_at:
+        class SaveOnlyAt(TrainerCallback):  # save_steps = N alone would also save at N's multiples
+            def on_step_end(self, _args, state, control, **kwargs):
+                control.should_save = control.should_save and state.global_step == args.save_at
+
+        trainer.add_callback(SaveOnlyAt())
     if args.breakdown:
         breakdown = Breakdown(trainer, meter)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -273,6 +286,23 @@ def measure(args):
             torch.distributed.all_gather_object(peaks, out["peak_mem_gib"])
             out["peak_mem_gib_per_rank"] = peaks
     return out, trainer
+
+
+CHECKPOINT_SECONDS = {}
+
+
+def checkpoint_timer(name, fn):
+    """`fn` timed into CHECKPOINT_SECONDS[name] (host clock: the saves and loads are synchronous), and printed at
+    once, so that a run cut short by its time limit still tells how far its save or load got."""
+    def timed(self, *args, **kwargs):
+        t = time.perf_counter()
+        out = fn(self, *args, **kwargs)
+        sync()
+        CHECKPOINT_SECONDS[name] = round(CHECKPOINT_SECONDS.get(name, 0) + time.perf_counter() - t, 1)
+        print(f"CKPT rank {os.environ.get('RANK', '0')} {name} {CHECKPOINT_SECONDS[name]}s", flush=True)
+        return out
+
+    return timed
 
 
 def save_and_load(trainer, folder: str) -> dict:
@@ -443,6 +473,8 @@ def main():
                     "load it with transformers")
     ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
     ap.add_argument("--resume", default=None, help="resume from this checkpoint folder")
+    ap.add_argument("--save-at", type=int, default=0, help="save one checkpoint, at this step, and print a CKPT "
+                    "line per process: seconds in each part of the save (and of a --resume's load)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab 1000, "
                     "64 rows of <= 128 tokens, 3 steps, fp32, no MFU or peak memory")
     ap.add_argument("--out", default=None, help="markdown table path (default benchmarks/last_run.md; "
@@ -465,6 +497,8 @@ def main():
         if main_process:  # under torchrun: rank 0's share (tokens are per rank)
             result["processes"] = int(os.environ.get("WORLD_SIZE", "1"))
             print("RESULT " + json.dumps(result), flush=True)
+        if CHECKPOINT_SECONDS:
+            print(f"CKPT rank {os.environ.get('RANK', '0')} " + json.dumps(CHECKPOINT_SECONDS), flush=True)
         if args.save_final:  # after the RESULT line, so a save that runs out of time keeps the measurement
             saved = save_and_load(trainer, args.save_final)
             if main_process:

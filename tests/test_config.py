@@ -240,3 +240,21 @@ def test_several_gpus_without_a_launcher_train_in_one_process(tmp_path, monkeypa
     trainer.train()
     assert cfg.n_gpu == 1 and trainer.state.global_step == 1
     assert not isinstance(trainer.model_wrapped, torch.nn.DataParallel)
+
+
+@pytest.mark.parametrize("given, save_only_model, expected", [
+    (None, False, "SHARDED_STATE_DICT"),
+    ({"state_dict_type": "FULL_STATE_DICT"}, False, "FULL_STATE_DICT"),
+    ('{"fsdp_state_dict_type": "FULL_STATE_DICT"}', False, None),  # transformers strips the fsdp_ prefix itself
+    (None, True, None),
+    ({"version": 1}, False, None),  # transformers writes FSDP1's model only from a full state dict
+])
+def test_fsdp_writes_sharded_resume_state_unless_told(given, save_only_model, expected):
+    """vftrain's FSDP default: resume state written by every process in parallel (issue #12); an explicit
+    state_dict_type wins, and a model-only checkpoint (which transformers refuses with sharded state) keeps
+    transformers' default."""
+    from vftrain.config import _fsdp_config_with_defaults
+
+    config = _fsdp_config_with_defaults(given, save_only_model)
+    assert config.get("state_dict_type") == expected
+    assert config["cpu_ram_efficient_loading"] is True

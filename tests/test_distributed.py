@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,10 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
 
     data = _dataset(tmp_path)
     sampling = ("--sft.sample_every_n_steps", "3", "--sft.num_samples", "2", "--sft.max_new_tokens", "6")
-    save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3", "--sft.micro_batch_tokens", "160")
+    # accelerate's gathered resume files, which a user's explicit state_dict_type still selects (vftrain's default,
+    # sharded, is tested below)
+    save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3", "--sft.micro_batch_tokens", "160",
+            "--sft.fsdp_config", json.dumps({"state_dict_type": "FULL_STATE_DICT"}))
     one, one_out = _train(tmp_path / "one", 1, data, sampling)
     two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *sampling), fsdp=True)
     _assert_same_curve(one, two)
@@ -89,6 +93,7 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
     assert _completions(stdout) == _completions(one_out)
     resolved = json.loads((tmp_path / "fsdp" / "checkpoint-3" / "vftrain_config.json").read_text())
     assert resolved["config"]["fsdp"] is True
+    assert (tmp_path / "fsdp" / "checkpoint-3" / "pytorch_model_fsdp.bin").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-6")  # full weights, not shards
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
@@ -99,6 +104,41 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
     for a, b in zip(two[3:], resumed[-3:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly_and_loads(tmp_path):
+    """vftrain's FSDP default: each process writes its own shards of the resume state (float32 weights, Adam moments;
+    torch.distributed.checkpoint), nothing gathered through one process, while the checkpoint folder still holds the
+    gathered model in its own dtype for from_pretrained. A resume from step 4 repeats steps 5-6 exactly: the float32
+    shards, optimizer moments and schedule come back (a restarted optimizer, or weights reloaded from the bf16 model
+    file, would change the losses). Checkpoints stay atomic and save_total_limit holds."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    data = _dataset(tmp_path)
+    run = ("--sft.fsdp", "true", "--sft.dtype", "bfloat16", "--sft.bf16", "true", "--sft.save_strategy", "steps",
+           "--sft.save_steps", "2", "--sft.save_total_limit", "2")
+    straight, _ = _train(tmp_path / "out", 2, data, run, fsdp=True)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("checkpoint", ".staging"))) == \
+        ["checkpoint-4", "checkpoint-6"]
+    ckpt = out / "checkpoint-4"
+    assert (ckpt / "pytorch_model_fsdp_0" / ".metadata").is_file() and (ckpt / "optimizer_0" / ".metadata").is_file()
+    assert len(list((ckpt / "optimizer_0").glob("*.distcp"))) == 2  # one file per process, written in parallel
+    assert not (ckpt / "pytorch_model_fsdp.bin").exists() and not (ckpt / "optimizer.bin").exists()
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f, \
+            safe_open(str(Path(TINY) / "model.safetensors"), "pt") as base:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
+        assert set(f.keys()) == set(base.keys())  # the model's own names, the tied head once
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
+    assert model.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in model.parameters())
+
+    resumed, _ = _train(out, 2, data, (*run, "--sft.resume_from_checkpoint", str(ckpt)), fsdp=True)
+    assert [r["step"] for r in resumed[-2:]] == [5, 6]
+    for a, b in zip(straight[4:], resumed[-2:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), (a["step"], a["loss"], b["loss"])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
 
 LOAD_WORKER = """
 import json, sys

@@ -47,6 +47,31 @@ def rotate(trainer, run_dir: str) -> None:
                        best_model_checkpoint=trainer.state.best_model_checkpoint, use_mtime=False)
 
 
+def gathered_state_dict(model, dtype, keep: bool) -> dict:
+    """The full state dict of an FSDP2-sharded `model`, gathered one tensor at a time on its device and cast to
+    `dtype` there (floating tensors; None keeps their dtype), so only the saved bytes cross to the CPU (half of
+    accelerate's float32 gather for a bf16 model), and only on the process that `keep`s them; the others take part
+    in every gather and return {}. Keys are torch's cleaned names (no wrapper prefixes), as from_pretrained expects;
+    tied weights (one shard under two names) come back as one tensor, which save_pretrained then writes once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+
+    out, tied = {}, {}
+    sharded = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False, cpu_offload=False))
+    for name, value in sharded.items():  # the same order on every process: the gathers pair up
+        local = value.to_local() if isinstance(value, DTensor) else value
+        if isinstance(value, DTensor):
+            value = value.full_tensor()
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        if keep:
+            shard = (local.data_ptr(), tuple(local.shape)) if local.data_ptr() else name
+            if shard not in tied:
+                tied[shard] = value.to("cpu")
+            out[name] = tied[shard]
+    return out
+
+
 def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
     """`what: saved -> now` for each setting that decides the training rows and differs from the checkpoint's
     resolved config (empty when the checkpoint has none)."""

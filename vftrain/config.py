@@ -220,7 +220,14 @@ class TrainerConfig(TrainingArguments):
     fsdp_config: Any = _f(None, "FSDP tuning, as transformers reads it: a table such as {reshard_after_forward = "
                           "false, cpu_offload = true} or a JSON file path. vftrain sets cpu_ram_efficient_loading "
                           "= true unless given: only rank 0 reads the weights, the others build the model empty "
-                          "and receive their shards from it (one copy of the model in CPU memory, not one per GPU).")
+                          "and receive their shards from it (one copy of the model in CPU memory, not one per GPU). "
+                          "It also sets state_dict_type = 'SHARDED_STATE_DICT' unless given (or save_only_model, or FSDP1): "
+                          "each process writes its own shards of the resume state (float32 weights, Adam moments: "
+                          "~12 bytes per parameter, 91 GB for a 7B model) in parallel through "
+                          "torch.distributed.checkpoint, where 'FULL_STATE_DICT' gathers all of it through rank 0's "
+                          "CPU memory and writes it from one process (minutes at 7B). Either way the checkpoint "
+                          "folder holds the gathered model (model.safetensors in the model's dtype) for "
+                          "from_pretrained.")
     deepspeed: Any = _f(None, "DeepSpeed config (JSON file path or table), e.g. ZeRO-3 (run on 2 GPUs: "
                         "benchmarks/RESULTS.md); needs the deepspeed package and one process per GPU. Not with "
                         "micro_batch_tokens.")
@@ -258,7 +265,7 @@ class TrainerConfig(TrainingArguments):
                               "torch's GradScaler refuses float16 gradients; use dtype = 'float32' with fp16 = true "
                               "(GPUs without bfloat16), or bfloat16")
         if self.fsdp:
-            self.fsdp_config = _fsdp_config_with_defaults(self.fsdp_config)
+            self.fsdp_config = _fsdp_config_with_defaults(self.fsdp_config, self.save_only_model)
         if self.fsdp and self.deepspeed:
             raise ConfigError("fsdp and deepspeed are both set; choose one sharding engine")
         if (self.fsdp or self.deepspeed) and launch_world_size() == 1:
@@ -500,9 +507,11 @@ class RLConfig(TrainerConfig):
                               "pip install 'vftrain[verifiers]'")
 
 
-def _fsdp_config_with_defaults(config: Any) -> dict:
+def _fsdp_config_with_defaults(config: Any, save_only_model: bool = False) -> dict:
     """`fsdp_config` (a table or a JSON file path) with vftrain's defaults: weights read by rank 0 alone and sent to
-    the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks)."""
+    the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks), and
+    resume state written sharded, each process its own part (issue #12: a gathered 7B checkpoint is ~107 GB through
+    one process). A checkpoint of the model alone has no resume state, and transformers refuses that combination."""
     if isinstance(config, str):  # inline JSON (as transformers accepts it) or a JSON file
         try:
             if config.lstrip().startswith("{"):
@@ -516,6 +525,9 @@ def _fsdp_config_with_defaults(config: Any) -> dict:
     config = dict(config or {})
     if "cpu_ram_efficient_loading" not in config and "fsdp_cpu_ram_efficient_loading" not in config:
         config["cpu_ram_efficient_loading"] = True
+    fsdp2 = str(config.get("version", config.get("fsdp_version", 2))) == "2"  # vftrain gathers FSDP2's model only
+    if "state_dict_type" not in config and "fsdp_state_dict_type" not in config and not save_only_model and fsdp2:
+        config["state_dict_type"] = "SHARDED_STATE_DICT"
     return config
 
 

@@ -248,7 +248,17 @@ class VFTrainer(Trainer):
         return tensor
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        super().save_model(output_dir, _internal_call)
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            # transformers writes no model under SHARDED_STATE_DICT (vftrain's FSDP default: the resume state is
+            # written sharded beside it), and under FULL gathers float32 copies through the CPU; gathered here in the
+            # model's own dtype on the GPUs, so a checkpoint always holds a folder from_pretrained loads.
+            state_dict = checkpoint.gathered_state_dict(self.model, self._saved_dtype(), self.args.should_save)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=state_dict)
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_resolved_config(output_dir or self.args.output_dir)
         # Sharded weights: the other processes only helped gather them. Held here until the main process has
@@ -257,11 +267,15 @@ class VFTrainer(Trainer):
         if self.sharded:
             self.accelerator.wait_for_everyone()
 
+    def _saved_dtype(self) -> torch.dtype | None:
+        """The dtype FSDP checkpoints are written in: the model's own, not FSDP's float32 copies (None: keep)."""
+        return self.weights_dtype if self.is_fsdp_enabled and self.weights_dtype != torch.float32 else None
+
     def _save(self, output_dir: str | None = None, state_dict=None):
         """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies,
         and with a config.json that says so (save_pretrained writes the sharded parameters' float32, so loaders that
         follow the config, `dtype="auto"` or vLLM, would upcast the saved weights)."""
-        recast = bool(state_dict) and self.is_fsdp_enabled and self.weights_dtype != torch.float32
+        recast = bool(state_dict) and self._saved_dtype() is not None
         if recast:
             state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
         super()._save(output_dir, state_dict)
