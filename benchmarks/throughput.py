@@ -109,6 +109,47 @@ class Meter:
         self.micro_batches += 1
 
 
+def host_profile(start: int, steps: int):
+    """A callback running torch.profiler over `steps` steps after the warm-up: prints the ops with the most host
+    (self CPU) time and the GPU's busy time against the wall time, to show what the host does while the GPU waits."""
+    from transformers import TrainerCallback
+
+    class HostProfile(TrainerCallback):
+        def __init__(self, start: int, steps: int):
+            self.start, self.steps, self.prof, self.t0 = start, steps, None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == self.start and self.prof is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                import cProfile
+
+                sync()
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                self.prof.__enter__()
+                self.python = cProfile.Profile()  # Python functions' host time (the op table has no Python frames)
+                self.python.enable()
+                self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step != self.start + self.steps:
+                return
+            import pstats
+
+            sync()
+            wall = (time.perf_counter() - self.t0) * 1e3 / self.steps
+            self.python.disable()
+            self.prof.__exit__(None, None, None)
+            pstats.Stats(self.python).sort_stats("cumulative").print_stats(45)
+            events = self.prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
+            print(f"PROFILE ms per step (both profilers on): wall {wall:.1f}, GPU busy {gpu:.1f}", flush=True)
+            print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
+            self.prof = None
+
+    return HostProfile(start, steps)
+
+
 class Breakdown:
     """Where a timed step's time goes: CUDA events around the forward+backward of each micro-batch (the fused head's
     forward inside it, shown apart), gradient clipping and the optimizer step (master-weight copies included),
@@ -246,6 +287,8 @@ def measure(args):
         trainer.add_callback(SaveOnlyAt())
     if args.breakdown:
         breakdown = Breakdown(trainer, meter)
+    if args.profile:
+        trainer.add_callback(host_profile(args.warmup, args.profile))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
     if cuda:
@@ -485,6 +528,8 @@ def main():
                     "compile, lean_mlp, master weights, bf16); --attn/--vf-liger/--compile/... are ignored")
     ap.add_argument("--breakdown", action="store_true", help="also split each timed step's time into forward+backward, "
                     "the fused head's forward, grad clipping, the optimizer step and the rest (host work, idle)")
+    ap.add_argument("--profile", type=int, default=0, help="profile N steps after the warm-up (torch.profiler): "
+                    "host time per op, GPU busy time per step")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one arch in-process
     args = ap.parse_args()
     if args.tiny:
@@ -515,7 +560,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
-        cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every)]
+        cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",
                                                      "default", "breakdown")
                 if getattr(args, f)]
