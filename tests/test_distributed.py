@@ -133,6 +133,12 @@ def test_fsdp2_sharded_checkpoint_resumes_exactly_and_loads(tmp_path):
         assert set(f.keys()) == set(base.keys())  # the model's own names, the tied head once
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype="auto")
     assert model.dtype == torch.bfloat16 and all(torch.isfinite(p).all() for p in model.parameters())
+    # bf16 mixed precision trains float32 copies; the checkpoint and the final model are still bf16 and their
+    # config says so: loaders that follow it (dtype="auto", vLLM) would otherwise upcast a 7B model to 30 GB.
+    for folder in (ckpt, out):
+        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
 
     resumed, _ = _train(out, 2, data, (*run, "--sft.resume_from_checkpoint", str(ckpt)), fsdp=True)
     assert [r["step"] for r in resumed[-2:]] == [5, 6]
@@ -198,23 +204,6 @@ def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, every
           json.dumps({"every_n_layers": every}))
     two, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *extra, *gc), fsdp=True)
     _assert_same_curve(one, two)
-
-
-def test_fsdp2_checkpoint_keeps_the_models_dtype(tmp_path):
-    """bf16 mixed precision under FSDP2 trains float32 copies of the weights; the checkpoint is still bf16, and its
-    config says so: loaders that follow it (`dtype="auto"`, vLLM) would otherwise upcast a 7B model to 30 GB."""
-    import torch
-    from safetensors import safe_open
-    from transformers import AutoModelForCausalLM
-
-    extra = ("--sft.fsdp", "true", "--sft.dtype", "bfloat16", "--sft.bf16", "true", "--sft.max_steps", "2",
-             "--sft.save_strategy", "steps", "--sft.save_steps", "2")
-    _train(tmp_path / "out", 2, _dataset(tmp_path), extra, fsdp=True)
-    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out"):  # checkpoint and final model
-        with safe_open(str(folder / "model.safetensors"), "pt") as f:
-            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
-        assert json.loads((folder / "config.json").read_text())["dtype"] == "bfloat16"
-        assert AutoModelForCausalLM.from_pretrained(folder, dtype="auto").dtype == torch.bfloat16
 
 
 def test_fsdp2_lora_merges_like_one_process(tmp_path):
