@@ -232,6 +232,33 @@ def test_kl_reference_is_the_starting_model_token_by_token(tmp_path, lora):
 WHERE = ("trained_positions", "trained_flat")
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_openai_backend_samples_from_the_weights_being_trained(tmp_path, use_lora):
+    """rl_backend = "openai" against `vftrain.serve`: every step pushes the weights before sampling, so the server's
+    logprobs are the trainer's at every step (ratio 1 within float32 noise). A stale server (no push after step 1's
+    large update) would put step 2's ratios far from 1; the test checks that the weights did move."""
+    from vftrain.serve import serve
+
+    server = serve(TINY, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        trainer = _trainer(tmp_path, rl_backend="openai", sample_base_url=url, max_steps=3, learning_rate=3e-2,
+                           micro_batch_size=4, use_lora=use_lora, lora_rank=4)
+        start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        trainer.train()
+    finally:
+        server.shutdown()
+        server.server_close()
+    moved = max(float((p.detach() - start[n]).abs().max()) for n, p in trainer.model.named_parameters()
+                if p.requires_grad)
+    assert moved > 1e-2
+    records = _metrics(tmp_path / "out")
+    for step in (1, 2, 3):
+        assert abs(records[step]["importance_ratio_min"] - 1) < 1e-4, (step, records[step])
+        assert abs(records[step]["importance_ratio_max"] - 1) < 1e-4, (step, records[step])
+        assert records[step]["time/sync"] > 0
+
+
 def _run(out_dir, max_steps, kill_at=0, resume=False, processes=1, num_iterations=1, save_steps=2):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(HERE)

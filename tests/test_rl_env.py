@@ -236,6 +236,28 @@ def test_rl_on_an_environment_raises_reward(tmp_path, envs):
     assert last > first, (first, last)
 
 
+def test_environment_with_the_openai_backend(tmp_path, envs):
+    """env with rl_backend = "openai" (`vftrain.serve`): each step's weights are pushed before the environment's
+    turns are sampled, so the server's logprobs are the trainer's (ratio 1), and the environment's reward
+    functions score the rollouts."""
+    from vftrain.serve import serve
+
+    server = serve(TINY, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        _trainer(tmp_path, env_args={"reward": "length"}, rl_backend="openai", sample_base_url=url, max_steps=2,
+                 learning_rate=3e-2, max_new_tokens=6).train()
+    finally:
+        server.shutdown()
+        server.server_close()
+    records = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "reward" in r]
+    assert len(steps) == 2 and "reward/length" in steps[0]
+    for r in steps:
+        assert abs(r["importance_ratio_min"] - 1) < 1e-4 and abs(r["importance_ratio_max"] - 1) < 1e-4, r
+    assert {tuple(r["rewards"]) for r in _rollouts(tmp_path)} == {("length",)}
+
+
 def test_cli_with_env_in_the_toml(tmp_path, envs):
     toml = tmp_path / "rl.toml"
     toml.write_text(textwrap.dedent(f'''\
