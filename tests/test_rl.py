@@ -232,6 +232,25 @@ def test_kl_reference_is_the_starting_model_token_by_token(tmp_path, lora):
 WHERE = ("trained_positions", "trained_flat")
 
 
+def test_nan_loss_stops_rl_with_the_rl_command_line(tmp_path, monkeypatch):
+    """A NaN loss stops an RL run before the weights change, and the message names vf-rl's flag, not vf-sft's."""
+    import vftrain.rl.trainer as rl_trainer
+    from vftrain.guards import NonFiniteLossError
+
+    real = rl_trainer.token_loss_sum
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(rl_trainer, "token_loss_sum", poisoned)
+    trainer = _trainer(tmp_path)
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match=r"--rl\.resume_from_checkpoint latest"):
+        trainer.train()
+    assert all(torch.equal(p.detach(), start[n]) for n, p in trainer.model.named_parameters())
+
+
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_openai_backend_samples_from_the_weights_being_trained(tmp_path, use_lora):
     """rl_backend = "openai" against `vftrain.serve`: every step pushes the weights before sampling, so the server's

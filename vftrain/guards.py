@@ -117,7 +117,7 @@ class NonFiniteLossGuard(TrainerCallback):
         raise NonFiniteLossError(
             f"the loss became NaN/inf at optimizer step {step}; the weights are not updated with it. Lower "
             "learning_rate, check the data of that step, or set nan_policy = 'skip'; resume from the last "
-            "checkpoint with --sft.resume_from_checkpoint latest")
+            f"checkpoint with --{_table(args)}.resume_from_checkpoint latest")
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
@@ -198,6 +198,11 @@ class GracefulInterrupt(TrainerCallback):
         self.previous = {}
 
 
+def _table(args) -> str:
+    """The command line's table for this config: sft (vf-sft) or rl (vf-rl)."""
+    return "rl" if getattr(args, "run_name_prefix", "sft") == "rl" else "sft"
+
+
 class OutOfMemory(VFTrainError):
     """A step did not fit in GPU memory; the message names the settings to change and any checkpoint saved."""
 
@@ -219,6 +224,7 @@ def oom_message(args, step: int, saved: str | None = None) -> str:
         knobs.append(f"lower max_seq_len (now {args.max_seq_len})")
     if args.master_weights and not args.use_lora:
         knobs.append("set master_weights = false (8 bytes less per parameter; pure bf16 loses small updates)")
-    where = (f"; the {step} finished steps are saved in {saved}: resume with --sft.resume_from_checkpoint latest"
+    where = (f"; the {step} finished steps are saved in {saved}: resume with "
+             f"--{_table(args)}.resume_from_checkpoint latest"
              if saved else "")
     return f"out of GPU memory at optimizer step {step + 1}: " + ", or ".join(knobs) + where
