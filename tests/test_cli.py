@@ -165,6 +165,18 @@ def test_string_fields_keep_the_text_as_typed(tmp_path, monkeypatch):
     assert config.max_steps == 40  # the command line beats the file even when `@ file` comes after it
 
 
+def test_none_unsets_a_field_that_takes_none(tmp_path, monkeypatch):
+    """TOML has no null: `none` on the command line unsets a field that takes None but no string (it used to be
+    refused as "'none' has the wrong type; expected int or none"); a string field keeps the text."""
+    monkeypatch.chdir(ROOT)
+    toml = _toml(tmp_path, f'model = "{TINY}"\ndataset = "{ADDITION}"\n[sft]\nmicro_batch_tokens = 4096\n'
+                 'use_liger = false\n')
+    inv = parse_argv(["@", toml, "--sft.micro_batch_tokens", "none", "--sft.use_liger", "None",
+                      "--sft.run_name", "none"], "sft", FLAGS)
+    _, config = resolve(inv)
+    assert config.micro_batch_tokens is None and config.use_liger is None and config.run_name == "none"
+
+
 def _tiny_run(tmp_path, *extra):
     data = write_jsonl(tmp_path / "d.jsonl", addition_rows(32))
     toml = _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n[sft]\nbatch_size = 8\nmicro_batch_size = 8\n'

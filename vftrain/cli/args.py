@@ -119,7 +119,8 @@ def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
     """Instantiate the config dataclass from a checked table.
 
     A command-line value is read as TOML would read it, except where the field takes a string and the TOML
-    reading does not fit: `--sft.run_name 2024` and `--sft.output_dir true` keep the text as typed.
+    reading does not fit: `--sft.run_name 2024` and `--sft.output_dir true` keep the text as typed; and `none` (or
+    `null`) unsets a field that takes None but no string (a field that takes a string keeps the text "none").
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
@@ -132,6 +133,9 @@ def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
         text = (cli_text or {}).get(key)
         if not type_matches(value, hints[key]) and text is not None and type_matches(text, hints[key]):
             table[key] = value = text
+        elif text is not None and text.lower() in ("none", "null") and type_matches(None, hints[key]) \
+                and not type_matches(text, hints[key]):
+            table[key] = value = None  # TOML has no null: `--sft.micro_batch_tokens none` unsets a field
         if not type_matches(value, hints[key]):
             raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {type_name(hints[key])}")
     return cls(**table)
