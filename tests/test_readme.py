@@ -17,9 +17,6 @@ import pytest
 
 from conftest import ROOT, addition_rows, write_jsonl
 
-# The commands run in README order in one scratch folder: one pytest-xdist worker runs them all, in order.
-pytestmark = pytest.mark.xdist_group("readme")
-
 # Appended to every run (later overrides win): two steps, a few generations.
 TINY_SFT = ["--sft.max_steps", "2", "--sft.eval_generation_rows", "2"]
 TINY_RL = ["--rl.max_steps", "2", "--rl.eval_generation_rows", "2"]
