@@ -59,34 +59,46 @@ def _assert_same_curve(one, two, rel=5e-5):
         assert b["trained_tokens"] == a["trained_tokens"]  # counted over both ranks
 
 
-@pytest.mark.parametrize("extra, accelerate", [((), False), (("--sft.micro_batch_tokens", "160"), False),
-                                               ((), True)], ids=["packed", "token-budget", "accelerate-launch"])
-def test_two_processes_match_one(tmp_path, extra, accelerate):
+# Sampling settings of the shared 1-process reference run, which every 2-process run below repeats (the sampled
+# rows are held out of training) and is compared against: 2-process runs are what the CI's time goes to.
+SAMPLING = ("--sft.sample_every_n_steps", "3", "--sft.num_samples", "2", "--sft.max_new_tokens", "6")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(data file, 1-process curve, its stdout): one run that every 2-process test of this file matches."""
+    folder = tmp_path_factory.mktemp("reference")
+    data = _dataset(folder)
+    curve, stdout = _train(folder / "one", 1, data, SAMPLING)
+    assert [r["step"] for r in curve] == [1, 2, 3, 4, 5, 6]
+    return data, curve, stdout
+
+
+@pytest.mark.parametrize("extra, accelerate", [(("--sft.micro_batch_tokens", "160"), False), ((), True)],
+                         ids=["torchrun-token-budget", "accelerate-launch"])
+def test_two_processes_match_one(tmp_path, reference, extra, accelerate):
     """With a token budget, ranks run different numbers of forwards per step (gradient sync after the last);
     `accelerate launch` and torchrun start the same run."""
-    data = _dataset(tmp_path)
-    one, _ = _train(tmp_path / "one", 1, data, extra)
-    two, stdout = _train(tmp_path / "two", 2, data, extra, accelerate=accelerate)
-    assert [r["step"] for r in one] == [1, 2, 3, 4, 5, 6]
+    data, one, _ = reference
+    two, stdout = _train(tmp_path / "two", 2, data, (*extra, *SAMPLING), accelerate=accelerate)
     _assert_same_curve(one, two)
     assert stdout.count("step 1/6 |") == 1
     assert stdout.count("train data:") == 1  # info lines from rank 0 only
 
 
-def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
-    """FSDP2 (2 CPU processes, tests/cpu_fsdp.py), with a token budget splitting some micro-batches: the 1-process
-    curve, the fused head on sharded weights, the same samples; its checkpoint is a plain transformers folder, and
-    a resume from step 3 repeats steps 4-6."""
+def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path, reference):
+    """FSDP2 (2 CPU processes, tests/cpu_fsdp.py), with a token budget splitting some micro-batches and activation
+    checkpointing of every 2nd layer (`gradient_checkpointing_kwargs = {every_n_layers = 2}`) inside FSDP2's layer
+    groups: the 1-process curve, the fused head on sharded weights, the same samples; its checkpoint is a plain
+    transformers folder, and a resume from step 3 repeats steps 4-6."""
     from transformers import AutoModelForCausalLM
 
-    data = _dataset(tmp_path)
-    sampling = ("--sft.sample_every_n_steps", "3", "--sft.num_samples", "2", "--sft.max_new_tokens", "6")
+    data, one, one_out = reference
     # accelerate's gathered resume files, which a user's explicit state_dict_type still selects (vftrain's default,
     # sharded, is tested below)
     save = ("--sft.save_strategy", "steps", "--sft.save_steps", "3", "--sft.micro_batch_tokens", "160",
-            "--sft.fsdp_config", json.dumps({"state_dict_type": "FULL_STATE_DICT"}))
-    one, one_out = _train(tmp_path / "one", 1, data, sampling)
-    two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *sampling), fsdp=True)
+            "--sft.fsdp_config", json.dumps({"state_dict_type": "FULL_STATE_DICT"}), *_checkpointing(2))
+    two, stdout = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *SAMPLING), fsdp=True)
     _assert_same_curve(one, two)
     # Samples from sharded weights: both processes generate in lockstep, rank 0 alone shows them.
     assert stdout.count("sample, step 3") == 2 and stdout.count("sample, step 6") == 2  # 2 prompts, once each
@@ -97,13 +109,17 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "checkpoint-6")  # full weights, not shards
     assert sum(p.numel() for p in model.parameters()) > 100_000
 
-    resumed, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *sampling,
+    resumed, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *save, *SAMPLING,
                                                     "--sft.resume_from_checkpoint",
                                                     str(tmp_path / "fsdp" / "checkpoint-3")), fsdp=True)
     assert [r["step"] for r in resumed[-3:]] == [4, 5, 6]
     for a, b in zip(two[3:], resumed[-3:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
 
+
+def _checkpointing(every: int) -> tuple[str, ...]:
+    return ("--sft.gradient_checkpointing", "true", "--sft.gradient_checkpointing_kwargs",
+            json.dumps({"every_n_layers": every}))
 
 
 def test_fsdp2_sharded_checkpoint_resumes_exactly_and_loads(tmp_path):
@@ -182,28 +198,15 @@ def _load_run(tmp_path, name, processes, fsdp):
 
 
 def test_fsdp2_reads_the_weights_on_rank_0_only(tmp_path):
-    """Under FSDP the other ranks build the model empty (no CPU copy per GPU) and receive their shards from rank 0:
-    the run trains exactly as one process does; `cpu_ram_efficient_loading = false` loads on every rank."""
-    _, one = _load_run(tmp_path, "one", 1, {})
+    """Under FSDP the other ranks build the model empty (no CPU copy per GPU) and receive their shards from rank 0;
+    `cpu_ram_efficient_loading = false` loads on every rank. Both train the same losses, so the shards rank 0 sent
+    are the weights every rank would have read (the other tests match FSDP runs to one process)."""
     empty, losses = _load_run(tmp_path, "fsdp", 2, {"fsdp": True})
     assert empty == {0: False, 1: True}
-    assert losses == pytest.approx(one, rel=5e-5)
-    empty, _ = _load_run(tmp_path, "every_rank", 2, {"fsdp": True,
-                                                   "fsdp_config": {"cpu_ram_efficient_loading": False}})
+    empty, every_rank = _load_run(tmp_path, "every_rank", 2, {"fsdp": True,
+                                                             "fsdp_config": {"cpu_ram_efficient_loading": False}})
     assert empty == {0: False, 1: False}
-
-
-@pytest.mark.parametrize("every", [1, 2])
-def test_fsdp2_with_activation_checkpointing_matches_one_process(tmp_path, every):
-    """`gradient_checkpointing` (every layer, or every 2nd: `gradient_checkpointing_kwargs = {every_n_layers = 2}`)
-    inside FSDP2's layer groups recomputes exactly what the 1-process run without it computes."""
-    data = _dataset(tmp_path)
-    extra = ("--sft.max_steps", "3")
-    one, _ = _train(tmp_path / "one", 1, data, extra)
-    gc = ("--sft.gradient_checkpointing", "true", "--sft.gradient_checkpointing_kwargs",
-          json.dumps({"every_n_layers": every}))
-    two, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *extra, *gc), fsdp=True)
-    _assert_same_curve(one, two)
+    assert len(losses) == 3 and losses == pytest.approx(every_rank, rel=1e-6)
 
 
 def test_fsdp2_lora_merges_like_one_process(tmp_path):
@@ -225,23 +228,25 @@ def test_fsdp2_lora_merges_like_one_process(tmp_path):
     assert not (tmp_path / "fsdp" / "merged-adapter").exists()
 
 
-def test_fsdp2_pushes_gathered_weights_to_an_openai_server(tmp_path):
+def test_fsdp2_pushes_gathered_weights_to_an_openai_server(tmp_path, reference):
     """Sampling through a server with sharded weights: every process helps gather them, rank 0 pushes and asks;
-    the samples of the last step are what the final model generates."""
+    the samples of the last step are what the final model generates. With activation checkpointing of every
+    layer, the curve is the 1-process one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vftrain.sampling.embedded import generate
     from vftrain.serve import serve
 
-    data = _dataset(tmp_path)
+    data, one, _ = reference
     server = serve(TINY, port=0)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/v1"
-        extra = ("--sft.fsdp", "true", "--sft.sample_every_n_steps", "3", "--sft.num_samples", "2",
-                 "--sft.max_new_tokens", "6", "--sft.sample_backend", "openai", "--sft.sample_base_url", url)
+        extra = ("--sft.fsdp", "true", *SAMPLING, "--sft.sample_backend", "openai", "--sft.sample_base_url", url,
+                 *_checkpointing(1))
         records, stdout = _train(tmp_path / "out", 2, data, extra, fsdp=True)
     finally:
         server.shutdown()
+    _assert_same_curve(one, records)  # activation checkpointing of every layer inside FSDP2 recomputes exactly
     rewards = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rewards if "eval/reward" in r] == [3, 6]
     # The held-out rows are the data's last two; the final model is the run's output folder.
