@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -109,6 +110,69 @@ class Meter:
         self.micro_batches += 1
 
 
+def sync_report(start: int, steps: int):
+    """A callback listing every host-device synchronisation over `steps` steps after the warm-up
+    (torch.cuda.set_sync_debug_mode): a sync makes the GPU wait while the host launches the next kernels."""
+    import collections
+    import traceback
+    import warnings
+
+    from transformers import TrainerCallback
+
+    seen = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
+        frames = [f for f in traceback.extract_stack()[:-2] if "warnings" not in f.filename][-6:]
+        seen[" <- ".join(f"{Path(f.filename).name}:{f.lineno}({f.name})" for f in reversed(frames))] += 1
+
+    class SyncReport(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start:
+                warnings.simplefilter("always")
+                self.previous, warnings.showwarning = warnings.showwarning, record
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == start + steps:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning = self.previous
+                print(f"SYNCS over {steps} steps: {sum(seen.values())}", flush=True)
+                for where, n in seen.most_common(20):
+                    print(f"SYNC {n:4d}  {where}", flush=True)
+
+    return SyncReport()
+
+
+def python_profile(start: int, steps: int):
+    """A callback running cProfile alone (no torch.profiler, which slows every op) over `steps` steps after the
+    warm-up: the host's Python time by function, by own time and by cumulative time."""
+    import cProfile
+    import pstats
+
+    from transformers import TrainerCallback
+
+    class PythonProfile(TrainerCallback):
+        python, t0 = None, 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == start and self.python is None:
+                self.python, self.t0 = cProfile.Profile(), time.perf_counter()
+                self.python.enable()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.python is not None and state.global_step == start + steps:
+                self.python.disable()
+                print(f"PYPROFILE ms per step (cProfile on): {(time.perf_counter() - self.t0) * 1e3 / steps:.1f}")
+                stats = pstats.Stats(self.python)
+                stats.sort_stats("tottime").print_stats(35)
+                # The Trainer's own per-step calls (callbacks, logging, scheduler, zero_grad) and vftrain's
+                stats.sort_stats("cumulative").print_stats("trainer|callback|vftrain|accelerate|optim|data", 70)
+
+    return PythonProfile()
+
+
 def host_profile(start: int, steps: int):
     """A callback running torch.profiler over `steps` steps after the warm-up: prints the ops with the most host
     (self CPU) time and the GPU's busy time against the wall time, to show what the host does while the GPU waits."""
@@ -161,11 +225,17 @@ class Breakdown:
     def __init__(self, trainer, meter):
         import vftrain.sft.trainer as sft
 
-        self.trainer, self.meter, self.spans = trainer, meter, {}
+        self.trainer, self.meter, self.spans, self.host = trainer, meter, {}, {}
         sft.linear_cross_entropy_sum = self.timed(self.HEAD, sft.linear_cross_entropy_sum)
         sft.cross_entropy_sum = self.timed("head forward (model logits)", sft.cross_entropy_sum)
         trainer.training_step = self.timed(self.STEP, trainer.training_step)
         trainer.accelerator.clip_grad_norm_ = self.timed("grad-norm clipping", trainer.accelerator.clip_grad_norm_)
+        # Host time only (no GPU span): what the host spends launching each part. With no sync in the step, the
+        # host runs ahead of the GPU unless these add up to more than the GPU's work.
+        trainer.get_batch_samples = self.timed("get_batch_samples (load, collate, copy)", trainer.get_batch_samples,
+                                               gpu=False)
+        trainer.compute_loss = self.timed("compute_loss (forward, head)", trainer.compute_loss, gpu=False)
+        trainer.accelerator.backward = self.timed("backward", trainer.accelerator.backward, gpu=False)
         create = trainer.create_optimizer
 
         def create_optimizer(model=None):
@@ -184,13 +254,15 @@ class Breakdown:
             return event
         return time.perf_counter()
 
-    def timed(self, name, fn):
+    def timed(self, name, fn, gpu=True):
         def run(*args, **kwargs):
             if self.trainer.state.global_step < self.meter.warmup:
                 return fn(*args, **kwargs)
-            start = self.mark()
+            start, clock = self.mark() if gpu else None, time.perf_counter()
             out = fn(*args, **kwargs)
-            self.spans.setdefault(name, []).append((start, self.mark()))
+            self.host[name] = self.host.get(name, 0.0) + time.perf_counter() - clock
+            if gpu:
+                self.spans.setdefault(name, []).append((start, self.mark()))
             return out
 
         return run
@@ -204,6 +276,7 @@ class Breakdown:
         ms["rest: host work and idle"] = ms["step (wall)"] - sum(v for k, v in ms.items()
                                                                   if k not in ("step (wall)", self.HEAD)
                                                                   and not k.startswith("head"))
+        ms.update({f"host: {k}": v * 1e3 / steps for k, v in self.host.items()})
         return {k: round(v, 2) for k, v in ms.items()}
 
 
@@ -263,6 +336,8 @@ def measure(args):
     speed = {} if args.default else dict(
         attn_implementation=args.attn, use_liger=args.vf_liger, torch_compile=args.compile,
         lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master, dataloader_num_workers=2)
+    if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
+        speed["accelerator_config"] = {"non_blocking": False}
     config = vf.SFTConfig(
         output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
         batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
@@ -289,6 +364,10 @@ def measure(args):
         breakdown = Breakdown(trainer, meter)
     if args.profile:
         trainer.add_callback(host_profile(args.warmup, args.profile))
+    if args.sync_debug:
+        trainer.add_callback(sync_report(args.warmup, args.sync_debug))
+    if args.pyprofile:
+        trainer.add_callback(python_profile(args.warmup, args.pyprofile))
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
     if cuda:
@@ -530,6 +609,12 @@ def main():
                     "the fused head's forward, grad clipping, the optimizer step and the rest (host work, idle)")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps after the warm-up (torch.profiler): "
                     "host time per op, GPU busy time per step")
+    ap.add_argument("--blocking-copies", action="store_true", help="copy micro-batches to the GPU with blocking "
+                    "copies (accelerator_config.non_blocking = false; vftrain's default before session 5)")
+    ap.add_argument("--pyprofile", type=int, default=0, help="cProfile N steps after the warm-up (host Python time "
+                    "by function)")
+    ap.add_argument("--sync-debug", type=int, default=0, help="list the host-device syncs of N steps after the "
+                    "warm-up (torch.cuda.set_sync_debug_mode)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one arch in-process
     args = ap.parse_args()
     if args.tiny:
@@ -560,9 +645,10 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
-        cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile)]
+        cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),
+                "--sync-debug", str(args.sync_debug), "--pyprofile", str(args.pyprofile)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",
-                                                     "default", "breakdown")
+                                                     "default", "breakdown", "blocking_copies")
                 if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
         if not args.no_vftrain:

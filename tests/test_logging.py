@@ -1,9 +1,12 @@
-"""Run output: metric and log lines stay whole in a file or pipe, and the curves plot eval loss beside train loss."""
+"""Run output: metric and log lines stay whole in a file or pipe, the curves plot eval loss beside train loss,
+and total_flos counts every forward."""
 
 from __future__ import annotations
 
 import logging
 from types import SimpleNamespace
+
+import pytest
 
 from vftrain.logging import RichProgressCallback, curve_panels, plot_curves, setup_console_logging
 
@@ -40,3 +43,26 @@ def test_eval_loss_is_drawn_on_the_loss_panel(tmp_path):
     assert panels["loss"] == [("train", [(s, 3.0 / s) for s in range(1, 5)]), ("eval", [(2, 2.0), (4, 1.5)])]
     assert "eval reward" not in panels  # no data, no empty panel
     assert plot_curves(records, str(tmp_path / "c.png")) and (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_total_flos_is_transformers_estimate_over_every_forward(tmp_path):
+    """`total_flos` (trainer_state.json) is transformers' 6 x input tokens x non-embedding parameters summed over
+    every forward, token-budget splits of a micro-batch included, with the parameter count worked out once."""
+    import datasets
+
+    import vftrain as vf
+    from conftest import TINY, addition_rows, small_config
+
+    cfg = small_config(tmp_path, max_steps=2, packing=True, micro_batch_tokens=64)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)), args=cfg)
+    tokens, compute_loss = [], trainer.compute_loss
+
+    def counted(model, inputs, *args, **kwargs):
+        tokens.append(inputs["input_ids"].numel())
+        return compute_loss(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = counted
+    trainer.train()
+    assert len(tokens) > 2  # the 64-token budget split the 8-row micro-batches
+    expected = 6 * sum(tokens) * trainer.model.num_parameters(exclude_embeddings=True)
+    assert trainer.state.total_flos == pytest.approx(expected, rel=1e-6)

@@ -277,6 +277,7 @@ class TrainerConfig(TrainingArguments):
         if self.deepspeed and not _cuda():
             raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
                               "processes use plain data parallel (leave deepspeed unset)")
+        self.accelerator_config = _non_blocking_copies(self.accelerator_config)
         super().__post_init__()
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
             raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
@@ -398,6 +399,18 @@ class SFTConfig(TrainerConfig):
         if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         super().__post_init__()
+
+
+def _non_blocking_copies(value):
+    """accelerate's loader copies each micro-batch to the GPU from pinned memory without waiting (`non_blocking`),
+    unless the user's accelerator_config says otherwise. A blocking copy waits for every kernel already queued, so
+    the GPU then idles while the host launches the next step: on a Qwen2.5-0.5B shape that was ~5 syncs and about
+    a third of each step (benchmarks/RESULTS.md, "host syncs")."""
+    if value is None:
+        return {"non_blocking": True}
+    if isinstance(value, dict):
+        return {"non_blocking": True, **value}
+    return value  # a JSON file or an AcceleratorConfig: the user's own
 
 
 @dataclass

@@ -50,8 +50,18 @@ def use_float32_master_weights(optimizer: torch.optim.Optimizer) -> torch.optim.
         group["params"] = masters
 
     def grads_in(opt, args, kwargs):
+        # One float32 buffer and one foreach copy into views of it: a `.to(float32)` per parameter cost ~20 us of
+        # host time each (~6 ms per step at 0.5B, time the GPU waits for when the step is host-bound).
+        having = [(p, m) for p, m in pairs if p.grad is not None]
         for p, m in pairs:
-            m.grad = None if p.grad is None else p.grad.to(torch.float32)
+            m.grad = None
+        if not having:
+            return
+        flat = torch.empty(sum(p.numel() for p, _ in having), dtype=torch.float32, device=having[0][0].device)
+        views = [v.view(p.shape) for v, (p, _) in zip(flat.split([p.numel() for p, _ in having]), having)]
+        torch._foreach_copy_(views, [p.grad for p, _ in having])
+        for (_, m), view in zip(having, views):
+            m.grad = view
 
     @torch.no_grad()
     def weights_out(opt, args, kwargs):
