@@ -149,3 +149,41 @@ def test_second_signal_stops_at_once(tmp_path, sig):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+
+
+def test_cli_stopped_by_a_signal_keeps_its_checkpoint_and_exits_with_the_signal(tmp_path):
+    """vf-sft stopped by Ctrl-C saves the step's checkpoint, but the run is unfinished: no final model, no LoRA
+    merge, no held-out generation, and exit status 130 (as the signal itself gives) with the flag that continues
+    it, so that a script or scheduler does not take it for a finished run."""
+    import sys
+
+    from conftest import ROOT, TINY, addition_rows, write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", addition_rows(64))
+    write_jsonl(tmp_path / "data" / "test.jsonl", addition_rows(8, start=100))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vftrain.cli.sft", "--model", TINY, "--dataset", str(tmp_path / "data"),
+           "--sft.output_dir", str(out), "--sft.max_steps", "1000", "--sft.batch_size", "8",
+           "--sft.micro_batch_size", "8", "--sft.max_seq_len", "64", "--sft.logging_steps", "1",
+           "--sft.save_steps", "1000", "--sft.use_lora", "true", "--sft.merge_lora", "true",
+           "--sft.eval_split", "test", "--sft.eval_generation_rows", "8", "--sft.eval_steps", "1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and \
+                not (metrics.exists() and '"loss"' in metrics.read_text()):
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    checkpoints = list(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "adapter_model.safetensors").exists()
+    step = int(checkpoints[0].name.split("-")[1])
+    assert f"stopped by SIGINT after step {step}; continue with --sft.resume_from_checkpoint {checkpoints[0]}" \
+        in stderr
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "merged").exists()
+    assert "held-out exact-match" not in stdout

@@ -154,6 +154,7 @@ class GracefulInterrupt(TrainerCallback):
         self.agree = agree  # flag -> whether any process has it set (None: one process)
         self.requested: int | None = None  # the signal received
         self.requested_at = 0.0
+        self.stopped_by: int | None = None  # the signal the run stopped for (SIGTERM when another process got it)
         self.output_dir: str | None = None
         self.previous: dict = {}
 
@@ -188,6 +189,7 @@ class GracefulInterrupt(TrainerCallback):
         if stop:
             control.should_save = True
             control.should_training_stop = True
+            self.stopped_by = self.requested or signal.SIGTERM
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()

@@ -87,7 +87,8 @@ class VFTrainer(Trainer):
         agree = any_process(self.accelerator)  # the processes take the stop/skip decisions together
         self.nan_guard = NonFiniteLossGuard(self, agree)
         # The NaN guard after the interrupt: a stop or save that the interrupt asks for sees the step's flag read.
-        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), GracefulInterrupt(agree),
+        self.interrupt = GracefulInterrupt(agree)
+        for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.interrupt,
                          self.nan_guard):
             self.add_callback(callback)
         for line in report_lines:

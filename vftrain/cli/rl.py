@@ -18,7 +18,8 @@ folder) and `dataset` (prompt rows: `prompt` messages or string, or `question`, 
 `completion` column the reward functions check) and an [rl] table of the fields below; command-line values
 override the file. --inspect N prints the first N prompts as the sampler continues them, without training.
 With eval_split and eval_generation_rows set, held-out greedy accuracy is printed before and after training.
-Ctrl-C during training saves a checkpoint at the end of the current step and stops."""
+Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
+(143); a second one stops at once."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ below; command-line values override the file (e.g. --sft.max_steps 40 --model pa
 --inspect N prints the first N training rows as they will be trained (trained tokens in green) and the
 masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text).
 `export` merges a LoRA adapter into its base model (a folder transformers and vLLM load without peft).
-Ctrl-C during training saves a checkpoint at the end of the current step and stops."""
+Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
+(143); a second one stops at once."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +97,6 @@ def resolve(inv, config_cls=None, section: str = "sft"):
 
 def train(model: str, config, trainer_cls=None, before=None) -> int:
     """Train, save, merge (LoRA), report held-out accuracy; `before(trainer)` runs once the trainer is built."""
-    import torch
-
     from vftrain.logging import setup_console_logging
 
     if trainer_cls is None:
@@ -109,18 +108,43 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     if before is not None:
         before(trainer)
     trainer.train(resume_from_checkpoint=resume)  # out of memory: OutOfMemory, exit 2
+    if trainer.interrupt.stopped_by is not None:
+        return interrupted(trainer, config, trainer.interrupt.stopped_by)
     trainer.save_model()
     if config.merge_lora:
         merged = trainer.save_merged()
         if merged:
             print(f"merged model written to {merged}")
     report_generation_accuracy(trainer, config)
+    _close_process_group()
+    return 0
+
+
+def interrupted(trainer, config, signum: int) -> int:
+    """After Ctrl-C or SIGTERM the step's checkpoint is saved and the run is unfinished: no final model, merge or
+    held-out generation (a preempted job is resumed, not wrapped up). Exit 128 + the signal's number (130, 143), as
+    the signal itself would, so that a script or scheduler sees that the run did not finish."""
+    import signal
+
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if trainer.is_world_process_zero():
+        last = get_last_checkpoint(config.output_dir)
+        print(f"vf-{config.run_name_prefix}: stopped by {signal.Signals(signum).name} after step "
+              f"{trainer.state.global_step}; continue with --{config.run_name_prefix}.resume_from_checkpoint {last}",
+              file=sys.stderr, flush=True)
+    _close_process_group()
+    return 128 + signum
+
+
+def _close_process_group() -> None:
+    import torch
+
     if torch.distributed.is_initialized():
         # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
         # exception") after a successful run.
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    return 0
 
 
 def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
