@@ -58,6 +58,16 @@ def test_explicit_accumulation_must_agree(tmp_path):
                         gradient_accumulation_steps=8).gradient_accumulation_steps == 8
 
 
+def test_explicit_per_device_batch_size_must_agree(tmp_path):
+    """TRL's per_device_train_batch_size was silently replaced by micro_batch_size: a user's 4 became 8 rows."""
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size = 4 disagrees with micro_batch_size \(8\)"
+                                          r".*set micro_batch_size = 4"):
+        vf.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4)
+    assert vf.SFTConfig(output_dir=str(tmp_path), micro_batch_size=4,
+                        per_device_train_batch_size=4).per_device_train_batch_size == 4
+    assert vf.SFTConfig(output_dir=str(tmp_path), micro_batch_size=4).per_device_train_batch_size == 4
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("micro_batch_size", 0, "micro_batch_size = 0 must be a positive integer"),
     ("sample_backend", "vllm", "sample_backend = 'vllm' is not allowed; choose one of 'embedded', 'openai'"),

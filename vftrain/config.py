@@ -212,7 +212,8 @@ class TrainerConfig(TrainingArguments):
                         "no service.")
     gradient_accumulation_steps: int | None = _f(None, "Computed: batch_size / (micro_batch_size * world_size). "
                                                  "Setting it is an error unless it equals that value.")
-    per_device_train_batch_size: int = _f(8, "Set from micro_batch_size.")
+    per_device_train_batch_size: int | None = _f(None, "Computed: micro_batch_size (rows per forward). Setting it "
+                                                 "is an error unless it equals micro_batch_size.")
     fsdp: bool | str | None = _f(None, "Shard weights, gradients and optimizer state over the GPUs with FSDP2 "
                                  "(through accelerate): true, or transformers' option string such as "
                                  "'full_shard offload'. Needs one process per GPU (torchrun or accelerate launch). "
@@ -355,6 +356,11 @@ class TrainerConfig(TrainingArguments):
                 f"({self.batch_size}) / (micro_batch_size ({self.micro_batch_size}) x world_size ({world})) = {steps}; "
                 "leave it unset")
         self.gradient_accumulation_steps = steps
+        if self.per_device_train_batch_size not in (None, self.micro_batch_size):  # a TRL habit, silently replaced
+            raise ConfigError(
+                f"per_device_train_batch_size = {self.per_device_train_batch_size} disagrees with micro_batch_size "
+                f"({self.micro_batch_size}), which sets the rows per forward in vftrain; set micro_batch_size = "
+                f"{self.per_device_train_batch_size} instead (and batch_size for rows per optimizer step)")
         self.per_device_train_batch_size = self.micro_batch_size
 
     def to_dict(self) -> dict:
