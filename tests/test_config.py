@@ -194,6 +194,8 @@ def test_import_is_lazy():
     (dict(fsdp=True), "1", "fsdp shards over several processes, but this is one"),
     (dict(dtype="float16", fp16=True), "1", "GradScaler refuses float16 gradients"),
     (dict(deepspeed={"zero_optimization": {"stage": 3}}), "2", "deepspeed runs only on GPUs"),
+    (dict(deepspeed={"zero_optimization": {"stage": 3}}, nan_policy="skip"), "2",
+     "nan_policy = 'skip' cannot skip a step under deepspeed"),
     (dict(deepspeed={"zero_optimization": {"stage": 3}}, micro_batch_tokens=4096, max_seq_len=2048), "2",
      "micro_batch_tokens is not supported with deepspeed"),
 ])

@@ -275,6 +275,10 @@ class TrainerConfig(TrainingArguments):
         if self.deepspeed and self.micro_batch_tokens:
             raise ConfigError("micro_batch_tokens is not supported with deepspeed (its engine counts every forward "
                               "as an accumulation step); use fsdp, or leave micro_batch_tokens unset")
+        if self.deepspeed and self.nan_policy == "skip":
+            raise ConfigError("nan_policy = 'skip' cannot skip a step under deepspeed: its engine applies the update "
+                              "inside the backward, before vftrain sees the step's loss, so training would go on "
+                              "with non-finite weights; use nan_policy = 'stop' (the default), or fsdp")
         if self.deepspeed and not _cuda():
             raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
                               "processes use plain data parallel (leave deepspeed unset)")

@@ -114,8 +114,12 @@ class NonFiniteLossGuard(TrainerCallback):
                     p.grad = None
             self.skipped = True
             return
+        # DeepSpeed's engine steps inside accelerate's backward, before this check: its in-memory weights took the
+        # update, but nothing is saved after this error.
+        kept = "no checkpoint is written from the updated weights" if self.trainer.is_deepspeed_enabled else \
+            "the weights are not updated with it"
         raise NonFiniteLossError(
-            f"the loss became NaN/inf at optimizer step {step}; the weights are not updated with it. Lower "
+            f"the loss became NaN/inf at optimizer step {step}; {kept}. Lower "
             "learning_rate, check the data of that step, or set nan_policy = 'skip'; resume from the last "
             f"checkpoint with --{_table(args)}.resume_from_checkpoint latest")
 
