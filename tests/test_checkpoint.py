@@ -110,12 +110,11 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
 
 
 def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
-    """SIGTERM reaching rank 1 alone at the end of step 3: rank 1 sees it at step 4's end, the processes' sum launched
-    there is read at step 5's end (no host sync per step), and both save step 5 together and stop."""
+    """SIGTERM reaching rank 1 alone: both processes agree at the next step end, save together and stop."""
     proc = run_worker(tmp_path / "run", kill_at=3, kill_signal=signal.SIGTERM, processes=2, rank=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = json.loads((tmp_path / "run" / "checkpoint-5" / "trainer_state.json").read_text())
-    assert state["global_step"] == 5 and not (tmp_path / "run" / "checkpoint-6").exists()
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])

@@ -28,26 +28,11 @@ def any_process(accelerator):
         return None
 
     def agree(flag, on_device: bool = False):
-        if torch.is_tensor(flag):
-            value = flag.to(accelerator.device).reshape(1).int()
-        else:  # filled on the device: a copy of a host value to the GPU would wait for all queued work
-            value = torch.full((1,), int(flag), dtype=torch.int32, device=accelerator.device)
+        value = torch.as_tensor(flag, device=accelerator.device).reshape(1).int()
         total = accelerator.reduce(value, reduction="sum")
         return total[0] > 0 if on_device else bool(total.item())
 
     return agree
-
-
-def _read_later(flag: torch.Tensor):
-    """(pinned host copy of a device flag, CUDA event after the copy or None): the copy is queued behind the work
-    already launched, so the host reads it later without waiting."""
-    host = torch.empty((), dtype=torch.bool, pin_memory=flag.is_cuda)
-    host.copy_(flag, non_blocking=True)
-    event = None
-    if flag.is_cuda:
-        event = torch.cuda.Event()
-        event.record()
-    return host, event
 
 
 class NonFiniteLossGuard(TrainerCallback):
@@ -95,7 +80,13 @@ class NonFiniteLossGuard(TrainerCallback):
         if self.agree is not None:
             flag = self.agree(flag, on_device=True)
         optimizer.found_inf = flag.float()  # the fused kernel skips the step where this is 1
-        self.pending = (*_read_later(flag), step)
+        host = torch.empty((), dtype=torch.bool, pin_memory=flag.is_cuda)
+        host.copy_(flag, non_blocking=True)
+        event = None
+        if flag.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self.pending = (host, event, step)
 
     def _device_skipping_optimizer(self):
         """The torch optimizer if it can skip a step on the device (`found_inf`), else None."""
@@ -156,12 +147,8 @@ class GracefulInterrupt(TrainerCallback):
     Signals within `SAME_REQUEST_S` of the first count as that one: a scheduler that signals every process of a job
     while torchrun forwards the same signal to its workers delivers it twice.
 
-    With several processes the decision is shared (one small all-reduce per step): a signal that reached only some
-    of them still stops all of them at the same step, so the collective save cannot hang. The sum is launched at a
-    step's end and read at the next one's, from a pinned copy that is long done: reading it at once would make the
-    host wait for the whole step before queueing the next (the single-GPU cost measured in benchmarks/RESULTS.md,
-    "host syncs"). Every process reads the same sum at the same step, so they stop together, one step after the
-    signal.
+    With several processes the decision is shared at every step end (one small all-reduce): a signal that reached
+    only some of them still stops all of them at the same step, so the collective save cannot hang.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -172,7 +159,6 @@ class GracefulInterrupt(TrainerCallback):
         self.requested: int | None = None  # the signal received
         self.requested_at = 0.0
         self.stopped_by: int | None = None  # the signal the run stopped for (SIGTERM when another process got it)
-        self.pending = None  # several processes: (host copy of the last step's summed flag, CUDA event or None)
         self.output_dir: str | None = None
         self.previous: dict = {}
 
@@ -203,8 +189,7 @@ class GracefulInterrupt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.requested is not None
         if self.agree is not None:
-            stop = self._agreed_last_step()
-            self.pending = _read_later(self.agree(self.requested is not None, on_device=True))
+            stop = self.agree(stop)
         if stop:
             control.should_save = True
             control.should_training_stop = True
@@ -212,14 +197,6 @@ class GracefulInterrupt(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._restore()
-
-    def _agreed_last_step(self) -> bool:
-        if self.pending is None:
-            return False
-        host, event = self.pending
-        if event is not None:
-            event.synchronize()
-        return bool(host)
 
     def _restore(self) -> None:
         for sig, handler in self.previous.items():
