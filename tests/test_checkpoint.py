@@ -44,15 +44,14 @@ def test_sigkill_and_resume_continue_exactly(tmp_path):
 def test_two_processes_resume_in_the_middle_of_epoch_1(tmp_path):
     """24 rows, 3 steps per epoch: checkpoint-4 lies inside epoch 1. On 2 processes accelerate wraps the sampler
     on resume (SkipBatchSampler(BatchSamplerShard(...)), neither forwards set_epoch); the resumed steps must
-    still train epoch 1's and 2's rows: the losses of the uninterrupted 2-process run and of 1 process."""
-    one, full = run_worker(tmp_path / "one"), run_worker(tmp_path / "full", processes=2)
-    assert one.returncode == 0 and full.returncode == 0, full.stderr[-2000:]
+    still train epoch 1's and 2's rows: the losses of the uninterrupted 2-process run (which test_distributed.py
+    matches to 1 process)."""
+    full = run_worker(tmp_path / "full", processes=2)
+    assert full.returncode == 0, full.stderr[-2000:]
     assert run_worker(tmp_path / "killed", kill_at=5, processes=2).returncode != 0
     resumed = run_worker(tmp_path / "killed", resume=True, processes=2)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    expected, reference, got = (_losses(tmp_path / run) for run in ("full", "one", "killed"))
-    for step in range(1, 8):  # 2 processes give the 1-process curve (the same rows per step)
-        assert expected[step] == pytest.approx(reference[step], rel=5e-5), step
+    expected, got = (_losses(tmp_path / run) for run in ("full", "killed"))
     for step in range(5, 8):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
 
@@ -105,8 +104,9 @@ def test_interrupt_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     # stops.
     state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and not (tmp_path / "run" / "checkpoint-5").exists()
-    resumed = run_worker(tmp_path / "run", 6, resume=True)  # and it resumes from there
-    assert resumed.returncode == 0 and (tmp_path / "run" / "checkpoint-6").exists()
+    if sig == signal.SIGINT:  # and it resumes from there (the same checkpoint either way: once is enough)
+        resumed = run_worker(tmp_path / "run", 6, resume=True)
+        assert resumed.returncode == 0 and (tmp_path / "run" / "checkpoint-6").exists()
 
 
 def test_signal_to_one_process_stops_all_at_the_same_step(tmp_path):
