@@ -178,6 +178,10 @@ def test_resolved_config_round_trips(tmp_path):
     rebuilt = vf.SFTConfig(**{k: v for k, v in data["config"].items()
                               if k in {f.name for f in dataclasses.fields(vf.SFTConfig) if f.metadata.get("vftrain")}})
     assert rebuilt.lora_rank == 4 and rebuilt.gradient_accumulation_steps == cfg.gradient_accumulation_steps
+    # transformers' nested settings are written as tables that load back, not as their repr
+    assert data["config"]["accelerator_config"]["non_blocking"] is True
+    assert vf.SFTConfig(output_dir=str(tmp_path), accelerator_config=data["config"]["accelerator_config"]) \
+        .accelerator_config.non_blocking is True
 
 
 def test_import_is_lazy():

@@ -582,4 +582,6 @@ def _jsonable(value: Any) -> Any:
         return {str(k): _jsonable(v) for k, v in value.items()}
     if hasattr(value, "value"):  # enums such as SchedulerType
         return value.value
+    if dataclasses.is_dataclass(value):  # accelerator_config: a table that loads back, not its repr
+        return _jsonable(dataclasses.asdict(value))
     return str(value)
