@@ -85,6 +85,21 @@ def test_group_advantages():
     assert metrics["frac_reward_zero_std"] == 0.5 and metrics["reward"] == pytest.approx(1.25)
 
 
+def test_completion_length_counts_the_tokens_the_model_sampled():
+    """A multi-turn rollout's completion holds the environment's tool results between the model's turns (mask 0):
+    completion_len and rollouts.jsonl count only what the model generated."""
+    rewards = np.array([1.0, 0.0])
+    samples = [Sample([1], [2, 3, 4, 5, 6, 7], [0.0] * 6, "stop", mask=[1, 1, 0, 0, 0, 1]),
+               Sample([1], [2, 3, 4], [0.0] * 3, "stop")]
+    advantages = R.group_advantages(rewards, 2)
+    metrics = R.rollout_metrics(rewards, {"r": rewards}, advantages, samples, 2)
+    assert metrics["completion_len"] == 3 and metrics["completion_len_max"] == 3
+    records = [json.loads(line) for line in R.rollout_records(0, ["p", "p"], ["a", "b"], samples, rewards,
+                                                                {"r": rewards}, advantages)]
+    assert [r["completion_tokens"] for r in records] == [3, 3]
+    assert [r.get("environment_tokens", 0) for r in records] == [3, 0]
+
+
 def test_only_completion_tokens_are_trained_stop_token_included():
     """Prompt and padding never reach the loss; every completion token, the stop token too, does, with the
     sampler's logprob and the advantage at the position that predicts it."""

@@ -137,11 +137,16 @@ def training_rows(samples: list[Sample], advantages: np.ndarray) -> list[tuple[n
     return rows
 
 
+def sampled_tokens(sample: Sample) -> int:
+    """Tokens the model generated: a multi-turn rollout's completion also holds the environment's (mask 0)."""
+    return len(sample.completion_ids) if sample.mask is None else int(sum(sample.mask))
+
+
 def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray, samples: list[Sample],
                     group_size: int) -> dict:
     """The step's rollout statistics (all processes' rollouts gathered first)."""
     groups = rewards.reshape(-1, group_size)
-    lengths = np.array([len(s.completion_ids) for s in samples])
+    lengths = np.array([sampled_tokens(s) for s in samples])
     out = {"reward": rewards.mean(), "reward_std": rewards.std(),
            "frac_reward_zero_std": float((groups.std(axis=1) == 0).mean()),
            "advantage_abs_mean": np.abs(advantages).mean(),
@@ -161,5 +166,7 @@ def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sa
         lines.append(json.dumps({"step": step, "prompt": prompt, "completion": text, "reward": float(rewards[i]),
                                  "rewards": {k: float(v[i]) for k, v in per_func.items()},
                                  "advantage": float(advantages[i]), "finish_reason": sample.finish_reason,
-                                 "completion_tokens": len(sample.completion_ids)}))
+                                 "completion_tokens": sampled_tokens(sample),
+                                 **({"environment_tokens": len(sample.completion_ids) - sampled_tokens(sample)}
+                                    if sample.mask is not None else {})}))
     return lines
