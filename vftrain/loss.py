@@ -15,6 +15,7 @@ import torch
 
 from vftrain.compile import cuda_compiled
 from vftrain.data.collate import IGNORE_INDEX
+from vftrain.sampling.tokens import sampling_logits
 
 # Rows of logits alive (in float32) at once: 2048 x 152k vocabulary = 1.2 GB.
 CHUNK = 2048
@@ -134,16 +135,19 @@ POLICY_STATS = ("ratio", "masked", "clipped", "mismatch_kl", "kl")
 
 def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages: torch.Tensor, *,
                       epsilon: float = 0.2, epsilon_high: float | None = None, mask_low: float = 0.125,
-                      mask_high: float = 8.0, ref_logp: torch.Tensor | None = None, beta: float = 0.0):
-    """Per-token loss of the GRPO family, differentiable in `logp`; all tensors [N] (float32).
+                      mask_high: float = 8.0, ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+                      kl_logp: torch.Tensor | None = None):
+    """Per-token loss of the GRPO family, differentiable in `logp` (and `kl_logp`); all tensors [N] (float32).
 
     ratio = exp(logp - sampler_logp) against the logprob the sampler drew the token with, so the ratio measures the
     real trainer/sampler mismatch (verifiers' RLTrainer; trl#4159). Tokens whose ratio lies outside
     [mask_low, mask_high] are masked: loss and gradient 0 (importance-sampling masking, verifiers / prime-rl; a
     mismatch too large to correct). The rest get PPO's clipped surrogate -min(ratio A, clip(ratio, 1 - epsilon,
     1 + epsilon_high) A) (Schulman et al. 2017; asymmetric clip from DAPO, Yu et al. 2025), plus, with beta > 0,
-    beta times the k3 estimate of KL(policy || reference) exp(r - logp) - (r - logp) - 1 (Schulman 2020, as in
-    GRPO, Shao et al. 2024). With ratio 1 and no clipping the gradient is REINFORCE's -A grad logp.
+    beta times the k3 estimate of KL(policy || reference) exp(r - l) - (r - l) - 1, r = ref_logp, l = kl_logp
+    (default: logp) (Schulman 2020, as in GRPO, Shao et al. 2024). With ratio 1 and no clipping the gradient is
+    REINFORCE's -A grad logp. logp = -inf (a token the policy cannot draw: outside its top-p nucleus) is ratio 0:
+    masked when mask_low > 0, else a token with no PPO gradient.
 
     Returns (loss [N], stats [N, 5]): ratio, masked (0/1), clipped (0/1: the clip stopped the gradient), the
     mismatch KL estimate ratio - log ratio - 1 (verifiers' mismatch_kl), and the k3 KL to the reference (0 without
@@ -159,7 +163,7 @@ def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages
     loss = -torch.minimum(ratio * advantages, clipped_ratio * advantages)
     kl = torch.zeros_like(lr)
     if beta:
-        diff = ref_logp - logp
+        diff = ref_logp - (logp if kl_logp is None else kl_logp)
         kl = diff.exp() - diff - 1
         loss = loss + beta * kl
     loss = torch.where(keep, loss, torch.zeros_like(loss))
@@ -170,24 +174,50 @@ def policy_token_loss(logp: torch.Tensor, sampler_logp: torch.Tensor, advantages
     return loss, stats
 
 
-def _token_chunk(logits: torch.Tensor, labels: torch.Tensor, temperature: float, token_fn, start: int):
+def _nucleus(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """x ([n, vocab] logits / temperature) with the tokens outside its top-p nucleus set to -inf.
+
+    The nucleus is the sampler's own (`sampling.tokens.sampling_logits`, on x in float32 as the sampler computes it:
+    same rule, same ties), so on the sampler's weights the trainer's logprob is the one recorded at sampling and the
+    ratio is 1 (issue 18.1). vLLM keeps the same set in exact arithmetic, the smallest prefix of the sorted
+    probabilities whose mass reaches top_p (its PyTorch path drops a token when the ascending cumulative sum up to it
+    is <= 1 - top_p; its Triton kernel searches the same boundary, falling back to keeping more when the search does
+    not converge), but rounds differently at the boundary and may keep another of exactly tied tokens: a token that
+    vLLM kept and this nucleus drops has ratio 0 here (masked). The set is piecewise constant in x, so gradients flow
+    through the kept logits and their normaliser.
+    """
+    return x.masked_fill(torch.isneginf(sampling_logits(x, 1.0, top_p)), float("-inf"))
+
+
+def _token_chunk(logits: torch.Tensor, labels: torch.Tensor, temperature: float, token_fn, start: int,
+                 top_p: float = 1.0):
     """(summed loss, d loss / d logits, per-token stats) of one chunk of a token loss.
 
     The loss is a function of each token's logprob only, so its gradient in the logits is
     d loss / d logp x (onehot - softmax) / temperature: one [chunk, vocab] buffer, no logits graph kept.
+    top_p < 1: the policy is softmax(x) truncated to its nucleus (`_nucleus`) and renormalised, what the sampler drew
+    from; token_fn gets that logprob (-inf outside the nucleus) and the untruncated one as a fourth argument, each
+    contributing d loss / d logp x (onehot - its own distribution).
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
-    lse = torch.logsumexp(x, dim=-1)
-    probs = torch.exp(x - lse[:, None])
-    logp = x.gather(1, labels[:, None])[:, 0] - lse
+    dists = []  # (logp of each label, normaliser, probabilities): the policy's, then the untruncated one's
+    for z in ([x] if top_p >= 1.0 else [_nucleus(x, top_p), x]):
+        lse = torch.logsumexp(z, dim=-1)
+        dists.append((z.gather(1, labels[:, None])[:, 0] - lse, lse, torch.exp(z - lse[:, None])))
+    logp, lse, probs = dists[0]
+    # The entropy of the policy, truncated or not: the distribution rollouts are drawn from and that is trained
+    # (x is finite everywhere, so a dropped token's probability 0 adds 0).
     entropy = lse - (probs * x).sum(-1)
     with torch.enable_grad():
-        leaf = logp.detach().requires_grad_()
-        loss, stats = token_fn(leaf, start, start + len(labels))
-        grad_logp = torch.autograd.grad(loss.sum(), leaf, allow_unused=True)[0] if loss.requires_grad else None
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(logp)
-    grad = (-grad_logp[:, None] * probs).scatter_add(1, labels[:, None], grad_logp[:, None]) / temperature
+        leaves = [d[0].detach().requires_grad_() for d in dists]
+        loss, stats = token_fn(leaves[0], start, start + len(labels), *leaves[1:])
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True) if loss.requires_grad else [None]
+    grad = None
+    for g, (_, _, p) in zip(grads, dists):
+        if g is not None:
+            term = (-g[:, None] * p).scatter_add(1, labels[:, None], g[:, None])
+            grad = term if grad is None else grad + term
+    grad = torch.zeros_like(x) if grad is None else grad / temperature
     columns = torch.cat([logp[:, None], entropy[:, None], stats.detach().to(x.dtype)], dim=1)
     return loss.detach().sum(), grad.to(logits.dtype), columns
 
@@ -196,7 +226,7 @@ class _LinearTokenLoss(torch.autograd.Function):
     """A per-token loss of `hidden @ weight.T / temperature` without holding more than one chunk of logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, chunk, token_fn):
+    def forward(ctx, hidden, weight, labels, temperature, chunk, token_fn, top_p):
         need_w = ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden)
         wide = torch.promote_types(weight.dtype, torch.float32)  # float32 accumulator, as in _LinearCrossEntropy
@@ -205,7 +235,7 @@ class _LinearTokenLoss(torch.autograd.Function):
         columns = []
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            l_, g, c = _token_chunk(h @ weight.T, labels[s:s + chunk], temperature, token_fn, s)
+            l_, g, c = _token_chunk(h @ weight.T, labels[s:s + chunk], temperature, token_fn, s, top_p)
             loss += l_
             columns.append(c)
             grad_h[s:s + chunk] = g @ weight
@@ -221,19 +251,20 @@ class _LinearTokenLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(grad_h.dtype) if ctx.need_w else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 class _LogitsTokenLoss(torch.autograd.Function):
     """A per-token loss of given logits / temperature, chunk by chunk (ZeRO-3 and post-processed heads)."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, chunk, token_fn):
+    def forward(ctx, logits, labels, temperature, chunk, token_fn, top_p):
         grad = torch.empty_like(logits)
         loss = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
         columns = []
         for s in range(0, logits.shape[0], chunk):
-            l_, grad[s:s + chunk], c = _token_chunk(logits[s:s + chunk], labels[s:s + chunk], temperature, token_fn, s)
+            l_, grad[s:s + chunk], c = _token_chunk(logits[s:s + chunk], labels[s:s + chunk], temperature, token_fn, s,
+                                                    top_p)
             loss += l_
             columns.append(c)
         ctx.save_for_backward(grad)
@@ -244,15 +275,20 @@ class _LogitsTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
 def token_loss_sum(token_fn, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
                    weight: torch.Tensor | None = None, logits: torch.Tensor | None = None, temperature: float = 1.0,
-                   chunk: int = CHUNK):
+                   chunk: int = CHUNK, top_p: float = 1.0):
     """Sum over tokens of `token_fn(logp, start, end) -> (loss [n], stats [n, k])`, where logp are the log-softmax
     probabilities of `labels` under `logits / temperature` (or `hidden @ weight.T / temperature`, fused: no logits
     held) and [start, end) the chunk's token positions, for slicing per-token inputs.
+
+    top_p < 1: logp is that of the same distribution truncated to its top-p nucleus by the sampler's rule and
+    renormalised (-inf for a label outside it), the gradient flowing through the kept mass too, and token_fn is
+    called `token_fn(logp, start, end, full_logp)` with the untruncated logp as well; the entropy column is the
+    truncated distribution's. top_p = 1 computes nothing more.
 
     Returns (loss_sum: float32 scalar, differentiable; stats [N, 2 + k]: logp, entropy, then token_fn's stats).
     """
@@ -260,6 +296,8 @@ def token_loss_sum(token_fn, labels: torch.Tensor, *, hidden: torch.Tensor | Non
     if n == 0:
         source = hidden if hidden is not None else logits
         return source.sum() * 0.0, torch.zeros((0, 2), device=source.device)
+    if top_p < 1.0:  # the nucleus (sort, int64 order, cumulative sums) about doubles a chunk's float32 buffers
+        chunk = max(chunk // 2, 1)  # (512 x 50k vocabulary, CPU: peak 501 MB untruncated, 888 MB truncated)
     if hidden is not None:
-        return _LinearTokenLoss.apply(hidden, weight, labels, temperature, chunk, token_fn)
-    return _LogitsTokenLoss.apply(logits, labels, temperature, chunk, token_fn)
+        return _LinearTokenLoss.apply(hidden, weight, labels, temperature, chunk, token_fn, top_p)
+    return _LogitsTokenLoss.apply(logits, labels, temperature, chunk, token_fn, top_p)

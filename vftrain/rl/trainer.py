@@ -227,15 +227,23 @@ class RLTrainer(VFTrainer):
         sampler_logp, advantages = values[:, 0], values[:, 1]
         ref_logp = self._reference_logp(model, inputs, labels, where) if args.beta else None
 
-        def token_fn(logp, s, e):
+        # top_p < 1 (issue 18.1): the policy trained is the truncated distribution the sampler drew from, so `logp`
+        # is its logprob on the trainer's own logits (ratio 1 on-policy). A token outside the trainer's nucleus
+        # (trainer and sampler logits differ at the boundary) has probability 0 under it: ratio 0, masked by
+        # mask_ratio_low like any mismatch too large to correct. The KL term compares untruncated logprobs
+        # (`full_logp`, and `_reference_logp`'s): against a truncated reference a token that a drifted policy keeps
+        # and the reference drops has an infinite KL, and KL(truncated policy || untruncated reference) is
+        # -log(kept mass) > 0 at the start. Logged entropy: the truncated distribution's (`loss._token_chunk`).
+        def token_fn(logp, s, e, full_logp=None):
             return policy_token_loss(
                 logp, sampler_logp[s:e].to(logp.dtype), advantages[s:e].to(logp.dtype), epsilon=args.epsilon,
                 epsilon_high=args.epsilon_high, mask_low=args.mask_ratio_low, mask_high=args.mask_ratio_high,
-                ref_logp=None if ref_logp is None else ref_logp[s:e].to(logp.dtype), beta=args.beta)
+                ref_logp=None if ref_logp is None else ref_logp[s:e].to(logp.dtype), beta=args.beta,
+                kl_logp=full_logp)
 
         values, targets, weight, outputs = self.trained_forward(model, inputs, labels, where)
         fused = dict(hidden=values, weight=weight) if weight is not None else dict(logits=values)
-        loss_sum, stats = token_loss_sum(token_fn, targets, temperature=args.temperature, **fused)
+        loss_sum, stats = token_loss_sum(token_fn, targets, temperature=args.temperature, top_p=args.top_p, **fused)
         if num_items_in_batch is None:  # evaluation: a plain mean
             return loss_sum / max(targets.numel(), 1)
         self.nan_guard.see(loss_sum)
@@ -247,8 +255,9 @@ class RLTrainer(VFTrainer):
     @torch.no_grad()
     def _reference_logp(self, model, inputs: dict, labels: torch.Tensor, where: tuple) -> torch.Tensor:
         """The trained tokens' logprobs under the frozen starting policy (the KL term's reference), at the rollout
-        temperature: one batched forward per micro-batch over the fused head, as the policy's own. Under LoRA the
-        reference is the model with its adapters switched off, else the reference copy."""
+        temperature, untruncated whatever top_p (see `compute_loss`): one batched forward per micro-batch over the
+        fused head, as the policy's own. Under LoRA the reference is the model with its adapters switched off, else
+        the reference copy."""
         if self.reference is None:
             with self.accelerator.unwrap_model(model).disable_adapter():
                 values, targets, weight, _ = self.trained_forward(model, inputs, labels, where)
