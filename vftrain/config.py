@@ -470,6 +470,8 @@ class RLConfig(TrainerConfig):
     micro_batch_size: int = _f(8, "Rollouts per process per forward pass (packed; balanced by tokens).")
     temperature: float = _f(1.0, "Rollout sampling temperature (> 0); the trainer's log-probabilities use the same "
                             "temperature. Held-out samples are greedy.")
+    top_p: float = _f(1.0, "Rollout nucleus (top-p) mass; the trainer's log-probabilities are those of the same "
+                      "truncated distribution, its nucleus recomputed on the trainer's own logits.")
     max_new_tokens: int = _f(512, "Most tokens sampled per rollout.")
     logging_steps: float = _f(1, "Log metrics every N optimizer steps.")
     save_steps: float = _f(50, "Save a checkpoint every N optimizer steps.")
