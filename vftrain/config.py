@@ -194,8 +194,8 @@ class TrainerConfig(TrainingArguments):
     max_new_tokens: int = _f(256, "Most tokens generated per sample.")
     temperature: float = _f(0.0, "Sampling temperature; 0 means greedy.")
     top_p: float = _f(1.0, "Nucleus sampling probability mass.")
-    reward_funcs: Any = _f(["exact_match"], "Functions that score samples: 'exact_match' or 'module:function' "
-                           "import paths; logged as eval/reward.")
+    reward_funcs: Any = _f(["exact_match"], "Functions that score samples: 'exact_match', 'module:function' (the "
+                           "current folder importable) or 'path/to/file.py:function'; logged as eval/reward.")
 
     # ---- TrainingArguments fields whose defaults change for fine-tuning
     output_dir: str | None = _f(None, "Where checkpoints, the resolved config and metrics go (default "
