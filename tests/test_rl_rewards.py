@@ -159,6 +159,8 @@ def test_reward_module_failing_inside_is_quoted(tmp_path, monkeypatch):
         resolve_rewards(["missing.py:close"])
     with pytest.raises(ConfigError, match="no module 'nowhere_rewards' is installed or in the current folder"):
         resolve_rewards(["nowhere_rewards:close"])
+    with pytest.raises(ConfigError, match="write 'path/to/file.py:function'"):
+        resolve_rewards(["./broken_rewards:close"])  # a traceback (relative import) before
 
 
 def test_vf_rl_finds_a_reward_module_beside_it(tmp_path):

@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -128,6 +129,9 @@ def _load(entry) -> tuple[str, Callable]:
     if not where or not attr:
         raise ConfigError(f"reward_funcs entry {entry!r} is neither built in ({', '.join(BUILTIN)}) nor "
                           "'module:function' or 'path/to/file.py:function'")
+    if not where.endswith(".py") and ("/" in where or os.sep in where or where.startswith(".")):
+        raise ConfigError(f"reward_funcs entry {entry!r}: {where!r} is neither a module name nor a .py file; "
+                          "write 'path/to/file.py:function'")
     try:
         module = _load_file(entry, where) if where.endswith(".py") else _import(entry, where)
     except ConfigError:
@@ -159,14 +163,23 @@ def _import(entry: str, module: str):
 
 
 def _load_file(entry: str, path: str):
+    """The module of a .py file, loaded once per file under a name of its own (a file called like an installed
+    module does not replace it) and registered in sys.modules (dataclasses and pickling look modules up there)."""
     if not os.path.isfile(path):
         raise ConfigError(f"reward_funcs entry {entry!r}: no such file {path!r} (relative to {os.getcwd()})")
-    folder = os.path.dirname(os.path.abspath(path))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    path = os.path.abspath(path)
+    name = "vftrain_reward_file_" + re.sub(r"\W", "_", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    if os.path.dirname(path) not in sys.path:
+        sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

@@ -17,7 +17,7 @@ from rich.panel import Panel
 from transformers import TrainerCallback
 
 from vftrain.rewards import resolve_rewards, reward_columns, score
-from vftrain.sampling import prompt_and_reference
+from vftrain.sampling import ChatPrompt, prompt_and_reference
 
 log = logging.getLogger("vftrain")
 
@@ -71,7 +71,7 @@ class SampleCallback(TrainerCallback):
     def _score(self, completions: list[str]) -> dict:
         if not self.rewards:
             return {}
-        prompts = [p.messages if hasattr(p, "messages") else p for p, _ in self.pairs]
+        prompts = [p.messages if isinstance(p, ChatPrompt) else p for p, _ in self.pairs]
         tokenizer = self.trainer.processing_class
         total, per_func = score(self.rewards, self.weights, list(completions), [ref for _, ref in self.pairs],
                                 prompts=prompts, rows=self.columns, trainer_state=self.trainer.state,
