@@ -48,8 +48,8 @@ class RLTrainer(VFTrainer):
     prompt rows (`prompt` messages or string, or `question`; reference in `answer` / `reference` / `completion`),
     or None to load `args.dataset`. `reward_funcs`: callables `fn(completion, reference) -> float` (or TRL's
     `fn(prompts, completions, **kwargs) -> list[float]`: `vftrain.rewards`) or config names (default
-    `args.reward_funcs`); weighted by `args.reward_weights`, one weight per function. With `args.env` (a verifiers environment) pass
-    neither: the environment gives both.
+    `args.reward_funcs`); weighted by `args.reward_weights`, one weight per function. With `args.env` (a verifiers
+    environment) pass neither: the environment gives both.
     """
 
     def __init__(self, model: Any = None, train_dataset: Any = None, args: RLConfig | None = None,
