@@ -41,7 +41,7 @@ def _metrics(out_dir) -> dict[int, dict]:
     (dict(max_prompt_len=30, max_new_tokens=8, max_seq_len=32), "exceeds max_seq_len"),
     (dict(mask_ratio_low=2.0), "mask_ratio_low"),
     (dict(scale_rewards="std"), "scale_rewards = 'std' is not allowed"),
-    (dict(reward_weights=[1.0, 2.0]), "one weight per reward_funcs entry"),
+    (dict(reward_funcs=["exact_match", "m:f"], reward_weights=[1.0]), "one weight per reward_funcs entry"),
     (dict(env="gsm8k", reward_funcs=["m:f"]), "leave reward_funcs unset"),
     (dict(env_args={"n": 1}), "env_args is set without env"),
 ])
@@ -327,8 +327,8 @@ def test_rollouts_file_keeps_every_rollout(tmp_path):
     trainer = _trainer(tmp_path, max_steps=2)
     trainer.train()
     lines = [json.loads(x) for x in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
-    assert len(lines) == 2 * 16 and {x["step"] for x in lines} == {0, 1}
+    assert len(lines) == 2 * 16 and {x["step"] for x in lines} == {1, 2}
     assert set(lines[0]) >= {"prompt", "completion", "reward", "rewards", "advantage", "finish_reason"}
-    for step in (0, 1):
+    for step in (1, 2):
         group = [x for x in lines if x["step"] == step][:4]
         assert sum(x["advantage"] for x in group) == pytest.approx(0, abs=1e-9)

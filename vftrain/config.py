@@ -194,8 +194,8 @@ class TrainerConfig(TrainingArguments):
     max_new_tokens: int = _f(256, "Most tokens generated per sample.")
     temperature: float = _f(0.0, "Sampling temperature; 0 means greedy.")
     top_p: float = _f(1.0, "Nucleus sampling probability mass.")
-    reward_funcs: Any = _f(["exact_match"], "Functions that score samples: 'exact_match' or 'module:function' "
-                           "import paths; logged as eval/reward.")
+    reward_funcs: Any = _f(["exact_match"], "Functions that score samples: 'exact_match', 'module:function' (the "
+                           "current folder importable) or 'path/to/file.py:function'; logged as eval/reward.")
 
     # ---- TrainingArguments fields whose defaults change for fine-tuning
     output_dir: str | None = _f(None, "Where checkpoints, the resolved config and metrics go (default "
@@ -507,8 +507,11 @@ class RLConfig(TrainerConfig):
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
         self._validate_env()
         if self.reward_weights is not None:
-            names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs)
-            if not isinstance(self.reward_weights, (list, tuple)) or len(self.reward_weights) != len(names):
+            names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs or [])
+            # Names set here are the functions a run uses unless RLTrainer gets callables, which it checks then
+            # against the weights; the default (exact_match) is what those callables replace.
+            named = names != ["exact_match"] and all(isinstance(n, str) for n in names)
+            if not isinstance(self.reward_weights, (list, tuple)) or named and len(self.reward_weights) != len(names):
                 raise ConfigError(f"reward_weights = {self.reward_weights!r} must be a list with one weight per "
                                   f"reward_funcs entry ({len(names)})")
     def _validate_env(self):

@@ -51,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def inspect(model: str, config, n_text: str) -> int:
     from vftrain.data.load import load_rows
+    from vftrain.rewards import resolve_rewards
     from vftrain.rl.rollouts import PromptSet
 
     n, tokenizer = inspect_setup(model, config, n_text, "prompts")
     prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
     for line in prompts.lines():
         print(line)
+    print("reward functions: " + ", ".join(resolve_rewards(config.reward_funcs)))  # import errors show here
     for ids, reference in list(zip(prompts.ids, prompts.references))[:n]:
         print(f"--- {len(ids)} prompt tokens; reference {reference!r}")
         print(tokenizer.decode(ids))

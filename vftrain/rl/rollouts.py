@@ -1,7 +1,7 @@
 """RL data: prompt rows -> token ids, the prompts of each step, rewards, group advantages, training rows.
 
 Pure functions and small containers; the trainer (`rl/trainer.py`) calls them in order each step:
-`PromptSet.build` (once) -> `step_prompts` -> sampling (`vftrain.sampling`) -> `score` -> `group_advantages` ->
+`PromptSet.build` (once) -> `step_prompts` -> sampling (`vftrain.sampling`) -> `rewards.score` -> `group_advantages` ->
 `training_rows`, whose rows go through the SFT packer and collator (`data/pack.py`, `data/collate.py`).
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Callable
+import os
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from vftrain.data.pack import epoch_order
 from vftrain.data.load import plain_row
 from vftrain.data.render import RowError, parse_tools, render_prompt
 from vftrain.errors import DataError
+from vftrain.rewards import reward_columns
 from vftrain.sampling.tokens import Sample
 
 PROMPT_COLUMNS = ("prompt", "question")
@@ -52,13 +53,16 @@ class PromptSet:
     prompts: list  # the raw prompts, for rollouts.jsonl
     dropped: dict  # reason -> count
     kept: list[int] = dataclasses.field(default_factory=list)  # positions of the source prompts kept
+    columns: list[dict] = dataclasses.field(default_factory=list)  # the rows' other columns (TRL-shaped rewards)
 
     @classmethod
     def build(cls, dataset, tokenizer, max_prompt_len: int) -> "PromptSet":
         features = getattr(dataset, "features", None)
-        rows = (prompt_and_answer(plain_row(dataset[i], features) if features else dataset[i])
-                for i in range(len(dataset)))
-        return cls.from_prompts(((p, r, parse_tools(t)) for p, r, t in rows), tokenizer, max_prompt_len)
+        rows = [plain_row(dataset[i], features) if features else dataset[i] for i in range(len(dataset))]
+        items = (prompt_and_answer(row) for row in rows)
+        out = cls.from_prompts(((p, r, parse_tools(t)) for p, r, t in items), tokenizer, max_prompt_len)
+        out.columns = [reward_columns(rows[i]) for i in out.kept]
+        return out
 
     @classmethod
     def from_prompts(cls, items, tokenizer, max_prompt_len: int) -> "PromptSet":
@@ -99,14 +103,6 @@ def step_prompts(num_prompts: int, prompts_per_step: int, seed: int, step: int) 
     per_epoch = steps_per_epoch(num_prompts, prompts_per_step)
     epoch, k = divmod(step, per_epoch)
     return epoch_order(num_prompts, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
-
-
-def score(texts: list[str], references: list[str], funcs: dict[str, Callable], weights: list[float] | None):
-    """(reward per rollout [n], reward per function {name: [n]}): reward = sum of weight x function value."""
-    per_func = {name: np.array([float(fn(t, r)) for t, r in zip(texts, references)]) for name, fn in funcs.items()}
-    weights = weights or [1.0] * len(funcs)
-    total = sum(w * v for w, v in zip(weights, per_func.values()))
-    return np.asarray(total, dtype=np.float64), per_func
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "none") -> np.ndarray:
@@ -159,14 +155,29 @@ def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray,
 
 
 def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sample], rewards: np.ndarray,
-                    per_func: dict, advantages: np.ndarray) -> list[str]:
-    """rollouts.jsonl lines: every rollout's prompt, completion, rewards and advantage (to see reward hacking)."""
+                    per_func: dict, advantages: np.ndarray, references: list | None = None) -> list[str]:
+    """rollouts.jsonl lines: every rollout's prompt, completion, reference, rewards and advantage (to see reward
+    hacking). `step`: the step metrics.jsonl logs for the update trained on them (the first, num_iterations > 1)."""
     lines = []
+    references = references or [None] * len(texts)
     for i, (prompt, text, sample) in enumerate(zip(prompts, texts, samples)):
-        lines.append(json.dumps({"step": step, "prompt": prompt, "completion": text, "reward": float(rewards[i]),
+        lines.append(json.dumps({"step": step, "prompt": prompt, "completion": text,
+                                 **({"reference": references[i]} if references[i] else {}),
+                                 "reward": float(rewards[i]),
                                  "rewards": {k: float(v[i]) for k, v in per_func.items()},
                                  "advantage": float(advantages[i]), "finish_reason": sample.finish_reason,
                                  "completion_tokens": sampled_tokens(sample),
                                  **({"environment_tokens": len(sample.completion_ids) - sampled_tokens(sample)}
                                     if sample.mask is not None else {})}))
     return lines
+
+
+def trim_records(path: str, first_step: int) -> None:
+    """Drop the rollouts.jsonl lines of steps >= `first_step`: a resumed run samples those steps again, and the
+    file must count each step's rollouts once, as an uninterrupted run's does."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        kept = [line for line in fh if line.strip() and json.loads(line)["step"] < first_step]
+    with open(path, "w") as fh:
+        fh.writelines(kept)

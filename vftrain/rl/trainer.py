@@ -30,7 +30,7 @@ from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
-from vftrain.rewards import load_reward_funcs
+from vftrain.rewards import resolve_rewards, score
 from vftrain.rl import rollouts as R
 from vftrain.rl.stats import RLStats
 from vftrain.sampling.tokens import sample, seed_for
@@ -46,9 +46,10 @@ class RLTrainer(VFTrainer):
 
     `model`: hub name, local path or loaded model (an SFT run's output). `train_dataset`: a `datasets.Dataset` of
     prompt rows (`prompt` messages or string, or `question`; reference in `answer` / `reference` / `completion`),
-    or None to load `args.dataset`. `reward_funcs`: callables `fn(completion, reference) -> float` or config names
-    (default `args.reward_funcs`); weighted by `args.reward_weights`. With `args.env` (a verifiers environment) pass
-    neither: the environment gives both.
+    or None to load `args.dataset`. `reward_funcs`: callables `fn(completion, reference) -> float` (or TRL's
+    `fn(prompts, completions, **kwargs) -> list[float]`: `vftrain.rewards`) or config names (default
+    `args.reward_funcs`); weighted by `args.reward_weights`, one weight per function. With `args.env` (a verifiers
+    environment) pass neither: the environment gives both.
     """
 
     def __init__(self, model: Any = None, train_dataset: Any = None, args: RLConfig | None = None,
@@ -71,10 +72,11 @@ class RLTrainer(VFTrainer):
             raw_eval = None
             if eval_dataset is not None or (args.eval_split and args.dataset):
                 raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
-            self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
             if args.sample_every_n_steps:
                 sample_rows, raw_train = _held_out(raw_train, raw_eval, args.num_samples)
             self.prompts = R.PromptSet.build(raw_train, tokenizer, args.max_prompt_len)
+            self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs,
+                                              args.reward_weights, self.prompts.columns)
         self.prompts_per_step = args.batch_size // args.rollouts_per_example
         if len(self.prompts.ids) < self.prompts_per_step:
             raise ConfigError(f"batch_size = {args.batch_size} needs {self.prompts_per_step} prompts per step "
@@ -86,6 +88,7 @@ class RLTrainer(VFTrainer):
         self.stop_ids = stop_token_ids(tokenizer)
         self.sample_temperature = 0.0  # held-out samples are greedy; rollouts use args.temperature
         self.rollout_cache: dict | None = None
+        self._rollouts_trimmed = False  # rollouts.jsonl rid of the steps a resumed run samples again
         self.backend = None
         if args.rl_backend == "openai":
             from vftrain.sampling.openai_backend import OpenAIBackend
@@ -97,7 +100,9 @@ class RLTrainer(VFTrainer):
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback
 
-            self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
+            # scored by the run's own reward functions and weights: eval/reward is the training reward's measure
+            self.add_callback(SampleCallback(self, sample_rows, make_backend(self), rewards=self.reward_funcs,
+                                             weights=args.reward_weights))
 
     def _reference_model(self):
         """The frozen starting policy for the KL penalty: the base model under LoRA (adapters switched off, no
@@ -161,7 +166,8 @@ class RLTrainer(VFTrainer):
         batches = [self.collator([rows[i] for i in g]) for g in groups]
         tokens = int(sum(r[1].sum() for r in rows))
         prompts = [self.prompts.prompts[i] for i in mine for _ in range(args.rollouts_per_example)]
-        self._record(step, prompts, texts, samples, rewards, per_func, advantages)
+        references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
+        self._record(step, prompts, references, texts, samples, rewards, per_func, advantages)
         self.stats.add_timing(generate=scored - clock - sync - score_seconds, score=score_seconds, sync=sync)
         return {"batches": batches, "tokens": tokens}
 
@@ -177,8 +183,12 @@ class RLTrainer(VFTrainer):
         samples = self._sample([self.prompts.ids[i] for i in mine], step)
         clock = time.perf_counter()
         texts = self.processing_class.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
-        references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
-        rewards, per_func = R.score(texts, references, self.reward_funcs, args.reward_weights)
+        repeat = [i for i in mine for _ in range(args.rollouts_per_example)]
+        rewards, per_func = score(self.reward_funcs, args.reward_weights, texts,
+                                  [self.prompts.references[i] for i in repeat],
+                                  prompts=[self.prompts.prompts[i] for i in repeat],
+                                  rows=[self.prompts.columns[i] for i in repeat],
+                                  completion_ids=[s.completion_ids for s in samples], trainer_state=self.state)
         return samples, texts, rewards, per_func, time.perf_counter() - clock
 
     def _sample(self, prompts: list[list[int]], step: int) -> list:
@@ -196,12 +206,14 @@ class RLTrainer(VFTrainer):
         model = self.accelerator.unwrap_model(self.model)
         return sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
 
-    def _record(self, step, prompts, texts, samples, rewards, per_func, advantages) -> None:
-        """All processes' rollouts: metrics for the log, and rollouts.jsonl (main process)."""
+    def _record(self, step, prompts, references, texts, samples, rewards, per_func, advantages) -> None:
+        """All processes' rollouts of optimizer step `step` (0-based): metrics for the log, and rollouts.jsonl (main
+        process) under the step metrics.jsonl logs for their update, step + 1."""
         from accelerate.utils import gather_object
 
-        local = [(p, t, s, float(r), {k: float(v[i]) for k, v in per_func.items()}, float(a))
-                 for i, (p, t, s, r, a) in enumerate(zip(prompts, texts, samples, rewards, advantages))]
+        local = [(p, t, s, float(r), {k: float(v[i]) for k, v in per_func.items()}, float(a), ref)
+                 for i, (p, t, s, r, a, ref) in enumerate(zip(prompts, texts, samples, rewards, advantages,
+                                                               references))]
         everything = gather_object(local) if self.args.world_size > 1 else local
         rewards = np.array([x[3] for x in everything])
         names = dict.fromkeys(k for x in everything for k in x[4])  # an environment's functions may vary by task
@@ -212,9 +224,13 @@ class RLTrainer(VFTrainer):
                                                   self.args.rollouts_per_example))
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
-            lines = R.rollout_records(step, [x[0] for x in everything], [x[1] for x in everything], samples,
-                                      rewards, per_func, advantages)
-            with open(os.path.join(self.args.output_dir, "rollouts.jsonl"), "a") as fh:
+            path = os.path.join(self.args.output_dir, "rollouts.jsonl")
+            if step and not self._rollouts_trimmed:  # the first rollouts after a resume
+                R.trim_records(path, step + 1)
+            self._rollouts_trimmed = True
+            lines = R.rollout_records(step + 1, [x[0] for x in everything], [x[1] for x in everything], samples,
+                                      rewards, per_func, advantages, [x[6] for x in everything])
+            with open(path, "a") as fh:
                 fh.write("\n".join(lines) + "\n")
 
     # ---- loss
@@ -291,12 +307,20 @@ def _no_loss(logp: torch.Tensor, start: int, end: int):
     return torch.zeros_like(logp), logp.new_zeros((len(logp), 0))
 
 
-def _reward_funcs(spec) -> dict:
-    if callable(spec):
-        return {getattr(spec, "__name__", "reward"): spec}
-    if isinstance(spec, (list, tuple)) and spec and all(callable(f) for f in spec):
-        return {getattr(f, "__name__", f"reward{i}"): f for i, f in enumerate(spec)}
-    return load_reward_funcs(spec)
+def _reward_funcs(spec, weights, columns: list[dict]) -> dict:
+    """The run's reward functions (callables or config entries, `rewards.resolve_rewards`), checked before any
+    sampling: at least one, one weight per function, the columns TRL-shaped ones name present in the rows."""
+    funcs = resolve_rewards(spec)
+    if not funcs:
+        raise ConfigError("reward_funcs is empty: RL needs at least one reward function (a callable, "
+                          "'exact_match', 'module:function' or 'path/to/file.py:function')")
+    if weights is not None and len(weights) != len(funcs):
+        raise ConfigError(f"reward_weights = {list(weights)!r} has {len(weights)} weights for {len(funcs)} reward "
+                          f"functions ({', '.join(funcs)}): give one weight per function")
+    names = set().union(*columns) if columns else set()
+    for reward in funcs.values():
+        reward.check_columns(names)
+    return funcs
 
 
 def _held_out(raw_train, raw_eval, n: int):
@@ -306,7 +330,7 @@ def _held_out(raw_train, raw_eval, n: int):
 
     rows, raw_train = held_out_samples(raw_train, raw_eval, n)
     out = []
-    for row in rows:
+    for row in rows:  # the row's other columns (its tools, what TRL-shaped rewards read) stay
         prompt, reference, _ = R.prompt_and_answer(row)
-        out.append({"prompt": prompt, "completion": reference})
+        out.append({**row, "prompt": prompt, "completion": reference})
     return out, raw_train

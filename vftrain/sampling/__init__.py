@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vftrain.data.load import plain_row
-from vftrain.data.render import RowError, parse_tools
+from vftrain.data.render import RowError, as_messages, parse_tools
 from vftrain.errors import DataError
 
 
@@ -17,26 +17,44 @@ class ChatPrompt:
     tools: list | None = None
 
 
+class Completion(str):
+    """A sampled completion's text; `truncated`: cut by max_new_tokens (False where the backend cannot tell)."""
+
+    truncated: bool = False
+
+    def __new__(cls, text: str, truncated: bool = False):
+        out = super().__new__(cls, text)
+        out.truncated = truncated
+        return out
+
+
 def prompt_and_reference(row: dict):
     """(prompt, reference answer) of a row: the prompt is everything before the last assistant message with the
     row's tools (what inference sees; a `ChatPrompt`, or a string for string prompts), the reference is that
-    message's content."""
+    message's content. A completion of several messages (tool call, tool result, answer) is part of the prompt
+    up to its last assistant message, so the sample answers the context its reference answers."""
     try:
         tools = parse_tools(row.get("tools"))
+        if "prompt" in row and "completion" in row:
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(completion, str):
+                return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), tools)), completion
+            # as training renders the row (data/render.py)
+            messages = as_messages(prompt, "prompt") + as_messages(completion, "completion")
+        elif "messages" in row:
+            messages = as_messages(row["messages"], "messages")
+        else:
+            raise DataError("sampling needs prompt + completion or messages columns")
     except RowError as exc:
         raise DataError(f"sampling: {exc}") from None
-    if "prompt" in row and "completion" in row:
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(completion, str):
-            reference = completion
-        else:
-            reference = [m for m in completion if m.get("role") == "assistant"][-1].get("content") or ""
-        return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), tools)), reference
-    if "messages" in row:
-        messages = list(row["messages"])
-        last = max(i for i, m in enumerate(messages) if m.get("role") == "assistant")
-        return ChatPrompt(messages[:last], tools), messages[last].get("content") or ""
-    raise DataError("sampling needs prompt + completion or messages columns")
+    return _split_at_last_answer(messages, tools)
+
+
+def _split_at_last_answer(messages: list[dict], tools) -> tuple[ChatPrompt, str]:
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=None)
+    if last is None:
+        raise DataError("sampling: a row has no assistant message to compare a sample with")
+    return ChatPrompt(messages[:last], tools), messages[last].get("content") or ""
 
 
 def held_out_samples(raw_train, raw_eval, n: int):

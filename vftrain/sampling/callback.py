@@ -9,26 +9,36 @@ seed review's bug 1). A backend failure (server down, timeout) is logged and ski
 
 from __future__ import annotations
 
+import json
 import logging
 
 from rich.console import Console
 from rich.panel import Panel
 from transformers import TrainerCallback
 
-from vftrain.rewards import load_reward_funcs
-from vftrain.sampling import prompt_and_reference
+from vftrain.rewards import resolve_rewards, reward_columns, score
+from vftrain.sampling import ChatPrompt, prompt_and_reference
 
 log = logging.getLogger("vftrain")
 
 
 class SampleCallback(TrainerCallback):
-    """Generates, scores and shows samples; `backend(prompts) -> completions` is embedded or OpenAI-compatible."""
+    """Generates, scores and shows samples; `backend(prompts) -> completions` is embedded or OpenAI-compatible.
 
-    def __init__(self, trainer, rows: list[dict], backend, console: Console | None = None):
+    `rewards` / `weights`: RL's reward functions and weights, so that `eval/reward` is the reward training
+    maximises; by default `args.reward_funcs`, and `eval/reward` is their mean."""
+
+    def __init__(self, trainer, rows: list[dict], backend, console: Console | None = None, rewards: dict | None = None,
+                 weights: list[float] | None = None):
         self.trainer = trainer
         self.pairs = [prompt_and_reference(r) for r in rows]
+        self.columns = [reward_columns(r) for r in rows]
         self.backend = backend
-        self.rewards = load_reward_funcs(trainer.args.reward_funcs)
+        self.rewards = resolve_rewards(trainer.args.reward_funcs) if rewards is None else rewards
+        n = len(self.rewards)
+        self.weights = weights if weights is not None else [1 / max(n, 1)] * n  # SFT: the functions' mean
+        for reward in self.rewards.values():
+            reward.check_columns(set().union(*self.columns))
         self.console = console or Console()
         self.history: list[dict] = []  # one record per sample, for the reporting integrations' tables
 
@@ -59,19 +69,23 @@ class SampleCallback(TrainerCallback):
         return metrics
 
     def _score(self, completions: list[str]) -> dict:
-        metrics = {}
-        for name, fn in self.rewards.items():
-            scores = [float(fn(c, ref)) for c, (_, ref) in zip(completions, self.pairs)]
-            metrics[f"eval/reward/{name}"] = sum(scores) / max(len(scores), 1)
-        if metrics:
-            metrics["eval/reward"] = sum(metrics.values()) / len(metrics)
-        return metrics
+        if not self.rewards:
+            return {}
+        prompts = [p.messages if isinstance(p, ChatPrompt) else p for p, _ in self.pairs]
+        tokenizer = self.trainer.processing_class
+        total, per_func = score(self.rewards, self.weights, list(completions), [ref for _, ref in self.pairs],
+                                prompts=prompts, rows=self.columns, trainer_state=self.trainer.state,
+                                completion_ids=[tokenizer.encode(c, add_special_tokens=False) for c in completions])
+        metrics = {f"eval/reward/{name}": float(values.mean()) for name, values in per_func.items()}
+        return {**metrics, "eval/reward": float(total.mean())}
 
     def _show(self, step: int, completions: list[str]) -> None:
         for (prompt, reference), completion in zip(self.pairs, completions):
             text = _prompt_text(prompt)
             self.history.append({"step": step, "prompt": text, "completion": completion, "reference": reference})
-            body = f"[bold]prompt[/] {text}\n[bold green]completion[/] {completion}\n[bold]reference[/] {reference}"
+            cut = " [bold yellow](truncated: max_new_tokens)[/]" if getattr(completion, "truncated", False) else ""
+            body = (f"[bold]prompt[/] {text}\n[bold green]completion[/] {completion}{cut}\n"
+                    f"[bold]reference[/] {reference}")
             self.console.print(Panel(body, title=f"sample, step {step}", expand=False))
         _log_table(self.trainer.args.report_to, self.history)
 
@@ -80,7 +94,13 @@ def _prompt_text(prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     tools = f"tools: {', '.join(_tool_name(t) for t in prompt.tools)}\n" if prompt.tools else ""
-    return tools + "\n".join(f"{m.get('role')}: {m.get('content')}" for m in prompt.messages)
+    return tools + "\n".join(f"{m.get('role')}: {_content(m)}" for m in prompt.messages)
+
+
+def _content(message: dict) -> str:
+    """A message's text, or its tool calls (a tool turn before the sampled answer) when it has none."""
+    content = message.get("content")
+    return str(content) if content or not message.get("tool_calls") else json.dumps(message["tool_calls"])
 
 
 def _tool_name(tool) -> str:

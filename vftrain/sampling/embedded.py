@@ -6,7 +6,7 @@ import torch
 
 from vftrain.attention import for_generation
 from vftrain.data.render import render_prompt, stop_token_ids
-from vftrain.sampling import ChatPrompt
+from vftrain.sampling import ChatPrompt, Completion
 from vftrain.sampling.tokens import Sample
 
 
@@ -25,7 +25,8 @@ def pad_token_id(tokenizer) -> int:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
              batch_size: int = 64, synced: bool = False) -> list[str]:
-    """Completions (decoded, special tokens removed) for `prompts` (`ChatPrompt`s, message lists or strings).
+    """Completions (decoded, special tokens removed; `Completion.truncated` when cut by max_new_tokens) for
+    `prompts` (`ChatPrompt`s, message lists or strings).
 
     The model is put in eval mode and restored afterwards, so this is safe to call in the middle of training;
     a peft model generates with its adapters active. `synced`: the weights are sharded (FSDP, ZeRO-3), every
@@ -35,7 +36,8 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, temperature: 
     """
     samples = generate_ids(model, [encode_prompt(tokenizer, p) for p in prompts], max_new_tokens,
                            stop_token_ids(tokenizer), pad_token_id(tokenizer), temperature, top_p, batch_size, synced)
-    return tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+    texts = tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
+    return [Completion(t, s.finish_reason == "length") for t, s in zip(texts, samples)]
 
 
 @torch.no_grad()
