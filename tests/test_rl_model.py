@@ -46,10 +46,13 @@ def _trained_adapter():
 
 @pytest.fixture
 def adapter_folder(tmp_path) -> str:
-    """A LoRA run's folder as save_model writes it: the adapter and the tokenizer."""
+    """A LoRA run's folder as save_model writes it: the adapter and the tokenizer (marked, to tell it from the
+    base model's)."""
     folder = tmp_path / "lora-run"
     _trained_adapter().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tokenizer = tiny_tokenizer()
+    tokenizer.model_max_length = 123
+    tokenizer.save_pretrained(folder)
     return str(folder)
 
 
@@ -66,6 +69,7 @@ def test_adapter_folder_trains_its_adapter_on(tmp_path, adapter_folder, trainer)
     else:
         t = vf.SFTTrainer(model=adapter_folder, train_dataset=datasets.Dataset.from_list(addition_rows(16)),
                           args=small_config(tmp_path, use_lora=True, lora_rank=8))
+    assert t.processing_class.model_max_length == 123  # the folder's tokenizer
     start = _lora_weights(t.model)
     saved = _lora_weights(_trained_adapter())
     assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)

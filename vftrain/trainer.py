@@ -383,7 +383,9 @@ class VFTrainer(Trainer):
                 raise ConfigError(f"merge_lora with sharded weights reloads the base model, but it was passed as an "
                                   f"object without name_or_path; the adapter is saved in {adapter}: run `vf-sft "
                                   f"export {adapter} --model BASE`")
-            merged = export_merged(adapter, directory, base=self.model_source)
+            # An adapter folder given as model is not the base: the saved adapter records its base.
+            base = None if is_adapter_folder(self.model_source) else self.model_source
+            merged = export_merged(adapter, directory, base=base)
             shutil.rmtree(adapter)
         self.accelerator.wait_for_everyone()
         return merged
