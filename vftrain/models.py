@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from vftrain.errors import ConfigError
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("vftrain")
 
 _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside a LoRA adapter
 
 
 def resolve_dtype(name: str):
@@ -55,6 +57,11 @@ def get_model_and_tokenizer(
     # "varlen" is set after loading, once the model's attention features are known (attention.choose).
     load_attn = None if attn_implementation in (attention.AUTO, attention.NAME) else attn_implementation
     if isinstance(model, str):
+        if is_adapter_folder(model):
+            return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
+                                       trust_remote_code=trust_remote_code, use_liger=use_liger, tokenizer=tokenizer,
+                                       load_weights=load_weights)
+        refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
             model_obj = load(model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
@@ -81,6 +88,66 @@ def get_model_and_tokenizer(
     ensure_pad_token(tokenizer, model_obj)
     add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
+
+
+def load_adapter_folder(folder: str, *, tokenizer=None, trust_remote_code: bool = False, load_weights: bool = True,
+                        **options):
+    """A LoRA adapter folder (a LoRA run's output or checkpoint): its recorded base model, loaded as
+    `get_model_and_tokenizer` loads any model (`options`), with the folder's adapter on it as a trainable peft
+    `PeftModel` (`VFTrainer._load_model` trains it on, or merges it when use_lora is false). The tokenizer is the
+    folder's, which the run saved beside the adapter (the one training used), else the base model's.
+
+    transformers would load the folder as the base model with the adapter attached frozen, not a PeftModel: nothing
+    trainable, and vftrain's LoRA paths (merging, KL reference, adapter pushes) would not see the adapter.
+    """
+    from peft import PeftConfig, PeftModel, get_peft_model
+    from transformers import AutoTokenizer
+
+    config = PeftConfig.from_pretrained(folder)
+    base = config.base_model_name_or_path
+    if not base:
+        raise ConfigError(f"{folder!r} holds a LoRA adapter whose adapter_config.json names no base model "
+                          "(base_model_name_or_path): load the base and the adapter yourself and pass the PeftModel")
+    if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except OSError as exc:
+            raise load_error("tokenizer", folder, exc) from None
+    try:
+        model, tokenizer = get_model_and_tokenizer(base, tokenizer=tokenizer, trust_remote_code=trust_remote_code,
+                                                   load_weights=load_weights, **options)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the base model that {folder}/{ADAPTER_CONFIG} names)") from None
+    if load_weights:
+        model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    else:  # FSDP ranks that receive their shards from rank 0: the adapter's shapes only
+        model = get_peft_model(model, config)
+    model.peft_config[model.active_adapter].base_model_name_or_path = local_abspath(base)
+    return model, tokenizer
+
+
+def is_adapter_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def refuse_run_folder_without_model(path: str) -> None:
+    """A run folder with checkpoints but no final model (`SFTTrainer.train()` saves none; `save_model()` or the CLI
+    does): one line naming its newest checkpoint, not transformers' "Unrecognized model"."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, "config.json")):
+        return
+    last = get_last_checkpoint(path)
+    if last:
+        raise ConfigError(f"model {path!r} is a run folder without a final model (no config.json or "
+                          f"{ADAPTER_CONFIG}): pass its newest checkpoint {last!r}, or call trainer.save_model() "
+                          "after trainer.train() (vf-sft and vf-rl save it)")
+
+
+def local_abspath(name: str | None) -> str | None:
+    """`name` as an absolute path when it is a local folder (a hub name is kept): recorded in saved adapters, so
+    that `vf-sft export` and RL find the base model from any folder."""
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
 def empty_model(source: str, *, dtype, attn_implementation, trust_remote_code: bool):
@@ -207,6 +274,8 @@ def apply_lora(model: PreTrainedModel, args: TrainerConfig):
     from peft import get_peft_model
 
     peft_model = get_peft_model(model, lora_config_from(args))
+    config = peft_model.peft_config[peft_model.active_adapter]
+    config.base_model_name_or_path = local_abspath(config.base_model_name_or_path)
     trainable, total = count_parameters(peft_model)
     log.info("LoRA: %s trainable of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return peft_model

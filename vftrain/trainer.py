@@ -25,12 +25,40 @@ from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, a
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged, get_model_and_tokenizer,
-                            head_returns_hidden,
+from vftrain.models import (apply_lora, count_parameters, distinct_meta_pointers, export_merged,
+                            get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import needs_master_weights, use_float32_master_weights
 
 log = logging.getLogger("vftrain")
+
+
+def refuse_attached_adapter(model) -> None:
+    """A transformers model with an adapter attached (`load_adapter`, or `from_pretrained` of an adapter folder)
+    has `peft_config` but is not a peft PeftModel: its adapter is frozen and vftrain's LoRA paths cannot see it."""
+    if isinstance(model, str) or not hasattr(model, "peft_config"):
+        return
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError(f"model: a {type(model).__name__} with a LoRA adapter attached through transformers is "
+                          "not trainable here; pass the adapter folder's path as model, or "
+                          "PeftModel.from_pretrained(base, folder, is_trainable=True)")
+
+
+def continue_or_merge(model, use_lora: bool, folder: str):
+    """The PeftModel of a LoRA adapter folder given as `model`: with use_lora its adapter is trained on; without,
+    it is merged into the base model and all weights are trained."""
+    if use_lora:
+        trainable, total = count_parameters(model)
+        log.info("LoRA: continuing the adapter of %s (rank %s, as saved there; the lora_* settings are not used): "
+                 "%s trainable of %s parameters", folder, model.peft_config[model.active_adapter].r,
+                 f"{trainable:,}", f"{total:,}")
+        return model
+    model = model.merge_and_unload().requires_grad_(True)
+    log.info("%s holds a LoRA adapter and use_lora is false: merged it into its base model, training all %s "
+             "weights (use_lora = true trains the adapter on instead)", folder, f"{count_parameters(model)[1]:,}")
+    return model
 
 
 class VFTrainer(Trainer):
@@ -48,6 +76,8 @@ class VFTrainer(Trainer):
             set_seed(args.seed)
         if model is None:
             raise ConfigError(f"{type(self).__name__} needs a model: a hub name, a local path or a loaded model")
+        refuse_attached_adapter(model)
+        adapter_folder = model if isinstance(model, str) and is_adapter_folder(model) else None
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         # FSDP with cpu_ram_efficient_loading (vftrain's default): rank 0 reads the weights and sends each process
         # its shards (accelerate's fsdp2_prepare_model), so the others need not hold a copy of the model.
@@ -60,10 +90,17 @@ class VFTrainer(Trainer):
         self.weights_dtype = next(model.parameters()).dtype
         if args.lean_mlp:
             use_lean_mlp(model)
-        if args.use_lora and not hasattr(model, "peft_config"):
+        # Whether the adapter trained here starts as the identity (the base model's outputs): RL's KL reference is
+        # then the model with its adapters off, else a frozen copy of the starting adapter.
+        self.fresh_adapter = False
+        if adapter_folder:
+            model = continue_or_merge(model, args.use_lora, adapter_folder)
+        elif args.use_lora and not hasattr(model, "peft_config"):
             model = apply_lora(model, args)
-            if args.gradient_checkpointing:
-                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+            # peft's default init (and "gaussian") sets B = 0: the adapted model equals the base until trained.
+            self.fresh_adapter = model.peft_config[model.active_adapter].init_lora_weights in (True, "gaussian")
+        if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model, tokenizer
 
     @staticmethod
@@ -346,7 +383,9 @@ class VFTrainer(Trainer):
                 raise ConfigError(f"merge_lora with sharded weights reloads the base model, but it was passed as an "
                                   f"object without name_or_path; the adapter is saved in {adapter}: run `vf-sft "
                                   f"export {adapter} --model BASE`")
-            merged = export_merged(adapter, directory, base=self.model_source)
+            # An adapter folder given as model is not the base: the saved adapter records its base.
+            base = None if is_adapter_folder(self.model_source) else self.model_source
+            merged = export_merged(adapter, directory, base=base)
             shutil.rmtree(adapter)
         self.accelerator.wait_for_everyone()
         return merged

@@ -15,6 +15,8 @@ One optimizer step (`get_batch_samples`, called by the Trainer once per step):
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import time
@@ -38,6 +40,7 @@ from vftrain.trainer import VFTrainer
 
 log = logging.getLogger("vftrain")
 
+REFERENCE_ADAPTER = "kl_reference"  # a trained adapter's frozen copy: the KL reference under LoRA
 ROLLOUT_CACHE = "vftrain_rollouts.pt"  # a checkpoint's rollouts still to be reused (num_iterations > 1)
 
 
@@ -58,6 +61,7 @@ class RLTrainer(VFTrainer):
         if not isinstance(args, RLConfig):
             raise ConfigError(f"RLTrainer needs an RLConfig, got {type(args).__name__}")
         model, tokenizer = self._load_model(model, args, processing_class)
+        disable_dropout(model)
         self.env, sample_rows = None, []
         if args.env:  # prompts and rewards from a verifiers environment (rl/environment.py)
             if train_dataset is not None or reward_funcs is not None:
@@ -105,20 +109,45 @@ class RLTrainer(VFTrainer):
                                              weights=args.reward_weights))
 
     def _reference_model(self):
-        """The frozen starting policy for the KL penalty: the base model under LoRA (adapters switched off, no
-        copy), else a second copy of the model loaded from the same source."""
+        """The KL penalty's reference: the policy as RL starts, frozen (review RL 6: not the model reloaded from
+        its `name_or_path`, which an in-memory SFT model or a trained adapter has moved away from). Under LoRA,
+        None: `_as_reference` switches a fresh adapter off (it adds nothing yet) or a trained one to its frozen
+        copy. Else a frozen copy of the model, with the attention and kernels resolved for the policy."""
         model = self.accelerator.unwrap_model(self.model)
         if hasattr(model, "peft_config"):
-            return None  # `_reference_logp` switches the adapters off
-        if not self.model_source:
-            raise ConfigError("beta > 0 needs the reference model: pass the model as a name or path")
-        from vftrain.models import get_model_and_tokenizer
+            if not self.fresh_adapter:
+                copy_adapter(model, REFERENCE_ADAPTER)
+            return None
+        if any(p.is_meta for p in model.parameters()):
+            # An FSDP rank that receives its shards from rank 0 holds no weights to copy: it loads the source.
+            from vftrain.models import get_model_and_tokenizer
 
-        reference, _ = get_model_and_tokenizer(self.model_source, dtype=self.args.dtype,
-                                               attn_implementation=self.args.attn_implementation,
-                                               trust_remote_code=self.args.trust_remote_code,
-                                               tokenizer=self.processing_class)
+            reference, _ = get_model_and_tokenizer(
+                self.model_source, dtype=self.args.dtype, attn_implementation=model.config._attn_implementation,
+                packing=self.args.packing, trust_remote_code=self.args.trust_remote_code,
+                use_liger=self.args.use_liger, tokenizer=self.processing_class)
+        else:
+            reference = copy.deepcopy(model)
         return reference.to(self.args.device).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _as_reference(self, model):
+        """The model whose forward gives the reference logprobs: the frozen copy, or `model` with its adapters off
+        or with the starting adapter's copy active (inference mode; the trained adapter is active again after)."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        peft_model = self.accelerator.unwrap_model(model)
+        if REFERENCE_ADAPTER not in peft_model.peft_config:
+            with peft_model.disable_adapter():
+                yield model
+            return
+        active = peft_model.active_adapter
+        peft_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+        try:
+            yield model
+        finally:
+            peft_model.set_adapter(active)  # also makes the trained adapter's weights require grad again
 
     # ---- data: the Trainer's loop is driven by a loader of placeholders; rollouts are made per step
     def get_train_dataloader(self) -> DataLoader:
@@ -272,13 +301,9 @@ class RLTrainer(VFTrainer):
     def _reference_logp(self, model, inputs: dict, labels: torch.Tensor, where: tuple) -> torch.Tensor:
         """The trained tokens' logprobs under the frozen starting policy (the KL term's reference), at the rollout
         temperature, untruncated whatever top_p (see `compute_loss`): one batched forward per micro-batch over the
-        fused head, as the policy's own. Under LoRA the reference is the model with its adapters switched off, else
-        the reference copy."""
-        if self.reference is None:
-            with self.accelerator.unwrap_model(model).disable_adapter():
-                values, targets, weight, _ = self.trained_forward(model, inputs, labels, where)
-        else:
-            values, targets, weight, _ = self.trained_forward(self.reference, inputs, labels, where)
+        fused head, as the policy's own."""
+        with self._as_reference(model) as reference:
+            values, targets, weight, _ = self.trained_forward(reference, inputs, labels, where)
         fused = dict(hidden=values, weight=weight) if weight is not None else dict(logits=values)
         _, stats = token_loss_sum(_no_loss, targets, temperature=self.args.temperature, **fused)
         return stats[:, 0]
@@ -300,6 +325,31 @@ class RLTrainer(VFTrainer):
         path = self._cache_path(folder)
         if os.path.exists(path):
             self.rollout_cache = torch.load(path, weights_only=False)
+
+
+def copy_adapter(peft_model, name: str) -> None:
+    """Add a frozen copy of `peft_model`'s active adapter under `name` (the active adapter stays as it was)."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    active = peft_model.active_adapter
+    peft_model.add_adapter(name, copy.deepcopy(peft_model.peft_config[active]))
+    set_peft_model_state_dict(peft_model, get_peft_model_state_dict(peft_model, adapter_name=active),
+                              adapter_name=name)
+    for key, param in peft_model.named_parameters():
+        if f".{name}." in key:
+            param.requires_grad_(False)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in the policy, as TRL's `disable_dropout_in_model`: the sampler draws in eval mode (no dropout),
+    so a train-mode forward with dropout would make the on-policy ratio noise, not the policy's drift (review RL
+    16: lora_dropout 0.1 gave ratios 0.87-1.09 at step 2)."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for module in dropouts:
+        module.p = 0.0
+    if dropouts:
+        log.info("dropout off in the RL policy (%d dropout layers): rollouts are sampled without it",
+                 len(dropouts))
 
 
 def _no_loss(logp: torch.Tensor, start: int, end: int):
