@@ -136,8 +136,9 @@ class TrainerConfig(TrainingArguments):
     attn_implementation: str = _f("auto", "Attention kernel: 'auto' ('varlen' for packed rows on a CUDA GPU where "
                                   "the model's attention allows it, else the model's default: SDPA, or eager), "
                                   "'sdpa', 'eager', 'varlen' (variable-length flash attention over packed rows, CUDA; "
-                                  "needs packing; no soft-capping or sinks), 'flex_attention', or any name registered "
-                                  "in transformers.AttentionInterface.")
+                                  "Ampere or newer, fp16/bf16; needs packing; no soft-capping, sinks, chunked "
+                                  "attention or attention dropout), 'flex_attention', or any name registered in "
+                                  "transformers.AttentionInterface.")
     master_weights: bool = _f(True, "Keep float32 copies of bf16/fp16 trainable weights for the optimizer step "
                               "(mixed precision). Pure bf16 AdamW rounds most updates away at fine-tuning learning "
                               "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "

