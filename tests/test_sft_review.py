@@ -171,3 +171,54 @@ def test_packing_is_refused_for_a_model_that_lets_rows_attend_to_each_other(tmp_
     trainer = vf.SFTTrainer(model=_tiny("bloom", dtype=torch.float32, n_head=4, n_layer=2), train_dataset=rows,
                             processing_class=tiny_tokenizer(), args=small_config(tmp_path, packing=False))
     trainer.train()
+
+
+# ---- 2. `--sft.lora_modules_to_save none`; 8. max_grad_norm unset
+def _cli_config(tmp_path, monkeypatch, toml_lines: str, *overrides):
+    from conftest import ADDITION, ROOT
+    from vftrain.cli.args import parse_argv
+    from vftrain.cli.sft import FLAGS, resolve
+
+    monkeypatch.chdir(ROOT)
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'model = "{TINY}"\ndataset = "{ADDITION}"\n[sft]\n{toml_lines}\n')
+    return resolve(parse_argv(["@", str(toml), *overrides], "sft", FLAGS))[1]
+
+
+def test_lora_modules_to_save_none_on_the_command_line_trains_only_the_adapters(tmp_path, monkeypatch):
+    """`none` used to stay the string "none": peft then trained every module whose name ends in n, o or e (each
+    self_attn block) in full, 47,360 trainable parameters instead of LoRA's 22,528."""
+    import vftrain as vf
+    from vftrain.models import apply_lora, count_parameters
+
+    config = _cli_config(tmp_path, monkeypatch, 'use_lora = true\nlora_modules_to_save = ["lm_head"]',
+                         "--sft.lora_modules_to_save", "none")
+    assert config.lora_modules_to_save is None
+    model = apply_lora(vf.get_model_and_tokenizer(TINY)[0], config)
+    assert not [name for name, _ in model.named_modules() if name.endswith("modules_to_save")]
+    lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert count_parameters(model)[0] == lora
+
+
+@pytest.mark.parametrize("value", ["lm_head", ["lm_head", 3]])
+def test_lora_modules_to_save_must_be_a_list_of_names(tmp_path, value):
+    with pytest.raises(ConfigError, match=r"lora_modules_to_save = .* must be a list of module names"):
+        small_config(tmp_path, use_lora=True, lora_modules_to_save=value)
+
+
+def test_max_grad_norm_none_means_no_clipping(tmp_path, monkeypatch):
+    """None passed the config and then crashed the first optimizer step ('>' between NoneType and int); from the
+    command line `none` was "the wrong type"."""
+    import datasets
+
+    import vftrain as vf
+
+    assert _cli_config(tmp_path, monkeypatch, "", "--sft.max_grad_norm", "none").max_grad_norm == 0.0
+    rows = datasets.Dataset.from_list(addition_rows(8))
+    losses = {}
+    for norm in (None, 0.0):
+        trainer = vf.SFTTrainer(model=TINY, train_dataset=rows,
+                                args=small_config(tmp_path / str(norm), max_grad_norm=norm, max_steps=2))
+        trainer.train()
+        losses[norm] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[None] == losses[0.0]
