@@ -222,3 +222,63 @@ def test_max_grad_norm_none_means_no_clipping(tmp_path, monkeypatch):
         trainer.train()
         losses[norm] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[None] == losses[0.0]
+
+
+# ---- 4. the one-step-late NaN flag at epoch ends
+@pytest.mark.parametrize("optim", ["adamw_torch_fused", "adamw_torch"])
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_in_the_last_step_of_an_epoch_is_read_before_the_epoch_save_and_log(tmp_path, monkeypatch, optim,
+                                                                                policy):
+    """16 rows, 2 steps per epoch, save and log every epoch, the loss NaN in step 2 (the last of epoch 1). The
+    fused optimizer's flag used to be read a step late: "stop" published checkpoint-2 (the bad step counted as
+    done: a resume skipped its batch), "skip" logged the next, clean epoch as NaN as well."""
+    import datasets
+
+    import vftrain as vf
+    import vftrain.sft.trainer as trainer_module
+    from vftrain.guards import NonFiniteLossError
+
+    args = small_config(tmp_path, max_steps=-1, num_train_epochs=3, save_strategy="epoch", logging_strategy="epoch",
+                        optim=optim, nan_policy=policy)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=args)
+    real = trainer_module.linear_cross_entropy_sum
+
+    def poisoned(*a, **kw):
+        loss, correct = real(*a, **kw)
+        return (loss * float("nan"), correct) if trainer.state.global_step == 1 else (loss, correct)
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy_sum", poisoned)
+    if policy == "stop":
+        with pytest.raises(NonFiniteLossError, match="at optimizer step 2"):
+            trainer.train()
+        assert not list((tmp_path / "out").glob("checkpoint-*"))
+        return
+    trainer.train()
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    assert sorted(losses) == [2, 4, 6] and np.isnan(losses[2])
+    assert np.isfinite(losses[4]) and np.isfinite(losses[6])
+
+
+def test_an_out_of_memory_save_reads_the_pending_nan_flag_first(tmp_path, monkeypatch):
+    """Out of memory in the step after a bad one (fused AdamW, flag not read yet): the emergency checkpoint would
+    have held the bad step as done; "stop" raises instead of saving it."""
+    import datasets
+
+    import vftrain as vf
+    import vftrain.sft.trainer as trainer_module
+    from vftrain.guards import NonFiniteLossError
+
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)),
+                            args=small_config(tmp_path, max_steps=4, logging_steps=10))
+    real = trainer_module.linear_cross_entropy_sum
+
+    def bad_then_exhausted(*a, **kw):
+        if trainer.state.global_step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        loss, correct = real(*a, **kw)
+        return (loss * float("nan"), correct) if trainer.state.global_step == 1 else (loss, correct)
+
+    monkeypatch.setattr(trainer_module, "linear_cross_entropy_sum", bad_then_exhausted)
+    with pytest.raises(NonFiniteLossError, match="at optimizer step 2"):
+        trainer.train()
+    assert not list((tmp_path / "out").glob("checkpoint-*"))

@@ -128,6 +128,7 @@ class VFTrainer(Trainer):
     def _save_after_oom(self) -> str | None:
         """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
         involved (they are stuck in a collective and cannot join a save)."""
+        self.nan_guard.resolve(self.args)  # a bad last step raises (stop) here rather than being saved
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         if step and os.path.isdir(folder):
@@ -295,7 +296,10 @@ class VFTrainer(Trainer):
             config.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
+        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic); never of a
+        step whose non-finite loss is still unread (the guard reads it on the save paths it knows; this is the
+        backstop for the others)."""
+        self.nan_guard.resolve(self.args)
         run_dir = self._get_output_dir(trial=trial)
         folder = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:
