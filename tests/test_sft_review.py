@@ -308,3 +308,21 @@ def test_master_weights_of_a_transposed_parameter_follow_plain_float32_adamw(fus
     (_, master), = master_weights(optimizer)
     torch.testing.assert_close(master, reference.detach(), rtol=0, atol=1e-6)
     torch.testing.assert_close(param.detach(), reference.detach().to(torch.bfloat16), rtol=0, atol=0)
+
+
+# ---- 6. the datasets floor
+def test_the_datasets_floor_has_the_api_the_data_path_uses():
+    """datasets.List (tokenize.py's features; load.py's null stripping of lists of structs) came in datasets 4.0; 3.x,
+    which the floor allowed, crashed every run at tokenization."""
+    import sys
+
+    import datasets
+    from packaging.requirements import Requirement
+
+    from conftest import ROOT
+
+    tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    spec = next(Requirement(d) for d in project["dependencies"] if Requirement(d).name == "datasets").specifier
+    assert not spec.contains("3.6.0") and spec.contains("4.0.0")
+    assert hasattr(datasets, "List")
