@@ -326,3 +326,38 @@ def test_the_datasets_floor_has_the_api_the_data_path_uses():
     spec = next(Requirement(d) for d in project["dependencies"] if Requirement(d).name == "datasets").specifier
     assert not spec.contains("3.6.0") and spec.contains("4.0.0")
     assert hasattr(datasets, "List")
+
+
+# ---- 9. assistant text the tokenizer normalises
+def _byte_level_nfc_tokenizer():
+    """A byte-level BPE tokenizer (every byte round-trips) with Qwen2's NFC normaliser and the tiny chat template."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|im_end|>",
+                            "pad_token": "<|im_end|>"})
+    tok.chat_template = tiny_tokenizer().chat_template
+    return tok
+
+
+@pytest.mark.parametrize("form", ["NFC", "NFD"])
+def test_assistant_text_the_tokenizer_normalises_is_trained(form):
+    """Decomposed accents (macOS text, Korean jamo) decode composed under Qwen's NFC normaliser; the rewritten-turn
+    check compared the decoded text with the raw message and dropped the row as "chat template drops part of an
+    assistant message"."""
+    import unicodedata
+
+    from vftrain.data.render import Renderer
+
+    answer = unicodedata.normalize(form, "Crème brûlée, s'il vous plaît")
+    tok = _byte_level_nfc_tokenizer()
+    [row] = Renderer(tok, "messages")({"messages": [{"role": "user", "content": "Dessert?"},
+                                                    {"role": "assistant", "content": answer}]})
+    trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m])
+    assert unicodedata.normalize("NFC", answer) in trained
