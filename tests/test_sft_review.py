@@ -361,3 +361,18 @@ def test_assistant_text_the_tokenizer_normalises_is_trained(form):
                                                     {"role": "assistant", "content": answer}]})
     trained = tok.decode([t for t, m in zip(row["input_ids"], row["loss_mask"]) if m])
     assert unicodedata.normalize("NFC", answer) in trained
+
+
+# ---- older: bf16 weights, fp16 autocast and master weights
+def test_fp16_autocast_with_bf16_weights_and_master_weights_is_refused(tmp_path):
+    """GradScaler.unscale_ found no gradients on the float32 masters: clipping saw scaled gradients (norm 48016
+    against 0.733) and scaler.step raised 'No inf checks were recorded for this optimizer'."""
+    import datasets
+
+    import vftrain as vf
+
+    rows = datasets.Dataset.from_list(addition_rows(8))
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=rows,
+                            args=small_config(tmp_path, dtype="bfloat16", fp16=True, bf16=False, max_steps=1))
+    with pytest.raises(ConfigError, match="fp16 = true with bfloat16 weights and master_weights = true"):
+        trainer.train()

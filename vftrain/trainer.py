@@ -157,6 +157,11 @@ class VFTrainer(Trainer):
         # FSDP and DeepSpeed keep float32 master weights themselves.
         if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
                 p for group in optimizer.param_groups for p in group["params"]):
+            if self.args.fp16:  # fp16 autocast's GradScaler unscales the model's gradients, not the masters'
+                raise ConfigError("fp16 = true with bfloat16 weights and master_weights = true cannot train: the "
+                                  "loss scaler never sees the float32 master weights (clipping sees scaled "
+                                  "gradients, its step fails); use bf16 = true, dtype = 'float32' with fp16 = true, "
+                                  "or master_weights = false")
             use_float32_master_weights(optimizer)
         return optimizer
 
