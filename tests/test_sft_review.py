@@ -376,3 +376,24 @@ def test_fp16_autocast_with_bf16_weights_and_master_weights_is_refused(tmp_path)
                             args=small_config(tmp_path, dtype="bfloat16", fp16=True, bf16=False, max_steps=1))
     with pytest.raises(ConfigError, match="fp16 = true with bfloat16 weights and master_weights = true"):
         trainer.train()
+
+
+# ---- 10. FSDP2 + LoRA adapter saves
+def test_sharded_lora_save_keeps_the_adapters_dtype_and_writes_no_model_config(tmp_path):
+    """Under FSDP every floating tensor of the gathered state dict was cast to the base weights' dtype (bf16), LoRA
+    adapters included, and a base config.json was written beside adapter_config.json. The save path of a sharded
+    run, on one process: the trainer told FSDP is on, handed the full state dict as the gather returns it."""
+    import datasets
+    from safetensors.torch import load_file
+
+    import vftrain as vf
+
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
+                            args=small_config(tmp_path, dtype="bfloat16", use_lora=True))
+    trainer.is_fsdp_enabled = True
+    out = tmp_path / "adapter"
+    state = {k: v.float() if v.is_floating_point() else v for k, v in trainer.model.state_dict().items()}
+    trainer._save(str(out), state_dict=state)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert saved and {v.dtype for v in saved.values()} == {torch.float32}
+    assert (out / "adapter_config.json").exists() and not (out / "config.json").exists()

@@ -284,13 +284,18 @@ class VFTrainer(Trainer):
             self.accelerator.wait_for_everyone()
 
     def _saved_dtype(self) -> torch.dtype | None:
-        """The dtype FSDP checkpoints are written in: the model's own, not FSDP's float32 copies (None: keep)."""
-        return self.weights_dtype if self.is_fsdp_enabled and self.weights_dtype != torch.float32 else None
+        """The dtype FSDP checkpoints are written in: the model's own, not FSDP's float32 copies (None: keep). A
+        peft model saves its adapters, which keep the dtype they train in (LoRA: float32, as one process saves
+        them; the sharded merge_lora merges from these)."""
+        if not self.is_fsdp_enabled or self.weights_dtype == torch.float32:
+            return None
+        return None if hasattr(self.accelerator.unwrap_model(self.model), "peft_config") else self.weights_dtype
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies,
         and with a config.json that says so (save_pretrained writes the sharded parameters' float32, so loaders that
-        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights)."""
+        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights). Not for adapters
+        (`_saved_dtype`), whose folder holds no model config."""
         recast = bool(state_dict) and self._saved_dtype() is not None
         if recast:
             state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
