@@ -112,8 +112,9 @@ def test_varlen_refuses_what_the_kernel_cannot_do_and_auto_falls_back(model_type
     from vftrain import attention
 
     monkeypatch.setattr(attention, "kernel_available", lambda: True)  # as on a CUDA machine
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     tok = vf.get_model_and_tokenizer(TINY)[1]
-    with pytest.raises(ConfigError, match=f"varlen' cannot apply this model's .*{feature}"):
+    with pytest.raises(ConfigError, match=f"varlen' cannot run this model here: .*{feature}"):
         vf.get_model_and_tokenizer(_tiny(model_type, "eager", **extra), attn_implementation="varlen", tokenizer=tok)
     model, _ = vf.get_model_and_tokenizer(_tiny(model_type, "eager", **extra), attn_implementation="auto",
                                           tokenizer=tok)
@@ -128,7 +129,8 @@ def test_auto_picks_varlen_for_packed_rows_where_the_kernel_exists(monkeypatch):
 
     def chosen(packing, kernel):
         monkeypatch.setattr(attention, "kernel_available", lambda: kernel)
-        return vf.get_model_and_tokenizer(TINY, packing=packing)[0].config._attn_implementation
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        return vf.get_model_and_tokenizer(TINY, packing=packing, dtype="bfloat16")[0].config._attn_implementation
 
     assert chosen(packing=True, kernel=True) == "varlen"
     assert chosen(packing=False, kernel=True) == "sdpa"

@@ -226,6 +226,11 @@ def test_fsdp2_lora_merges_like_one_process(tmp_path):
         torch.testing.assert_close(two(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # the adapter did something
     assert not (tmp_path / "fsdp" / "merged-adapter").exists()
+    from safetensors.torch import load_file
+
+    for run in ("one", "fsdp"):  # the final adapter as trained (float32 LoRA), no base config.json beside it
+        assert {v.dtype for v in load_file(tmp_path / run / "adapter_model.safetensors").values()} == {torch.float32}
+        assert not (tmp_path / run / "config.json").exists()
 
 
 def test_fsdp2_pushes_gathered_weights_to_an_openai_server(tmp_path, reference):

@@ -5,15 +5,18 @@ The packed sequence is attended segment by segment (a row never sees another row
 so transformers builds no mask for it. On CUDA it runs `torch.nn.attention.varlen.varlen_attn` (PyTorch >= 2.10,
 FlashAttention underneath); elsewhere it runs causal SDPA per segment, which is exact but slow (tests only).
 
-The kernel does causal and sliding-window attention. It cannot do attention logit soft-capping (Gemma 2) or
-attention sinks (gpt-oss): `unsupported_features` names them, `choose` then keeps the model's own attention for
-"auto", and an explicit "varlen" is refused. Generation (padded prompts, a KV cache) runs under
+The kernel does causal and sliding-window attention. It cannot do attention logit soft-capping (Gemma 2),
+attention sinks (gpt-oss), chunked attention (Llama 4) or attention dropout, and on CUDA it runs only on Ampere or
+newer GPUs, in float16/bfloat16, with equal q/k/v head sizes of at most 256 in multiples of 8: `unsupported_features`
+names what a model needs beyond that, `choose` then keeps the model's own attention for "auto", and an explicit
+"varlen" is refused. Generation (padded prompts, a KV cache) runs under
 `for_generation`, which switches the model to SDPA (or eager) for the duration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +52,70 @@ def unsupported_features(model) -> list[str]:
         found.append(f"attention logit soft-capping (attn_logit_softcapping = {sorted(caps)[0]})")
     if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
         found.append("attention sinks")
+    found += _chunked_and_dropout(model.config.get_text_config(decoder=True))
+    if kernel_available():
+        found += kernel_limits(model)
     return found
+
+
+def _chunked_and_dropout(config) -> list[str]:
+    """Chunked attention (Llama 4: transformers builds it as a mask, which varlen never sees; masking_utils'
+    create_masks_for_generate reads it from layer_types, or from attention_chunk_size without them) and attention
+    dropout (the kernel has none), from the text config."""
+    found = []
+    chunk = getattr(config, "attention_chunk_size", None)
+    layer_types = getattr(config, "layer_types", None)
+    if chunk and ("chunked_attention" in layer_types if layer_types else True):
+        found.append(f"chunked attention (attention_chunk_size = {chunk})")
+    # Named attention_dropout, attn_pdrop (GPT-2), attention_probs_dropout_prob, ... by family.
+    dropout = {k: v for k, v in config.to_dict().items() if ("attn" in k or "attention" in k) and "drop" in k
+               and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0}
+    if dropout:
+        found.append("attention dropout (" + ", ".join(f"{k} = {v}" for k, v in sorted(dropout.items())) + ")")
+    return found
+
+
+def kernel_limits(model) -> list[str]:
+    """What of this GPU, `model`'s weights and its head sizes torch's CUDA varlen kernel refuses: FlashAttention's
+    mha_varlen_fwd (pytorch aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp) needs compute
+    capability >= 8.0, float16/bfloat16 inputs, and a head size <= 256, a multiple of 8, equal for q, k and v."""
+    found = []
+    capability = torch.cuda.get_device_capability()
+    if tuple(capability) < (8, 0):
+        found.append(f"this GPU (compute capability {capability[0]}.{capability[1]}; the kernel needs 8.0, Ampere "
+                     "or newer)")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if dtype not in (torch.float16, torch.bfloat16):
+        found.append(f"{str(dtype).replace('torch.', '')} weights (the kernel takes float16 or bfloat16)")
+    for qk, v in sorted(head_sizes(model)):
+        if qk != v:
+            found.append(f"q/k head size {qk} with v head size {v} (the kernel needs them equal)")
+        found += [f"head size {d} (the kernel takes at most 256, a multiple of 8)"
+                  for d in sorted({qk, v}) if d > 256 or d % 8]
+    return found
+
+
+def head_sizes(model) -> set[tuple[int, int]]:
+    """Every (q/k, v) head size of `model`'s attention layers: from the text config and its per-layer overrides
+    (Gemma 4's full-attention layers: global_head_dim), MLA's qk_nope + qk_rope and v_head_dim (DeepSeek-V2/V3), and
+    the head_dim / qk_head_dim / v_head_dim the attention modules themselves keep (per-layer choices a config field
+    does not name, such as a sliding layer's own head size)."""
+    config = model.config.get_text_config(decoder=True)
+    configs = list(config.per_layer_config) if getattr(config, "is_heterogeneous", False) else [config]
+    sizes = set()
+    for c in configs:
+        heads, hidden = getattr(c, "num_attention_heads", None), getattr(c, "hidden_size", None)
+        base = getattr(c, "head_dim", None) or (hidden // heads if heads and hidden else None)
+        nope, rope = getattr(c, "qk_nope_head_dim", None), getattr(c, "qk_rope_head_dim", None)
+        qk = getattr(c, "qk_head_dim", None) or (nope + rope if nope and rope else None) or base
+        v = getattr(c, "v_head_dim", None) or base
+        if qk and v:
+            sizes.add((qk, v))
+    for m in model.modules():
+        base = getattr(m, "head_dim", None)
+        if isinstance(base, int) and not isinstance(m, torch.nn.Linear):
+            sizes.add((getattr(m, "qk_head_dim", None) or base, getattr(m, "v_head_dim", None) or base))
+    return sizes
 
 
 def choose(model, requested: str, packing: bool) -> str | None:
@@ -59,14 +125,51 @@ def choose(model, requested: str, packing: bool) -> str | None:
     if requested == NAME:
         missing = unsupported_features(model)
         if missing:
-            raise ConfigError(f"attn_implementation = 'varlen' cannot apply this model's {', '.join(missing)}; use "
-                              "'auto' (picks the model's own attention) or 'eager'")
+            raise ConfigError(f"attn_implementation = 'varlen' cannot run this model here: {'; '.join(missing)}; "
+                              "use 'auto' (picks the model's own attention where varlen cannot) or 'eager'")
         return NAME
     if requested != AUTO:
         return requested
     if packing and kernel_available() and not unsupported_features(model):
         return NAME
     return None
+
+
+class _MaskReached(Exception):
+    def __init__(self, position_ids):
+        self.position_ids = position_ids
+
+
+def keeps_rows_apart(model) -> bool:
+    """Whether `model`'s attention keeps packed rows apart: its forward hands the packed position_ids to
+    transformers' mask builders (masking_utils), which then mask each row off from the others (and hand them to
+    varlen). A model that builds its mask without them (Bloom and MPT, whose ALiBi reads no position_ids; OPT) or
+    outside masking_utils lets a packed row attend to the rows before it.
+
+    Probed with a forward of two packed rows of two tokens, stopped where the first mask is built (nothing past the
+    embeddings is computed); a forward that never builds one runs to its end, or fails: either way, no."""
+    from transformers import masking_utils
+
+    original = masking_utils._preprocess_mask_arguments
+    signature = inspect.signature(original)
+
+    def stop(*args, **kwargs):
+        raise _MaskReached(signature.bind(*args, **kwargs).arguments.get("position_ids"))
+
+    device = next(model.parameters()).device
+    ids = torch.zeros((1, 4), dtype=torch.long, device=device)
+    positions = torch.tensor([[0, 1, 0, 1]], device=device)
+    masking_utils._preprocess_mask_arguments = stop
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, position_ids=positions, use_cache=False)
+    except _MaskReached as reached:
+        return reached.position_ids is not None
+    except Exception:  # noqa: BLE001 - a model the probe cannot run says nothing about its mask
+        return False
+    finally:
+        masking_utils._preprocess_mask_arguments = original
+    return False
 
 
 def fallback_implementation(model) -> str:
@@ -125,7 +228,8 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, sca
         if position_ids is None:
             raise ValueError("varlen attention needs cu_seq_lens_q or position_ids")
         cu_seq_lens_q, max_length_q = cu_seqlens_from_positions(position_ids)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    dtype = _kernel_dtype(module, query)
+    q, k, v = (t[0].transpose(0, 1).to(dtype) for t in (query, key, value))  # [T, heads, dim]
     if k.shape[1] != q.shape[1]:
         # Expanding grouped KV heads first measured faster than the kernel's own GQA path (CONTEXT.md probe).
         groups = q.shape[1] // k.shape[1]
@@ -139,6 +243,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask=None, sca
     else:
         out = _segmented_sdpa(q, k, v, cu.tolist(), scaling, window[0])
     return out[None], None
+
+
+def _kernel_dtype(module, query: torch.Tensor) -> torch.dtype:
+    """The one dtype q, k and v go to the kernel in, as transformers' flash path picks it
+    (integrations/flash_attention.get_target_dtype): a float32 query goes to the autocast dtype, else to the
+    weights' dtype. Under autocast RoPE leaves q and k in float32 (float32 cos/sin) while v leaves its projection
+    in the autocast dtype, and the CUDA kernel needs all three in one 16-bit dtype."""
+    from transformers.integrations.flash_attention import get_target_dtype
+
+    return (get_target_dtype(query, module) if hasattr(module, "config") else None) or query.dtype
 
 
 def _segmented_sdpa(q, k, v, bounds: list[int], scale, left: int):

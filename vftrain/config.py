@@ -87,7 +87,7 @@ _BOUNDS = (
     ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
     ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
 )
-_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc", "max_grad_norm"}
+_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc"}
 
 
 def _check_bounds(config, bounds) -> None:
@@ -136,8 +136,9 @@ class TrainerConfig(TrainingArguments):
     attn_implementation: str = _f("auto", "Attention kernel: 'auto' ('varlen' for packed rows on a CUDA GPU where "
                                   "the model's attention allows it, else the model's default: SDPA, or eager), "
                                   "'sdpa', 'eager', 'varlen' (variable-length flash attention over packed rows, CUDA; "
-                                  "needs packing; no soft-capping or sinks), 'flex_attention', or any name registered "
-                                  "in transformers.AttentionInterface.")
+                                  "Ampere or newer, fp16/bf16; needs packing; no soft-capping, sinks, chunked "
+                                  "attention or attention dropout), 'flex_attention', or any name registered in "
+                                  "transformers.AttentionInterface.")
     master_weights: bool = _f(True, "Keep float32 copies of bf16/fp16 trainable weights for the optimizer step "
                               "(mixed precision). Pure bf16 AdamW rounds most updates away at fine-tuning learning "
                               "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "
@@ -155,9 +156,11 @@ class TrainerConfig(TrainingArguments):
     lora_rank: int = _f(8, "LoRA rank r.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
-    lora_target_modules: Any = _f("all-linear", "Modules that get adapters: 'all-linear' (every linear layer "
-                                  "but the output head) or a list of module names such as ['q_proj', 'v_proj'].")
-    lora_modules_to_save: Any = _f(None, "Modules trained in full and saved beside the adapter, e.g. ['lm_head'].")
+    lora_target_modules: str | list[str] = _f("all-linear", "Modules that get adapters: 'all-linear' (every "
+                                              "linear layer but the output head) or a list of module names such as "
+                                              "['q_proj', 'v_proj'].")
+    lora_modules_to_save: list[str] | None = _f(None, "Modules trained in full and saved beside the adapter, e.g. "
+                                                "['lm_head'] (none: no module).")
     lora_use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling alpha / sqrt(r) (Kalajdzievski 2023).")
     lora_config: Any = _f(None, "A ready peft.LoraConfig (Python API only); overrides the lora_* fields.")
     merge_lora: bool = _f(False, "After training, also write <output_dir>/merged: the base model with the LoRA "
@@ -203,6 +206,8 @@ class TrainerConfig(TrainingArguments):
     run_name: str | None = _f(None, "Name of the run (default: sft-<date>-<time>, rl-... for RL; with several "
                               "processes the main process's clock decides).")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
+    max_grad_norm: float | None = _f(1.0, "Clip the gradient's global norm to this before each optimizer step; 0 or "
+                                     "none: no clipping.")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup (transformers scheduler names).")
     warmup_steps: float = _f(0.03, "Warmup: an integer number of steps, or a float in [0, 1) as a fraction of all steps.")
     logging_steps: float = _f(10, "Log metrics every N optimizer steps.")
@@ -241,7 +246,10 @@ class TrainerConfig(TrainingArguments):
                                       "training with a message instead.")
 
     def __post_init__(self):
+        if self.max_grad_norm is None:  # transformers compares it with 0 at every step
+            self.max_grad_norm = 0.0
         self._validate_choices()
+        self._validate_lora_modules()
         if self.micro_batch_tokens is not None and not self.packing:
             raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
         if self.attn_implementation == "varlen" and not self.packing:
@@ -345,6 +353,19 @@ class TrainerConfig(TrainingArguments):
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(f"micro_batch_tokens = {self.micro_batch_tokens} must be at least max_seq_len "
                               f"({self.max_seq_len}), or every row could not fit a forward pass")
+
+    def _validate_lora_modules(self):
+        """peft reads a string of modules_to_save character by character (every module whose name ends in one
+        of its letters is trained in full), and target_modules as a regular expression."""
+        names = self.lora_modules_to_save
+        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            raise ConfigError(f"lora_modules_to_save = {names!r} must be a list of module names such as ['lm_head'], "
+                              "or unset (none)")
+        target = self.lora_target_modules
+        if not isinstance(target, str) and not (isinstance(target, (list, tuple)) and target
+                                                and all(isinstance(n, str) for n in target)):
+            raise ConfigError(f"lora_target_modules = {target!r} must be 'all-linear' or a list of module names "
+                              "such as ['q_proj', 'v_proj']")
 
     def _validate_batch(self):
         world = launch_world_size()

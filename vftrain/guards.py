@@ -43,7 +43,7 @@ class NonFiniteLossGuard(TrainerCallback):
     Without a host sync where the optimizer allows it: torch's fused optimizers (the default `adamw_torch_fused`)
     take a `found_inf` tensor, as `torch.amp.GradScaler` uses them, and skip the step on the device when it is set
     (moments and step count included). The flag is then read on the host one step later, or at the first log, save
-    or stop, from a pinned copy behind a CUDA event: reading it at once would make the host wait for the whole step
+    (any checkpoint: `VFTrainer._save_checkpoint` reads it too), epoch end or stop, from a pinned copy behind a CUDA event: reading it at once would make the host wait for the whole step
     before it can queue the next one (29% of a 0.5B step on an H200, benchmarks/RESULTS.md). A "stop" still leaves
     the weights as they were before the bad step: the step was skipped on the device, and the next one is refused
     before its optimizer step. Other optimizers and sharded models (FSDP, DeepSpeed) read the flag at once.
@@ -126,6 +126,11 @@ class NonFiniteLossGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
             self.resolve(args)  # nothing is logged or saved with a bad step unread
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # The "epoch" save and logging strategies decide in on_epoch_end (transformers' DefaultFlowCallback, which
+        # runs before this callback), then save and log: the last step of the epoch must be read first.
+        self.resolve(args)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.resolve(args)

@@ -42,7 +42,10 @@ def use_float32_master_weights(optimizer: torch.optim.Optimizer) -> torch.optim.
         masters = []
         for p in group["params"]:
             if p.dtype in LOW_PRECISION:
-                master = p.detach().to(torch.float32)  # a new leaf tensor
+                # A new leaf tensor, contiguous: its gradient is a view of one flat buffer (grads_in), and fused
+                # AdamW pairs a parameter's elements with its gradient's in storage order, so a master that kept a
+                # transposed parameter's strides got another element's gradient.
+                master = p.detach().to(torch.float32, memory_format=torch.contiguous_format)
                 pairs.append((p, master))
                 masters.append(master)
             else:

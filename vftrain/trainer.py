@@ -17,7 +17,7 @@ from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from vftrain import checkpoint
+from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig, weights_from_rank0
 from vftrain.data import load_rows
 from vftrain.errors import ConfigError
@@ -88,6 +88,10 @@ class VFTrainer(Trainer):
             load_weights=load_weights)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
+        if args.packing and not attention.keeps_rows_apart(model):
+            raise ConfigError(f"packing = true would let packed rows attend to each other: this model's attention "
+                              f"({model.config.model_type}) does not read the position_ids that mark where each row "
+                              "starts (Bloom, MPT, OPT, gpt-oss, Mamba, ...); set packing = false")
         if args.lean_mlp:
             use_lean_mlp(model)
         # Whether the adapter trained here starts as the identity (the base model's outputs): RL's KL reference is
@@ -161,6 +165,7 @@ class VFTrainer(Trainer):
     def _save_after_oom(self) -> str | None:
         """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
         involved (they are stuck in a collective and cannot join a save)."""
+        self.nan_guard.resolve(self.args)  # a bad last step raises (stop) here rather than being saved
         step = self.state.global_step
         folder = os.path.join(self.args.output_dir, f"checkpoint-{step}")
         if step and os.path.isdir(folder):
@@ -189,6 +194,11 @@ class VFTrainer(Trainer):
         # FSDP and DeepSpeed keep float32 master weights themselves.
         if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
                 p for group in optimizer.param_groups for p in group["params"]):
+            if self.args.fp16:  # fp16 autocast's GradScaler unscales the model's gradients, not the masters'
+                raise ConfigError("fp16 = true with bfloat16 weights and master_weights = true cannot train: the "
+                                  "loss scaler never sees the float32 master weights (clipping sees scaled "
+                                  "gradients, its step fails); use bf16 = true, dtype = 'float32' with fp16 = true, "
+                                  "or master_weights = false")
             use_float32_master_weights(optimizer)
         return optimizer
 
@@ -311,13 +321,18 @@ class VFTrainer(Trainer):
             self.accelerator.wait_for_everyone()
 
     def _saved_dtype(self) -> torch.dtype | None:
-        """The dtype FSDP checkpoints are written in: the model's own, not FSDP's float32 copies (None: keep)."""
-        return self.weights_dtype if self.is_fsdp_enabled and self.weights_dtype != torch.float32 else None
+        """The dtype FSDP checkpoints are written in: the model's own, not FSDP's float32 copies (None: keep). A
+        peft model saves its adapters, which keep the dtype they train in (LoRA: float32, as one process saves
+        them; the sharded merge_lora merges from these)."""
+        if not self.is_fsdp_enabled or self.weights_dtype == torch.float32:
+            return None
+        return None if hasattr(self.accelerator.unwrap_model(self.model), "peft_config") else self.weights_dtype
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """transformers' model save; under FSDP in the dtype the model was loaded in, not FSDP's float32 copies,
         and with a config.json that says so (save_pretrained writes the sharded parameters' float32, so loaders that
-        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights)."""
+        follow the config, `dtype="auto"` or vLLM, would upcast the saved weights). Not for adapters
+        (`_saved_dtype`), whose folder holds no model config."""
         recast = bool(state_dict) and self._saved_dtype() is not None
         if recast:
             state_dict = {k: v.to(self.weights_dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
@@ -328,7 +343,10 @@ class VFTrainer(Trainer):
             config.save_pretrained(output_dir or self.args.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic)."""
+        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic); never of a
+        step whose non-finite loss is still unread (the guard reads it on the save paths it knows; this is the
+        backstop for the others)."""
+        self.nan_guard.resolve(self.args)
         run_dir = self._get_output_dir(trial=trial)
         folder = f"checkpoint-{self.state.global_step}"
         if self.args.should_save:

@@ -21,6 +21,8 @@ reports those rows instead of training on a wrong mask.
 from __future__ import annotations
 
 import json
+import unicodedata
+from functools import partial
 from typing import Any
 
 from vftrain.errors import DataError
@@ -109,7 +111,7 @@ class Renderer:
         end = next((k + 1 for k in range(start, len(ids)) if ids[k] in self.stop_ids), None)
         if end is None:
             raise RowError("chat template renders an assistant turn without a stop token")
-        if not _carries(self.tokenizer.decode(ids[start:end]), messages[i]):
+        if not _carries(self.tokenizer.decode(ids[start:end]), messages[i], self.tokenizer):
             raise RowError("chat template drops part of an assistant message (e.g. <think> reasoning) from the "
                            "tokens it would train")
         return ids, start, end
@@ -221,9 +223,10 @@ def _is_empty(message: dict) -> bool:
     return not message.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip()))
 
 
-def _carries(text: str, message: dict) -> bool:
+def _carries(text: str, message: dict, tokenizer) -> bool:
     """Whether rendered `text` holds the message's content, reasoning and tool-call names, whitespace aside
-    (templates trim content and lay out reasoning blocks their own way)."""
+    (templates trim content and lay out reasoning blocks their own way), both sides normalised as the tokenizer
+    normalises text (Qwen2's NFC: NFD text decodes composed), else with NFKC."""
     content = message.get("content")
     parts = [content] if isinstance(content, str) else \
         [p.get("text") for p in content or [] if isinstance(p, dict) and p.get("type") == "text"]
@@ -231,8 +234,14 @@ def _carries(text: str, message: dict) -> bool:
     for call in message.get("tool_calls") or []:
         fn = call.get("function", call) if isinstance(call, dict) else {}
         parts.append(fn.get("name") if isinstance(fn, dict) else None)
-    squeezed = "".join(text.split())
-    return all("".join(p.split()) in squeezed for p in parts if isinstance(p, str))
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    normalize = normalizer.normalize_str if normalizer is not None else partial(unicodedata.normalize, "NFKC")
+
+    def squeezed(s: str) -> str:  # "▁": the space a sentencepiece normaliser (Llama 2) writes
+        return "".join(normalize(s).replace("\u2581", " ").split())
+
+    whole = squeezed(text)
+    return all(squeezed(p) in whole for p in parts if isinstance(p, str))
 
 
 def parse_tools(value: Any) -> list | None:
