@@ -177,3 +177,23 @@ def test_fsdp2_env_where_one_process_runs_more_turns_finishes(tmp_path, envs):
     assert turns == {0: [0, 1], 1: [0, 1]}  # rank 1 samples a turn it drops, with rank 0
     lines = [json.loads(x) for x in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
     assert sorted(r["reward"] for r in lines) == [0.0] * 8 + [1.0] * 8
+
+
+def test_inspect_shows_the_environments_prompts(tmp_path):
+    """The README's example, `vf-rl @ examples/verifiers_env/rl.toml`, with --inspect 2: the environment's first
+    two prompts as the sampler continues them (it used to fail: `dataset = None is not a dataset name`)."""
+    pytest.importorskip("verifiers")
+    for name in ("examples", "assets"):
+        (tmp_path / name).symlink_to(ROOT / name)
+    (tmp_path / "outputs").mkdir()
+    (tmp_path / "outputs" / "sft-then-rl-sft").symlink_to(TINY)  # the SFT line's output (its tokenizer is the tiny one)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+    proc = subprocess.run(["vf-rl", "@", "examples/verifiers_env/rl.toml", "--inspect", "2"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (ROOT / "assets" / "addition" / "train.jsonl").open().readlines()[:3]]
+    for row in rows[:2]:
+        assert f"<|im_start|>user\n{row['prompt'][0]['content']}<|im_end|>\n<|im_start|>assistant\n" in proc.stdout
+    assert rows[2]["prompt"][0]["content"] not in proc.stdout
+    assert proc.stdout.startswith("256 prompts")
