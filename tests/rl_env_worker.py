@@ -22,8 +22,8 @@ CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|i
 
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
-    cfg = config(out_dir, 1, save_strategy="no", env="vf-sum-tools", fsdp=True, max_seq_len=128, max_prompt_len=24,
-                 max_new_tokens=4, micro_batch_size=4, mask_ratio_low=0.0, mask_ratio_high=1e30)
+    cfg = config(out_dir, 1, save_strategy="no", env="vf-sum-tools", fsdp=True, batch_size=8, max_seq_len=128,
+                 max_prompt_len=24, max_new_tokens=4, micro_batch_size=4, mask_ratio_low=0.0, mask_ratio_high=1e30)
     trainer = vf.RLTrainer(model=TINY, args=cfg)
     call = trainer.processing_class(CALL, add_special_tokens=False)["input_ids"]
     sample_groups, turns = trainer._sample_groups, []
