@@ -61,6 +61,38 @@ def test_reward_functions_that_need_a_runtime_are_refused(tmp_path, envs):
     assert "optional_runtime" not in message and "replied" not in message
 
 
+STOP_HOOK = '''
+import verifiers.v1 as vf
+
+
+class SubmitTask(vf.Task[vf.TaskData, vf.State, vf.TaskConfig]):
+    @vf.reward
+    async def replied(self, trace) -> float:
+        return 1.0
+
+    @vf.stop
+    async def submitted(self, trace) -> bool:  # ends the episode once the answer is in
+        return "ANSWER" in trace.last_reply
+
+
+class SubmitTaskset(vf.Taskset[SubmitTask, vf.TasksetConfig]):
+    def load(self):
+        for k in range(8):
+            yield SubmitTask(vf.TaskData(prompt=f"{k}+1"), self.config.task)
+
+
+__all__ = ["SubmitTaskset"]
+'''
+
+
+def test_stop_hooks_are_refused(tmp_path, envs):
+    """A `@vf.stop` hook ends episodes in verifiers' rollout session; vftrain's in-process loop would play on past it
+    without a word: refused when the environment loads, naming it."""
+    (envs / "vf_submit.py").write_text(STOP_HOOK)
+    with pytest.raises(ConfigError, match=r"^env = 'vf-submit': the @vf.stop / @vf.intercept hooks submitted "):
+        _trainer(tmp_path, env="vf-submit")
+
+
 def _stop_script(tokenizer, stop: str) -> ScriptedTurns:
     script = ScriptedTurns(tokenizer)
     script.stop = tokenizer.convert_tokens_to_ids(stop)

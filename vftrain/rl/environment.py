@@ -253,10 +253,14 @@ def _importable(env_id: str) -> str:
 
 
 def _reward_names(env_id: str, tasks: list) -> list[str]:
-    """The rewards the tasks record (reward functions and plugged judges, over every kind of task). vftrain scores
-    without a runtime (no sandbox), and verifiers' `Task.score` then skips every metric, reward or judge with a
-    required `runtime` parameter (its own test, `task.py`), logging it at INFO only: refused here instead."""
-    names, needs_runtime = {}, {}
+    """The rewards the tasks record (reward functions and plugged judges, over every kind of task). Refused, since
+    they would not run without a word: signals that need a runtime (vftrain scores without one, and verifiers'
+    `Task.score` then skips every metric, reward or judge with a required `runtime` parameter, its own test in
+    `task.py`, logging it at INFO only), and `@vf.stop` / `@vf.intercept` hooks (run by verifiers' rollout session
+    around each model call, not by vftrain's in-process loop)."""
+    from verifiers.v1.utils.decorators import discover_decorated
+
+    names, needs_runtime, hooks = {}, {}, {}
     kinds = {(type(task), id(task.config)): task for task in tasks}.values()  # tasks share their config object
     for task in kinds:
         rewards = [(fn.__name__, fn) for fn in task.hooks("reward")]
@@ -266,10 +270,15 @@ def _reward_names(env_id: str, tasks: list) -> list[str]:
             runtime = inspect.signature(fn).parameters.get("runtime")
             if runtime is not None and runtime.default is inspect.Parameter.empty:
                 needs_runtime[name] = None
+        hooks.update(dict.fromkeys(fn.__name__ for fn in (*task.hooks("stop"), *discover_decorated(task, "intercept"))))
     if needs_runtime:
         raise ConfigError(f"env = {env_id!r}: {', '.join(needs_runtime)} need a runtime (a sandbox), which vftrain "
                           "does not run (it would skip them and train on the other rewards); use an environment "
                           "whose rewards run offline")
+    if hooks:
+        raise ConfigError(f"env = {env_id!r}: the @vf.stop / @vf.intercept hooks {', '.join(hooks)} would not run "
+                          "(vftrain plays the harness in process, without verifiers' rollout session); use an "
+                          "environment without them")
     return list(names)
 
 
