@@ -190,6 +190,18 @@ def test_tools_are_named_as_verifiers_names_them(tmp_path, envs):
     assert out["texts"][0][1] == {"role": "tool", "content": "105", "tool_call_id": "call_0"}
 
 
+def test_toolsets_with_per_task_state_are_refused(tmp_path, envs):
+    """verifiers calls a task-scoped toolset's `setup_task` on each rollout's own server; vftrain's tool servers are
+    shared by every rollout and never call it, so the tools would answer from unset state: refused at load."""
+    per_task = TWO_TOOLSETS.replace("class Abacus(vf.Toolset):", """class Abacus(vf.Toolset):
+    async def setup_task(self, task):
+        self.offset = len(task.data.prompt)
+""")
+    (envs / "vf_per_task.py").write_text(per_task)
+    with pytest.raises(ConfigError, match=r"^env: toolset Abacus sets up per-task state \(setup_task\)"):
+        _trainer(tmp_path, env="vf-per-task")
+
+
 def test_fsdp2_env_where_one_process_runs_more_turns_finishes(tmp_path, envs):
     """2 CPU processes under FSDP2, the embedded sampler (its forwards gather weights from both processes): only
     rank 0's episodes call the tool, so only rank 0 has a second turn to sample. Every process must still make the

@@ -89,8 +89,8 @@ class VerifiersEnv:
             raise ConfigError(f"env = {env_id!r} has an infinite taskset; bound it through env_args")
         self.tokenizer, self.max_turns = tokenizer, max_turns
         self.stop_ids = sorted(stop_token_ids(tokenizer))
-        self.toolsets = [*env.taskset.toolsets(env.taskset.config),
-                         *type(env.taskset).task_type().toolsets(env.taskset.config.task)]
+        per_task = _task_agnostic(type(env.taskset).task_type().toolsets(env.taskset.config.task))
+        self.toolsets = [*env.taskset.toolsets(env.taskset.config), *per_task]
         self.loop = asyncio.new_event_loop()
         self.servers, self.tools = self.loop.run_until_complete(self._tool_servers())
         self.schemas = [{"type": "function", "function": {"name": t.name, "description": t.description,
@@ -250,6 +250,18 @@ def _importable(env_id: str) -> str:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return os.path.basename(env_id)[:-3]
+
+
+def _task_agnostic(toolsets: list) -> list:
+    """`toolsets` (a task's), refused when one sets up per-task state: verifiers calls `setup_task` on each rollout's
+    own server; here one server answers every rollout and its per-task setup would not run."""
+    from verifiers.v1.mcp.server import ServerBase
+
+    for toolset in toolsets:
+        if type(toolset).setup_task is not ServerBase.setup_task:
+            raise ConfigError(f"env: toolset {type(toolset).__name__} sets up per-task state (setup_task), which "
+                              "vftrain's shared in-process tool servers do not run; use task-agnostic tools")
+    return toolsets
 
 
 def _reward_names(env_id: str, tasks: list) -> list[str]:
