@@ -59,14 +59,13 @@ def inspect(model: str, config, n_text: str) -> int:
         from vftrain.rl.environment import VerifiersEnv
 
         env = VerifiersEnv(config.env, config.env_args, tokenizer, config.max_prompt_len, config.max_turns)
-        prompts, about = env.prompts, [f"rewards: {', '.join(env.reward_names)}; tools: "
-                                       f"{', '.join(t.name for t in env.tools) or 'none'}"]
+        prompts, rewards = env.prompts, env.reward_names
+        tools = [f"tools: {', '.join(t.name for t in env.tools) or 'none'}"]
     else:
         prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
-        about = []
-    for line in prompts.lines() + about:
+        rewards, tools = resolve_rewards(config.reward_funcs), []  # import errors show here
+    for line in prompts.lines() + ["reward functions: " + ", ".join(rewards)] + tools:
         print(line)
-    print("reward functions: " + ", ".join(resolve_rewards(config.reward_funcs)))  # import errors show here
     for ids, reference in list(zip(prompts.ids, prompts.references))[:n]:
         print(f"--- {len(ids)} prompt tokens" + ("" if config.env else f"; reference {reference!r}"))
         print(tokenizer.decode(ids))
