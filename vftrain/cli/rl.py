@@ -55,12 +55,19 @@ def inspect(model: str, config, n_text: str) -> int:
     from vftrain.rl.rollouts import PromptSet
 
     n, tokenizer = inspect_setup(model, config, n_text, "prompts")
-    prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
-    for line in prompts.lines():
+    if config.env:  # the environment's tasks, rendered with its tools as the trainer renders them
+        from vftrain.rl.environment import VerifiersEnv
+
+        env = VerifiersEnv(config.env, config.env_args, tokenizer, config.max_prompt_len, config.max_turns)
+        prompts, rewards = env.prompts, env.reward_names
+        tools = [f"tools: {', '.join(t.name for t in env.tools) or 'none'}"]
+    else:
+        prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
+        rewards, tools = resolve_rewards(config.reward_funcs), []  # import errors show here
+    for line in prompts.lines() + ["reward functions: " + ", ".join(rewards)] + tools:
         print(line)
-    print("reward functions: " + ", ".join(resolve_rewards(config.reward_funcs)))  # import errors show here
     for ids, reference in list(zip(prompts.ids, prompts.references))[:n]:
-        print(f"--- {len(ids)} prompt tokens; reference {reference!r}")
+        print(f"--- {len(ids)} prompt tokens" + ("" if config.env else f"; reference {reference!r}"))
         print(tokenizer.decode(ids))
     return 0
 

@@ -17,16 +17,20 @@ verifiers' own tool-calling chat loop does (`harnesses/utils/core.py::run_chat_l
   (`Branch.token_ids` / `sampled_mask` / `logprobs`): verifiers' own attribution of sampled and environment tokens.
 - no decode -> re-encode: turn k+1's prompt ids are turn k's prompt ids + its sampled ids + the template tokens of
   the environment's messages (tool results) and the next generation prompt, so a branch never forks.
-- tools: the task's and taskset's `Toolset`s registered on an in-memory MCP server and called in process. Tool calls
-  are read from Hermes / Qwen `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks.
+- tools: the task's and taskset's `Toolset`s, each registered on its own in-memory MCP server and called in process,
+  named as verifiers' harnesses name them (`<server_name>_<tool>`). Tool calls are read from Hermes / Qwen
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks.
 - rewards: `Task.score(trace)` without a runtime; reward = sum of weight x score (`Trace.reward`), per function
-  `trace.rewards[name].score`.
+  `trace.rewards[name].score`. Functions that need a runtime (a sandbox) are refused when the environment loads.
+- sharded weights (FSDP / ZeRO-3) with the embedded sampler: every sampler call is a collective, so all processes
+  sample the same number of rows each turn, until every process's episodes are done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -36,6 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError, DataError
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
@@ -45,6 +50,8 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 
 # sample_fn(prompt ids, n, turn) -> one list of n Samples per prompt (the trainer's backend)
 SampleFn = Callable[[list[list[int]], int, int], list[list[Sample]]]
+# most_rows(this process's row count) -> the largest over all processes (every process calls it)
+MostRows = Callable[[int], int]
 
 
 def import_verifiers():
@@ -81,14 +88,15 @@ class VerifiersEnv:
         if not env.taskset.bounded:
             raise ConfigError(f"env = {env_id!r} has an infinite taskset; bound it through env_args")
         self.tokenizer, self.max_turns = tokenizer, max_turns
-        self.toolsets = [*env.taskset.toolsets(env.taskset.config),
-                         *type(env.taskset).task_type().toolsets(env.taskset.config.task)]
+        self.stop_ids = sorted(stop_token_ids(tokenizer))
+        per_task = _task_agnostic(type(env.taskset).task_type().toolsets(env.taskset.config.task))
+        self.toolsets = [*env.taskset.toolsets(env.taskset.config), *per_task]
         self.loop = asyncio.new_event_loop()
-        self.mcp, self.tools = self.loop.run_until_complete(self._tool_server())
+        self.servers, self.tools = self.loop.run_until_complete(self._tool_servers())
         self.schemas = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                           "parameters": t.parameters}} for t in self.tools] or None
         self.tasks, self.prompts = self._prompt_set(list(env.taskset), max_prompt_len)
-        self.reward_names = [fn.__name__ for fn in self.tasks[0].hooks("reward")]
+        self.reward_names = _reward_names(env_id, self.tasks)
 
     def _prompt_set(self, tasks: list, max_prompt_len: int) -> tuple[list, PromptSet]:
         """(the tasks kept, their PromptSet): prompts the template rejects or longer than max_prompt_len dropped."""
@@ -102,34 +110,51 @@ class VerifiersEnv:
         prompt = [vf.UserMessage(content=data.prompt)] if isinstance(data.prompt, str) else list(data.prompt or [])
         return ([vf.SystemMessage(content=data.system_prompt)] if data.system_prompt else []) + prompt
 
-    async def _tool_server(self):
-        """(in-memory MCP server with every tool, the tools as verifiers `Tool`s); (None, []) without tools."""
-        if not self.toolsets:
-            return None, []
+    async def _tool_servers(self):
+        """({tool name: (its toolset's in-memory MCP server, the toolset's own name for it)}, the tools as verifiers
+        `Tool`s). Named as verifiers' harnesses name a toolset's tools (`harnesses/utils/mcp.py`:
+        `<server_name>_<tool>`, the bare name when `TOOL_PREFIX = None`), so a policy trained here calls the names it
+        is offered under verifiers; one server per toolset, as there, so two toolsets' tools of one name do not
+        replace each other."""
         from mcp.server.mcpserver import MCPServer
 
-        server = MCPServer("vftrain")
+        servers, tools = {}, []
         for toolset in self.toolsets:
+            server = MCPServer(toolset.server_name or "vftrain")
             await toolset.setup()
             toolset.register(server)
-        tools = await server.list_tools()
-        return server, [self.vf.Tool(name=t.name, description=t.description or "", parameters=t.input_schema)
-                        for t in tools]
+            for tool in await server.list_tools():
+                name = f"{toolset.server_name}_{tool.name}" if toolset.server_name else tool.name
+                if name in servers:
+                    raise ConfigError(f"env: two toolsets offer a tool named {name!r}; give one of them a distinct "
+                                      "TOOL_PREFIX")
+                servers[name] = (server, tool.name)
+                tools.append(self.vf.Tool(name=name, description=tool.description or "",
+                                          parameters=tool.input_schema))
+        return servers, tools
 
     # ---- rollouts
-    def rollouts(self, indices, n: int, sample_fn: SampleFn, max_seq_len: int, max_new_tokens: int) -> dict:
+    def rollouts(self, indices, n: int, sample_fn: SampleFn, max_seq_len: int, max_new_tokens: int,
+                 most_rows: MostRows | None = None) -> dict:
         """`n` episodes of each prompt index: {"samples", "texts", "rewards", "per_func", "score_seconds"}. A
-        Sample's completion is everything after the first prompt, with `mask` 1 on sampled tokens only."""
+        Sample's completion is everything after the first prompt, with `mask` 1 on sampled tokens only.
+        `most_rows`: set when every process must make the same sampler calls (sharded weights: each forward gathers
+        them from all processes); a turn is then sampled while any process has an episode going, and every process
+        samples as many rows as the busiest one (so also as many 256-row chunks), padding with a copy of a prompt
+        whose samples are dropped."""
         runs = [self._start(self.tasks[i], self.prompts.ids[i]) for i in indices for _ in range(n)]
         for turn in range(self.max_turns):
             active = [r for r in runs if not r.done]
-            if not active:
+            rows = len(active) if most_rows is None else most_rows(len(active))
+            if not rows:
                 break
-            if turn == 0:  # groups share their prompt: sample them together
+            if turn == 0:  # groups share their prompt: sample them together (the same count on every process)
                 groups = sample_fn([self.prompts.ids[i] for i in indices], n, 0)
                 samples = [s for group in groups for s in group]
             else:
-                samples = [g[0] for g in sample_fn([r.ids for r in active], 1, turn)]
+                prompts = [r.ids for r in active]
+                padding = [(prompts or [runs[0].first_ids])[-1]] * (rows - len(active))
+                samples = [g[0] for g in sample_fn(prompts + padding, 1, turn)][:len(active)]
             last = turn + 1 == self.max_turns
             self._run(self._advance(r, s, last, max_seq_len - max_new_tokens) for r, s in zip(active, samples))
         clock = time.perf_counter()
@@ -173,7 +198,7 @@ class VerifiersEnv:
             return
         results = [vf.ToolMessage(tool_call_id=c.id, content=await self._call(c)) for c in calls]
         tail = env_tokens(self.tokenizer, [_wire(m) for m in run.messages], [_wire(m) for m in results],
-                          sample.completion_ids[-1], self.schemas)
+                          sample.completion_ids[-1], self.stop_ids, self.schemas)
         run.messages += results
         run.ids = run.ids + list(sample.completion_ids) + tail
         if len(run.ids) > longest_prompt:  # the next turn would not fit max_seq_len
@@ -182,11 +207,12 @@ class VerifiersEnv:
     async def _call(self, call) -> str:
         """A tool's result as text; an unknown tool, bad arguments or a failing tool answer with the error (the model
         sees it, as in verifiers' chat loop)."""
-        if self.mcp is None or call.name not in {t.name for t in self.tools}:
+        if call.name not in self.servers:
             return f"error: unknown tool {call.name!r}"
+        server, name = self.servers[call.name]
         try:
             arguments = json.loads(call.arguments or "{}")
-            result = await self.mcp.call_tool(call.name, arguments)
+            result = await server.call_tool(name, arguments)
         except Exception as exc:  # the tool's own failure is the model's observation
             return f"error: {exc}"
         return "\n".join(getattr(block, "text", "") for block in result.content)
@@ -201,9 +227,10 @@ class VerifiersEnv:
                       mask=[int(m) for m in branch.sampled_mask[start:]])
 
     def _text(self, run: _Rollout):
-        """What rollouts.jsonl shows as the completion: the reply (one turn) or the messages after the prompt."""
+        """What rollouts.jsonl shows as the completion: the reply (one turn without tool calls) or the messages after
+        the prompt (a tool call is parsed out of the reply's text into the message's `tool_calls`)."""
         after = run.messages[len(self.initial_messages(run.task)):]
-        if len(after) == 1:
+        if len(after) == 1 and not after[0].tool_calls:
             return after[0].content or ""
         return [_wire(m) for m in after]
 
@@ -223,6 +250,48 @@ def _importable(env_id: str) -> str:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     return os.path.basename(env_id)[:-3]
+
+
+def _task_agnostic(toolsets: list) -> list:
+    """`toolsets` (a task's), refused when one sets up per-task state: verifiers calls `setup_task` on each rollout's
+    own server; here one server answers every rollout and its per-task setup would not run."""
+    from verifiers.v1.mcp.server import ServerBase
+
+    for toolset in toolsets:
+        if type(toolset).setup_task is not ServerBase.setup_task:
+            raise ConfigError(f"env: toolset {type(toolset).__name__} sets up per-task state (setup_task), which "
+                              "vftrain's shared in-process tool servers do not run; use task-agnostic tools")
+    return toolsets
+
+
+def _reward_names(env_id: str, tasks: list) -> list[str]:
+    """The rewards the tasks record (reward functions and plugged judges, over every kind of task). Refused, since
+    they would not run without a word: signals that need a runtime (vftrain scores without one, and verifiers'
+    `Task.score` then skips every metric, reward or judge with a required `runtime` parameter, its own test in
+    `task.py`, logging it at INFO only), and `@vf.stop` / `@vf.intercept` hooks (run by verifiers' rollout session
+    around each model call, not by vftrain's in-process loop)."""
+    from verifiers.v1.utils.decorators import discover_decorated
+
+    names, needs_runtime, hooks = {}, {}, {}
+    kinds = {(type(task), id(task.config)): task for task in tasks}.values()  # tasks share their config object
+    for task in kinds:
+        rewards = [(fn.__name__, fn) for fn in task.hooks("reward")]
+        rewards += [(judge.reward_name, judge.score) for judge in task.plugged_judges()]
+        names.update(dict.fromkeys(name for name, _ in rewards))
+        for name, fn in [(fn.__name__, fn) for fn in task.hooks("metric")] + rewards:
+            runtime = inspect.signature(fn).parameters.get("runtime")
+            if runtime is not None and runtime.default is inspect.Parameter.empty:
+                needs_runtime[name] = None
+        hooks.update(dict.fromkeys(fn.__name__ for fn in (*task.hooks("stop"), *discover_decorated(task, "intercept"))))
+    if needs_runtime:
+        raise ConfigError(f"env = {env_id!r}: {', '.join(needs_runtime)} need a runtime (a sandbox), which vftrain "
+                          "does not run (it would skip them and train on the other rewards); use an environment "
+                          "whose rewards run offline")
+    if hooks:
+        raise ConfigError(f"env = {env_id!r}: the @vf.stop / @vf.intercept hooks {', '.join(hooks)} would not run "
+                          "(vftrain plays the harness in process, without verifiers' rollout session); use an "
+                          "environment without them")
+    return list(names)
 
 
 def _score(reward) -> float:
@@ -245,17 +314,22 @@ def parse_tool_calls(text: str, vf) -> tuple[str, list]:
     return content.strip(), calls
 
 
-def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: int, tools=None) -> list[int]:
-    """Token ids between a sampled turn's stop token and the next generation prompt's end: the chat template's text
-    after that stop token (e.g. a newline), the environment's messages and the generation prompt. Only this text
-    is encoded; the sampled tokens before it are kept as they are."""
+def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: int, stop_ids: list[int],
+               tools=None) -> list[int]:
+    """Token ids between a sampled turn's stop token `stop_id` and the next generation prompt's end: the chat
+    template's text after its end of that turn (e.g. a newline), the environment's messages and the generation
+    prompt. Only this text is encoded; the sampled tokens before it, the stop token included, are kept as they are.
+    The turn's end is the sampled stop token's text, or where the template does not write that one (a turn ended
+    on eos, `<|endoftext|>`, under Qwen's template, which writes `<|im_end|>`) the last text of any of `stop_ids`."""
     before = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False)
     after = tokenizer.apply_chat_template(conversation + new, tools=tools, tokenize=False, add_generation_prompt=True)
-    stop = tokenizer.decode([stop_id])
-    if not after.startswith(before) or stop not in before:
+    ends = {text: before.rfind(text) + len(text) for text in tokenizer.batch_decode([[i] for i in stop_ids])
+            if text and text in before}
+    end = ends.get(tokenizer.decode([stop_id])) or max(ends.values(), default=None)
+    if not after.startswith(before) or end is None:
         raise DataError("the chat template does not extend a conversation by appending (tool turns need one that "
                         "does)")
-    scaffold = before[before.rfind(stop) + len(stop):]
+    scaffold = before[end:]
     return tokenizer(scaffold + after[len(before):], add_special_tokens=False)["input_ids"]
 
 

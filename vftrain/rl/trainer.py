@@ -205,9 +205,13 @@ class RLTrainer(VFTrainer):
         prompts: sampled then scored by `reward_funcs`, or played and scored by the environment."""
         args = self.args
         if self.env is not None:
+            def most_rows(rows: int) -> int:
+                return int(self.accelerator.gather(torch.tensor([rows], device=args.device)).max())
+
+            synced = self.sharded and self.backend is None  # the embedded sampler's forwards gather the weights
             out = self.env.rollouts(mine, args.rollouts_per_example,
                                     lambda prompts, n, turn: self._sample_groups(prompts, step, n, turn),
-                                    args.max_seq_len, args.max_new_tokens)
+                                    args.max_seq_len, args.max_new_tokens, most_rows if synced else None)
             return out["samples"], out["texts"], out["rewards"], out["per_func"], out["score_seconds"]
         samples = self._sample([self.prompts.ids[i] for i in mine], step)
         clock = time.perf_counter()
