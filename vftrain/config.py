@@ -86,8 +86,9 @@ _BOUNDS = (
     ("sample_timeout", lambda v: v > 0, "a number of seconds > 0"),
     ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
     ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("eval_size", _steps_or_fraction, "a fraction in (0, 1) or a number of rows >= 1 (unset: no cut)"),
 )
-_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc", "max_grad_norm"}
+_OPTIONAL = {"eval_size", "eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc", "max_grad_norm"}
 
 
 def _check_bounds(config, bounds) -> None:
@@ -172,6 +173,15 @@ class TrainerConfig(TrainingArguments):
                                 "None: none.")
     eval_generation_rows: int = _f(0, "Greedily generate for this many eval_split rows and report exact-match "
                                    "accuracy after training (vf-rl: before and after); 0: skip.")
+    # ---- held-out rows cut from one split, and who owns a run folder
+    eval_size: float | None = _f(None, "Cut a held-out eval split out of the training rows: a fraction in (0, 1) "
+                                 "or a number of rows (datasets' test_size, Axolotl's val_set_size), picked at "
+                                 "random by data_seed (else seed) and logged with both counts; used as eval_split "
+                                 "is (eval loss, samples, eval_generation_rows). Not with eval_split.")
+    overwrite_output_dir: bool = _f(False, "Let a new run start in an output_dir that holds another run's outputs "
+                                    "by deleting them first (checkpoints, metrics, rollouts, plots, the saved model; "
+                                    "the log names each). Without it such a run is refused; resume_from_checkpoint "
+                                    "continues that run instead.")
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
@@ -248,6 +258,12 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")
         self._validate_batch()
+        if self.eval_size is not None and self.eval_split:
+            raise ConfigError(f"eval_size = {self.eval_size!r} and eval_split = {self.eval_split!r} both name the "
+                              "held-out rows; set one (eval_size cuts them out of dataset_split)")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint = "
+                              f"{self.resume_from_checkpoint!r} would continue; set one of them")
         # A generated name makes a new folder every run: "the newest checkpoint in it" can never exist.
         self.generated_output_dir = not self.run_name and not self.output_dir
         self.check_resume(self.resume_from_checkpoint)
@@ -406,7 +422,7 @@ class SFTConfig(TrainerConfig):
     def __post_init__(self):
         _check_bounds(self, (("dataset_num_proc", _integer(1), "an integer >= 1 (unset: automatic)"),
                              ("eval_generation_rows", _integer(0), "an integer >= 0 (0: skip)")))
-        if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+        if (self.eval_split or self.eval_size) and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         super().__post_init__()
 

@@ -37,7 +37,8 @@ def setup_console_logging(level: int = logging.INFO) -> None:
 class MetricsFileCallback(TrainerCallback):
     """Appends one JSON object per logging event (with `step`) to `<output_dir>/metrics.jsonl`, main process only.
 
-    The file is opened per write, so a killed run leaves every line it logged, and a resumed run continues it.
+    The file is opened per write, so a killed run leaves every line it logged, and a resumed run continues it
+    (`checkpoint.start_run` first drops the lines after the checkpoint it resumes from).
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -47,6 +48,20 @@ class MetricsFileCallback(TrainerCallback):
         record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Keep only the lines of metrics.jsonl logged at `step` or before: a run resumed from that step's checkpoint
+    logs the later steps again, and the file, summary and plot must show it once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(path + ".tmp", path)
 
 
 def _plain(value):

@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vftrain import checkpoint
 from vftrain.config import TrainerConfig, weights_from_rank0
 from vftrain.data import load_rows
+from vftrain.data.load import cut_eval
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
@@ -72,6 +73,22 @@ class VFTrainer(Trainer):
             raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
         return load_rows(dataset if dataset is not None else source, split)
 
+    def _raw_splits(self, train_dataset, eval_dataset, args: TrainerConfig):
+        """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
+        rows cut from the training rows. The held-out rows are kept as `raw_eval` (`evaluate_generations`)."""
+        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
+        raw_eval = None
+        if eval_dataset is not None or (args.eval_split and args.dataset):
+            if args.eval_size is not None and eval_dataset is not None:
+                raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
+                                  "too; pass one")
+            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+        elif args.eval_size is not None:
+            raw_train, raw_eval = cut_eval(raw_train, args.eval_size,
+                                           args.data_seed if args.data_seed is not None else args.seed)
+        self.raw_eval = raw_eval
+        return raw_train, raw_eval
+
     def _setup_run(self, stats, report_lines: list[str]) -> None:
         """After `Trainer.__init__`: engine checks, loss bookkeeping, vftrain's callbacks, the resolved config."""
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word
@@ -93,14 +110,32 @@ class VFTrainer(Trainer):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)
+        self.run_started = False
+
+    def start_run(self, resume=None) -> None:
+        """Claim output_dir for this run before anything is written there (`train` calls it; the CLI calls it
+        earlier, before its held-out generation): another run's outputs refuse a new run unless
+        `overwrite_output_dir` deletes them; a resumed run's later log lines are dropped (`checkpoint.start_run`).
+        Then the resolved config is written. Every process calls it (the check raises on all of them)."""
+        if self.run_started:
+            return
+        if resume is not None and self.args.overwrite_output_dir:
+            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
+                              "continue; set one of them")
         if self.args.should_save:
+            checkpoint.start_run(self.args, resume)
             self.save_resolved_config(self.args.output_dir)
+        else:
+            checkpoint.check_output_dir(self.args, resume)
+        self.accelerator.wait_for_everyone()
+        self.run_started = True
 
     def train(self, *args, **kwargs):
         """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
         error names the settings to change."""
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         self.args.check_resume(resume)
+        self.start_run(resume)
         self._warn_on_data_changes(resume)
         folder = get_last_checkpoint(self.args.output_dir) if resume is True else resume
         if isinstance(folder, str):

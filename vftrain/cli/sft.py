@@ -102,9 +102,13 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     if trainer_cls is None:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
+    from vftrain.checkpoint import check_output_dir
+
     setup_console_logging()
     resume = resume_point(config)
+    check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     trainer = trainer_cls(model=model, args=config)
+    trainer.start_run(resume)  # before `before` writes its held-out generations into the run folder
     if before is not None:
         before(trainer)
     trainer.train(resume_from_checkpoint=resume)  # out of memory: OutOfMemory, exit 2

@@ -57,7 +57,7 @@ class RLTrainer(VFTrainer):
         if not isinstance(args, RLConfig):
             raise ConfigError(f"RLTrainer needs an RLConfig, got {type(args).__name__}")
         model, tokenizer = self._load_model(model, args, processing_class)
-        self.env, sample_rows = None, []
+        self.env, sample_rows, self.raw_eval = None, [], None
         if args.env:  # prompts and rewards from a verifiers environment (rl/environment.py)
             if train_dataset is not None or reward_funcs is not None:
                 raise ConfigError("with env set, prompts and rewards come from the environment: pass no "
@@ -67,10 +67,7 @@ class RLTrainer(VFTrainer):
             self.env = VerifiersEnv(args.env, args.env_args, tokenizer, args.max_prompt_len, args.max_turns)
             self.prompts, self.reward_funcs = self.env.prompts, dict.fromkeys(self.env.reward_names)
         else:
-            raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-            raw_eval = None
-            if eval_dataset is not None or (args.eval_split and args.dataset):
-                raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+            raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
             self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs)
             if args.sample_every_n_steps:
                 sample_rows, raw_train = _held_out(raw_train, raw_eval, args.num_samples)

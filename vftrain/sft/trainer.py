@@ -41,10 +41,7 @@ class SFTTrainer(VFTrainer):
                  processing_class: Any = None, eval_dataset: Any = None, **kwargs):
         args = args if args is not None else SFTConfig()
         model, tokenizer = self._load_model(model, args, processing_class)
-        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-        raw_eval = None
-        if eval_dataset is not None or (args.eval_split and args.dataset):
-            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+        raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
         sample_rows = []
         if args.sample_every_n_steps:
             sample_rows, raw_train = held_out_samples(raw_train, raw_eval, args.num_samples)

@@ -1,0 +1,114 @@
+"""What a new user meets after the README (issue 22, review newcomer-2026-12-02): held-out rows that really are held
+out, run folders that hold one run, the held-out accuracy written down, a re-runnable config.toml, and messages
+that say what happened (context length, TRL batch fields, rows held out, where the model went)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, addition_rows, small_config, write_jsonl
+from vftrain.cli.sft import main
+from vftrain.errors import ConfigError, DataError
+
+
+def _data_file(tmp_path, n=64) -> str:
+    return write_jsonl(tmp_path / "add.jsonl", addition_rows(n))
+
+
+def _sft(tmp_path, capsys, *extra, out="run", steps=2, data=None):
+    """`vf-sft` in process on the tiny model; (exit code, stdout, stderr)."""
+    data = data or _data_file(tmp_path)
+    argv = ["--model", TINY, "--dataset", data, "--sft.output_dir", str(tmp_path / out), "--sft.max_steps", str(steps),
+            "--sft.batch_size", "8", "--sft.micro_batch_size", "8", "--sft.max_seq_len", "64",
+            "--sft.logging_steps", "1", "--sft.save_steps", "2", "--sft.disable_tqdm", "true", *extra]
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> bool:
+    """One `vf-sft: error:` line and no traceback (progress bars may share stderr)."""
+    return "Traceback" not in err and sum(line.startswith("vf-sft: error: ") for line in err.splitlines()) == 1
+
+
+def _metric_steps(run: Path, key="loss") -> list[int]:
+    return [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if key in r]
+
+
+# ---- 4. a single file has one split; eval_size cuts a real held-out split out of it
+def test_a_single_file_has_no_test_split(tmp_path, capsys):
+    from vftrain.data.load import load_rows
+
+    with pytest.raises(DataError, match="holds one split, 'train', not 'test'.*eval_size"):
+        load_rows(_data_file(tmp_path), "test")
+    code, out, err = _sft(tmp_path, capsys, "--sft.eval_split", "test", "--sft.eval_generation_rows", "4")
+    assert code == 2 and "not 'test'" in err and "held-out exact-match" not in out
+    assert _one_error_line(err)
+
+
+def test_eval_size_holds_rows_out_of_training(tmp_path, caplog):
+    import vftrain as vf
+
+    data = _data_file(tmp_path, 40)
+    prompts = lambda rows: [r["prompt"][0]["content"] for r in rows]  # noqa: E731
+    with caplog.at_level("INFO", logger="vftrain"):
+        trainer = vf.SFTTrainer(model=TINY, args=small_config(tmp_path, dataset=data, eval_size=0.2,
+                                                              sample_every_n_steps=1, num_samples=2))
+    held = prompts(trainer.raw_eval)
+    assert len(held) == 8 and trainer.eval_report.rows_kept == 8 and trainer.train_report.rows_in == 32
+    assert "8 of 40 training rows held out as the eval split" in caplog.text
+    sampler = next(c for c in trainer.callback_handler.callbacks if hasattr(c, "pairs"))
+    assert {p.messages[-1]["content"] for p, _ in sampler.pairs} <= set(held)  # panels show held-out rows
+    assert trainer.args.eval_strategy.value == "steps"  # an eval loss on the held-out rows
+    again = vf.SFTTrainer(model=TINY, args=small_config(tmp_path / "again", dataset=data, eval_size=8))
+    assert prompts(again.raw_eval) == held  # the same rows for the same seed
+    with pytest.raises(ConfigError, match="eval_size = 8 and eval_split = 'test' both"):
+        small_config(tmp_path, eval_size=8, eval_split="test")
+
+
+# ---- 5. one run per folder: a new run is refused (or overwrites when told), a resumed run continues its files
+def test_a_new_run_into_another_runs_folder_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _sft(tmp_path, capsys, steps=3)[0] == 0
+    before = (run / "metrics.jsonl").read_text()
+    code, _, err = _sft(tmp_path, capsys, steps=2)
+    assert code == 2 and _one_error_line(err)
+    assert "holds another run's outputs (checkpoint-2, checkpoint-3" in err
+    assert all(way in err for way in ("run_name", "resume_from_checkpoint = 'latest'", "overwrite_output_dir"))
+    assert (run / "metrics.jsonl").read_text() == before  # nothing of the old run touched
+
+
+def test_overwrite_output_dir_deletes_the_old_run_and_says_so(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _sft(tmp_path, capsys, steps=3)[0] == 0
+    code, out, _ = _sft(tmp_path, capsys, "--sft.overwrite_output_dir", "true", steps=2)
+    assert code == 0
+    assert "overwrite_output_dir: deleting the earlier run's checkpoint-2, checkpoint-3" in out
+    assert _metric_steps(run) == [1, 2]  # one run in metrics.jsonl
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
+    code, _, err = _sft(tmp_path, capsys, "--sft.overwrite_output_dir", "true", "--sft.resume_from_checkpoint",
+                        "latest")
+    assert code == 2 and "set one of them" in err and _one_error_line(err)
+
+
+def test_a_resumed_run_continues_its_own_files(tmp_path, capsys):
+    """A run that got past its last checkpoint (step 2) to step 3 before it stopped: resuming drops step 3's lines,
+    so metrics.jsonl (and the summary and plot read from it) holds each step once."""
+    run = tmp_path / "run"
+    assert _sft(tmp_path, capsys, steps=3, out="run")[0] == 0
+    for name in ("checkpoint-3", "model.safetensors"):  # as if stopped after step 3's log, before its save
+        target = run / name
+        __import__("shutil").rmtree(target) if target.is_dir() else target.unlink()
+    code, out, err = _sft(tmp_path, capsys, "--sft.resume_from_checkpoint", "latest", steps=4)
+    assert code == 0, err[-2000:]
+    assert _metric_steps(run) == [1, 2, 3, 4]
+
+
+def test_resuming_before_later_checkpoints_is_refused(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _sft(tmp_path, capsys, steps=4)[0] == 0
+    code, _, err = _sft(tmp_path, capsys, "--sft.resume_from_checkpoint", str(run / "checkpoint-2"), steps=4)
+    assert code == 2 and _one_error_line(err) and "later checkpoints (checkpoint-4)" in err
