@@ -112,3 +112,41 @@ def test_resuming_before_later_checkpoints_is_refused(tmp_path, capsys):
     assert _sft(tmp_path, capsys, steps=4)[0] == 0
     code, _, err = _sft(tmp_path, capsys, "--sft.resume_from_checkpoint", str(run / "checkpoint-2"), steps=4)
     assert code == 2 and _one_error_line(err) and "later checkpoints (checkpoint-4)" in err
+
+
+# ---- 10, 19. the held-out accuracy is written down, and the run says where its model went
+def test_held_out_accuracy_is_written_to_the_run_folder_and_metrics(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = _sft(tmp_path, capsys, "--sft.eval_size", "6", "--sft.eval_generation_rows", "4",
+                          "--sft.max_new_tokens", "4")
+    assert code == 0, err[-2000:]
+    saved = json.loads((run / "held_out-step2.json").read_text())
+    assert saved["rows"] == 4 and len(saved["generations"]) == 4 and saved["step"] == 2
+    first = saved["generations"][0]
+    assert set(first) == {"prompt", "completion", "reference", "exact_match"} and first["prompt"][0]["role"] == "user"
+    assert saved["accuracy"] == sum(g["exact_match"] for g in saved["generations"]) / 4
+    logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+              if "eval/held_out_accuracy" in r]
+    assert logged == [pytest.approx({**logged[0], "step": 2, "eval/held_out_accuracy": saved["accuracy"],
+                                     "eval/held_out_rows": 4})]
+    assert f"model saved to {run}\n" in out
+    assert f"(4 rows of eval_size = 6; generations in {run / 'held_out-step2.json'})" in out
+
+
+def test_python_users_evaluate_the_held_out_rows(tmp_path):
+    import vftrain as vf
+
+    trainer = vf.SFTTrainer(model=TINY, args=small_config(tmp_path, dataset=_data_file(tmp_path), eval_size=5,
+                                                          max_new_tokens=4))
+    result = trainer.evaluate_generations()
+    assert result["n"] == 5 and Path(result["path"]).name == "held_out-step0.json"
+    with pytest.raises(ConfigError, match="needs held-out rows"):
+        vf.SFTTrainer(model=TINY, args=small_config(tmp_path / "b", dataset=_data_file(tmp_path))
+                      ).evaluate_generations()
+
+
+def test_a_lora_run_says_where_the_adapter_and_the_merged_model_went(tmp_path, capsys):
+    run = tmp_path / "run"
+    code, out, err = _sft(tmp_path, capsys, "--sft.use_lora", "true", "--sft.merge_lora", "true")
+    assert code == 0, err[-2000:]
+    assert f"LoRA adapter saved to {run}; merged model written to {run / 'merged'}" in out

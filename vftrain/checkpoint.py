@@ -11,9 +11,9 @@ import re
 import shutil
 
 from vftrain.errors import ConfigError
+from vftrain.logging import HELD_OUT, trim_metrics
 
 STAGING = ".staging"
-HELD_OUT = re.compile(r"^held_out-step(\d+)\.json$")  # evaluate_generations' files, one per evaluated step
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
 # What a run leaves in its output_dir that another run must not mix with: logs, plots, checkpoints, held-out
 # generations and a saved model (weights or adapter). The resolved config alone (a run that stopped before its
@@ -156,8 +156,6 @@ def start_run(args, resume) -> None:
             path = os.path.join(run_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         return
-    from vftrain.logging import trim_metrics
-
     trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
     for name in run_outputs(run_dir):
         match = HELD_OUT.match(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -48,6 +49,20 @@ class MetricsFileCallback(TrainerCallback):
         record = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+HELD_OUT = re.compile(r"^held_out-step(\d+)\.json$")  # write_held_out's files, one per evaluated step
+
+
+def write_held_out(run_dir: str, step: int, result: dict) -> str:
+    """`<run_dir>/held_out-step<step>.json`: a held-out evaluation's accuracy and every greedy generation."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, f"held_out-step{step}.json")
+    record = {"step": step, "accuracy": result["accuracy"], "rows": result["n"], "scored_by": "exact_match",
+              "generations": result["generations"]}
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=1)
+    return path
 
 
 def trim_metrics(path: str, step: int) -> None:

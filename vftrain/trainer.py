@@ -387,17 +387,38 @@ class VFTrainer(Trainer):
         return merged
 
     # ---- generation
-    def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
-        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references. With
+    def evaluate_generations(self, rows: list[dict] | None = None, max_new_tokens: int | None = None,
+                             save: bool = True) -> dict:
+        """Greedy completions for `rows` (raw chat rows; default: the first `eval_generation_rows` held-out rows,
+        all of them when it is 0), scored by exact match against their references: {"accuracy", "n", "examples"
+        (the first three), "generations", "path"}. With `save` the main process writes every generation to
+        `<output_dir>/held_out-step<N>.json` and logs `eval/held_out_accuracy` (metrics.jsonl, report_to). With
         sharded weights every process must call this (they generate in lockstep)."""
+        from vftrain.data.load import plain_row
+        from vftrain.logging import write_held_out
         from vftrain.rewards import exact_match
         from vftrain.sampling import prompt_and_reference
         from vftrain.sampling.embedded import generate
 
+        if rows is None:
+            held = getattr(self, "raw_eval", None)
+            if held is None:
+                raise ConfigError("evaluate_generations() needs held-out rows: set eval_split or eval_size (or "
+                                  "pass eval_dataset), or pass rows")
+            count = min(self.args.eval_generation_rows or len(held), len(held))
+            rows = [plain_row(held[i], held.features) for i in range(count)]
         pairs = [prompt_and_reference(r) for r in rows]
         model = self.accelerator.unwrap_model(self.model)
         completions = generate(model, self.processing_class, [p for p, _ in pairs],
                                max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
         scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
-        return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
-                "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
+        result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "path": None,
+                  "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])],
+                  "generations": [{"prompt": p if isinstance(p, str) else p.messages, "completion": c,
+                                   "reference": ref, "exact_match": s}
+                                  for (p, ref), c, s in zip(pairs, completions, scores)]}
+        if save:
+            if self.args.should_save:
+                result["path"] = write_held_out(self.args.output_dir, self.state.global_step, result)
+            self.log({"eval/held_out_accuracy": result["accuracy"], "eval/held_out_rows": result["n"]})
+        return result
