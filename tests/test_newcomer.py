@@ -150,3 +150,27 @@ def test_a_lora_run_says_where_the_adapter_and_the_merged_model_went(tmp_path, c
     code, out, err = _sft(tmp_path, capsys, "--sft.use_lora", "true", "--sft.merge_lora", "true")
     assert code == 0, err[-2000:]
     assert f"LoRA adapter saved to {run}; merged model written to {run / 'merged'}" in out
+
+
+# ---- 14, 17. the data report counts every row: held out for panels, left out of each epoch; TRL batch fields
+def test_the_data_report_says_which_rows_are_not_trained(tmp_path, caplog):
+    import vftrain as vf
+
+    data = _data_file(tmp_path, 20)
+    with caplog.at_level("INFO", logger="vftrain"):
+        vf.SFTTrainer(model=TINY, args=small_config(tmp_path, dataset=data, max_steps=-1, num_train_epochs=1,
+                                                    sample_every_n_steps=1, num_samples=2))
+    assert "18 rows kept from 18 dataset rows" in caplog.text
+    assert "2 rows held out of training for the sample panels" in caplog.text
+    assert "an epoch is 2 steps of 8 rows: 16 rows trained per epoch, 2 left out" in caplog.text
+
+
+def test_trl_batch_fields_get_the_whole_translation_in_one_message(tmp_path):
+    import vftrain as vf
+
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size = 16 disagrees.*set micro_batch_size = 16 "
+                                          r"and batch_size = 16 x 4 x world_size 1 = 64"):
+        vf.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=16, gradient_accumulation_steps=4)
+    with pytest.raises(ConfigError, match=r"gradient_accumulation_steps = 4 disagrees.*set micro_batch_size = 8 "
+                                          r"and batch_size = 8 x 4 x world_size 1 = 32"):
+        vf.SFTConfig(output_dir=str(tmp_path), gradient_accumulation_steps=4)

@@ -364,24 +364,35 @@ class TrainerConfig(TrainingArguments):
 
     def _validate_batch(self):
         world = launch_world_size()
+        self._translate_trl_batch(world)
         per_step = self.micro_batch_size * world
         if self.batch_size % per_step:
             raise ConfigError(
                 f"batch_size = {self.batch_size} is not divisible by micro_batch_size ({self.micro_batch_size}) "
                 f"x world_size ({world}); choose a batch_size that is a multiple of {per_step}")
-        steps = self.batch_size // per_step
-        if self.gradient_accumulation_steps not in (None, steps):
-            raise ConfigError(
-                f"gradient_accumulation_steps = {self.gradient_accumulation_steps} disagrees with batch_size "
-                f"({self.batch_size}) / (micro_batch_size ({self.micro_batch_size}) x world_size ({world})) = {steps}; "
-                "leave it unset")
-        self.gradient_accumulation_steps = steps
-        if self.per_device_train_batch_size not in (None, self.micro_batch_size):  # a TRL habit, silently replaced
-            raise ConfigError(
-                f"per_device_train_batch_size = {self.per_device_train_batch_size} disagrees with micro_batch_size "
-                f"({self.micro_batch_size}), which sets the rows per forward in vftrain; set micro_batch_size = "
-                f"{self.per_device_train_batch_size} instead (and batch_size for rows per optimizer step)")
+        self.gradient_accumulation_steps = self.batch_size // per_step
         self.per_device_train_batch_size = self.micro_batch_size
+
+    def _translate_trl_batch(self, world: int) -> None:
+        """TRL's per_device_train_batch_size / gradient_accumulation_steps (once silently replaced) that disagree
+        with vftrain's micro_batch_size / batch_size: one error proposing the whole translation, computed from the
+        values given rather than vftrain's defaults."""
+        per_device, accumulate = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        micro = per_device if per_device is not None else self.micro_batch_size
+        if per_device in (None, self.micro_batch_size) and accumulate in (None, self.batch_size / (micro * world)):
+            return
+        if accumulate is None:  # keep the user's batch_size where the new micro-batch divides it
+            accumulate = max(self.batch_size // (micro * world), 1)
+        if per_device not in (None, self.micro_batch_size):
+            given = f"per_device_train_batch_size = {per_device} disagrees with micro_batch_size ({self.micro_batch_size})"
+        else:
+            given = (f"gradient_accumulation_steps = {accumulate} disagrees with batch_size ({self.batch_size}) / "
+                     f"(micro_batch_size ({micro}) x world_size ({world}))")
+        raise ConfigError(f"{given}: vftrain sets rows per forward with micro_batch_size and rows per optimizer step "
+                          "(all processes) with batch_size, and derives the accumulation; set micro_batch_size = "
+                          f"{micro} and batch_size = {micro} x {accumulate} x world_size {world} = "
+                          f"{micro * accumulate * world}, and leave per_device_train_batch_size and "
+                          "gradient_accumulation_steps unset")
 
     def to_dict(self) -> dict:
         """All fields as JSON-safe values (a ready `lora_config` is written as its dict)."""

@@ -89,6 +89,18 @@ class VFTrainer(Trainer):
         self.raw_eval = raw_eval
         return raw_train, raw_eval
 
+    def _held_out_lines(self, sample_rows: int) -> list[str]:
+        """The data report's lines for rows taken out of the training split before it was counted: the eval_size
+        cut, and the sample panels' rows when there is no held-out split to take them from."""
+        lines = []
+        if self.args.eval_size is not None and self.raw_eval is not None:
+            lines.append(f"{len(self.raw_eval):,} rows held out of training as the eval split (eval_size = "
+                         f"{self.args.eval_size})")
+        if sample_rows and (self.raw_eval is None or not len(self.raw_eval)):
+            lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
+                         "num_samples: no eval_split or eval_size to take them from)")
+        return lines
+
     def _setup_run(self, stats, report_lines: list[str]) -> None:
         """After `Trainer.__init__`: engine checks, loss bookkeeping, vftrain's callbacks, the resolved config."""
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word

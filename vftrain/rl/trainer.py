@@ -89,7 +89,8 @@ class RLTrainer(VFTrainer):
 
             self.backend = OpenAIBackend(self)
         self.reference = self._reference_model() if args.beta else None
-        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in self.prompts.lines()])
+        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in
+                                                     self.prompts.lines() + self._held_out_lines(len(sample_rows))])
         if sample_rows:
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback

@@ -63,11 +63,23 @@ class SFTTrainer(VFTrainer):
                          data_collator=Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens),
                          **kwargs)
         self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
-        self._setup_run(StepStats(), [f"train data: {line}" for line in self.train_report.lines()])
+        lines = self.train_report.lines() + self._held_out_lines(len(sample_rows)) + self._epoch_lines()
+        self._setup_run(StepStats(), [f"train data: {line}" for line in lines])
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
 
     # ---- data
+    def _epoch_lines(self) -> list[str]:
+        """The rows an epoch leaves out (`pack.steps_per_epoch` takes whole batches only), when training reaches
+        the end of an epoch: with num_train_epochs they would otherwise go untrained without a word."""
+        rows, batch = len(self.train_rows), self.args.batch_size
+        steps, left = divmod(rows, batch)
+        if not left or 0 < self.args.max_steps < steps:
+            return []
+        return [f"an epoch is {steps:,} steps of {batch:,} rows: {steps * batch:,} rows trained per epoch, {left:,} "
+                "left out (other ones each epoch, the rows being reshuffled; a batch_size dividing "
+                f"{rows:,} leaves none)"]
+
     def get_train_dataloader(self) -> DataLoader:
         sampler = StepBatchSampler(
             self.train_rows.lengths, self.args.batch_size,
