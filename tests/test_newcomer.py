@@ -174,3 +174,21 @@ def test_trl_batch_fields_get_the_whole_translation_in_one_message(tmp_path):
     with pytest.raises(ConfigError, match=r"gradient_accumulation_steps = 4 disagrees.*set micro_batch_size = 8 "
                                           r"and batch_size = 8 x 4 x world_size 1 = 32"):
         vf.SFTConfig(output_dir=str(tmp_path), gradient_accumulation_steps=4)
+
+
+# ---- 9. a sequence length beyond the model's context is said before training
+def test_a_length_beyond_the_context_is_a_warning_naming_both_numbers(tmp_path, caplog):
+    import datasets
+
+    import vftrain as vf
+
+    rows = datasets.Dataset.from_list(addition_rows(16))
+    with caplog.at_level("WARNING", logger="vftrain"):
+        vf.SFTTrainer(model=TINY, train_dataset=rows, args=small_config(tmp_path, max_seq_len=1024))
+    assert "max_seq_len = 1,024 is beyond the model's context of 256 tokens (max_position_embeddings 256" in caplog.text
+    caplog.clear()
+    config = vf.RLConfig(output_dir=str(tmp_path / "rl"), max_prompt_len=200, max_new_tokens=100, max_seq_len=300,
+                         batch_size=8, rollouts_per_example=4, disable_tqdm=True, save_strategy="no")
+    with caplog.at_level("WARNING", logger="vftrain"):
+        vf.RLTrainer(model=TINY, train_dataset=rows, args=config)
+    assert "max_prompt_len + max_new_tokens = 200 + 100 = 300 is beyond the model's context of 256" in caplog.text

@@ -122,7 +122,31 @@ class VFTrainer(Trainer):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)
+        self._warn_beyond_context()
         self.run_started = False
+
+    def _warn_beyond_context(self) -> None:
+        """A warning before training when rows may be longer than the model's context: positions past
+        max_position_embeddings were never trained (learned position tables fail outright), and servers such as
+        vftrain.serve and vLLM refuse such prompts. A warning, not an error: RoPE models run past it and some
+        users extend the context on purpose."""
+        args = self.args
+        if hasattr(args, "max_prompt_len"):  # RL: the longest rollout
+            length, what = args.max_prompt_len + args.max_new_tokens, (
+                f"max_prompt_len + max_new_tokens = {args.max_prompt_len} + {args.max_new_tokens}")
+        else:
+            length, what = args.max_seq_len, "max_seq_len"
+        config = self.accelerator.unwrap_model(self.model).config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits = {"max_position_embeddings": getattr(config, "max_position_embeddings", None),
+                  "tokenizer model_max_length": getattr(self.processing_class, "model_max_length", None)}
+        limits = {k: int(v) for k, v in limits.items() if isinstance(v, int) and 0 < v < 10**9}  # 1e30: unset
+        if limits and length > min(limits.values()):
+            context = min(limits.values())
+            known = ", ".join(f"{k} {v:,}" for k, v in limits.items())
+            log.warning("%s = %s is beyond the model's context of %s tokens (%s): longer rows would train "
+                        "positions the model was not trained on; lower it to %s unless the context was extended",
+                        what, f"{length:,}", f"{context:,}", known, f"{context:,}")
 
     def start_run(self, resume=None) -> None:
         """Claim output_dir for this run before anything is written there (`train` calls it; the CLI calls it
