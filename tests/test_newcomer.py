@@ -192,3 +192,48 @@ def test_a_length_beyond_the_context_is_a_warning_naming_both_numbers(tmp_path, 
     with caplog.at_level("WARNING", logger="vftrain"):
         vf.RLTrainer(model=TINY, train_dataset=rows, args=config)
     assert "max_prompt_len + max_new_tokens = 200 + 100 = 300 is beyond the model's context of 256" in caplog.text
+
+
+# ---- 21. the run folder holds a config.toml that vf-sft / vf-rl read back into the same config
+@pytest.mark.parametrize("section", ["sft", "rl"])
+def test_config_toml_reruns_the_same_config(tmp_path, section):
+    from vftrain.cli.args import parse_argv
+    from vftrain.cli.sft import resolve
+    from vftrain.config import RLConfig, SFTConfig
+
+    cls = SFTConfig if section == "sft" else RLConfig
+    table = dict(run_name="a \"quoted\" name", learning_rate=3e-4, report_to=["tensorboard"], eval_size=0.1,
+                 lr_scheduler_kwargs={"min_lr_rate": 0.1}, output_dir=str(tmp_path / "elsewhere"), batch_size=32,
+                 micro_batch_size=16, max_seq_len=64, lr_scheduler_type="cosine_with_min_lr")
+    if section == "rl":
+        table.update(max_prompt_len=24, max_new_tokens=8, rollouts_per_example=4, scale_rewards="group")
+    config = cls(dataset=_data_file(tmp_path), **table)
+    config.save_resolved(str(tmp_path / "run"), extra={"model": TINY})
+    model, again = resolve(parse_argv(["@", str(tmp_path / "run" / "config.toml")], section, {}), cls, section)
+    assert model == TINY and again.to_dict() == config.to_dict()
+
+
+def test_the_rl_plot_has_the_panels_an_rl_user_reads(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from vftrain.logging import curve_panels, plot_curves
+
+    records = [{"step": s, "loss": 0.1, "reward": 0.5 + s / 10, "reward/exact_match": 0.4 + s / 10,
+                "reward/format": 0.9, "completion_len": 8.0 + s, "completion_len_max": 12, "entropy": 0.7,
+                "frac_reward_zero_std": 0.25, "kl": 1e-3, "mismatch_kl": 1e-8, "importance_ratio": 1.0,
+                "importance_ratio_min": 0.9, "importance_ratio_max": 1.1, "tokens_per_second": 31000.0 + 100 * s}
+               for s in range(1, 6)]
+    panels = dict(curve_panels(records))
+    assert [label for label, _ in panels["reward"]] == ["rollouts", "exact_match", "format"]
+    for title in ("completion length (tokens)", "frac_reward_zero_std", "entropy", "KL", "importance ratio"):
+        assert title in panels, title
+    bottoms = {}
+    real = matplotlib.axes.Axes.set_title
+
+    def spy(ax, title, *args, **kwargs):
+        bottoms[title] = ax.get_ylim()[0]
+        return real(ax, title, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_title", spy)
+    assert plot_curves(records, str(tmp_path / "c.png"))
+    assert bottoms["tokens / s"] == 0  # a 31k-32k wobble is not drawn as a collapse

@@ -251,6 +251,10 @@ class TrainerConfig(TrainingArguments):
                                       "training with a message instead.")
 
     def __post_init__(self):
+        # The fields given other values than their defaults, before any are derived: what config.toml writes.
+        self.given_fields = [f.name for f in dataclasses.fields(self) if f.init and getattr(self, f.name) != (
+            f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+            else f.default)]
         self._validate_choices()
         if self.micro_batch_tokens is not None and not self.packing:
             raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
@@ -407,11 +411,16 @@ class TrainerConfig(TrainingArguments):
         return out
 
     def save_resolved(self, directory: str, extra: dict | None = None) -> str:
-        """Write the resolved config (every field, defaults included) as JSON to `directory/vftrain_config.json`."""
+        """Write the resolved config (every field, defaults included) as JSON to `directory/vftrain_config.json`,
+        and beside it `config.toml`, which `vf-sft @` / `vf-rl @` read back into the same config."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "vftrain_config.json")
         with open(path, "w") as fh:
             json.dump({**(extra or {}), "config": self.to_dict()}, fh, indent=2, sort_keys=True)
+        from vftrain.cli.args import config_toml
+
+        with open(os.path.join(directory, "config.toml"), "w") as fh:  # the same run, as vf-sft / vf-rl read it
+            fh.write(config_toml(self, (extra or {}).get("model")))
         return path
 
 

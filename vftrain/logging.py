@@ -83,10 +83,19 @@ def _plain(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-# Panels of training_curves.png: (title, ((metrics.jsonl key, legend label), ...)).
-CURVES = (("loss", (("loss", "train"), ("eval_loss", "eval"))), ("token accuracy", (("token_accuracy", None),)),
-          ("reward", (("reward", "rollouts"), ("eval/reward", "held-out"))),
-          ("tokens / s", (("tokens_per_second", None),)))
+# Panels of training_curves.png: (title, ((metrics.jsonl key, legend label), ...), y axis from zero). A key ending in
+# "/*" stands for every key under it (RL's reward per function, drawn when there are several). RL panels are those
+# an RL user reads first: reward, completion length, groups with no signal, entropy, KL and the importance ratio.
+CURVES = (("loss", (("loss", "train"), ("eval_loss", "eval")), False),
+          ("token accuracy", (("token_accuracy", None),), False),
+          ("reward", (("reward", "rollouts"), ("eval/reward", "held-out"), ("reward/*", None)), False),
+          ("completion length (tokens)", (("completion_len", "mean"), ("completion_len_max", "max")), True),
+          ("frac_reward_zero_std", (("frac_reward_zero_std", None),), True),
+          ("entropy", (("entropy", None),), True),
+          ("KL", (("kl", "to the start model"), ("mismatch_kl", "sampler mismatch")), True),
+          ("importance ratio", (("importance_ratio", "mean"), ("importance_ratio_min", "min"),
+                                ("importance_ratio_max", "max")), False),
+          ("tokens / s", (("tokens_per_second", None),), True))
 
 
 class RunSummaryCallback(TrainerCallback):
@@ -129,9 +138,16 @@ def print_summary(records: list[dict], steps: int) -> None:
 def curve_panels(records: list[dict]) -> list[tuple[str, list[tuple[str | None, list]]]]:
     """The panels of CURVES that have data: (title, [(label, [(step, value), ...]), ...])."""
     panels = []
-    for title, series in CURVES:
-        lines = [(label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
-                 for key, label in series]
+    for title, series, _ in CURVES:
+        lines = []
+        for key, label in series:
+            if key.endswith("/*"):
+                keys = sorted({k for r in records for k in r if k.startswith(key[:-1])})
+                expanded = [(k, k[len(key) - 1:]) for k in keys] if len(keys) > 1 else []
+            else:
+                expanded = [(key, label)]
+            lines += [(name, [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))])
+                      for k, name in expanded]
         lines = [line for line in lines if line[1]]
         if lines:
             panels.append((title, lines))
@@ -152,13 +168,20 @@ def plot_curves(records: list[dict], path: str) -> str | None:
     panels = curve_panels(records)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    from_zero = {title for title, _, zero in CURVES if zero}
+    for ax, (title, lines) in zip(axes.flat, panels):
         for label, points in lines:
             ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None,
                     label=label)
         if any(label for label, _ in lines):
             ax.legend()
+        if title in from_zero:  # a 31k-37k wobble in tokens/s must not look like a collapse
+            ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
