@@ -67,11 +67,13 @@ def _exemption(command: str) -> str | None:
 
 
 def _tiny(args: list[str]) -> list[str] | None:
-    """The tiny settings for the program `args` start (None: not a program this test runs)."""
-    if any(args[:len(p)] == p for p in SFT_PROGRAMS):
-        return TINY_SFT
-    if any(args[:len(p)] == p for p in RL_PROGRAMS):
-        return TINY_RL
+    """The tiny settings for the program `args` start (None: not a program this test runs). A line that starts a
+    new run may take over its folder (`overwrite_output_dir`): a reader runs each line on its own, while here the
+    lines before it have used the same run_name (a new run into another run's folder is refused)."""
+    for programs, tiny, section in ((SFT_PROGRAMS, TINY_SFT, "sft"), (RL_PROGRAMS, TINY_RL, "rl")):
+        if any(args[:len(p)] == p for p in programs):
+            resumes = any("resume_from_checkpoint" in a for a in args)
+            return tiny + ([] if resumes else [f"--{section}.overwrite_output_dir", "true"])
     return None
 
 

@@ -5,10 +5,26 @@ complete, so a crash during a save leaves the previous checkpoint intact and `re
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 
+from vftrain.errors import ConfigError
+from vftrain.logging import HELD_OUT, trim_metrics
+
 STAGING = ".staging"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
+# What a run leaves in its output_dir that another run must not mix with: logs, plots, checkpoints, held-out
+# generations and a saved model (weights or adapter). The resolved config alone (a run that stopped before its
+# first logged step) is not an output: a new run rewrites it.
+_LOGS = ("metrics.jsonl", "rollouts.jsonl", "training_curves.png", "merged", STAGING)
+_WEIGHTS = (".safetensors", ".bin", ".safetensors.index.json", ".pt")
+# Deleted with the outputs by overwrite_output_dir: the saved model's other files, which a new save of another kind
+# (adapter vs full weights) would not replace.
+_COMPANIONS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer.json",
+               "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt",
+               "added_tokens.json", "tokenizer.model", "vftrain_config.json", "config.toml")
 
 # Settings that decide which rows each step trains on: a resume with other values continues on different data
 # (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
@@ -91,3 +107,77 @@ def _held_out(config: dict) -> int:
     if config.get("sample_every_n_steps") and not config.get("eval_split"):
         return int(config.get("num_samples") or 0)
     return 0
+
+
+def run_outputs(run_dir: str) -> list[str]:
+    """Names of the entries of `run_dir` that a run wrote (checkpoints, logs, plots, held-out generations, a model)."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(name for name in os.listdir(run_dir) if name in _LOGS or _CHECKPOINT.match(name)
+                  or HELD_OUT.match(name) or name.endswith(_WEIGHTS))
+
+
+def check_output_dir(args, resume) -> None:
+    """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None, no resume asked)
+    where another run left outputs, unless `overwrite_output_dir`; or a resume from a checkpoint of this folder
+    that later checkpoints follow (`latest` would then pick one of the abandoned continuation's)."""
+    run_dir, found = args.output_dir, run_outputs(args.output_dir)
+    if not found:
+        return
+    step = _continued_step(args, resume)
+    if step is None and not args.overwrite_output_dir:
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}); a new run there would mix "
+                          "its metrics with them and replace its model: give this run another run_name (or "
+                          "output_dir), continue that run with resume_from_checkpoint = 'latest', or set "
+                          "overwrite_output_dir = true to delete them first")
+    later = sorted((int(m.group(1)) for m in map(_CHECKPOINT.match, found) if m and step is not None
+                    and int(m.group(1)) > step))
+    if later:
+        raise ConfigError(f"resume_from_checkpoint = {resume!r}, but {run_dir!r} holds later checkpoints "
+                          f"({', '.join(f'checkpoint-{s}' for s in later)}) of another continuation, which "
+                          "'latest' would pick next time: resume from the newest, or resume into another output_dir "
+                          "(resume_from_checkpoint may be a path in another folder)")
+
+
+def start_run(args, resume) -> None:
+    """The run's output_dir made ready on the main process, after `check_output_dir`: a new run with
+    `overwrite_output_dir` deletes the earlier run's outputs (named in the log); a resumed run drops what the run
+    logged after its checkpoint (metrics lines, held-out generations), so the files show one run."""
+    check_output_dir(args, resume)
+    run_dir, step = args.output_dir, _continued_step(args, resume)
+    if step is None:
+        gone = run_outputs(run_dir) + sorted(set(_COMPANIONS) & set(os.listdir(run_dir))) \
+            if args.overwrite_output_dir and os.path.isdir(run_dir) else []
+        if gone:
+            logging.getLogger("vftrain").warning("overwrite_output_dir: deleting the earlier run's %s from %s",
+                                                 ", ".join(gone), run_dir)
+        for name in gone:
+            path = os.path.join(run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+        return
+    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    for name in run_outputs(run_dir):
+        match = HELD_OUT.match(name)
+        if match and int(match.group(1)) > step:
+            os.remove(os.path.join(run_dir, name))
+
+
+def _continued_step(args, resume) -> int | None:
+    """The step a run continues in its own output_dir: the resumed checkpoint's, 0 for a resume asked for before
+    any checkpoint exists ('latest' on a first launch, or a restart before the first save), None for a new run
+    (also a resume from a checkpoint in another folder: this folder's files are not that run's)."""
+    if resume is None:
+        return 0 if args.resume_from_checkpoint else None
+    if resume is True:
+        return _step(args.output_dir) if _step(args.output_dir) is not None else 0
+    inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
+    return int(match.group(1)) if inside and match else None
+
+
+def _step(run_dir: str) -> int | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    return int(_CHECKPOINT.match(os.path.basename(last)).group(1)) if last else None

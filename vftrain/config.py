@@ -86,8 +86,9 @@ _BOUNDS = (
     ("sample_timeout", lambda v: v > 0, "a number of seconds > 0"),
     ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
     ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("eval_size", _steps_or_fraction, "a fraction in (0, 1) or a number of rows >= 1 (unset: no cut)"),
 )
-_OPTIONAL = {"eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc"}
+_OPTIONAL = {"eval_size", "eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc"}
 
 
 def _check_bounds(config, bounds) -> None:
@@ -175,6 +176,15 @@ class TrainerConfig(TrainingArguments):
                                 "None: none.")
     eval_generation_rows: int = _f(0, "Greedily generate for this many eval_split rows and report exact-match "
                                    "accuracy after training (vf-rl: before and after); 0: skip.")
+    # ---- held-out rows cut from one split, and who owns a run folder
+    eval_size: float | None = _f(None, "Cut a held-out eval split out of the training rows: a fraction in (0, 1) "
+                                 "or a number of rows (datasets' test_size, Axolotl's val_set_size), picked at "
+                                 "random by data_seed (else seed) and logged with both counts; used as eval_split "
+                                 "is (eval loss, samples, eval_generation_rows). Not with eval_split.")
+    overwrite_output_dir: bool = _f(False, "Let a new run start in an output_dir that holds another run's outputs "
+                                    "by deleting them first (checkpoints, metrics, rollouts, plots, the saved model; "
+                                    "the log names each). Without it such a run is refused; resume_from_checkpoint "
+                                    "continues that run instead.")
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
     micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
@@ -246,6 +256,10 @@ class TrainerConfig(TrainingArguments):
                                       "training with a message instead.")
 
     def __post_init__(self):
+        # The fields given other values than their defaults, before any are derived: what config.toml writes.
+        self.given_fields = [f.name for f in dataclasses.fields(self) if f.init and getattr(self, f.name) != (
+            f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
+            else f.default)]
         if self.max_grad_norm is None:  # transformers compares it with 0 at every step
             self.max_grad_norm = 0.0
         self._validate_choices()
@@ -256,6 +270,12 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("attn_implementation = 'varlen' needs packing = true (padded rows have no varlen "
                               "boundaries); use 'sdpa' with packing = false")
         self._validate_batch()
+        if self.eval_size is not None and self.eval_split:
+            raise ConfigError(f"eval_size = {self.eval_size!r} and eval_split = {self.eval_split!r} both name the "
+                              "held-out rows; set one (eval_size cuts them out of dataset_split)")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint = "
+                              f"{self.resume_from_checkpoint!r} would continue; set one of them")
         # A generated name makes a new folder every run: "the newest checkpoint in it" can never exist.
         self.generated_output_dir = not self.run_name and not self.output_dir
         self.check_resume(self.resume_from_checkpoint)
@@ -369,24 +389,35 @@ class TrainerConfig(TrainingArguments):
 
     def _validate_batch(self):
         world = launch_world_size()
+        self._translate_trl_batch(world)
         per_step = self.micro_batch_size * world
         if self.batch_size % per_step:
             raise ConfigError(
                 f"batch_size = {self.batch_size} is not divisible by micro_batch_size ({self.micro_batch_size}) "
                 f"x world_size ({world}); choose a batch_size that is a multiple of {per_step}")
-        steps = self.batch_size // per_step
-        if self.gradient_accumulation_steps not in (None, steps):
-            raise ConfigError(
-                f"gradient_accumulation_steps = {self.gradient_accumulation_steps} disagrees with batch_size "
-                f"({self.batch_size}) / (micro_batch_size ({self.micro_batch_size}) x world_size ({world})) = {steps}; "
-                "leave it unset")
-        self.gradient_accumulation_steps = steps
-        if self.per_device_train_batch_size not in (None, self.micro_batch_size):  # a TRL habit, silently replaced
-            raise ConfigError(
-                f"per_device_train_batch_size = {self.per_device_train_batch_size} disagrees with micro_batch_size "
-                f"({self.micro_batch_size}), which sets the rows per forward in vftrain; set micro_batch_size = "
-                f"{self.per_device_train_batch_size} instead (and batch_size for rows per optimizer step)")
+        self.gradient_accumulation_steps = self.batch_size // per_step
         self.per_device_train_batch_size = self.micro_batch_size
+
+    def _translate_trl_batch(self, world: int) -> None:
+        """TRL's per_device_train_batch_size / gradient_accumulation_steps (once silently replaced) that disagree
+        with vftrain's micro_batch_size / batch_size: one error proposing the whole translation, computed from the
+        values given rather than vftrain's defaults."""
+        per_device, accumulate = self.per_device_train_batch_size, self.gradient_accumulation_steps
+        micro = per_device if per_device is not None else self.micro_batch_size
+        if per_device in (None, self.micro_batch_size) and accumulate in (None, self.batch_size / (micro * world)):
+            return
+        if accumulate is None:  # keep the user's batch_size where the new micro-batch divides it
+            accumulate = max(self.batch_size // (micro * world), 1)
+        if per_device not in (None, self.micro_batch_size):
+            given = f"per_device_train_batch_size = {per_device} disagrees with micro_batch_size ({self.micro_batch_size})"
+        else:
+            given = (f"gradient_accumulation_steps = {accumulate} disagrees with batch_size ({self.batch_size}) / "
+                     f"(micro_batch_size ({micro}) x world_size ({world}))")
+        raise ConfigError(f"{given}: vftrain sets rows per forward with micro_batch_size and rows per optimizer step "
+                          "(all processes) with batch_size, and derives the accumulation; set micro_batch_size = "
+                          f"{micro} and batch_size = {micro} x {accumulate} x world_size {world} = "
+                          f"{micro * accumulate * world}, and leave per_device_train_batch_size and "
+                          "gradient_accumulation_steps unset")
 
     def to_dict(self) -> dict:
         """All fields as JSON-safe values (a ready `lora_config` is written as its dict)."""
@@ -401,11 +432,16 @@ class TrainerConfig(TrainingArguments):
         return out
 
     def save_resolved(self, directory: str, extra: dict | None = None) -> str:
-        """Write the resolved config (every field, defaults included) as JSON to `directory/vftrain_config.json`."""
+        """Write the resolved config (every field, defaults included) as JSON to `directory/vftrain_config.json`,
+        and beside it `config.toml`, which `vf-sft @` / `vf-rl @` read back into the same config."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, "vftrain_config.json")
         with open(path, "w") as fh:
             json.dump({**(extra or {}), "config": self.to_dict()}, fh, indent=2, sort_keys=True)
+        from vftrain.cli.args import config_toml
+
+        with open(os.path.join(directory, "config.toml"), "w") as fh:  # the same run, as vf-sft / vf-rl read it
+            fh.write(config_toml(self, (extra or {}).get("model")))
         return path
 
 
@@ -427,7 +463,7 @@ class SFTConfig(TrainerConfig):
     def __post_init__(self):
         _check_bounds(self, (("dataset_num_proc", _integer(1), "an integer >= 1 (unset: automatic)"),
                              ("eval_generation_rows", _integer(0), "an integer >= 0 (0: skip)")))
-        if self.eval_split and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
+        if (self.eval_split or self.eval_size) and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         super().__post_init__()
 

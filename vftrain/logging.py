@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 
 from rich.console import Console
@@ -37,7 +38,8 @@ def setup_console_logging(level: int = logging.INFO) -> None:
 class MetricsFileCallback(TrainerCallback):
     """Appends one JSON object per logging event (with `step`) to `<output_dir>/metrics.jsonl`, main process only.
 
-    The file is opened per write, so a killed run leaves every line it logged, and a resumed run continues it.
+    The file is opened per write, so a killed run leaves every line it logged, and a resumed run continues it
+    (`checkpoint.start_run` first drops the lines after the checkpoint it resumes from).
     """
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -49,14 +51,51 @@ class MetricsFileCallback(TrainerCallback):
             fh.write(json.dumps(record) + "\n")
 
 
+HELD_OUT = re.compile(r"^held_out-step(\d+)\.json$")  # write_held_out's files, one per evaluated step
+
+
+def write_held_out(run_dir: str, step: int, result: dict) -> str:
+    """`<run_dir>/held_out-step<step>.json`: a held-out evaluation's accuracy and every greedy generation."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, f"held_out-step{step}.json")
+    record = {"step": step, "accuracy": result["accuracy"], "rows": result["n"], "scored_by": "exact_match",
+              "generations": result["generations"]}
+    with open(path, "w") as fh:
+        json.dump(record, fh, indent=1)
+    return path
+
+
+def trim_metrics(path: str, step: int) -> None:
+    """Keep only the lines of metrics.jsonl logged at `step` or before: a run resumed from that step's checkpoint
+    logs the later steps again, and the file, summary and plot must show it once."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [line for line in fh if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) < len(lines):
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(path + ".tmp", path)
+
+
 def _plain(value):
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 
-# Panels of training_curves.png: (title, ((metrics.jsonl key, legend label), ...)).
-CURVES = (("loss", (("loss", "train"), ("eval_loss", "eval"))), ("token accuracy", (("token_accuracy", None),)),
-          ("reward", (("reward", "rollouts"), ("eval/reward", "held-out"))),
-          ("tokens / s", (("tokens_per_second", None),)))
+# Panels of training_curves.png: (title, ((metrics.jsonl key, legend label), ...), y axis from zero). A key ending in
+# "/*" stands for every key under it (RL's reward per function, drawn when there are several). RL panels are those
+# an RL user reads first: reward, completion length, groups with no signal, entropy, KL and the importance ratio.
+CURVES = (("loss", (("loss", "train"), ("eval_loss", "eval")), False),
+          ("token accuracy", (("token_accuracy", None),), False),
+          ("reward", (("reward", "rollouts"), ("eval/reward", "held-out"), ("reward/*", None)), False),
+          ("completion length (tokens)", (("completion_len", "mean"), ("completion_len_max", "max")), True),
+          ("frac_reward_zero_std", (("frac_reward_zero_std", None),), True),
+          ("entropy", (("entropy", None),), True),
+          ("KL", (("kl", "to the start model"), ("mismatch_kl", "sampler mismatch")), True),
+          ("importance ratio", (("importance_ratio", "mean"), ("importance_ratio_min", "min"),
+                                ("importance_ratio_max", "max")), False),
+          ("tokens / s", (("tokens_per_second", None),), True))
 
 
 class RunSummaryCallback(TrainerCallback):
@@ -99,9 +138,16 @@ def print_summary(records: list[dict], steps: int) -> None:
 def curve_panels(records: list[dict]) -> list[tuple[str, list[tuple[str | None, list]]]]:
     """The panels of CURVES that have data: (title, [(label, [(step, value), ...]), ...])."""
     panels = []
-    for title, series in CURVES:
-        lines = [(label, [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))])
-                 for key, label in series]
+    for title, series, _ in CURVES:
+        lines = []
+        for key, label in series:
+            if key.endswith("/*"):
+                keys = sorted({k for r in records for k in r if k.startswith(key[:-1])})
+                expanded = [(k, k[len(key) - 1:]) for k in keys] if len(keys) > 1 else []
+            else:
+                expanded = [(key, label)]
+            lines += [(name, [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))])
+                      for k, name in expanded]
         lines = [line for line in lines if line[1]]
         if lines:
             panels.append((title, lines))
@@ -122,13 +168,20 @@ def plot_curves(records: list[dict], path: str) -> str | None:
     panels = curve_panels(records)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, lines) in zip(axes[0], panels):
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.remove()
+    from_zero = {title for title, _, zero in CURVES if zero}
+    for ax, (title, lines) in zip(axes.flat, panels):
         for label, points in lines:
             ax.plot([s for s, _ in points], [v for _, v in points], marker="." if len(points) < 30 else None,
                     label=label)
         if any(label for label, _ in lines):
             ax.legend()
+        if title in from_zero:  # a 31k-37k wobble in tokens/s must not look like a collapse
+            ax.set_ylim(bottom=0)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig, weights_from_rank0
 from vftrain.data import load_rows
+from vftrain.data.load import cut_eval
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
@@ -113,6 +114,34 @@ class VFTrainer(Trainer):
             raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
         return load_rows(dataset if dataset is not None else source, split)
 
+    def _raw_splits(self, train_dataset, eval_dataset, args: TrainerConfig):
+        """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
+        rows cut from the training rows. The held-out rows are kept as `raw_eval` (`evaluate_generations`)."""
+        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
+        raw_eval = None
+        if eval_dataset is not None or (args.eval_split and args.dataset):
+            if args.eval_size is not None and eval_dataset is not None:
+                raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
+                                  "too; pass one")
+            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+        elif args.eval_size is not None:
+            raw_train, raw_eval = cut_eval(raw_train, args.eval_size,
+                                           args.data_seed if args.data_seed is not None else args.seed)
+        self.raw_eval = raw_eval
+        return raw_train, raw_eval
+
+    def _held_out_lines(self, sample_rows: int) -> list[str]:
+        """The data report's lines for rows taken out of the training split before it was counted: the eval_size
+        cut, and the sample panels' rows when there is no held-out split to take them from."""
+        lines = []
+        if self.args.eval_size is not None and self.raw_eval is not None:
+            lines.append(f"{len(self.raw_eval):,} rows held out of training as the eval split (eval_size = "
+                         f"{self.args.eval_size})")
+        if sample_rows and (self.raw_eval is None or not len(self.raw_eval)):
+            lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
+                         "num_samples: no eval_split or eval_size to take them from)")
+        return lines
+
     def _setup_run(self, stats, report_lines: list[str]) -> None:
         """After `Trainer.__init__`: engine checks, loss bookkeeping, vftrain's callbacks, the resolved config."""
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word
@@ -134,14 +163,56 @@ class VFTrainer(Trainer):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)
+        self._warn_beyond_context()
+        self.run_started = False
+
+    def _warn_beyond_context(self) -> None:
+        """A warning before training when rows may be longer than the model's context: positions past
+        max_position_embeddings were never trained (learned position tables fail outright), and servers such as
+        vftrain.serve and vLLM refuse such prompts. A warning, not an error: RoPE models run past it and some
+        users extend the context on purpose."""
+        args = self.args
+        if hasattr(args, "max_prompt_len"):  # RL: the longest rollout
+            length, what = args.max_prompt_len + args.max_new_tokens, (
+                f"max_prompt_len + max_new_tokens = {args.max_prompt_len} + {args.max_new_tokens}")
+        else:
+            length, what = args.max_seq_len, "max_seq_len"
+        config = self.accelerator.unwrap_model(self.model).config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        limits = {"max_position_embeddings": getattr(config, "max_position_embeddings", None),
+                  "tokenizer model_max_length": getattr(self.processing_class, "model_max_length", None)}
+        limits = {k: int(v) for k, v in limits.items() if isinstance(v, int) and 0 < v < 10**9}  # 1e30: unset
+        if limits and length > min(limits.values()):
+            context = min(limits.values())
+            known = ", ".join(f"{k} {v:,}" for k, v in limits.items())
+            log.warning("%s = %s is beyond the model's context of %s tokens (%s): longer rows would train "
+                        "positions the model was not trained on; lower it to %s unless the context was extended",
+                        what, f"{length:,}", f"{context:,}", known, f"{context:,}")
+
+    def start_run(self, resume=None) -> None:
+        """Claim output_dir for this run before anything is written there (`train` calls it; the CLI calls it
+        earlier, before its held-out generation): another run's outputs refuse a new run unless
+        `overwrite_output_dir` deletes them; a resumed run's later log lines are dropped (`checkpoint.start_run`).
+        Then the resolved config is written. Every process calls it (the check raises on all of them)."""
+        if self.run_started:
+            return
+        if resume is not None and self.args.overwrite_output_dir:
+            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
+                              "continue; set one of them")
         if self.args.should_save:
+            checkpoint.start_run(self.args, resume)
             self.save_resolved_config(self.args.output_dir)
+        else:
+            checkpoint.check_output_dir(self.args, resume)
+        self.accelerator.wait_for_everyone()
+        self.run_started = True
 
     def train(self, *args, **kwargs):
         """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
         error names the settings to change."""
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         self.args.check_resume(resume)
+        self.start_run(resume)
         self._warn_on_data_changes(resume)
         folder = get_last_checkpoint(self.args.output_dir) if resume is True else resume
         if isinstance(folder, str):
@@ -409,17 +480,38 @@ class VFTrainer(Trainer):
         return merged
 
     # ---- generation
-    def evaluate_generations(self, rows: list[dict], max_new_tokens: int | None = None) -> dict:
-        """Greedy completions for `rows` (raw chat rows), scored by exact match against their references. With
+    def evaluate_generations(self, rows: list[dict] | None = None, max_new_tokens: int | None = None,
+                             save: bool = True) -> dict:
+        """Greedy completions for `rows` (raw chat rows; default: the first `eval_generation_rows` held-out rows,
+        all of them when it is 0), scored by exact match against their references: {"accuracy", "n", "examples"
+        (the first three), "generations", "path"}. With `save` the main process writes every generation to
+        `<output_dir>/held_out-step<N>.json` and logs `eval/held_out_accuracy` (metrics.jsonl, report_to). With
         sharded weights every process must call this (they generate in lockstep)."""
+        from vftrain.data.load import plain_row
+        from vftrain.logging import write_held_out
         from vftrain.rewards import exact_match
         from vftrain.sampling import prompt_and_reference
         from vftrain.sampling.embedded import generate
 
+        if rows is None:
+            held = getattr(self, "raw_eval", None)
+            if held is None:
+                raise ConfigError("evaluate_generations() needs held-out rows: set eval_split or eval_size (or "
+                                  "pass eval_dataset), or pass rows")
+            count = min(self.args.eval_generation_rows or len(held), len(held))
+            rows = [plain_row(held[i], held.features) for i in range(count)]
         pairs = [prompt_and_reference(r) for r in rows]
         model = self.accelerator.unwrap_model(self.model)
         completions = generate(model, self.processing_class, [p for p, _ in pairs],
                                max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
         scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
-        return {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores),
-                "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])]}
+        result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "path": None,
+                  "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])],
+                  "generations": [{"prompt": p if isinstance(p, str) else p.messages, "completion": c,
+                                   "reference": ref, "exact_match": s}
+                                  for (p, ref), c, s in zip(pairs, completions, scores)]}
+        if save:
+            if self.args.should_save:
+                result["path"] = write_held_out(self.args.output_dir, self.state.global_step, result)
+            self.log({"eval/held_out_accuracy": result["accuracy"], "eval/held_out_rows": result["n"]})
+        return result

@@ -205,3 +205,60 @@ def resolve_path_or_name(value: str, what: str) -> str:
     if looks_local and not os.path.exists(os.path.expanduser(value)):
         raise ConfigError(f"{what} path {value!r} does not exist")
     return os.path.expanduser(value)
+
+
+# Fields config.toml leaves out: derived from others, or about one launch rather than the run (a re-run of the file
+# with them would resume, or delete the run folder it was read from).
+_NOT_RERUN = ("gradient_accumulation_steps", "per_device_train_batch_size", "resume_from_checkpoint",
+              "overwrite_output_dir", "lora_config")
+
+
+def config_toml(config, model: Any) -> str:
+    """The run as a `vf-sft` / `vf-rl` TOML file: `model`, `dataset` and the [sft] / [rl] table of the fields given
+    other values than their defaults (resolved), so `vf-sft @ config.toml` builds the same config. TOML has no
+    null: a field set to None where the default is not is written as a comment."""
+    section = config.run_name_prefix
+    head = [f"# Re-run: vf-{section} @ <this file> (written by vftrain: the fields that differ from their defaults)"]
+    for key, value in (("model", model), ("dataset", config.dataset)):
+        head.append(f"{key} = {_toml(value)}" if isinstance(value, str) else f"# {key}: passed as a Python object")
+    table = [f"run_name = {_toml(config.run_name)}"]  # also a generated one: its folder is the run's
+    for name in getattr(config, "given_fields", ()):
+        if name in _NOT_RERUN or name in ("dataset", "run_name"):
+            continue
+        value = _plain(getattr(config, name))
+        table.append(f"{name} = {_toml(value)}" if value is not None else
+                     f"# {name} = none  (TOML has no null: --{section}.{name} none)")
+    return "\n".join(head + ["", f"[{section}]", *table]) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    """`value` as TOML can hold it: enums as their value, tuples as lists, dataclasses as tables, no None inside."""
+    import enum
+
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items() if v is not None}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    return value
+
+
+def _toml(value: Any) -> str:
+    """A TOML value (inline arrays and tables; JSON's string escapes are TOML's)."""
+    import json
+    import math
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)

@@ -102,22 +102,33 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     if trainer_cls is None:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
+    from vftrain.checkpoint import check_output_dir
+
     setup_console_logging()
     resume = resume_point(config)
+    check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     trainer = trainer_cls(model=model, args=config)
-    if before is not None:
+    trainer.start_run(resume)  # before `before` writes its held-out generations into the run folder
+    if before is not None and resume is None:  # a resumed run measured its start model when it first started
         before(trainer)
     trainer.train(resume_from_checkpoint=resume)  # out of memory: OutOfMemory, exit 2
     if trainer.interrupt.stopped_by is not None:
         return interrupted(trainer, config, trainer.interrupt.stopped_by)
     trainer.save_model()
-    if config.merge_lora:
-        merged = trainer.save_merged()
-        if merged:
-            print(f"merged model written to {merged}")
+    merged = trainer.save_merged() if config.merge_lora else None
+    if trainer.is_world_process_zero():
+        print(saved_message(trainer, config.output_dir, merged), flush=True)
     report_generation_accuracy(trainer, config)
     _close_process_group()
     return 0
+
+
+def saved_message(trainer, output_dir: str, merged: str | None) -> str:
+    """Where the finished run's model went: the model, or the LoRA adapter (and the merged model, or how to merge)."""
+    if not hasattr(trainer.accelerator.unwrap_model(trainer.model), "peft_config"):
+        return f"model saved to {output_dir}"
+    merge = f"merged model written to {merged}" if merged else f"merge it with `vf-sft export {output_dir}`"
+    return f"LoRA adapter saved to {output_dir}; {merge}"
 
 
 def interrupted(trainer, config, signum: int) -> int:
@@ -148,24 +159,22 @@ def _close_process_group() -> None:
 
 
 def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
-    """Held-out greedy exact match on `eval_generation_rows` rows of `eval_split`, printed by the main process
-    (None when not asked for). With sharded weights every process generates; otherwise only the main one."""
-    from vftrain.data.load import load_rows, plain_row
-
-    if not (config.eval_generation_rows and config.eval_split and (trainer.is_world_process_zero()
-                                                                   or trainer.sharded)):
+    """Held-out greedy exact match on `eval_generation_rows` held-out rows (`eval_split`, or cut by `eval_size`):
+    printed by the main process, with every generation written to the run folder and the accuracy logged
+    (`VFTrainer.evaluate_generations`); None when not asked for. With sharded weights every process generates;
+    otherwise only the main one."""
+    if not (config.eval_generation_rows and getattr(trainer, "raw_eval", None) is not None
+            and (trainer.is_world_process_zero() or trainer.sharded)):
         return None
-
-    rows = load_rows(config.dataset, config.eval_split)
-    rows = [plain_row(rows[i], rows.features) for i in range(min(config.eval_generation_rows, len(rows)))]
-    result = trainer.evaluate_generations(rows)
+    result = trainer.evaluate_generations()
     if not trainer.is_world_process_zero():
         return result["accuracy"]
     for prompt, completion, reference in result["examples"]:
         last = prompt if isinstance(prompt, str) else prompt.messages[-1]["content"]
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")
-    print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of split "
-          f"{config.eval_split!r})", flush=True)
+    where = f"split {config.eval_split!r}" if config.eval_split else f"eval_size = {config.eval_size!r}"
+    print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of {where}; "
+          f"generations in {result['path']})", flush=True)
     return result["accuracy"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ FORMATS = {
     "messages": ("messages",),
     "text": ("text",),
 }
+FILE_SPLIT = "train"  # the one split of a single file (datasets.load_dataset's name for data_files=path)
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
@@ -23,8 +25,10 @@ def load_rows(source: Any, split: str):
     """Return the `split` of `source` as a `datasets.Dataset`.
 
     `source` is a `Dataset` (returned as is), a `DatasetDict` (its `split`), a local file (jsonl, json, parquet,
-    csv: it holds one split, named whatever `split` says), a local folder (split files found by name, e.g.
-    `train.jsonl`, `test.jsonl`), or a hub dataset name.
+    csv: it holds one split, 'train', as `datasets.load_dataset` names it), a local folder (split files found by
+    name, e.g. `train.jsonl`, `test.jsonl`), or a hub dataset name. A split the source does not have is a
+    DataError naming the ones it has (a file's only split once answered any name, so `eval_split = "test"` on one
+    file evaluated the training rows and called them held out).
     """
     import datasets
 
@@ -39,6 +43,10 @@ def load_rows(source: Any, split: str):
         if builder is None:
             raise DataError(f"dataset file {source!r} has an unsupported extension; use one of "
                             + ", ".join(_FILE_BUILDERS))
+        if split != FILE_SPLIT:
+            raise DataError(f"dataset file {source!r} holds one split, {FILE_SPLIT!r}, not {split!r}: cut held-out "
+                            "rows from it with eval_size (a fraction or a number of rows), or point dataset at a "
+                            f"folder holding {FILE_SPLIT}.jsonl and {split}.jsonl")
         return _load_file(source, builder, split)
     if os.path.isdir(source):
         return _pick_split(_load(source), split, f"folder {source!r}")
@@ -96,6 +104,21 @@ def _raise_on_malformed_json(path: str) -> None:
             line = number + exc.lineno - 1
             raise DataError(f"dataset file {path!r} line {line} is not valid JSON ({exc.msg}, column "
                             f"{exc.colno})") from None
+
+
+def cut_eval(rows, size: float, seed: int) -> tuple[Any, Any]:
+    """(train rows, eval rows): `size` rows (an integer >= 1) or that fraction (in (0, 1)) of `rows` cut out at
+    random as a held-out split, the same rows for the same seed (datasets' `train_test_split`, as TRL users split
+    one file; Axolotl's `val_set_size` reads the same two forms). Logged with both row counts."""
+    count = int(size) if size >= 1 else math.ceil(size * len(rows))  # train_test_split rounds a fraction up
+    if not 1 <= count < len(rows):
+        raise DataError(f"eval_size = {size!r} would hold out {count} of the {len(rows)} training rows; use a "
+                        f"fraction in (0, 1) or a number of rows from 1 to {len(rows) - 1}")
+    parts = rows.train_test_split(test_size=int(size) if size >= 1 else size, seed=seed, shuffle=True)
+    logging.getLogger("vftrain").info("eval_size = %s: %d of %d training rows held out as the eval split (random, "
+                                      "seed %d); %d left to train on", size, len(parts["test"]), len(rows), seed,
+                                      len(parts["train"]))
+    return parts["train"], parts["test"]
 
 
 def _pick_split(dataset_dict, split: str, what: str):

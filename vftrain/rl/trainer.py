@@ -62,7 +62,7 @@ class RLTrainer(VFTrainer):
             raise ConfigError(f"RLTrainer needs an RLConfig, got {type(args).__name__}")
         model, tokenizer = self._load_model(model, args, processing_class)
         disable_dropout(model)
-        self.env, sample_rows = None, []
+        self.env, sample_rows, self.raw_eval = None, [], None
         if args.env:  # prompts and rewards from a verifiers environment (rl/environment.py)
             if train_dataset is not None or reward_funcs is not None:
                 raise ConfigError("with env set, prompts and rewards come from the environment: pass no "
@@ -72,10 +72,7 @@ class RLTrainer(VFTrainer):
             self.env = VerifiersEnv(args.env, args.env_args, tokenizer, args.max_prompt_len, args.max_turns)
             self.prompts, self.reward_funcs = self.env.prompts, dict.fromkeys(self.env.reward_names)
         else:
-            raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-            raw_eval = None
-            if eval_dataset is not None or (args.eval_split and args.dataset):
-                raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+            raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
             if args.sample_every_n_steps:
                 sample_rows, raw_train = _held_out(raw_train, raw_eval, args.num_samples)
             self.prompts = R.PromptSet.build(raw_train, tokenizer, args.max_prompt_len)
@@ -99,7 +96,8 @@ class RLTrainer(VFTrainer):
 
             self.backend = OpenAIBackend(self)
         self.reference = self._reference_model() if args.beta else None
-        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in self.prompts.lines()])
+        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in
+                                                     self.prompts.lines() + self._held_out_lines(len(sample_rows))])
         if sample_rows:
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback

@@ -41,10 +41,7 @@ class SFTTrainer(VFTrainer):
                  processing_class: Any = None, eval_dataset: Any = None, **kwargs):
         args = args if args is not None else SFTConfig()
         model, tokenizer = self._load_model(model, args, processing_class)
-        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-        raw_eval = None
-        if eval_dataset is not None or (args.eval_split and args.dataset):
-            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
+        raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
         sample_rows = []
         if args.sample_every_n_steps:
             sample_rows, raw_train = held_out_samples(raw_train, raw_eval, args.num_samples)
@@ -66,11 +63,23 @@ class SFTTrainer(VFTrainer):
                          data_collator=Collator(tokenizer.pad_token_id, args.packing, args.micro_batch_tokens),
                          **kwargs)
         self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
-        self._setup_run(StepStats(), [f"train data: {line}" for line in self.train_report.lines()])
+        lines = self.train_report.lines() + self._held_out_lines(len(sample_rows)) + self._epoch_lines()
+        self._setup_run(StepStats(), [f"train data: {line}" for line in lines])
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
 
     # ---- data
+    def _epoch_lines(self) -> list[str]:
+        """The rows an epoch leaves out (`pack.steps_per_epoch` takes whole batches only), when training reaches
+        the end of an epoch: with num_train_epochs they would otherwise go untrained without a word."""
+        rows, batch = len(self.train_rows), self.args.batch_size
+        steps, left = divmod(rows, batch)
+        if not left or 0 < self.args.max_steps < steps:
+            return []
+        return [f"an epoch is {steps:,} steps of {batch:,} rows: {steps * batch:,} rows trained per epoch, {left:,} "
+                "left out (other ones each epoch, the rows being reshuffled; a batch_size dividing "
+                f"{rows:,} leaves none)"]
+
     def get_train_dataloader(self) -> DataLoader:
         sampler = StepBatchSampler(
             self.train_rows.lengths, self.args.batch_size,
