@@ -181,3 +181,31 @@ def test_a_server_that_dies_mid_run_is_a_clear_error(checkpoint, tmp_path):
         trainer.train()
     assert sorted(_records(tmp_path / "out")) == [1]
 
+
+
+def test_vf_rl_reports_a_vllm_it_cannot_start(tmp_path):
+    """vf-rl with vllm_python: a missing python, a port in use and a server that exits are one-line errors."""
+    import subprocess
+    import sys
+
+    exits = tmp_path / "python"
+    exits.write_text("#!/bin/sh\necho 'No module named vllm' >&2\nexit 1\n")
+    exits.chmod(0o755)
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = _free_port()
+    config = tmp_path / "rl.toml"
+    for python, port_used, needle in [(tmp_path / "none", port, "is not an executable file"),
+                                      (exits, busy.getsockname()[1], "is in use"),
+                                      (exits, port, "vLLM exited with status 1 before it was ready (last log line: "
+                                                    "No module named vllm)")]:
+        config.write_text(f'model = "{MODEL}"\ndataset = "{ROOT / "assets" / "addition"}"\n[rl]\n'
+                          f'rl_backend = "openai"\nsample_base_url = "http://127.0.0.1:{port_used}/v1"\n'
+                          f'vllm_python = "{python}"\noutput_dir = "{tmp_path / "out"}"\n')
+        result = subprocess.run([sys.executable, "-m", "vftrain.cli.rl", "@", str(config)], capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2 and needle in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+    busy.close()
+    assert "No module named vllm" in (tmp_path / "out" / "vllm.log").read_text()
