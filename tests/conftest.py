@@ -58,7 +58,7 @@ def family_tokenizer(family: str):
 # The longest files first. pytest-xdist (`--dist loadfile`, pyproject.toml) hands whole files to its two workers in
 # collection order, so a long file collected late ran alone at the end of the suite (about a minute of 11). The
 # sort is stable: tests keep their order within a file (test_readme.py's commands depend on it).
-LONGEST_FIRST = ("test_distributed.py", "test_checkpoint.py", "test_readme.py", "test_rl.py", "test_sft_then_rl.py",
+LONGEST_FIRST = ("test_vllm.py", "test_distributed.py", "test_checkpoint.py", "test_readme.py", "test_rl.py", "test_sft_then_rl.py",
                  "test_quickstart.py")
 
 

@@ -39,10 +39,11 @@ EXEMPT = {
     "python -m vftrain.serve --model outputs/my-sft --port 8000":
         "a server that runs until stopped; test_serve.py::test_command_line_reads_the_key_from_the_environment starts "
         "`python -m vftrain.serve` as a subprocess and talks to it",
-    "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve outputs/my-sft --port 8000 --api-key $VFTRAIN_API_KEY "
-    "--enable-lora --max-lora-rank 64 --logprobs-mode processed_logprobs":
-        "vLLM's wheels need another torch build than ours (and a GPU); the openai backend is tested against "
-        "vftrain.serve, which answers the same requests",
+    "VLLM_SERVER_DEV_MODE=1 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True vllm serve outputs/my-sft --host 127.0.0.1 "
+    "--port 8000 --api-key $VFTRAIN_API_KEY --logprobs-mode processed_logprobs --generation-config vllm "
+    "--enable-lora --max-lora-rank 64":
+        "a server that runs until stopped, from vLLM's own virtualenv; tests/test_vllm.py starts vLLM with these "
+        "flags (vftrain/sampling/vllm_server.py) and runs RL and SFT sample panels against it",
     "torchrun --nproc_per_node 2 -m vftrain.cli.sft @ config.toml --sft.fsdp true":
         "accelerate applies FSDP only on accelerators (on CPU processes vftrain refuses it); "
         "test_distributed.py runs the FSDP2 path on CPU through tests/cpu_fsdp.py",

@@ -294,7 +294,8 @@ def _sample(backend, step=0):
     ([(0.1, 503)], 1.5, r"still failing after \d+ attempts within sample_timeout=1.5s: HTTP 503"),
     ([(10.0, 200)], 1.0, r"no answer within sample_timeout=1s"),  # stuck
 ])
-def test_slow_server_is_retried_within_the_timeout(tmp_path, plan, timeout, error):
+def test_slow_server_is_retried_within_the_timeout(tmp_path, plan, timeout, error, monkeypatch):
+    monkeypatch.setattr(OpenAIBackend, "_check_served", lambda self, name: None)  # the stub serves no model
     stub = Stub(plan)
     try:
         backend = OpenAIBackend(_trainer(tmp_path, stub.url, timeout=timeout))
@@ -315,7 +316,8 @@ def test_slow_server_is_retried_within_the_timeout(tmp_path, plan, timeout, erro
         stub.close()
 
 
-def test_server_without_token_ids_is_refused(tmp_path):
+def test_server_without_token_ids_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(OpenAIBackend, "_check_served", lambda self, name: None)  # the stub serves no model
     stub = Stub([(0.0, 200)], token_ids=False)
     try:
         with pytest.raises(SamplerError, match="no token ids.*vLLM >= 0.10.2"):

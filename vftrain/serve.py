@@ -31,6 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from vftrain.data.render import stop_token_ids
 from vftrain.sampling.embedded import encode_prompt, generate_ids, pad_token_id
+from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING
 from vftrain.sampling.tokens import Sample, sample
 
 COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (vLLM's too); chat defaults to the context left
@@ -48,7 +49,8 @@ class ModelHost:
 
         self.name = path
         self.model, self.tokenizer = get_model_and_tokenizer(path, packing=False)  # generation: no packed rows
-        self.adapters: set[str] = set()
+        self.adapters: set[str] = set()  # the adapters served (by name)
+        self.peft = False  # the model is a PeftModel (an adapter was loaded once)
         self.lock = threading.Lock()
         self.stops = stop_token_ids(self.tokenizer)
         self.pad = pad_token_id(self.tokenizer)
@@ -65,7 +67,9 @@ class ModelHost:
             self._check_length(ids, params, chat)
         with self.lock, self._serving(body.get("model") or self.name):
             results = [self._generate(ids, params) for ids in prompts]
-        return self._response(body, chat, params, prompts, results)
+            scored = [self._prompt_logprobs(ids) for ids in prompts] if params["prompt_logprobs"] is not None \
+                else None
+        return self._response(body, chat, params, prompts, results, scored)
 
     def _generate(self, prompt: list[int], p: dict) -> list[Sample]:
         stops = self.stops | set(p["stop_token_ids"])
@@ -77,6 +81,18 @@ class ModelHost:
         greedy = generate_ids(self.model, [prompt], p["max_tokens"], stops, self.pad,
                               logprobs=p["logprobs"] is not None)[0]
         return [greedy] * p["n"]  # greedy: every choice is the same completion, as vLLM returns
+
+    def _prompt_logprobs(self, ids: list[int]) -> list:
+        """vLLM's `prompt_logprobs` (0: each prompt token's own): None for the first token, then {id: {logprob,
+        rank, decoded_token}} from one forward over the prompt, unscaled by temperature as vLLM's."""
+        import torch
+
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+        targets = torch.tensor(ids[1:], device=logits.device)[:, None]
+        values = logits.log_softmax(-1).gather(-1, targets)[:, 0].tolist()
+        return [None] + [{str(t): {"logprob": v, "rank": None, "decoded_token": self.tokenizer.decode([t])}}
+                         for t, v in zip(ids[1:], values)]
 
     def _prompts(self, prompt) -> list[list[int]]:
         """`prompt` as vLLM takes it: text, token ids, or a list of either (one completion set per prompt)."""
@@ -106,7 +122,7 @@ class ModelHost:
         """The base model or the named adapter, for the duration of one request (under the lock)."""
         if name not in self.adapters and name != self.name:
             raise KeyError(f"model {name!r} is not served; have {[self.name, *sorted(self.adapters)]}")
-        if not self.adapters:
+        if not self.peft:
             yield
         elif name == self.name:
             with self.model.disable_adapter():
@@ -115,9 +131,10 @@ class ModelHost:
             self.model.set_adapter(name)
             yield
 
-    def _response(self, body: dict, chat: bool, p: dict, prompts: list, results: list[list[Sample]]) -> dict:
+    def _response(self, body: dict, chat: bool, p: dict, prompts: list, results: list[list[Sample]],
+                  scored: list | None) -> dict:
         choices = []
-        for prompt, samples in zip(prompts, results):
+        for k, (prompt, samples) in enumerate(zip(prompts, results)):
             for s in samples:
                 last = s.completion_ids[-1] if s.finish_reason == "stop" else None
                 # vLLM's stop_reason: the requested stop token that ended the completion (None for eos, length).
@@ -131,6 +148,8 @@ class ModelHost:
                     choice["token_ids"] = s.completion_ids
                     if not chat:
                         choice["prompt_token_ids"] = prompt  # vLLM: per choice for completions
+                if scored is not None and not chat:
+                    choice["prompt_logprobs"] = scored[k]
                 choices.append(choice)
         completion_tokens = sum(len(s.completion_ids) for samples in results for s in samples)
         prompt_tokens = sum(len(p) for p in prompts)
@@ -154,27 +173,34 @@ class ModelHost:
 
     # ---- weights
     def load_adapter(self, name: str, path: str) -> None:
+        """vLLM's runtime LoRA load, with its refusals: a name already loaded (without load_inplace, which this
+        server does not implement) or the base model's name is HTTP 400."""
         from peft import PeftModel
 
         with self.lock:
-            if not self.adapters:
+            if name in self.adapters or name == self.name:
+                raise BadRequest(f"The lora adapter '{name}' has already been loaded (or names the base model)")
+            if not self.peft:
                 self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                self.peft = True
             else:
                 self.model.load_adapter(path, adapter_name=name)
             self.adapters.add(name)
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
-            if name in self.adapters and len(self.adapters) > 1:
+            if name not in self.adapters:
+                raise KeyError(f"The lora adapter '{name}' cannot be found.")
+            self.adapters.discard(name)
+            if len(self.model.peft_config) > 1:  # peft keeps its last adapter: unlisted, never served
                 self.model.delete_adapter(name)
-                self.adapters.discard(name)
 
     def update_weights(self, path: str) -> None:
         from transformers import AutoModelForCausalLM
 
         fresh = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.dtype)
         with self.lock:
-            base = self.model.get_base_model() if self.adapters else self.model
+            base = self.model.get_base_model() if self.peft else self.model
             base.load_state_dict(fresh.state_dict())
 
 
@@ -195,6 +221,10 @@ def _params(body: dict, chat: bool, vocab: int) -> dict:
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     if body.get("stop"):
         raise BadRequest("stop strings are not supported; use stop_token_ids")
+    for key, neutral in NEUTRAL_SAMPLING.items():  # sampled as plain temperature + top-p, nothing else
+        value = body.get(key)
+        if value is not None and value != neutral and not (key == "top_k" and value == -1):
+            raise BadRequest(f"{key}={value!r}: only {neutral!r} (off) is supported")
     if body.get("stream"):
         raise BadRequest("stream is not supported; send stream = false")
     if chat:
@@ -203,6 +233,8 @@ def _params(body: dict, chat: bool, vocab: int) -> dict:
     else:
         logprobs = get("logprobs", None, lambda v: integer(v) and v == 0,
                        "only 0 (the sampled token's logprob) is supported")
+    prompt_logprobs = None if chat else get("prompt_logprobs", None, lambda v: integer(v) and v == 0,
+                                            "only 0 (each prompt token's own logprob) is supported")
     return {
         "n": get("n", 1, lambda v: integer(v) and v >= 1, "an integer >= 1"),
         "max_tokens": get("max_tokens", None, lambda v: integer(v) and v >= 1, "an integer >= 1"),
@@ -212,6 +244,7 @@ def _params(body: dict, chat: bool, vocab: int) -> dict:
         "stop_token_ids": get("stop_token_ids", [], lambda v: isinstance(v, list) and _is_ids(v)
                               and all(t < vocab for t in v), f"a list of token ids below {vocab}"),
         "logprobs": logprobs,
+        "prompt_logprobs": prompt_logprobs,
     }
 
 

@@ -38,9 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"])
         from vftrain.rl.trainer import RLTrainer
+        from vftrain.sampling.vllm_server import launched_vllm
 
-        return train(model, config, RLTrainer, lambda trainer: report_generation_accuracy(trainer, config,
-                                                                                          " before RL"))
+        with launched_vllm(config, model):  # stopped on return, error and Ctrl-C
+            return train(model, config, RLTrainer, lambda trainer: report_generation_accuracy(trainer, config,
+                                                                                              " before RL"))
     except VFTrainError as exc:
         print(f"vf-rl: error: {exc}", file=sys.stderr)
         return 2

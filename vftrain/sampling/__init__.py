@@ -70,11 +70,14 @@ def held_out_samples(raw_train, raw_eval, n: int):
 
 
 def make_backend(trainer):
-    """The generation backend the config names: `backend(prompts, step) -> completions`."""
+    """The generation backend the config names: `backend(prompts, step) -> completions`. The trainer's own
+    OpenAI backend (RL rollouts), when it has one, is shared: two would each push the weights and load the same
+    adapter name, which vLLM refuses (issue 18 item 7)."""
     if trainer.args.sample_backend == "openai":
         from vftrain.sampling.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(trainer)
+        shared = getattr(trainer, "backend", None)
+        return shared if isinstance(shared, OpenAIBackend) else OpenAIBackend(trainer)
     from vftrain.sampling.callback import embedded_backend
 
     return embedded_backend(trainer)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import socket
 import threading
@@ -34,6 +35,20 @@ from vftrain.sampling.tokens import Sample, seed_for
 
 # Overloaded, restarting or behind a proxy that timed out. Not 500: an error in the server, which a retry repeats.
 RETRIED_STATUS = {408, 429, 502, 503, 504}
+# Every sampling field a server may fill from the checkpoint's generation_config.json when a request leaves it
+# unset, at its neutral value: vLLM takes "user -> server default -> OpenAI default", and the server default with
+# `--generation-config auto` is generation_config.json (Qwen2.5/3: top_k 20, repetition_penalty 1.05), so rollouts
+# would come from a distribution the trainer does not model (issue 18 item 4; vLLM 0.32
+# `entrypoints/openai/completion/protocol.py` `to_sampling_params`, `config/model.py` `get_diff_sampling_param`).
+# top_k 0 is "disabled" in vLLM 0.32 (`SamplingParams`: "top_k must be 0 (disable), or at least 1"; -1 is still
+# accepted quietly). temperature and top_p are sent from the config on every request.
+NEUTRAL_SAMPLING = {"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+                    "frequency_penalty": 0.0}
+# After every push the server's logprobs of this text are compared with the trainer's (`_check_served`).
+PROBE_TEXT = "The weights were pushed at this step: 12 + 34 = 46."
+# Mean |server - trainer| logprob of the probe above which the server serves other weights: far above float32
+# noise (~1e-6 on the tiny test model) and bfloat16's (~1e-2), far below a different model's.
+PROBE_TOLERANCE = 0.5
 
 
 class OpenAIBackend:
@@ -55,14 +70,24 @@ class OpenAIBackend:
         threading.Thread(target=self.loop.run_forever, daemon=True, name="vftrain-sampling").start()
         key = os.environ.get("VFTRAIN_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
+        # vLLM's dev routes (/pause, /collective_rpc, ...) sit at the server's root, beside /v1
+        self.root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         self.served_name = trainer.model_source or "model"
+        self.nonce = _process_start_nonce(args)
+        self.probe_ids = trainer.processing_class(PROBE_TEXT)["input_ids"]
+        self.server: str | None = None  # "vllm" or "vftrain", found at the first full-weight push
         self.current_adapter: tuple[str, str] | None = None  # (name, folder) of the adapter now served
+        self.previous_folder: str | None = None  # full weights: the folder pushed last, deleted after the next
         self.saved: tuple[int, tuple[str, str, bool]] | None = None  # (step, what _save wrote)
+        self.expected = None  # (step, the trainer's probe logprobs) of the weights saved last
+        self.previous_expected = None  # the trainer's probe logprobs of the weights saved before those
         self.pushed_step: int | None = None
 
     def __call__(self, prompts: list, step: int) -> list[str]:
         name = self.push_weights(step)
-        return self._run(lambda deadline: _all(self._complete(p, name, deadline) for p in prompts))
+        completions = self._run(lambda deadline: _all(self._complete(p, name, deadline) for p in prompts))
+        self._check_served(name)
+        return completions
 
     def sample_tokens(self, prompts: list[list[int]], *, step: int, n: int, max_new_tokens: int,
                       temperature: float, top_p: float, stop_ids, seed: int) -> list[list[Sample]]:
@@ -70,12 +95,16 @@ class OpenAIBackend:
         as `vftrain.sampling.tokens.sample` returns them: one list of `n` Samples per prompt, with the server's
         token ids and per-token logprobs (processed ones with `vllm serve --logprobs-mode processed_logprobs`).
         Prompt i is sampled with seed `seed_for(seed, i)`: the same call gives the same rollouts from a server
-        whose seeded sampling is reproducible (vftrain.serve; vLLM per its own batch-invariance)."""
+        whose seeded sampling is reproducible (vftrain.serve; vLLM per its own batch-invariance). The round ends
+        with a check that the server still serves the pushed weights (`_check_served`)."""
         name = self.push_weights(step, everyone=self.trainer.args.world_size > 1)
         body = {"model": name, "n": n, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                "logprobs": 0, "extra_body": {"return_token_ids": True, "stop_token_ids": sorted(stop_ids)}}
-        return self._run(lambda deadline: _all(self._sample(list(p), {**body, "seed": seed_for(seed, i)}, deadline)
-                                               for i, p in enumerate(prompts)))
+                "logprobs": 0, "extra_body": {**NEUTRAL_SAMPLING, "return_token_ids": True,
+                                              "stop_token_ids": sorted(stop_ids)}}
+        samples = self._run(lambda deadline: _all(self._sample(list(p), {**body, "seed": seed_for(seed, i)},
+                                                               deadline) for i, p in enumerate(prompts)))
+        self._check_served(name)
+        return samples
 
     def participate(self, prompts: list, step: int) -> None:
         """The part of a sampling round that the other processes run when the weights are sharded: their share
@@ -86,68 +115,109 @@ class OpenAIBackend:
     def push_weights(self, step: int, everyone: bool = False) -> str:
         """Make the server serve the weights of optimizer step `step` (once per step); returns the model name
         to sample from. `everyone`: every process calls this at the same point (RL rollouts): the main process
-        saves (all take part when the weights are sharded) and pushes, and the others wait for it."""
+        saves (all take part when the weights are sharded) and pushes, and the others wait for it, at every call
+        (a push already made for this step, e.g. by the held-out samples sharing this backend, included)."""
         trainer = self.trainer
-        if self.pushed_step == step:
-            return self._name(step)
-        if everyone and not trainer.sharded and not trainer.args.should_save:
-            trainer.accelerator.wait_for_everyone()  # the main process saves and pushes
-            self.pushed_step = step
-            return self._name(step)
-        name, path, adapter = self._save(step)
-        if everyone and not trainer.args.should_save:  # a sharded process's part of the save is done
-            trainer.accelerator.wait_for_everyone()
-            self.pushed_step = step
-            return name
+        main = trainer.args.should_save
         try:
-            self._push(name, path, adapter)
+            if self.pushed_step != step and (main or trainer.sharded):
+                name, path, adapter = self._save(step)
+                if main:
+                    self._push(name, path, adapter)
+            self.pushed_step = step
         finally:
             if everyone:
                 trainer.accelerator.wait_for_everyone()
-        self.pushed_step = step
-        return name
+        return self._name(step)
 
     def _name(self, step: int) -> str:
+        """The served model name: the base model's for full weights; for LoRA a name of this process start
+        (`nonce`), so that no adapter a previous process left on the server (a resume, a re-run with the same
+        run_name) has it: vLLM refuses to load a name twice, and keys its prefix cache by (name, folder)."""
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        return f"{self.trainer.args.run_name}-step-{step}" if hasattr(model, "peft_config") else self.served_name
+        if not hasattr(model, "peft_config"):
+            return self.served_name
+        return f"{self.trainer.args.run_name}-{self.nonce}-step-{step}"
 
     def _push(self, name: str, path: str, adapter: bool) -> None:
-        if not adapter:
-            try:
-                self._post("/update_weights", {"path": path})
-            except SamplerError as exc:
-                if "HTTP 404" not in str(exc):
-                    raise
-                raise SamplerError(f"{exc}; full-weight pushes need a server with POST /v1/update_weights "
-                                   "(python -m vftrain.serve); with stock vllm serve train LoRA (use_lora)") from None
-        else:
+        if adapter:
+            if self.current_adapter is None:
+                self._unload_stale()
             self._post("/load_lora_adapter", {"lora_name": name, "lora_path": path})
             if self.current_adapter:
                 self._unload(*self.current_adapter)
             self.current_adapter = (name, path)
+        else:
+            if self.server is None:
+                self.server = self._detect_server()
+            if self.server == "vllm":
+                self._reload_vllm(path)
+            else:
+                self._update_weights(path)
+            if self.previous_folder:
+                shutil.rmtree(self.previous_folder, ignore_errors=True)
+            self.previous_folder = path
+        self._check_served(name)
+
+    def _detect_server(self) -> str:
+        """"vllm" for a vLLM server in dev mode (it answers GET /is_paused), else "vftrain" (the server must
+        then take POST /v1/update_weights, as vftrain.serve does)."""
+        try:
+            self._get(self.root + "/is_paused")
+            return "vllm"
+        except SamplerError as exc:
+            if not any(f"HTTP {code}" in str(exc) for code in (404, 405, 501)):  # no such route
+                raise
+        return "vftrain"
+
+    def _reload_vllm(self, path: str) -> None:
+        """Stock vLLM (>= 0.32, VLLM_SERVER_DEV_MODE=1): pause (in-flight requests finish), reload every weight
+        from the folder (`/collective_rpc` -> the worker's `reload_weights`), drop the prefix cache (its KV
+        blocks were computed with the old weights and are keyed by tokens only), resume."""
+        self._post(self.root + "/pause", {}, params={"mode": "wait"})
+        try:
+            self._post(self.root + "/collective_rpc", {"method": "reload_weights",
+                                                       "kwargs": {"weights_path": path}})
+            reset = self._post(self.root + "/reset_prefix_cache", {})
+            if not (isinstance(reset, dict) and reset.get("success")):
+                raise SamplerError(f"{self.root}/reset_prefix_cache failed after a weight push ({reset!r}): "
+                                   "its cached KV blocks would come from the old weights")
+        finally:
+            self._post(self.root + "/resume", {})
+
+    def _update_weights(self, path: str) -> None:
+        try:
+            self._post("/update_weights", {"path": path})
+        except SamplerError as exc:
+            if "HTTP 404" not in str(exc):
+                raise
+            raise SamplerError(f"{exc}; full-weight pushes need vLLM started with VLLM_SERVER_DEV_MODE=1 on "
+                               "127.0.0.1 (README, sampling) or python -m vftrain.serve; or train LoRA (use_lora)") \
+                from None
 
     def _save(self, step: int) -> tuple[str, str, bool]:
-        """(served name, folder, is a LoRA adapter) of the weights written for this step, written once. With
-        sharded weights every process takes part (the Trainer's save gathers them); the main process writes."""
+        """(served name, folder, is a LoRA adapter) of the weights written for this step, written once to a
+        folder of its own (vLLM reports stale weights when a folder is overwritten in place, vllm#32718), with
+        the trainer's logprobs of the probe text that `_check_served` compares. With sharded weights every
+        process takes part (the Trainer's save and the probe's forward gather them); the main process writes."""
         if self.saved and self.saved[0] == step:
             return self.saved[1]
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
-        root = os.path.abspath(os.path.join(trainer.args.output_dir, "sampling"))
         adapter = hasattr(model, "peft_config")
         name = self._name(step)
-        if adapter:
-            path = os.path.join(root, f"step-{step}")
-        else:
-            path = os.path.join(root, "latest")
-            if trainer.args.should_save:
-                shutil.rmtree(path, ignore_errors=True)
+        path = os.path.join(os.path.abspath(os.path.join(trainer.args.output_dir, "sampling")),
+                            f"{self.nonce}-step-{step}")
+        if self.saved is None and trainer.args.should_save:  # folders a previous process left
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
         if trainer.sharded:
             trainer.save_model(path)
         else:
             model.save_pretrained(path)
             if not adapter:
                 trainer.processing_class.save_pretrained(path)
+        self.previous_expected = self.expected[1] if self.expected else None
+        self.expected = (step, probe_logprobs(trainer, self.probe_ids))
         self.saved = (step, (name, path, adapter))
         return self.saved[1]
 
@@ -158,17 +228,69 @@ class OpenAIBackend:
             pass
         shutil.rmtree(path, ignore_errors=True)
 
-    def _post(self, path: str, body: dict) -> None:
-        self._run(lambda deadline: self._request(
+    def _unload_stale(self) -> None:
+        """Unload the adapters of this run_name that an earlier process left on the server (a crash, a resume,
+        a re-run), before the first load: they hold vLLM's LoRA slots, and vLLM's names must be unique."""
+        pattern = re.compile(re.escape(self.trainer.args.run_name) + r"-([0-9a-f]{8}-)?step-\d+")
+        models = self._get("/models")
+        for card in models.get("data", []) if isinstance(models, dict) else []:
+            if isinstance(card, dict) and pattern.fullmatch(str(card.get("id"))):
+                self._unload(card["id"], "")
+
+    def _check_served(self, name: str) -> None:
+        """Fail unless the server serves the weights pushed last (main process; after the push and after each
+        round). The server's logprobs of a fixed probe text are compared with the trainer's from `_save`: a push
+        that did not land, or a server restarted since, is a SamplerError, never a step trained on stale
+        rollouts."""
+        if not self.trainer.args.should_save or self.expected is None:
+            return
+        step, expected = self.expected
+        served = self._run(lambda deadline: self._probe(name, deadline))
+        gap = float((served - expected).abs().mean())
+        before = None if self.previous_expected is None else float((served - self.previous_expected).abs().mean())
+        # Stale: far from these weights (another model, or a server restarted from another checkpoint), or
+        # markedly closer to the previous push's than to these. A step that moved the probe by less than the
+        # numeric noise leaves both gaps equal, so noise alone never trips the second test.
+        if gap > PROBE_TOLERANCE or (before is not None and gap > 2 * before):
+            was = "" if before is None else f", {before:.3g} from the previous push's"
+            raise SamplerError(f"{self.base_url} does not serve the weights of step {step}: its logprobs of a "
+                               f"probe text are {gap:.3g} nats (mean) from the trainer's{was}; the weight push did "
+                               "not land or the server restarted. Stopped rather than train on stale rollouts")
+
+    async def _probe(self, name: str, deadline: float):
+        """The server's float logprobs of the probe text's tokens (vLLM's `prompt_logprobs`), as a tensor."""
+        import torch
+
+        response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
+            model=name, prompt=self.probe_ids, max_tokens=1, temperature=1.0, top_p=1.0, timeout=timeout,
+            extra_body={**NEUTRAL_SAMPLING, "prompt_logprobs": 0}))
+        logprobs = (getattr(response.choices[0], "prompt_logprobs", None) or [None])[1:]
+        try:
+            values = [entry[str(t)]["logprob"] for entry, t in zip(logprobs, self.probe_ids[1:])]
+        except (KeyError, TypeError):
+            values = []
+        if len(values) != len(self.probe_ids) - 1:
+            raise SamplerError(f"{self.base_url} returned no prompt_logprobs for the probe that checks each weight "
+                               "push: use vLLM or vftrain.serve")
+        return torch.tensor(values, dtype=torch.float32)
+
+    def _post(self, path: str, body: dict, params: dict | None = None):
+        options = {"params": params} if params else {}
+        return self._run(lambda deadline: self._request(
             path, deadline, lambda timeout: self.client.post(path, body=body, cast_to=object,
-                                                             options={"timeout": timeout})))
+                                                             options={"timeout": timeout, **options})))
+
+    def _get(self, path: str):
+        return self._run(lambda deadline: self._request(
+            path, deadline, lambda timeout: self.client.get(path, cast_to=object, options={"timeout": timeout})))
 
     # ---- requests
     async def _complete(self, prompt, model: str, deadline: float) -> str:
         args = self.trainer.args
         # RL shows greedy held-out samples (sample_temperature 0) while its rollouts use args.temperature
         temperature = getattr(self.trainer, "sample_temperature", args.temperature)
-        common = dict(model=model, max_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p)
+        common = dict(model=model, max_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+                      extra_body=NEUTRAL_SAMPLING)
         if isinstance(prompt, str):
             response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
                 prompt=prompt, timeout=timeout, **common))
@@ -204,6 +326,7 @@ class OpenAIBackend:
         and the round's deadline allows; every failure is a one-line SamplerError naming the URL."""
         import openai
 
+        url = what if "://" in what else self.base_url + what
         delay, attempt = 0.5, 0
         while True:
             attempt += 1
@@ -212,7 +335,7 @@ class OpenAIBackend:
                 # The HTTP timeout bounds each read; wait_for bounds the whole attempt.
                 return await asyncio.wait_for(send(remaining), remaining + 0.5)
             except (openai.APITimeoutError, asyncio.TimeoutError):
-                raise SamplerError(f"{self.base_url}{what}: no answer within sample_timeout={self.timeout:g}s "
+                raise SamplerError(f"{url}: no answer within sample_timeout={self.timeout:g}s "
                                    f"({attempt} attempt(s)); the server is stuck or too slow for this round "
                                    "(raise sample_timeout)") from None
             except openai.APIConnectionError as exc:
@@ -226,11 +349,11 @@ class OpenAIBackend:
                     raise SamplerError(f"{self.base_url} refused the API key (HTTP {exc.status_code}): set "
                                        "VFTRAIN_API_KEY to the server's --api-key") from None
                 if exc.status_code not in RETRIED_STATUS:
-                    raise SamplerError(f"{self.base_url}{what} answered HTTP {exc.status_code}: "
+                    raise SamplerError(f"{url} answered HTTP {exc.status_code}: "
                                        f"{_message(exc)}") from None
                 problem = f"HTTP {exc.status_code}: {_message(exc)}"
             if time.monotonic() + delay >= deadline:
-                raise SamplerError(f"{self.base_url}{what} still failing after {attempt} attempts within "
+                raise SamplerError(f"{url} still failing after {attempt} attempts within "
                                    f"sample_timeout={self.timeout:g}s: {problem}")
             await asyncio.sleep(delay)
             delay = min(2 * delay, 8.0)
@@ -266,3 +389,31 @@ def _message(exc) -> str:
     body = exc.body.get("error", exc.body) if isinstance(exc.body, dict) else exc.body
     text = body.get("message") if isinstance(body, dict) else body
     return str(text or exc.message).splitlines()[0][:300]
+
+
+def _process_start_nonce(args) -> str:
+    """8 hex digits new at every process start, the same on every process of the run (all of them send the
+    adapter's name; the main one picks it)."""
+    nonce = [os.urandom(4).hex()]
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(nonce, src=0)
+    return nonce[0]
+
+
+def probe_logprobs(trainer, ids: list[int]):
+    """The trained model's float32 logprobs of each token of `ids` after the ones before it (eval mode, no grad);
+    with sharded weights every process runs it (the forward gathers them)."""
+    import torch
+
+    model = trainer.model if trainer.sharded else trainer.accelerator.unwrap_model(trainer.model)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids], device=trainer.args.device)).logits[0, :-1].float()
+    finally:
+        model.train(training)
+    targets = torch.tensor(ids[1:], device=logits.device)[:, None]
+    return logits.log_softmax(-1).gather(-1, targets)[:, 0].cpu()
