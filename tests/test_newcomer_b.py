@@ -100,3 +100,99 @@ def test_help_from_the_cache_lists_every_field(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rollouts_per_example = 8" in out and "per_device_train_batch_size = None" in out
     assert all(f"  {name} = " in out for name in RLConfig.__dataclass_fields__ if name in ("beta", "chat_template"))
+
+
+# ---- item 7: tool-call rows under a template that ignores tool_calls; the chat_template setting
+
+def _tool_row(city: str = "Oslo") -> dict:
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}
+    return {"prompt": [{"role": "user", "content": f"Weather in {city}?"}],
+            "completion": [{"role": "assistant", "content": "", "tool_calls": [call]},
+                           {"role": "tool", "content": "14 C, rain", "tool_call_id": "c1"},
+                           {"role": "assistant", "content": "14 C, rain."}]}
+
+
+# A ChatML template that writes tool calls as Hermes-style text (the tiny template ignores them).
+TOOL_TEMPLATE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + (m['content'] or '') }}"
+                 "{%- for c in m.get('tool_calls') or [] %}{{- '<tool_call>' + c['function']['name'] + ' ' "
+                 "+ (c['function']['arguments'] | tojson) + '</tool_call>' }}{%- endfor %}"
+                 "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}"
+                 "{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _data(tmp_path, rows) -> str:
+    from conftest import write_jsonl
+
+    return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+def test_tool_calls_the_template_ignores_are_named_as_the_reason(tmp_path, capsys):
+    toml = _toml(tmp_path, "sft", "max_seq_len = 256\n")
+    code = main(["@", toml, "--dataset", _data(tmp_path, [_tool_row()] * 3), "--inspect", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "3 rows dropped: chat template does not render the assistant's tool_calls" in err
+    assert "set chat_template to" in err and "<think>" not in err
+
+
+def test_a_character_the_tokenizer_cannot_encode_is_named(tmp_path, capsys):
+    rows = [{"prompt": [{"role": "user", "content": "Weather?"}],
+             "completion": [{"role": "assistant", "content": answer}]} for answer in ("14°C", "14 C")]
+    code = main(["@", _toml(tmp_path, "sft", ""), "--dataset", _data(tmp_path, rows), "--inspect", "1", "--json"])
+    err = capsys.readouterr().err
+    assert code == 0 and "1 rows dropped: the tokenizer cannot encode '°' in assistant text" in err
+
+
+def test_chat_template_setting_trains_the_tool_calls_and_is_saved(tmp_path, capsys):
+    """As template text on --inspect, and as a file for a 1-step run whose saved tokenizer carries it."""
+    data = _data(tmp_path, [_tool_row(c) for c in ("Oslo", "Rome", "Lima", "Kyiv")] * 2)
+    code = main(["@", _toml(tmp_path, "sft", "max_seq_len = 256\n"), "--dataset", data, "--inspect", "1", "--json",
+                 "--sft.chat_template", TOOL_TEMPLATE])
+    out = capsys.readouterr().out
+    assert code == 0
+    import json
+
+    row = json.loads(out.splitlines()[0])
+    from transformers import AutoTokenizer
+
+    trained = AutoTokenizer.from_pretrained(TINY).decode([t for t, m in zip(row["input_ids"], row["loss_mask"])
+                                                          if m])
+    assert '<tool_call>get_weather {"city": "Oslo"}</tool_call><|im_end|>' in trained and "14 C, rain.<|im_end|>" \
+        in trained and "Weather in" not in trained
+    template = tmp_path / "tools.jinja"
+    template.write_text(TOOL_TEMPLATE)
+    out_dir = tmp_path / "run"
+    code = main(["@", _toml(tmp_path, "sft", "max_seq_len = 256\n"), "--dataset", data, "--sft.chat_template",
+                 str(template), "--sft.max_steps", "1", "--sft.batch_size", "8", "--sft.output_dir", str(out_dir),
+                 "--sft.save_strategy", "no", "--sft.disable_tqdm", "true"])
+    assert code == 0
+    saved = AutoTokenizer.from_pretrained(out_dir)
+    assert saved.chat_template == TOOL_TEMPLATE
+
+
+def test_chat_template_that_is_neither_text_nor_a_file(tmp_path, capsys):
+    assert main(["@", _toml(tmp_path, "sft", "chat_template = 'no/such.jinja'\n")]) == 2
+    assert "chat_template = 'no/such.jinja' is neither template text" in capsys.readouterr().err
+
+
+# ---- item 24: prompts that lose characters
+
+def test_prompt_characters_the_tokenizer_drops_are_warned_about_once(tmp_path, capsys, caplog):
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": "ok"}]}
+            for q in ("Météo à Oslo?", "Weather in Oslo?", "Zürich?")]
+    with caplog.at_level("WARNING", logger="vftrain"):
+        assert main(["@", _toml(tmp_path, "sft", ""), "--dataset", _data(tmp_path, rows), "--inspect", "1",
+                     "--json"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if "cannot encode" in r.getMessage()]
+    assert warnings == ["train data: 2 rows lose characters of their prompt that the tokenizer cannot encode: 'àéü' "
+                        "(first: row 0); the model never sees them"]
+
+
+def test_rl_prompts_that_lose_characters_are_warned_about(caplog):
+    from conftest import tiny_tokenizer
+    from vftrain.rl.rollouts import PromptSet
+
+    items = [([{"role": "user", "content": "Météo?"}], "x", None), ("Oslo?", "y", None)]
+    with caplog.at_level("WARNING", logger="vftrain"):
+        PromptSet.from_prompts(items, tiny_tokenizer(), 64)
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 prompts lose characters that the tokenizer cannot encode: 'é' (first: prompt 0); the model never sees them"]

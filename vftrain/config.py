@@ -144,6 +144,9 @@ class TrainerConfig(TrainingArguments):
                               "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "
                               "parameter. FSDP2 and DeepSpeed keep float32 master weights themselves.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
+    chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
+                                   "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
+                                   "tool-calling template) or the template text itself; None: the tokenizer's own.")
     use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU). "
                                 "Default: on when training on a CUDA GPU with liger-kernel installed (a dependency on "
                                 "Linux) and the model type supported (0.5B: -20% peak memory, up to +18% speed; "
@@ -250,6 +253,10 @@ class TrainerConfig(TrainingArguments):
             self.max_grad_norm = 0.0
         self._validate_choices()
         self._validate_lora_modules()
+        if self.chat_template is not None:
+            from vftrain.models import read_chat_template
+
+            read_chat_template(self.chat_template)  # a missing file is named now, not after the model loads
         if self.micro_batch_tokens is not None and not self.packing:
             raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
         if self.attn_implementation == "varlen" and not self.packing:

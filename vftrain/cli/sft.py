@@ -175,7 +175,7 @@ def inspect_setup(model: str, config, n_text: str, what: str):
     """(count, tokenizer) for `--inspect N`: N checked, the model's tokenizer loaded with a pad token."""
     from transformers import AutoTokenizer
 
-    from vftrain.models import ensure_pad_token, load_error
+    from vftrain.models import ensure_pad_token, load_error, read_chat_template
 
     try:
         n = int(n_text)
@@ -185,6 +185,8 @@ def inspect_setup(model: str, config, n_text: str, what: str):
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
     except OSError as exc:
         raise load_error("tokenizer", model, exc) from None
+    if config.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     ensure_pad_token(tokenizer)
     return n, tokenizer
 
