@@ -196,3 +196,20 @@ def test_rl_prompts_that_lose_characters_are_warned_about(caplog):
         PromptSet.from_prompts(items, tiny_tokenizer(), 64)
     assert [r.getMessage() for r in caplog.records] == [
         "1 prompts lose characters that the tokenizer cannot encode: 'é' (first: prompt 0); the model never sees them"]
+
+
+# ---- item 13: --inspect into a pipe or file
+
+def test_inspect_into_a_pipe_marks_trained_text_keeps_lines_and_counts_dataset_rows(tmp_path, capsys):
+    system = "You answer with the weather in one short line: the temperature, then the sky, and nothing else at all."
+    rows = [{"prompt": [{"role": "user", "content": "x"}], "completion": [{"role": "assistant", "content": "1°"}]},
+            {"prompt": [{"role": "system", "content": system}, {"role": "user", "content": "Oslo?"}],
+             "completion": [{"role": "assistant", "content": "14 C, rain."}]}]
+    code = main(["@", _toml(tmp_path, "sft", "max_seq_len = 256\n"), "--dataset", _data(tmp_path, rows),
+                 "--inspect", "5"])
+    captured = capsys.readouterr()
+    assert code == 0 and "(first: row 0)" in captured.out  # the dropped row, numbered as in the dataset
+    assert "--- dataset row 1: " in captured.out and "row 0:" not in captured.out
+    assert system + "<|im_end|>" in captured.out.splitlines()  # one line, as in the tokens
+    assert "<|im_start|>assistant\n[[14 C, rain.<|im_end|>]]\n" in captured.out
+    assert "between [[ and ]]" in captured.out and "--json" in captured.out and "green" not in captured.out

@@ -14,8 +14,9 @@ USAGE = """usage: vf-sft @ path/to/config.toml [--sft.<field> VALUE ...] [--mode
 
 Supervised fine-tuning. The TOML file holds top-level `model` and `dataset` and an [sft] table of the fields
 below; command-line values override the file (e.g. --sft.max_steps 40 --model path/to/model).
---inspect N prints the first N training rows as they will be trained (trained tokens in green) and the
-masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text).
+--inspect N prints the first N training rows as they will be trained (trained tokens in green; between [[ and
+]] in a pipe or file) and the masking statistics, without training; with --json, one JSON object per row (row,
+input_ids, loss_mask, text). Rows are numbered as in the dataset, as the counts of dropped rows are.
 `export` merges a LoRA adapter into its base model (a folder transformers and vLLM load without peft).
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
 (143); a second one stops at once."""
