@@ -213,3 +213,29 @@ def test_inspect_into_a_pipe_marks_trained_text_keeps_lines_and_counts_dataset_r
     assert system + "<|im_end|>" in captured.out.splitlines()  # one line, as in the tokens
     assert "<|im_start|>assistant\n[[14 C, rain.<|im_end|>]]\n" in captured.out
     assert "between [[ and ]]" in captured.out and "--json" in captured.out and "green" not in captured.out
+
+
+# ---- item 16: settings transformers refuses only once training starts
+
+@pytest.mark.parametrize("body,message", [
+    ("lr_scheduler_type = 'cosine_with_min_lr'\n",
+     "lr_scheduler_type = 'cosine_with_min_lr' needs one of min_lr and min_lr_rate in lr_scheduler_kwargs"),
+    ("report_to = ['tensorboard']\n", "report_to = ['tensorboard']: 'tensorboard' needs its package, which is not "
+                                     "installed: pip install 'vftrain[tensorboard]'"),
+])
+def test_settings_that_would_fail_in_transformers_fail_at_config_time(tmp_path, capsys, monkeypatch, body, message):
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: [])  # none installed
+    assert main(["@", _toml(tmp_path, "sft", body), "--inspect", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cosine_with_min_lr_with_its_floor_is_accepted(tmp_path):
+    from vftrain.cli.args import parse_argv
+    from vftrain.cli.sft import FLAGS, resolve
+
+    _, config = resolve(parse_argv(["@", _toml(tmp_path, "sft", "lr_scheduler_type = 'cosine_with_min_lr'\n"
+                                                "lr_scheduler_kwargs = {min_lr_rate = 0.1}\n")], "sft", FLAGS))
+    assert config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}

@@ -122,6 +122,36 @@ def _reporting_integrations() -> tuple:
     return tuple(INTEGRATION_TO_CALLBACK)
 
 
+# What to install for each report_to integration whose package transformers can tell is missing (its callback
+# otherwise raises in Trainer.__init__, after the data is tokenized).
+_INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vftrain[wandb]'", "trackio": "trackio",
+                         "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
+                         "dagshub": "dagshub", "dvclive": "dvclive", "codecarbon": "codecarbon",
+                         "swanlab": "swanlab", "azure_ml": "azureml-core", "kubeflow": "kubeflow"}
+# Schedules whose transformers function needs exactly one of min_lr / min_lr_rate, and fails on the first step
+# without (optimization.py: get_cosine_with_min_lr_schedule_with_warmup).
+_MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
+
+
+def _check_late_failures(config) -> None:
+    """Settings transformers accepts here but refuses once training starts, named now with their fix."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    schedule = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+    kwargs = config.lr_scheduler_kwargs
+    if schedule in _MIN_LR_SCHEDULES and isinstance(kwargs or {}, dict) and \
+            ("min_lr" in (kwargs or {})) == ("min_lr_rate" in (kwargs or {})):
+        raise ConfigError(f"lr_scheduler_type = {schedule!r} needs one of min_lr and min_lr_rate in "
+                          f"lr_scheduler_kwargs (got {kwargs!r}); e.g. lr_scheduler_kwargs = {{min_lr_rate = 0.1}} "
+                          "decays to a tenth of learning_rate")
+    reporters = [config.report_to] if isinstance(config.report_to, str) else (config.report_to or [])
+    available = get_available_reporting_integrations()
+    for name in reporters:
+        if name in _INTEGRATION_PACKAGES and name not in available:
+            raise ConfigError(f"report_to = {config.report_to!r}: {name!r} needs its package, which is not "
+                              f"installed: pip install {_INTEGRATION_PACKAGES[name]}")
+
+
 @dataclass
 class TrainerConfig(TrainingArguments):
     """Fields shared by SFT and RL: model loading, LoRA, data source, batch shape, logging defaults and sample
@@ -354,6 +384,7 @@ class TrainerConfig(TrainingArguments):
             if name not in known:
                 raise ConfigError(f"report_to = {self.report_to!r}: {name!r} is not an integration; choose from "
                                   + ", ".join(repr(k) for k in known))
+        _check_late_failures(self)
         if self.label_smoothing_factor:  # transformers applies it in the compute_loss that vftrain replaces
             raise ConfigError(f"label_smoothing_factor = {self.label_smoothing_factor!r} is not supported (vftrain's "
                               "loss is the plain cross-entropy of the trained tokens); leave it 0")
