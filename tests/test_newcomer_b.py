@@ -239,3 +239,71 @@ def test_cosine_with_min_lr_with_its_floor_is_accepted(tmp_path):
     _, config = resolve(parse_argv(["@", _toml(tmp_path, "sft", "lr_scheduler_type = 'cosine_with_min_lr'\n"
                                                 "lr_scheduler_kwargs = {min_lr_rate = 0.1}\n")], "sft", FLAGS))
     assert config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+
+
+# ---- item 18: console noise
+
+def _logged_run(tmp_path, *extra) -> str:
+    """vf-sft with stdout and stderr into one file, as `vf-sft ... > log 2>&1` writes it."""
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "vftrain.cli.sft", "@", "examples/quickstart.toml", "--sft.output_dir",
+           str(tmp_path / "run"), "--sft.max_steps", "2", "--sft.save_steps", "1", "--sft.logging_steps", "1",
+           "--sft.sample_every_n_steps", "1", "--sft.num_samples", "1", "--sft.max_new_tokens", "3",
+           "--sft.eval_generation_rows", "2", *extra]
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    text = log.read_text()
+    assert proc.returncode == 0, text[-2000:]
+    return text
+
+
+def test_a_logged_run_and_its_resume_are_plain_lines_without_warnings(tmp_path):
+    first = _logged_run(tmp_path)
+    resumed = _logged_run(tmp_path, "--sft.max_steps", "3", "--sft.resume_from_checkpoint", "latest")
+    for text in (first, resumed):
+        assert "\r" not in text and "Loading weights" not in text and "Tokenizing" not in text
+        assert "deprecated" not in text and "Warning" not in text
+        assert "step 1/2 | loss" in first and "step 3/3 | loss" in resumed
+    assert "missing keys" not in resumed  # the tied head, saved once as the embedding
+
+
+def test_lora_runs_without_peft_deprecation_warnings(tmp_path):
+    import warnings
+
+    from conftest import small_config
+    from transformers import AutoModelForCausalLM
+    from vftrain.models import apply_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(AutoModelForCausalLM.from_pretrained(TINY), small_config(tmp_path, use_lora=True))
+    assert not [w for w in caught if "deprecated" in str(w.message)]
+
+
+def test_rl_console_column_is_named_as_its_metric():
+    from vftrain.logging import format_metrics
+
+    assert "frac_reward_zero_std 0.25" in format_metrics(3, 10, {"reward": 0.5, "frac_reward_zero_std": 0.25})
+
+
+def test_rl_sampling_passes_the_cache_under_its_current_name():
+    """RL rollouts (and vftrain.serve) decode with vftrain's own loop: it passed `past_key_values`, which transformers
+    5 renames with a deprecation warning on every run."""
+    import logging
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+    from vftrain.sampling.tokens import sample
+
+    transformers.utils.logging.warning_once.cache_clear()  # once per process: an earlier test may have had it
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        sample(AutoModelForCausalLM.from_pretrained(TINY), [[1, 2, 3]], n=2, max_new_tokens=3, temperature=1.0,
+               top_p=1.0, stop_ids={0}, pad_id=0, seed=0)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "deprecated" in r.getMessage()]

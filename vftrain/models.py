@@ -288,9 +288,15 @@ def lora_config_from(args: TrainerConfig):
 
 def apply_lora(model: PreTrainedModel, args: TrainerConfig):
     """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
+    import warnings
+
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config_from(args))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning is about peft's
+        # code, not the user's, and repeats on every LoRA run.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config_from(args))
     config = peft_model.peft_config[peft_model.active_adapter]
     config.base_model_name_or_path = local_abspath(config.base_model_name_or_path)
     trainable, total = count_parameters(peft_model)

@@ -151,6 +151,16 @@ class VFTrainer(Trainer):
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers' check after a resume, without the tied output head: it is saved once, as the embedding,
+        and transformers 5 no longer lists it in `_keys_to_ignore_on_save`, so every resume of a tied model said
+        "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" (harmless, read as corruption)."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        if tied & set(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in tied]))
+
     def _warn_on_data_changes(self, resume) -> None:
         """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
         if resume is True:

@@ -195,7 +195,9 @@ def inspect_setup(model: str, config, n_text: str, what: str):
 def inspect(model: str, config, n_text: str, as_json: bool) -> int:
     from vftrain.cli.inspect import print_rows
     from vftrain.data import prepare_rows
+    from vftrain.logging import quiet_progress_bars
 
+    quiet_progress_bars()
     n, tokenizer = inspect_setup(model, config, n_text, "rows")
     rows, report = prepare_rows(config.dataset, config.dataset_split, tokenizer, config, "train")
     print_rows(rows, report, tokenizer, n, as_json)
