@@ -138,7 +138,7 @@ def lost_characters(tokenizer, ids: list[int], messages: list[dict]) -> str:
     the tokenizer cannot encode them ('' if none). Trained turns are checked by `_turn`; without this a character-level
     tokenizer turned "Météo à Oslo?" into "Mto  Oslo?" without a word (review 2026-12-02, item 24)."""
     text = tokenizer.decode(ids)
-    missing = [m for m in messages if not _carries(text, m, tokenizer)]  # the common case, all carried, costs one decode
+    missing = [m for m in messages if not _carries(text, m, tokenizer)]  # commonly none: one decode is the cost
     return "".join(sorted({c for m in missing for c in unencodable(tokenizer, _text_of(m))}))
 
 
