@@ -62,7 +62,7 @@ def get_model_and_tokenizer(
         if is_adapter_folder(model):
             return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
                                        trust_remote_code=trust_remote_code, use_liger=use_liger, tokenizer=tokenizer,
-                                       load_weights=load_weights)
+                                       load_weights=load_weights, chat_template=chat_template)
         refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
