@@ -311,3 +311,14 @@ def test_rl_sampling_passes_the_cache_under_its_current_name():
     finally:
         logging.getLogger("transformers").removeHandler(handler)
     assert not [r for r in records if "deprecated" in r.getMessage()]
+
+
+def test_chat_template_applies_to_an_adapter_folder_too(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from vftrain.models import get_model_and_tokenizer
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), LoraConfig(r=2, target_modules="all-linear")) \
+        .save_pretrained(tmp_path / "adapter")
+    _, tokenizer = get_model_and_tokenizer(str(tmp_path / "adapter"), chat_template=TOOL_TEMPLATE)
+    assert tokenizer.chat_template == TOOL_TEMPLATE
