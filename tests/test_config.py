@@ -132,7 +132,7 @@ def test_label_smoothing_is_refused_not_ignored(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("warmup_steps", 0), ("warmup_steps", 0.1), ("warmup_steps", 100),
                                          ("logging_steps", 0.25), ("max_grad_norm", 0.0), ("max_steps", -1),
-                                         ("lr_scheduler_type", "constant"), ("report_to", ["tensorboard"]),
+                                         ("lr_scheduler_type", "constant"), ("report_to", ["all"]),
                                          ("learning_rate", 0.0), ("temperature", 0.7)])
 def test_allowed_edge_values_pass(tmp_path, field, value):
     vf.SFTConfig(output_dir=str(tmp_path), **{field: value})

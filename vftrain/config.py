@@ -123,6 +123,36 @@ def _reporting_integrations() -> tuple:
     return tuple(INTEGRATION_TO_CALLBACK)
 
 
+# What to install for each report_to integration whose package transformers can tell is missing (its callback
+# otherwise raises in Trainer.__init__, after the data is tokenized).
+_INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vftrain[wandb]'", "trackio": "trackio",
+                         "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
+                         "dagshub": "dagshub", "dvclive": "dvclive", "codecarbon": "codecarbon",
+                         "swanlab": "swanlab", "azure_ml": "azureml-core", "kubeflow": "kubeflow"}
+# Schedules whose transformers function needs exactly one of min_lr / min_lr_rate, and fails on the first step
+# without (optimization.py: get_cosine_with_min_lr_schedule_with_warmup).
+_MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
+
+
+def _check_late_failures(config) -> None:
+    """Settings transformers accepts here but refuses once training starts, named now with their fix."""
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    schedule = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
+    kwargs = config.lr_scheduler_kwargs
+    if schedule in _MIN_LR_SCHEDULES and isinstance(kwargs or {}, dict) and \
+            ("min_lr" in (kwargs or {})) == ("min_lr_rate" in (kwargs or {})):
+        raise ConfigError(f"lr_scheduler_type = {schedule!r} needs one of min_lr and min_lr_rate in "
+                          f"lr_scheduler_kwargs (got {kwargs!r}); e.g. lr_scheduler_kwargs = {{min_lr_rate = 0.1}} "
+                          "decays to a tenth of learning_rate")
+    reporters = [config.report_to] if isinstance(config.report_to, str) else (config.report_to or [])
+    available = get_available_reporting_integrations()
+    for name in reporters:
+        if name in _INTEGRATION_PACKAGES and name not in available:
+            raise ConfigError(f"report_to = {config.report_to!r}: {name!r} needs its package, which is not "
+                              f"installed: pip install {_INTEGRATION_PACKAGES[name]}")
+
+
 @dataclass
 class TrainerConfig(TrainingArguments):
     """Fields shared by SFT and RL: model loading, LoRA, data source, batch shape, logging defaults and sample
@@ -145,6 +175,9 @@ class TrainerConfig(TrainingArguments):
                               "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "
                               "parameter. FSDP2 and DeepSpeed keep float32 master weights themselves.")
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
+    chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
+                                   "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
+                                   "tool-calling template) or the template text itself; None: the tokenizer's own.")
     use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU). "
                                 "Default: on when training on a CUDA GPU with liger-kernel installed (a dependency on "
                                 "Linux) and the model type supported (0.5B: -20% peak memory, up to +18% speed; "
@@ -264,6 +297,10 @@ class TrainerConfig(TrainingArguments):
             self.max_grad_norm = 0.0
         self._validate_choices()
         self._validate_lora_modules()
+        if self.chat_template is not None:
+            from vftrain.models import read_chat_template
+
+            read_chat_template(self.chat_template)  # a missing file is named now, not after the model loads
         if self.micro_batch_tokens is not None and not self.packing:
             raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
         if self.attn_implementation == "varlen" and not self.packing:
@@ -367,6 +404,7 @@ class TrainerConfig(TrainingArguments):
             if name not in known:
                 raise ConfigError(f"report_to = {self.report_to!r}: {name!r} is not an integration; choose from "
                                   + ", ".join(repr(k) for k in known))
+        _check_late_failures(self)
         if self.label_smoothing_factor:  # transformers applies it in the compute_loss that vftrain replaces
             raise ConfigError(f"label_smoothing_factor = {self.label_smoothing_factor!r} is not supported (vftrain's "
                               "loss is the plain cross-entropy of the trained tokens); leave it 0")

@@ -33,6 +33,19 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     import transformers
 
     transformers.logging.set_verbosity_warning()
+    quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """No tqdm bars (loading weights, tokenizing, writing shards) when stderr is a file or pipe: there each redraw is
+    glued to the last with a carriage return, and the README promises one line per step."""
+    if sys.stderr.isatty():
+        return
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class MetricsFileCallback(TrainerCallback):
@@ -192,7 +205,7 @@ def plot_curves(records: list[dict], path: str) -> str | None:
 
 
 _SHORT = (("loss", "loss", "{:.4f}"), ("eval_loss", "eval", "{:.4f}"), ("token_accuracy", "acc", "{:.3f}"),
-          ("reward", "reward", "{:.3f}"), ("frac_reward_zero_std", "flat", "{:.2f}"),
+          ("reward", "reward", "{:.3f}"), ("frac_reward_zero_std", "frac_reward_zero_std", "{:.2f}"),
           ("completion_len", "len", "{:.1f}"), ("eval/reward", "eval reward", "{:.3f}"), ("learning_rate", "lr", "{:.2e}"), ("grad_norm", "gnorm", "{:.3g}"),
           ("tokens_per_second", "tok/s", "{:,.0f}"), ("mfu", "mfu", "{:.1%}"), ("peak_memory_gib", "mem", "{:.1f}G"))
 

@@ -39,6 +39,7 @@ def get_model_and_tokenizer(
     use_liger: bool | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     load_weights: bool = True,
+    chat_template: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
 
@@ -46,7 +47,8 @@ def get_model_and_tokenizer(
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
-    it can run (`liger_applies`). `load_weights = False` (a hub name or folder only) builds the model with empty
+    it can run (`liger_applies`). `chat_template` (a file path or template text) replaces the tokenizer's.
+    `load_weights = False` (a hub name or folder only) builds the model with empty
     (meta-device) parameters and real buffers, for FSDP ranks that receive their shards from rank 0.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -60,7 +62,7 @@ def get_model_and_tokenizer(
         if is_adapter_folder(model):
             return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
                                        trust_remote_code=trust_remote_code, use_liger=use_liger, tokenizer=tokenizer,
-                                       load_weights=load_weights)
+                                       load_weights=load_weights, chat_template=chat_template)
         refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
@@ -85,6 +87,8 @@ def get_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("tokenizer", source, exc) from None
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
     ensure_pad_token(tokenizer, model_obj)
     add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
@@ -215,6 +219,19 @@ def liger_applies(model) -> bool:
     return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
 
 
+def read_chat_template(value: str) -> str:
+    """The template text of the `chat_template` setting: the text itself when it holds Jinja tags, else the
+    contents of the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    try:
+        with open(os.path.expanduser(value)) as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"chat_template = {value!r} is neither template text (no '{{{{' or '{{%') nor a readable "
+                          f"file: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 def load_error(what: str, name: str, exc: Exception) -> ConfigError:
     """One line for a model or tokenizer that cannot be loaded (offline hub name, wrong path, missing files)."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -271,9 +288,15 @@ def lora_config_from(args: TrainerConfig):
 
 def apply_lora(model: PreTrainedModel, args: TrainerConfig):
     """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
+    import warnings
+
     from peft import get_peft_model
 
-    peft_model = get_peft_model(model, lora_config_from(args))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning is about peft's
+        # code, not the user's, and repeats on every LoRA run.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, lora_config_from(args))
     config = peft_model.peft_config[peft_model.active_adapter]
     config.base_model_name_or_path = local_abspath(config.base_model_name_or_path)
     trainable, total = count_parameters(peft_model)

@@ -86,7 +86,7 @@ class VFTrainer(Trainer):
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer,
-            load_weights=load_weights)
+            load_weights=load_weights, chat_template=args.chat_template)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
         if args.packing and not attention.keeps_rows_apart(model):
@@ -221,6 +221,16 @@ class VFTrainer(Trainer):
             return super().train(*args, **kwargs)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """transformers' check after a resume, without the tied output head: it is saved once, as the embedding,
+        and transformers 5 no longer lists it in `_keys_to_ignore_on_save`, so every resume of a tied model said
+        "There were missing keys in the checkpoint model loaded: ['lm_head.weight']" (harmless, read as corruption)."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        if tied & set(load_result.missing_keys):
+            self.model.tie_weights()
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=[k for k in load_result.missing_keys if k not in tied]))
 
     def _warn_on_data_changes(self, resume) -> None:
         """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""

@@ -125,11 +125,8 @@ def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     table = dict(table)
+    check_keys(table, section, list(fields))
     for key, value in table.items():
-        if key not in fields:
-            hint = difflib.get_close_matches(key, list(fields), n=1)
-            raise ConfigError(f"unknown key {section}.{key}" + (f"; did you mean {section}.{hint[0]}?" if hint else
-                                                                "; see --help for the fields"))
         text = (cli_text or {}).get(key)
         if not type_matches(value, hints[key]) and text is not None and type_matches(text, hints[key]):
             table[key] = value = text
@@ -139,6 +136,110 @@ def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
         if not type_matches(value, hints[key]):
             raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {type_name(hints[key])}")
     return cls(**table)
+
+
+# Names that users of TRL (SFTConfig, GRPOConfig, ModelConfig), prime-rl and verifiers' RLConfig bring with them
+# (checked against trl 2026-07, prime-rl-configs 2026-08, verifiers rl/trainer/config.py), each with vftrain's field
+# for the same thing, or (None, what to do) where there is none. String similarity alone sent num_generations to
+# num_iterations (PPO epochs: following it changes the algorithm), use_vllm to use_lora and use_peft to use_cpu.
+FOREIGN = {  # name: (vftrain field or None, whose name it is, what else to know)
+    "num_generations": ("rollouts_per_example", "TRL", ""),
+    "group_size": ("rollouts_per_example", "prime-rl", ""),
+    "num_generations_eval": (None, "TRL", "held-out samples are one greedy completion per prompt"),
+    "max_completion_length": ("max_new_tokens", "TRL", ""),
+    "max_completion_tokens": ("max_new_tokens", "prime-rl", ""),
+    "max_tokens": ("max_new_tokens", "verifiers", ""),
+    "max_prompt_length": ("max_prompt_len", "TRL", ""),
+    "max_length": ("max_seq_len", "TRL", ""),
+    "max_seq_length": ("max_seq_len", "TRL", ""),
+    "seq_len": ("max_seq_len", "prime-rl", ""),
+    "use_vllm": ("rl_backend", "TRL", "rl_backend = 'openai' samples from a vLLM server at sample_base_url"),
+    "vllm_mode": ("rl_backend", "TRL", "'embedded' samples in the training process, 'openai' from a server"),
+    "vllm_server_base_url": ("sample_base_url", "TRL", ""),
+    "vllm_server_host": ("sample_base_url", "TRL", "one URL such as http://host:8000/v1"),
+    "vllm_server_port": ("sample_base_url", "TRL", "one URL such as http://host:8000/v1"),
+    "vllm_server_timeout": ("sample_timeout", "TRL", ""),
+    "vllm_gpu_memory_utilization": (None, "TRL", "give it to the vLLM server you start"),
+    "use_peft": ("use_lora", "TRL", ""),
+    "lora_r": ("lora_rank", "TRL", ""),
+    "use_rslora": ("lora_use_rslora", "TRL", ""),
+    "kl_coef": ("beta", "TRL PPO", "the KL penalty's weight"),
+    "kl_beta": ("beta", "", "the KL penalty's weight"),
+    "generation_batch_size": (None, "TRL", "every step samples batch_size rollouts, batch_size / "
+                              "rollouts_per_example prompts"),
+    "steps_per_generation": (None, "TRL", "every optimizer step samples its own rollouts, and num_iterations > 1 "
+                             "reuses a batch for several steps"),
+    "sampling_args": (None, "verifiers", "set temperature, top_p and max_new_tokens"),
+    "top_k": (None, "", "sampling takes temperature and top_p"),
+    "min_p": (None, "", "sampling takes temperature and top_p"),
+    "repetition_penalty": (None, "", "sampling takes temperature and top_p"),
+    "loss_type": (None, "TRL", "the loss is the mean over the optimizer step's trained tokens, TRL's 'dapo' in RL "
+                  "and 'nll' in SFT"),
+    "importance_sampling_level": (None, "TRL", "ratios are per token"),
+    "mask_truncated_completions": (None, "TRL", "truncated rollouts are trained as sampled; truncated_frac is "
+                                   "logged"),
+    "completion_only_loss": (None, "TRL", "the loss mask is automatic: completions and assistant turns only"),
+    "assistant_only_loss": (None, "TRL", "the loss mask is automatic: completions and assistant turns only"),
+    "dataset_text_field": (None, "TRL", "a 'text' column is found and trained whole"),
+    "padding_free": ("packing", "TRL", "packing keeps attention inside each row"),
+    "packing_strategy": ("packing", "TRL", "packing is token-balanced"),
+    "chat_template_path": ("chat_template", "TRL", "a file path or a template string"),
+    "dataset_train_split": ("dataset_split", "TRL", ""),
+    "dataset_test_split": ("eval_split", "TRL", ""),
+    "max_tool_calling_iterations": ("max_turns", "TRL", ""),
+    "log_completions": ("sample_every_n_steps", "TRL", ""),
+    "num_completions_to_print": ("num_samples", "TRL", ""),
+    "lr": ("learning_rate", "", ""),
+    "warmup_ratio": ("warmup_steps", "", "a value below 1 is a fraction of all steps"),
+    "torch_dtype": ("dtype", "transformers", ""),
+}
+TOP_LEVEL_NAMES = {"model": "model", "model_name_or_path": "model", "dataset": "dataset", "dataset_name": "dataset"}
+
+
+def check_keys(table: dict, section: str, names: list[str] | None = None) -> None:
+    """Every key of the [section] table is a field; otherwise one ConfigError that names every unknown key with its
+    translation: a peer project's name (FOREIGN), a field of the other entry point's table, a top-level setting, or
+    the closest field name. `names` defaults to the cached field table (no torch import: argument errors are fast)."""
+    from vftrain.cli.fields import SECTIONS, field_table
+
+    names = names if names is not None else field_table(section)["names"]
+    unknown = [key for key in table if key not in names]
+    if not unknown:
+        return
+    others = {other: field_table(other)["names"] for other in SECTIONS if other != section}
+    notes = [_translation(key, section, names, others) for key in unknown]
+    if len(unknown) == 1:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}" + (notes[0] or _closest(unknown[0], section, names,
+                                                                                        "; {}")))
+    raise ConfigError(f"{len(unknown)} unknown keys in [{section}]: " + "; ".join(
+        key + (note or _closest(key, section, names, " ({})")) for key, note in zip(unknown, notes)))
+
+
+def _translation(key: str, section: str, names: list[str], others: dict) -> str | None:
+    """What to write instead of the unknown `key`, as the rest of a sentence that starts with the key (None: no
+    better idea than the closest name)."""
+    if key in TOP_LEVEL_NAMES:
+        return f" is a top-level setting: write {TOP_LEVEL_NAMES[key]} = ... above the [{section}] table"
+    whose = ""
+    if key in FOREIGN:
+        target, whose, note = FOREIGN[key]
+        if whose:
+            whose = f" ({whose}' name)" if whose.endswith("s") else f" ({whose}'s name)"
+        note = f" ({note})" if note else ""
+        if target is None:
+            return f"{whose} has no vftrain counterpart{note}"
+        if target in names:
+            return f"{whose}: use {section}.{target}{note}"
+        key = target  # a field of the other entry point only
+    for other, other_names in others.items():
+        if key in other_names:
+            return f"{whose} is {other}.{key}, a setting of vf-{other} only"
+    return None
+
+
+def _closest(key: str, section: str, names: list[str], form: str) -> str:
+    hint = difflib.get_close_matches(key, names, n=1)
+    return form.format(f"did you mean {section}.{hint[0]}?" if hint else "see --help for the fields")
 
 
 def type_matches(value: Any, hint: Any) -> bool:

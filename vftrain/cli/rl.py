@@ -23,18 +23,16 @@ Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vftrain.config import RLConfig
-
     argv = sys.argv[1:] if argv is None else argv
     if not argv or "-h" in argv or "--help" in argv:
         try:
-            print_help(RLConfig, "rl", USAGE)
+            print_help("rl", USAGE)
         except BrokenPipeError:
             sys.stderr.close()
         return 0
     try:
         inv = parse_argv(argv, "rl", FLAGS)
-        model, config = resolve(inv, RLConfig, "rl")
+        model, config = resolve(inv, section="rl")
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"])
         from vftrain.rl.trainer import RLTrainer

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-import textwrap
 
-from vftrain.cli.args import build_config, parse_argv, resolve_path_or_name, resume_point
+from vftrain.cli.args import build_config, check_keys, parse_argv, resolve_path_or_name, resume_point
 from vftrain.errors import ConfigError, VFTrainError
 
 FLAGS = {"inspect": True, "json": False, "help": False}
@@ -16,8 +14,9 @@ USAGE = """usage: vf-sft @ path/to/config.toml [--sft.<field> VALUE ...] [--mode
 
 Supervised fine-tuning. The TOML file holds top-level `model` and `dataset` and an [sft] table of the fields
 below; command-line values override the file (e.g. --sft.max_steps 40 --model path/to/model).
---inspect N prints the first N training rows as they will be trained (trained tokens in green) and the
-masking statistics, without training; with --json, one JSON object per row (input_ids, loss_mask, text).
+--inspect N prints the first N training rows as they will be trained (trained tokens in green; between [[ and
+]] in a pipe or file) and the masking statistics, without training; with --json, one JSON object per row (row,
+input_ids, loss_mask, text). Rows are numbered as in the dataset, as the counts of dropped rows are.
 `export` merges a LoRA adapter into its base model (a folder transformers and vLLM load without peft).
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
 (143); a second one stops at once."""
@@ -69,11 +68,15 @@ def export(argv: list[str]) -> int:
 
 
 def resolve(inv, config_cls=None, section: str = "sft"):
-    """(model, config) from the parsed invocation (SFTConfig, or `config_cls` for another entry point's
-    [section]); missing or malformed model/dataset are one-line errors."""
-    from vftrain.config import SFTConfig
+    """(model, config) from the parsed invocation (the [section]'s config class: SFTConfig, RLConfig, or
+    `config_cls`); unknown keys (checked before torch is imported) and missing or malformed model/dataset are
+    one-line errors."""
+    check_keys(inv.table, section)
+    if config_cls is None:
+        from vftrain import config as configs
+        from vftrain.cli.fields import SECTIONS
 
-    config_cls = config_cls or SFTConfig
+        config_cls = getattr(configs, SECTIONS[section])
     model = inv.top.get("model")
     if model is None:
         raise ConfigError("no model: set `model = ...` at the top of the TOML file or pass --model")
@@ -182,7 +185,7 @@ def inspect_setup(model: str, config, n_text: str, what: str):
     """(count, tokenizer) for `--inspect N`: N checked, the model's tokenizer loaded with a pad token."""
     from transformers import AutoTokenizer
 
-    from vftrain.models import ensure_pad_token, load_error
+    from vftrain.models import ensure_pad_token, load_error, read_chat_template
 
     try:
         n = int(n_text)
@@ -192,6 +195,8 @@ def inspect_setup(model: str, config, n_text: str, what: str):
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
     except OSError as exc:
         raise load_error("tokenizer", model, exc) from None
+    if config.chat_template is not None:
+        tokenizer.chat_template = read_chat_template(config.chat_template)
     ensure_pad_token(tokenizer)
     return n, tokenizer
 
@@ -199,40 +204,22 @@ def inspect_setup(model: str, config, n_text: str, what: str):
 def inspect(model: str, config, n_text: str, as_json: bool) -> int:
     from vftrain.cli.inspect import print_rows
     from vftrain.data import prepare_rows
+    from vftrain.logging import quiet_progress_bars
 
+    quiet_progress_bars()
     n, tokenizer = inspect_setup(model, config, n_text, "rows")
     rows, report = prepare_rows(config.dataset, config.dataset_split, tokenizer, config, "train")
     print_rows(rows, report, tokenizer, n, as_json)
     return 0
 
 
-def print_help(config_cls=None, section: str = "sft", usage: str = USAGE) -> None:
-    from vftrain.config import SFTConfig, TrainerConfig
+def print_help(section: str = "sft", usage: str = USAGE) -> None:
+    """The usage text and every field of the [section] table with its default and help (from the cached field
+    table: no torch import, so --help answers at once)."""
+    from vftrain.cli.fields import field_table
 
-    config_cls = config_cls or SFTConfig
     print(usage)
-    ours, inherited = [], []
-    for f in dataclasses.fields(config_cls):
-        if not f.init:
-            continue
-        (ours if f.metadata.get("vftrain") else inherited).append(f)
-    shared = {f.name for f in dataclasses.fields(TrainerConfig) if f.metadata.get("vftrain")}
-    other = "RL" if section == "sft" else "SFT"
-    print(f"\n[{section}] fields (vftrain; * = shared with {other}):")
-    for f in ours:
-        _print_field(f, "* " if f.name in shared else "  ")
-    print(f"\n[{section}] fields inherited from transformers.TrainingArguments:")
-    for f in inherited:
-        _print_field(f, "  ")
-
-
-def _print_field(f, mark: str) -> None:
-    default = f.default if f.default is not dataclasses.MISSING else (
-        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-    help_text = " ".join(str(f.metadata.get("help", "")).split())
-    print(f"  {mark}{f.name} = {default!r}")
-    if help_text:
-        print(textwrap.fill(help_text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
+    print(field_table(section)["help"])
 
 
 if __name__ == "__main__":

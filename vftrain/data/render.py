@@ -84,6 +84,8 @@ class Renderer:
         if all(_is_empty(messages[i]) for i in turns):
             raise RowError("empty completion")
         spans = {i: self._turn(messages, i, tools) for i in turns}
+        context = [m for k, m in enumerate(messages[:turns[-1]]) if k not in spans]
+        lost = lost_characters(self.tokenizer, spans[turns[-1]][0], context)
         rows, pending = [], turns
         while pending:
             ids = spans[pending[-1]][0]  # messages[:last + 1]: serves its own last turn by construction
@@ -97,7 +99,7 @@ class Renderer:
             if left and not self.split_turns:
                 raise RowError("chat template renders earlier assistant turns differently from inference "
                                "(split_turns = true trains them in rows of their own)")
-            rows.append({"input_ids": ids, "loss_mask": mask})
+            rows.append({"input_ids": ids, "loss_mask": mask, "lost": lost})
             pending = left
         return rows
 
@@ -111,9 +113,9 @@ class Renderer:
         end = next((k + 1 for k in range(start, len(ids)) if ids[k] in self.stop_ids), None)
         if end is None:
             raise RowError("chat template renders an assistant turn without a stop token")
-        if not _carries(self.tokenizer.decode(ids[start:end]), messages[i], self.tokenizer):
-            raise RowError("chat template drops part of an assistant message (e.g. <think> reasoning) from the "
-                           "tokens it would train")
+        text = self.tokenizer.decode(ids[start:end])
+        if not _carries(text, messages[i], self.tokenizer):
+            raise RowError(_dropped_part(self.tokenizer, text, messages[i]))
         return ids, start, end
 
     def _strings(self, prompt: str, completion: str) -> dict:
@@ -127,7 +129,47 @@ class Renderer:
         whole = encode_text(self.tokenizer, prompt + completion)
         c = whole[len(p):] if whole[: len(p)] == p and len(whole) > len(p) else \
             self.tokenizer(completion, add_special_tokens=False)["input_ids"]
-        return _with_eos(p + c, [0] * len(p) + [1] * len(c), self.tokenizer.eos_token_id)
+        row = _with_eos(p + c, [0] * len(p) + [1] * len(c), self.tokenizer.eos_token_id)
+        return {**row, "lost": lost_characters(self.tokenizer, p, [{"content": prompt}])}
+
+
+def lost_characters(tokenizer, ids: list[int], messages: list[dict]) -> str:
+    """Characters of `messages` (the context: system, user, tool turns) that their rendering `ids` lacks because
+    the tokenizer cannot encode them ('' if none). Trained turns are checked by `_turn`; without this a character-level
+    tokenizer turned "Météo à Oslo?" into "Mto  Oslo?" without a word (review 2026-12-02, item 24)."""
+    text = tokenizer.decode(ids)
+    missing = [m for m in messages if not _carries(text, m, tokenizer)]  # commonly none: one decode is the cost
+    return "".join(sorted({c for m in missing for c in unencodable(tokenizer, _text_of(m))}))
+
+
+def unencodable(tokenizer, text: str) -> set[str]:
+    """The characters of `text` that do not come back from encoding and decoding it."""
+    back = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return {c for c in text if not c.isspace() and c not in back}
+
+
+def _text_of(message: dict) -> str:
+    content = message.get("content")
+    parts = [content] if isinstance(content, str) else \
+        [p.get("text") for p in content or [] if isinstance(p, dict) and p.get("type") == "text"]
+    return " ".join(p for p in [*parts, message.get("reasoning_content")] if isinstance(p, str))
+
+
+def _dropped_part(tokenizer, text: str, message: dict) -> str:
+    """The drop reason for an assistant turn whose trained tokens `text` lack part of `message`: the template
+    ignores its tool calls, the tokenizer cannot encode some of its characters, or the template rewrites it."""
+    squeezed = "".join(text.split())
+    calls = [c.get("function", c) for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    if any(isinstance(fn, dict) and isinstance(fn.get("name"), str) and fn["name"] not in squeezed for fn in calls):
+        return ("chat template does not render the assistant's tool_calls (no tool-call name in the turn it would "
+                "train); set chat_template to a template that renders tool_calls (the model family's tool-calling "
+                "template), or write the calls as text in the message content")
+    lost = unencodable(tokenizer, _text_of(message))
+    if lost:
+        return (f"the tokenizer cannot encode {''.join(sorted(lost))!r} in assistant text (it would be missing from "
+                "the trained tokens); replace those characters in the data or use a tokenizer that has them")
+    return ("chat template rewrites or drops part of an assistant message (e.g. strips <think> reasoning) in the "
+            "tokens it would train; set chat_template to a template that renders the turn as given")
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], tools: list | None = None) -> list[int]:

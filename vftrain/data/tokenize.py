@@ -6,6 +6,7 @@ integer arrays rather than millions of Python lists). Counts of everything dropp
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections import Counter
 
@@ -14,6 +15,8 @@ import numpy as np
 from vftrain.data.load import detect_format, plain_row
 from vftrain.data.render import Renderer, RowError
 from vftrain.errors import DataError
+
+log = logging.getLogger("vftrain")
 
 
 @dataclasses.dataclass
@@ -76,10 +79,12 @@ def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "dro
     fmt = detect_format(list(dataset.column_names))
     rendered = _render_all(dataset, Renderer(tokenizer, fmt, split_turns), num_proc, what)
     report = DataReport(format=fmt, rows_in=len(dataset))
-    kept, errors = [], Counter()
+    kept, sources, errors, lost = [], [], Counter(), []
     first_error: dict[str, int] = {}
     for row in rendered:
         ids, mask, reason = row["input_ids"], row["loss_mask"], row["error"]
+        if row["lost"] and not row["part"]:
+            lost.append((row["index"], row["lost"]))
         if row["part"]:  # a further row of a split conversation
             report.split += row["part"] == 1
             report.split_rows += 1
@@ -93,10 +98,16 @@ def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "dro
             first_error.setdefault(reason, row["index"])
             continue
         kept.append((ids, mask))
+        sources.append(row["index"])
     report.dropped = {r: (n, first_error[r]) for r, n in errors.items()}
     if not kept:
         raise DataError(f"no {what} row is left to train on: " + "; ".join(report.lines()[1:]))
+    if lost:
+        log.warning("%s data: %s rows lose characters of their prompt that the tokenizer cannot encode: %r "
+                    "(first: row %d); the model never sees them", what, f"{len(lost):,}",
+                    "".join(sorted({c for _, chars in lost for c in chars})), lost[0][0])
     rows = TokenizedRows.from_lists(kept)
+    rows.sources = np.array(sources, dtype=np.int64)  # the dataset row of each kept row, as drop messages count
     report.rows_kept, report.tokens = len(rows), int(rows.offsets[-1])
     report.trained_tokens = int(sum(m[1:].sum() for _, m in (rows[i] for i in range(len(rows)))))
     report.longest = int(rows.lengths.max())
@@ -109,14 +120,15 @@ def _render_all(dataset, renderer: Renderer, num_proc: int | None, what: str):
     columns = dataset.features
 
     def render(batch: dict, indices: list[int]) -> dict:
-        out = {"input_ids": [], "loss_mask": [], "error": [], "index": [], "part": []}
+        out = {"input_ids": [], "loss_mask": [], "lost": [], "error": [], "index": [], "part": []}
         for k, index in enumerate(indices):
             try:
                 parts, error = renderer(plain_row({c: batch[c][k] for c in batch}, columns)), ""
             except RowError as exc:
                 parts, error = [{"input_ids": [], "loss_mask": []}], str(exc)
             for n, part in enumerate(parts):
-                for key, value in (*part.items(), ("error", error), ("index", index), ("part", n)):
+                for key, value in (("input_ids", part["input_ids"]), ("loss_mask", part["loss_mask"]),
+                                   ("lost", part.get("lost", "")), ("error", error), ("index", index), ("part", n)):
                     out[key].append(value)
         return out
 
@@ -126,7 +138,8 @@ def _render_all(dataset, renderer: Renderer, num_proc: int | None, what: str):
 
     # Declared, not inferred: a batch of only failed rows would otherwise type input_ids as a list of nulls.
     features = datasets.Features({"input_ids": datasets.List(datasets.Value("int64")),
-                                  "loss_mask": datasets.List(datasets.Value("int8")), "error": datasets.Value("string"),
+                                  "loss_mask": datasets.List(datasets.Value("int8")), "lost": datasets.Value("string"),
+                                  "error": datasets.Value("string"),
                                   "index": datasets.Value("int64"), "part": datasets.Value("int32")})
     return dataset.map(render, batched=True, with_indices=True, remove_columns=list(dataset.column_names),
                        features=features, num_proc=num_proc if num_proc and num_proc > 1 else None,

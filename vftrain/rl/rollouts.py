@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
 
 from vftrain.data.pack import epoch_order
 from vftrain.data.load import plain_row
-from vftrain.data.render import RowError, parse_tools, render_prompt
+from vftrain.data.render import RowError, lost_characters, parse_tools, render_prompt
 from vftrain.errors import DataError
 from vftrain.rewards import reward_columns
 from vftrain.sampling.tokens import Sample
+
+log = logging.getLogger("vftrain")
 
 PROMPT_COLUMNS = ("prompt", "question")
 REFERENCE_COLUMNS = ("answer", "reference", "completion")
@@ -67,7 +70,7 @@ class PromptSet:
     @classmethod
     def from_prompts(cls, items, tokenizer, max_prompt_len: int) -> "PromptSet":
         """From (prompt, reference, tools) items; `kept` lists the positions of the items kept."""
-        out, dropped = cls([], [], [], {}), {}
+        out, dropped, lost = cls([], [], [], {}), {}, []
         for i, (prompt, reference, tools) in enumerate(items):
             try:
                 tokens = render_prompt(tokenizer, prompt, tools)
@@ -78,6 +81,9 @@ class PromptSet:
                 reason = f"prompt longer than max_prompt_len ({max_prompt_len})"
                 dropped[reason] = dropped.get(reason, 0) + 1
                 continue
+            chars = lost_characters(tokenizer, tokens, [{"content": prompt}] if isinstance(prompt, str) else prompt)
+            if chars:
+                lost.append((i, chars))
             out.ids.append(tokens)
             out.references.append(reference)
             out.prompts.append(prompt)
@@ -85,6 +91,10 @@ class PromptSet:
         if not out.ids:
             raise DataError("no prompt is left to train on: " + "; ".join(f"{n} {r}" for r, n in dropped.items()))
         out.dropped = dropped
+        if lost:
+            log.warning("%s prompts lose characters that the tokenizer cannot encode: %r (first: prompt %d); the "
+                        "model never sees them", f"{len(lost):,}", "".join(sorted({c for _, cs in lost for c in cs})),
+                        lost[0][0])
         return out
 
     def lines(self) -> list[str]:

@@ -195,9 +195,10 @@ class _Forward:
         return logits
 
     def _run(self, ids, positions, mask) -> torch.Tensor:
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+        # `cache`, transformers 5's name: `past_key_values` warns once per process that it is deprecated.
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
                          use_cache=True, logits_to_keep=1)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[:, -1].float()
 
     def _capture(self, stream) -> None:
