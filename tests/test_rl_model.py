@@ -5,7 +5,6 @@ trained adapters, adapter folders, padded batches), and no dropout noise in the 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 

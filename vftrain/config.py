@@ -12,13 +12,15 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
+from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
+                                    _check_late_failures, _cuda, _fsdp_config_with_defaults, _integer, _jsonable,
+                                    _reporting_integrations)
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")
@@ -44,113 +46,6 @@ def launch_world_size() -> int:
         return max(1, int(value))
     except ValueError:
         raise ConfigError(f"environment WORLD_SIZE={value!r} is not an integer") from None
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _steps_or_fraction(value) -> bool:
-    return 0 < value < 1 or (value >= 1 and float(value).is_integer())
-
-
-def _integer(low: int) -> Any:
-    return lambda value: float(value).is_integer() and value >= low
-
-
-# Numeric fields whose bad values torch or transformers reject with a traceback that does not name the field, or
-# accept and silently misread (a negative max_grad_norm turns clipping off, warmup_steps = 1.5 becomes 1 step,
-# save_total_limit = 0 keeps every checkpoint, max_steps = 0 trains num_train_epochs): (field, test, allowed).
-_STEPS = "an integer number of steps >= 1, or a fraction in (0, 1) of all steps"
-_BOUNDS = (
-    ("learning_rate", lambda v: v >= 0, "a number >= 0"),
-    ("weight_decay", lambda v: v >= 0, "a number >= 0"),
-    ("adam_beta1", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("adam_beta2", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("adam_epsilon", lambda v: v > 0, "a number > 0"),
-    ("max_grad_norm", lambda v: v >= 0, "a number >= 0 (0: no clipping)"),
-    ("warmup_steps", lambda v: v == 0 or _steps_or_fraction(v), "0, " + _STEPS),
-    ("logging_steps", _steps_or_fraction, _STEPS),
-    ("save_steps", _steps_or_fraction, _STEPS),
-    ("eval_steps", _steps_or_fraction, _STEPS + " (unset: logging_steps)"),
-    ("max_steps", lambda v: v == -1 or _integer(1)(v), "a positive integer, or -1 to train num_train_epochs"),
-    ("num_train_epochs", lambda v: v > 0, "a number > 0"),
-    ("save_total_limit", _integer(1), "an integer >= 1 (unset: keep every checkpoint)"),
-    ("seed", lambda v: _integer(0)(v) and v < 2**32, "an integer in [0, 2**32)"),
-    ("data_seed", lambda v: _integer(0)(v) and v < 2**32, "an integer in [0, 2**32) (unset: seed)"),
-    ("dataloader_num_workers", _integer(0), "an integer >= 0"),
-    ("lora_alpha", lambda v: v > 0, "a number > 0"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    ("micro_batch_tokens", _integer(1), "a positive integer (unset: no cap)"),
-    ("sample_every_n_steps", _integer(0), "an integer >= 0 (0: never)"),
-    ("sample_timeout", lambda v: v > 0, "a number of seconds > 0"),
-    ("temperature", lambda v: v >= 0, "a number >= 0 (0: greedy)"),
-    ("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    ("eval_size", _steps_or_fraction, "a fraction in (0, 1) or a number of rows >= 1 (unset: no cut)"),
-)
-_OPTIONAL = {"eval_size", "eval_steps", "save_total_limit", "data_seed", "micro_batch_tokens", "dataset_num_proc"}
-
-
-def _check_bounds(config, bounds) -> None:
-    for name, ok, allowed in bounds:
-        value = getattr(config, name)
-        if value is None and name in _OPTIONAL:
-            continue
-        if not _number(value) or not math.isfinite(value) or not ok(value):
-            raise ConfigError(f"{name} = {value!r} is not allowed; expected {allowed}")
-
-
-def _enum_choices() -> dict[str, tuple]:
-    """TrainingArguments' enum-valued fields (optim, lr_scheduler_type, *_strategy) and their allowed strings, so a
-    bad one is named here rather than by transformers' 'bogus is not a valid SchedulerType'."""
-    import enum
-    import typing
-
-    choices = {}
-    for name, hint in typing.get_type_hints(TrainingArguments).items():
-        for arg in typing.get_args(hint):
-            if isinstance(arg, type) and issubclass(arg, enum.Enum):
-                choices[name] = tuple(e.value for e in arg)
-    return choices
-
-
-_TRANSFORMERS_CHOICES = _enum_choices()
-
-
-def _reporting_integrations() -> tuple:
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    return tuple(INTEGRATION_TO_CALLBACK)
-
-
-# What to install for each report_to integration whose package transformers can tell is missing (its callback
-# otherwise raises in Trainer.__init__, after the data is tokenized).
-_INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vftrain[wandb]'", "trackio": "trackio",
-                         "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
-                         "dagshub": "dagshub", "dvclive": "dvclive", "codecarbon": "codecarbon",
-                         "swanlab": "swanlab", "azure_ml": "azureml-core", "kubeflow": "kubeflow"}
-# Schedules whose transformers function needs exactly one of min_lr / min_lr_rate, and fails on the first step
-# without (optimization.py: get_cosine_with_min_lr_schedule_with_warmup).
-_MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
-
-
-def _check_late_failures(config) -> None:
-    """Settings transformers accepts here but refuses once training starts, named now with their fix."""
-    from transformers.integrations.integration_utils import get_available_reporting_integrations
-
-    schedule = getattr(config.lr_scheduler_type, "value", config.lr_scheduler_type)
-    kwargs = config.lr_scheduler_kwargs
-    if schedule in _MIN_LR_SCHEDULES and isinstance(kwargs or {}, dict) and \
-            ("min_lr" in (kwargs or {})) == ("min_lr_rate" in (kwargs or {})):
-        raise ConfigError(f"lr_scheduler_type = {schedule!r} needs one of min_lr and min_lr_rate in "
-                          f"lr_scheduler_kwargs (got {kwargs!r}); e.g. lr_scheduler_kwargs = {{min_lr_rate = 0.1}} "
-                          "decays to a tenth of learning_rate")
-    reporters = [config.report_to] if isinstance(config.report_to, str) else (config.report_to or [])
-    available = get_available_reporting_integrations()
-    for name in reporters:
-        if name in _INTEGRATION_PACKAGES and name not in available:
-            raise ConfigError(f"report_to = {config.report_to!r}: {name!r} needs its package, which is not "
-                              f"installed: pip install {_INTEGRATION_PACKAGES[name]}")
 
 
 @dataclass
@@ -642,60 +537,3 @@ class RLConfig(TrainerConfig):
         if importlib.util.find_spec("verifiers") is None:
             raise ConfigError(f"env = {self.env!r} needs the verifiers package (Python >= 3.11): "
                               "pip install 'vftrain[verifiers]'")
-
-
-def _fsdp_config_with_defaults(config: Any, save_only_model: bool = False) -> dict:
-    """`fsdp_config` (a table or a JSON file path) with vftrain's defaults: weights read by rank 0 alone and sent to
-    the others (accelerate's cpu_ram_efficient_loading; SFTTrainer builds the model empty on the other ranks), and
-    resume state written sharded, each process its own part (issue #12: a gathered 7B checkpoint is ~107 GB through
-    one process). A checkpoint of the model alone has no resume state, and transformers refuses that combination."""
-    if isinstance(config, str):  # inline JSON (as transformers accepts it) or a JSON file
-        try:
-            if config.lstrip().startswith("{"):
-                config = json.loads(config)
-            else:
-                with open(config) as fh:
-                    config = json.load(fh)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"fsdp_config = {config!r} is neither a JSON table nor a readable JSON file: "
-                              f"{exc}") from None
-    config = dict(config or {})
-    if "cpu_ram_efficient_loading" not in config and "fsdp_cpu_ram_efficient_loading" not in config:
-        config["cpu_ram_efficient_loading"] = True
-    fsdp2 = str(config.get("version", config.get("fsdp_version", 2))) == "2"  # vftrain gathers FSDP2's model only
-    if "state_dict_type" not in config and "fsdp_state_dict_type" not in config and not save_only_model and fsdp2:
-        config["state_dict_type"] = "SHARDED_STATE_DICT"
-    return config
-
-
-def weights_from_rank0(args) -> bool:
-    """Whether FSDP loads the weights on rank 0 only and broadcasts them (resolved `fsdp_config`)."""
-    config = (args.fsdp_config or {}) if args.fsdp else {}
-    value = config.get("cpu_ram_efficient_loading", config.get("fsdp_cpu_ram_efficient_loading", False))
-    return str(value).lower() == "true"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _bf16_supported() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if hasattr(value, "value"):  # enums such as SchedulerType
-        return value.value
-    if dataclasses.is_dataclass(value):  # accelerator_config: a table that loads back, not its repr
-        return _jsonable(dataclasses.asdict(value))
-    return str(value)

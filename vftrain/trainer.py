@@ -18,7 +18,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain import attention, checkpoint
-from vftrain.config import TrainerConfig, weights_from_rank0
+from vftrain.config import TrainerConfig
+from vftrain.config_checks import weights_from_rank0
 from vftrain.data import load_rows
 from vftrain.data.load import cut_eval
 from vftrain.errors import ConfigError
