@@ -83,7 +83,7 @@ def test_two_processes_match_one(tmp_path, reference, extra, accelerate):
     two, stdout = _train(tmp_path / "two", 2, data, (*extra, *SAMPLING), accelerate=accelerate)
     _assert_same_curve(one, two)
     assert stdout.count("step 1/6 |") == 1
-    assert stdout.count("train data:") == 1  # info lines from rank 0 only
+    assert stdout.count("train data: 254 rows kept") == 1  # info lines from rank 0 only
 
 
 def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path, reference):

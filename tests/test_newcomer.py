@@ -107,11 +107,18 @@ def test_a_resumed_run_continues_its_own_files(tmp_path, capsys):
     assert _metric_steps(run) == [1, 2, 3, 4]
 
 
-def test_resuming_before_later_checkpoints_is_refused(tmp_path, capsys):
+def test_resuming_before_later_checkpoints_sets_them_aside(tmp_path, capsys):
+    """A resume from an earlier checkpoint replaces the continuation that wrote the later ones: they are kept in a
+    superseded-* folder (named in the log) and are no longer what 'latest' or the metrics show."""
     run = tmp_path / "run"
     assert _sft(tmp_path, capsys, steps=4)[0] == 0
-    code, _, err = _sft(tmp_path, capsys, "--sft.resume_from_checkpoint", str(run / "checkpoint-2"), steps=4)
-    assert code == 2 and _one_error_line(err) and "later checkpoints (checkpoint-4)" in err
+    code, out, err = _sft(tmp_path, capsys, "--sft.resume_from_checkpoint", str(run / "checkpoint-2"),
+                          "--sft.save_steps", "3", steps=3)
+    assert code == 0, err[-2000:]
+    aside = list(run.glob("superseded-*/checkpoint-4"))
+    assert len(aside) == 1 and "superseded-" in out + err
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert _metric_steps(run) == [1, 2, 3]
 
 
 # ---- 10, 19. the held-out accuracy is written down, and the run says where its model went

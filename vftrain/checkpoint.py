@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import time
 
 from vftrain.errors import ConfigError
 from vftrain.logging import HELD_OUT, trim_metrics
@@ -119,8 +120,7 @@ def run_outputs(run_dir: str) -> list[str]:
 
 def check_output_dir(args, resume) -> None:
     """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None, no resume asked)
-    where another run left outputs, unless `overwrite_output_dir`; or a resume from a checkpoint of this folder
-    that later checkpoints follow (`latest` would then pick one of the abandoned continuation's)."""
+    where another run left outputs, unless `overwrite_output_dir`."""
     run_dir, found = args.output_dir, run_outputs(args.output_dir)
     if not found:
         return
@@ -131,13 +131,6 @@ def check_output_dir(args, resume) -> None:
                           "its metrics with them and replace its model: give this run another run_name (or "
                           "output_dir), continue that run with resume_from_checkpoint = 'latest', or set "
                           "overwrite_output_dir = true to delete them first")
-    later = sorted((int(m.group(1)) for m in map(_CHECKPOINT.match, found) if m and step is not None
-                    and int(m.group(1)) > step))
-    if later:
-        raise ConfigError(f"resume_from_checkpoint = {resume!r}, but {run_dir!r} holds later checkpoints "
-                          f"({', '.join(f'checkpoint-{s}' for s in later)}) of another continuation, which "
-                          "'latest' would pick next time: resume from the newest, or resume into another output_dir "
-                          "(resume_from_checkpoint may be a path in another folder)")
 
 
 def start_run(args, resume) -> None:
@@ -157,10 +150,27 @@ def start_run(args, resume) -> None:
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         return
     trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    _set_aside_later_checkpoints(run_dir, step)
     for name in run_outputs(run_dir):
         match = HELD_OUT.match(name)
         if match and int(match.group(1)) > step:
             os.remove(os.path.join(run_dir, name))
+
+
+def _set_aside_later_checkpoints(run_dir: str, step: int) -> None:
+    """A resume from an earlier checkpoint of this folder abandons the continuation that wrote the later ones: they
+    move into `superseded-<time>/` (kept, not deleted), so that `latest` and checkpoint rotation see this run's
+    checkpoints only."""
+    later = sorted((m.group(0) for m in map(_CHECKPOINT.match, os.listdir(run_dir)) if m and int(m.group(1)) > step),
+                   key=lambda name: int(name.split("-")[1]))
+    if not later:
+        return
+    aside = os.path.join(run_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for name in later:
+        os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
+    logging.getLogger("vftrain").warning("resuming from step %d: the later %s of the continuation this run replaces "
+                                         "moved to %s", step, ", ".join(later), aside)
 
 
 def _continued_step(args, resume) -> int | None:
