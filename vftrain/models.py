@@ -22,13 +22,12 @@ _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside a LoRA adapter
 
 
-def resolve_dtype(name: str, device=None):
-    """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 matmuls are slow and lossy).
-    `device` None: any CUDA GPU here."""
+def resolve_dtype(name: str, device):
+    """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
     import torch
 
     if name == "auto":
-        cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
         return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, _DTYPES[name])
 
