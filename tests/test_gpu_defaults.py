@@ -23,10 +23,11 @@ pytest.importorskip("liger_kernel")
 
 @contextlib.contextmanager
 def gpu_machine():
-    """As on a machine with a CUDA GPU that has bf16 (no-op where there is one)."""
+    """As on a machine with an Ampere-or-newer CUDA GPU (an H100 here; no-op where there is one)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: True)
         mp.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         yield
 
 
@@ -75,7 +76,8 @@ def test_a_model_on_the_cpu_gets_the_cpu_defaults_on_a_gpu_machine():
         assert next(model.parameters()).dtype == torch.float32
         assert model.config._attn_implementation != "varlen"
         assert not any(_is_liger(m) for m in model.modules())
-        model, _ = vf.get_model_and_tokenizer(_tiny_model(), tokenizer=tiny_tokenizer(), device="cuda")
+        model, _ = vf.get_model_and_tokenizer(_tiny_model().to(torch.bfloat16), tokenizer=tiny_tokenizer(),
+                                              device="cuda")
         assert model.config._attn_implementation == "varlen"
         assert _is_liger(model.model.norm) and _is_liger(model.model.layers[0].mlp)
 
