@@ -88,11 +88,13 @@ def addition_rows(n: int, start: int = 0) -> list[dict]:
 
 
 def small_config(tmp_path, **overrides):
+    """A few steps on tiny batches, on the CPU also where a GPU is (use_cpu: the tests' exact comparisons are CPU
+    semantics, float32 without liger or varlen; tests/gpu.sh)."""
     import vftrain as vf
 
     base = dict(output_dir=str(tmp_path / "out"), max_steps=2, batch_size=8, micro_batch_size=8, max_seq_len=64,
                 learning_rate=1e-3, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-                dataloader_pin_memory=False)
+                dataloader_pin_memory=False, use_cpu=True)
     base.update(overrides)
     return vf.SFTConfig(**base)
 
@@ -112,8 +114,12 @@ def worker_command(out_dir, max_steps=7, processes=1, **options) -> list[str]:
 
 
 def worker_env() -> dict:
+    """The environment of a training subprocess: no launcher variables, tests/ importable (before the caller's
+    PYTHONPATH, which may hold packages), and no GPU: its checks (exact resume, signals, process splits over gloo) are
+    CPU semantics, also on a CUDA machine (tests/gpu.sh)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(Path(__file__).parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
+    env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 
 

@@ -64,7 +64,7 @@ def config(out_dir: str, max_steps: int, **overrides) -> "vf.RLConfig":
     base = dict(output_dir=out_dir, max_steps=max_steps, batch_size=16, rollouts_per_example=4, micro_batch_size=4,
                 max_seq_len=32, max_prompt_len=24, max_new_tokens=6, learning_rate=3e-3, logging_steps=1,
                 save_steps=2, save_total_limit=2, disable_tqdm=True, seed=0, dataloader_pin_memory=False,
-                temperature=1.0)
+                temperature=1.0, use_cpu=True)  # exact comparisons: CPU semantics also where a GPU is
     base.update(overrides)
     return vf.RLConfig(**base)
 

@@ -111,7 +111,7 @@ def test_varlen_refuses_what_the_kernel_cannot_do_and_auto_falls_back(model_type
     import vftrain as vf
     from vftrain import attention
 
-    monkeypatch.setattr(attention, "kernel_available", lambda: True)  # as on a CUDA machine
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: True)  # as on a CUDA machine
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     tok = vf.get_model_and_tokenizer(TINY)[1]
     with pytest.raises(ConfigError, match=f"varlen' cannot run this model here: .*{feature}"):
@@ -128,7 +128,7 @@ def test_auto_picks_varlen_for_packed_rows_where_the_kernel_exists(monkeypatch):
     from vftrain import attention
 
     def chosen(packing, kernel):
-        monkeypatch.setattr(attention, "kernel_available", lambda: kernel)
+        monkeypatch.setattr(attention, "kernel_available", lambda device=None: kernel)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
         return vf.get_model_and_tokenizer(TINY, packing=packing, dtype="bfloat16")[0].config._attn_implementation
 

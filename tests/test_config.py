@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 import vftrain as vf
 from vftrain.config import TrainerConfig
@@ -144,7 +145,7 @@ def test_defaults_work_offline(monkeypatch):
     assert cfg.output_dir == f"outputs/{cfg.run_name}" and cfg.run_name.startswith("sft-")
     assert "None" not in cfg.output_dir
     assert cfg.report_to in ([], "none", ["none"])  # no reporting service unless asked
-    assert cfg.bf16 is False  # this machine has no GPU
+    assert cfg.bf16 is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())  # bf16 where the GPU has it
     assert cfg.trust_remote_code is False and cfg.lora_target_modules == "all-linear"
     assert vf.SFTConfig(run_name="exp").output_dir == "outputs/exp"
 
@@ -206,6 +207,7 @@ def test_import_is_lazy():
 def test_sharding_that_cannot_run_is_refused(tmp_path, monkeypatch, kwargs, world, message):
     """Refused before any process group is set up, rather than failing deep inside accelerate or running DDP."""
     monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, also where a GPU is
     with pytest.raises(ConfigError, match=message):
         vf.SFTConfig(output_dir=str(tmp_path), batch_size=16, micro_batch_size=4, **kwargs)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, addition_rows, write_jsonl
+from conftest import ROOT, TINY, addition_rows, worker_env, write_jsonl
 
 ARGS = ["--model", TINY, "--sft.max_steps", "6", "--sft.logging_steps", "1", "--sft.batch_size",
         "32", "--sft.micro_batch_size", "4", "--sft.packing", "true", "--sft.save_strategy", "no",
@@ -31,7 +31,7 @@ def _dataset(tmp_path) -> str:
 
 
 def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = worker_env()  # CPU processes over gloo, also where a GPU is
     port = str(29500 + os.getpid() % 1000)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                 "--master_port", port] if processes > 1 else [sys.executable]
@@ -186,7 +186,7 @@ if torch.distributed.is_initialized():
 def _load_run(tmp_path, name, processes, fsdp):
     script = tmp_path / f"{name}.py"
     script.write_text(LOAD_WORKER.format(tests=str(ROOT / "tests"), out=str(tmp_path / name), fsdp=fsdp))
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env = worker_env()  # CPU processes over gloo, also where a GPU is
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                 str(29500 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
     proc = subprocess.run([*launcher, str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -68,6 +68,10 @@ def _vftrain_loss(model, ids, labels):
 
 @pytest.mark.parametrize("family", sorted(SCALED) + sorted(SOFTCAPPED))
 def test_fused_loss_matches_the_models_own_logits(family):
+    from transformers import CONFIG_MAPPING
+
+    if family not in CONFIG_MAPPING:  # beam arrived after transformers 5.17
+        pytest.skip(f"this transformers has no {family} models")
     model = _model(family, **{**SCALED, **SOFTCAPPED}[family])
     ids = torch.randint(3, SHAPE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, SHAPE["vocab_size"], (12,), generator=torch.Generator().manual_seed(2))
@@ -159,7 +163,7 @@ def test_liger_is_applied_by_default_only_where_it_can_run(monkeypatch):
         model.config.model_type = model_type
         patched.clear()
         vf.get_model_and_tokenizer(model, use_liger=use_liger, attn_implementation="sdpa",
-                                   tokenizer=tiny_tokenizer())
+                                   tokenizer=tiny_tokenizer(), device="cuda" if cuda else "cpu")
         return bool(patched)
 
     assert load(None) and load(True)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vftrain as vf
-from conftest import TINY, addition_rows, tiny_tokenizer
+from conftest import TINY, addition_rows, tiny_tokenizer, worker_env
 from rl_worker import config, digits, one_sgd_step
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.errors import ConfigError, DataError
@@ -294,8 +294,7 @@ def test_openai_backend_samples_from_the_weights_being_trained(tmp_path, use_lor
 
 
 def _run(out_dir, max_steps, kill_at=0, resume=False, processes=1, num_iterations=1, save_steps=2):
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = str(HERE)
+    env = worker_env()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                 str(29700 + os.getpid() % 1000)] if processes > 1 else [sys.executable]
     return subprocess.run([*launcher, str(HERE / "rl_worker.py"), str(out_dir), str(max_steps), str(kill_at),

@@ -30,7 +30,7 @@ def cuda(monkeypatch):
     from vftrain import attention
 
     capability = {"value": (9, 0)}
-    monkeypatch.setattr(attention, "kernel_available", lambda: True)
+    monkeypatch.setattr(attention, "kernel_available", lambda device=None: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability["value"])
     return capability
 

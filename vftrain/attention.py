@@ -32,9 +32,10 @@ _UNSUPPORTED_KWARGS = {"softcap": "attention logit soft-capping", "s_aux": "atte
                        "block_indices": "block-sparse attention"}
 
 
-def kernel_available() -> bool:
-    """torch's variable-length flash kernel exists here (CUDA build of PyTorch >= 2.10)."""
-    if not torch.cuda.is_available():
+def kernel_available(device=None) -> bool:
+    """torch's variable-length flash kernel can run on `device` (a CUDA device, CUDA build of PyTorch >= 2.10).
+    `device` None: any CUDA GPU here. A CPU device (`use_cpu = true`, a model kept on the CPU) never has it."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
         return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
@@ -43,7 +44,7 @@ def kernel_available() -> bool:
     return True
 
 
-def unsupported_features(model) -> list[str]:
+def unsupported_features(model, device=None) -> list[str]:
     """What of `model`'s attention the varlen kernel cannot reproduce, from its configs and modules (empty: none)."""
     found = []
     configs = [model.config] + [getattr(model.config, k, None) for k in getattr(model.config, "sub_configs", {})]
@@ -53,7 +54,7 @@ def unsupported_features(model) -> list[str]:
     if any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter) for m in model.modules()):
         found.append("attention sinks")
     found += _chunked_and_dropout(model.config.get_text_config(decoder=True))
-    if kernel_available():
+    if kernel_available(device):  # the CPU path (exact segmented SDPA) has none of the kernel's limits
         found += kernel_limits(model)
     return found
 
@@ -118,19 +119,20 @@ def head_sizes(model) -> set[tuple[int, int]]:
     return sizes
 
 
-def choose(model, requested: str, packing: bool) -> str | None:
-    """The attention to train `model` with: `requested` unless it is "auto", which picks "varlen" for packed rows
-    where the kernel exists and the model's attention allows, else None (the model's own default: SDPA where
-    supported, eager otherwise). An explicit "varlen" the model's attention rules out is a ConfigError."""
+def choose(model, requested: str, packing: bool, device=None) -> str | None:
+    """The attention to train `model` with on `device`: `requested` unless it is "auto", which picks "varlen" for
+    packed rows where the kernel runs on that device and the model's attention allows, else None (the model's own
+    default: SDPA where supported, eager otherwise). An explicit "varlen" the model's attention rules out is a
+    ConfigError."""
     if requested == NAME:
-        missing = unsupported_features(model)
+        missing = unsupported_features(model, device)
         if missing:
             raise ConfigError(f"attn_implementation = 'varlen' cannot run this model here: {'; '.join(missing)}; "
                               "use 'auto' (picks the model's own attention where varlen cannot) or 'eager'")
         return NAME
     if requested != AUTO:
         return requested
-    if packing and kernel_available() and not unsupported_features(model):
+    if packing and kernel_available(device) and not unsupported_features(model, device):
         return NAME
     return None
 

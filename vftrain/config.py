@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -73,10 +74,11 @@ class TrainerConfig(TrainingArguments):
     chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
                                    "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
                                    "tool-calling template) or the template text itself; None: the tokenizer's own.")
-    use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, RoPE, SwiGLU). "
-                                "Default: on when training on a CUDA GPU with liger-kernel installed (a dependency on "
-                                "Linux) and the model type supported (0.5B: -20% peak memory, up to +18% speed; "
-                                "benchmarks/RESULTS.md); true requires it.")
+    use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, SwiGLU; "
+                                "this model only, not its family process-wide). Default: on when training on a CUDA "
+                                "GPU (not with use_cpu) with liger-kernel installed (a dependency on Linux) and the "
+                                "model type supported (0.5B: -20% peak memory, up to +18% speed; "
+                                "benchmarks/RESULTS.md); true requires all three.")
     lean_mlp: bool = _f(False, "Recompute SwiGLU's gate*up product in the backward instead of saving it (exact): "
                         "intermediate_size x 2 bytes less per token per layer (-17% peak memory on a 1.5B shape "
                         "at 16k tokens), for ~9% speed in eager mode (benchmarks/RESULTS.md).")
@@ -216,7 +218,7 @@ class TrainerConfig(TrainingArguments):
         if not self.output_dir:
             self.output_dir = os.path.join("outputs", self.run_name)
         if self.bf16 is None:
-            self.bf16 = _bf16_supported()
+            self.bf16 = not self.use_cpu and _bf16_supported()
         if launch_world_size() > 1 and not _cuda():
             # transformers builds a CPU process group only when told to use the CPU, and needs a backend for it
             self.use_cpu = True
@@ -242,6 +244,9 @@ class TrainerConfig(TrainingArguments):
         if self.deepspeed and not _cuda():
             raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU "
                               "processes use plain data parallel (leave deepspeed unset)")
+        if self.deepspeed and importlib.util.find_spec("deepspeed") is None:
+            # transformers would fail deep in its DeepSpeed setup and leave a half-built global config behind
+            raise ConfigError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
         self.accelerator_config = _non_blocking_copies(self.accelerator_config)
         super().__post_init__()
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
@@ -532,8 +537,6 @@ class RLConfig(TrainerConfig):
                    if value] + ([] if self.reward_funcs in (["exact_match"], "exact_match") else ["reward_funcs"])
         if clashes:
             raise ConfigError(f"env = {self.env!r} gives the prompts and rewards; leave {', '.join(clashes)} unset")
-        import importlib.util
-
         if importlib.util.find_spec("verifiers") is None:
             raise ConfigError(f"env = {self.env!r} needs the verifiers package (Python >= 3.11): "
                               "pip install 'vftrain[verifiers]'")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from vftrain.errors import ConfigError
@@ -20,13 +22,25 @@ _DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 ADAPTER_CONFIG = "adapter_config.json"  # what peft's save_pretrained writes beside a LoRA adapter
 
 
-def resolve_dtype(name: str):
-    """'auto' -> bfloat16 where the GPU supports it, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
+def resolve_dtype(name: str, device):
+    """'auto' -> bfloat16 on a CUDA device that supports it, float32 elsewhere (CPU bf16 matmuls are slow and lossy)."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     return getattr(torch, _DTYPES[name])
+
+
+def run_device(model, device=None):
+    """The device `model` will run on: `device` if given, else where the model is (its first parameter; the CPU for
+    a hub name or folder, which `from_pretrained` loads onto the CPU)."""
+    import torch
+
+    if device is not None:
+        return torch.device(device)
+    param = None if isinstance(model, str) else next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def get_model_and_tokenizer(
@@ -40,11 +54,14 @@ def get_model_and_tokenizer(
     tokenizer: PreTrainedTokenizerBase | None = None,
     load_weights: bool = True,
     chat_template: str | None = None,
+    device=None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
 
     `model` is a hub name, a local folder, or a loaded `PreTrainedModel` (then `tokenizer` is required unless the
     model's `name_or_path` points at one). A tokenizer without a pad token gets one (see `ensure_pad_token`).
+    `device` is where the model will run (the trainers pass their `args.device`; None: where the model is, so the
+    CPU for a name or folder); `dtype = "auto"`, `attn_implementation = "auto"` and `use_liger = None` follow it.
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
     it can run (`liger_applies`). `chat_template` (a file path or template text) replaces the tokenizer's.
@@ -56,30 +73,31 @@ def get_model_and_tokenizer(
     from vftrain import attention
 
     attention.register()
+    device = run_device(model, device)
     # "varlen" is set after loading, once the model's attention features are known (attention.choose).
     load_attn = None if attn_implementation in (attention.AUTO, attention.NAME) else attn_implementation
     if isinstance(model, str):
         if is_adapter_folder(model):
             return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
                                        trust_remote_code=trust_remote_code, use_liger=use_liger, tokenizer=tokenizer,
-                                       load_weights=load_weights, chat_template=chat_template)
+                                       load_weights=load_weights, chat_template=chat_template, device=device)
         refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
-            model_obj = load(model, dtype=resolve_dtype(dtype), attn_implementation=load_attn,
+            model_obj = load(model, dtype=resolve_dtype(dtype, device), attn_implementation=load_attn,
                              trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("model", model, exc) from None
         source = model
     else:
         model_obj, source = model, getattr(model, "name_or_path", None)
-    chosen = attention.choose(model_obj, attn_implementation, packing)
+    chosen = attention.choose(model_obj, attn_implementation, packing, device)
     if chosen is not None and chosen != getattr(model_obj.config, "_attn_implementation", None):
         model_obj.set_attn_implementation(chosen)
-    if use_liger or (use_liger is None and liger_applies(model_obj)):
-        apply_liger(model_obj)
-        use_liger = True
-    log.info("attention: %s; liger kernels: %s", model_obj.config._attn_implementation, "on" if use_liger else "off")
+    liger = liger_applies(model_obj, device) if use_liger is None else use_liger
+    if liger:
+        apply_liger(model_obj, device)
+    log.info("attention: %s; liger kernels: %s", model_obj.config._attn_implementation, "on" if liger else "off")
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -196,21 +214,39 @@ def distinct_meta_pointers(model) -> None:
             p.data_ptr = functools.partial(int, -1 - i)
 
 
-def apply_liger(model) -> None:
-    """Swap in liger-kernel's fused RMSNorm, RoPE and SwiGLU Triton kernels (GPU). Its fused cross-entropy is
-    left off: vftrain's loss already fuses the output head with the cross-entropy (vftrain/loss.py)."""
+def apply_liger(model, device=None) -> None:
+    """Swap liger-kernel's fused RMSNorm and SwiGLU Triton kernels into this model instance (a peft model: into its
+    base model, where liger finds the decoder). A model type liger has no kernels for, or a model that runs on the
+    CPU, is a ConfigError: an explicit `use_liger = true` must not pass as on while nothing was patched.
+
+    Instance only (review sft-2026-12-02, finding 5): liger's apply also rebinds the family's module-level classes
+    (`modeling_qwen2.Qwen2RMSNorm`, `Qwen2MLP`), which every later model of the family in the process would be built
+    from (a reference model, the merged export loaded for a check; on the CPU their forward crashes); they are put
+    back once the instance is patched. Its RoPE exists only as such a module-level function swap, so it is left
+    off, as is its fused cross-entropy (vftrain's loss already fuses the output head with it, vftrain/loss.py).
+    The model's own RoPE saves only cos/sin for the backward, so this costs kernel launches, not memory.
+    """
     try:
-        from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import (MODEL_TYPE_TO_APPLY_LIGER_FN,
+                                                            _apply_liger_kernel_to_instance)
     except ImportError:
         raise ConfigError("use_liger = true needs liger-kernel: pip install 'vftrain[liger]'") from None
-    _apply_liger_kernel_to_instance(model=model, fused_linear_cross_entropy=False, cross_entropy=False)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ConfigError(f"use_liger = true, but liger-kernel has no kernels for model type {model_type!r}; "
+                          "set use_liger = false (or leave it unset: on where it applies)")
+    if run_device(base, device).type == "cpu":
+        raise ConfigError("use_liger = true, but the model runs on the CPU (use_cpu = true, or a model placed on "
+                          "the CPU) and liger-kernel's kernels are Triton (GPU); set use_liger = false")
+    with _module_classes_restored("transformers."):
+        _apply_liger_kernel_to_instance(model=base, rope=False, fused_linear_cross_entropy=False, cross_entropy=False)
 
 
-def liger_applies(model) -> bool:
-    """liger-kernel is installed, a CUDA GPU is there (its kernels are Triton) and it has kernels for this model."""
-    import torch
-
-    if not torch.cuda.is_available():
+def liger_applies(model, device=None) -> bool:
+    """liger-kernel is installed, the model runs on a CUDA GPU (its kernels are Triton; `device` as in
+    `run_device`) and liger has kernels for the model type."""
+    if run_device(model, device).type != "cuda":
         return False
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -230,6 +266,22 @@ def read_chat_template(value: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"chat_template = {value!r} is neither template text (no '{{{{' or '{{%') nor a readable "
                           f"file: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+@contextlib.contextmanager
+def _module_classes_restored(prefix: str):
+    """Inside the block, modules named `prefix*` may have their module-level classes and functions rebound; they are
+    put back on leaving it."""
+    saved = {module: {k: v for k, v in vars(module).items() if callable(v)}
+             for name, module in list(sys.modules.items()) if name.startswith(prefix) and module is not None}
+    try:
+        yield
+    finally:
+        for module, values in saved.items():
+            namespace = vars(module)
+            for key, value in values.items():
+                if namespace.get(key) is not value:
+                    namespace[key] = value
 
 
 def load_error(what: str, name: str, exc: Exception) -> ConfigError:

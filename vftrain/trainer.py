@@ -87,7 +87,7 @@ class VFTrainer(Trainer):
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer,
-            load_weights=load_weights, chat_template=args.chat_template)
+            load_weights=load_weights, chat_template=args.chat_template, device=args.device)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
         if args.packing and not attention.keeps_rows_apart(model):

@@ -123,7 +123,8 @@ class RLTrainer(VFTrainer):
             reference, _ = get_model_and_tokenizer(
                 self.model_source, dtype=self.args.dtype, attn_implementation=model.config._attn_implementation,
                 packing=self.args.packing, trust_remote_code=self.args.trust_remote_code,
-                use_liger=self.args.use_liger, tokenizer=self.processing_class)
+                use_liger=self.args.use_liger, tokenizer=self.processing_class,
+                device=self.args.device)
         else:
             reference = copy.deepcopy(model)
         return reference.to(self.args.device).eval().requires_grad_(False)
