@@ -209,7 +209,7 @@ def test_config_toml_reruns_the_same_config(tmp_path, section):
     from vftrain.config import RLConfig, SFTConfig
 
     cls = SFTConfig if section == "sft" else RLConfig
-    table = dict(run_name="a \"quoted\" name", learning_rate=3e-4, report_to=["tensorboard"], eval_size=0.1,
+    table = dict(run_name="a \"quoted\" name", learning_rate=3e-4, report_to=["all"], eval_size=0.1,
                  lr_scheduler_kwargs={"min_lr_rate": 0.1}, output_dir=str(tmp_path / "elsewhere"), batch_size=32,
                  micro_batch_size=16, max_seq_len=64, lr_scheduler_type="cosine_with_min_lr")
     if section == "rl":
