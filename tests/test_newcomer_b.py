@@ -65,7 +65,8 @@ def test_an_rl_name_in_sft_says_where_it_belongs(tmp_path, capsys):
 # ---- item 23: --help and argument errors without torch
 
 def _fresh_python(code: str, tmp_path) -> str:
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     return out.stdout
@@ -256,7 +257,8 @@ def _logged_run(tmp_path, *extra) -> str:
            "--sft.eval_generation_rows", "2", *extra]
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
     text = log.read_text()
     assert proc.returncode == 0, text[-2000:]
     return text

@@ -31,6 +31,18 @@ from vftrain.attention import for_generation
 log = logging.getLogger("vftrain")
 
 
+def _cache_name() -> str:
+    """The KV cache's keyword in transformers' forward and outputs: `cache` where transformers has renamed it (5.24;
+    `past_key_values` there warns on every call that it is deprecated), else `past_key_values` (5.17 takes `cache=`
+    into **kwargs and ignores it: every step would then run without the prompt's keys and values)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+_CACHE = _cache_name()
+
+
 @dataclasses.dataclass
 class Sample:
     """One completion: prompt and completion token ids, the sampler's logprob of each completion token, and why
@@ -195,10 +207,9 @@ class _Forward:
         return logits
 
     def _run(self, ids, positions, mask) -> torch.Tensor:
-        # `cache`, transformers 5's name: `past_key_values` warns once per process that it is deprecated.
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache,
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, **{_CACHE: self.cache},
                          use_cache=True, logits_to_keep=1)
-        self.cache = out.cache
+        self.cache = getattr(out, _CACHE)
         return out.logits[:, -1].float()
 
     def _capture(self, stream) -> None:
