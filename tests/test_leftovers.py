@@ -1,0 +1,34 @@
+"""Leftovers of issues 18 and 22: vftrain.serve's gaps (model ids, stop strings, top logprobs, stream, Hermes tool
+calls, LoRA adapter folders), truncation marks from the OpenAI backend, reward modules beside the TOML, held-out
+settings that would be skipped, RL's held-out reward, every unknown top-level key in one error, and peft's
+deprecation warning on adapter folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, addition_rows, write_jsonl
+
+
+def _one_error_line(err: str, prog: str = "vf-sft") -> bool:
+    """One `<prog>: error:` line and no traceback (progress bars may share stderr)."""
+    return "Traceback" not in err and sum(line.startswith(f"{prog}: error: ") for line in err.splitlines()) == 1
+
+
+# ---- 7. every unknown top-level key in one error
+def test_unknown_top_level_keys_are_listed_together(tmp_path, capsys):
+    from vftrain.cli.sft import main
+
+    data = write_jsonl(tmp_path / "add.jsonl", addition_rows(8))
+    toml = tmp_path / "c.toml"
+    toml.write_text(f'model = "{TINY}"\ndataset = "{data}"\nlearning_rate = 1e-5\nmax_steps = 3\nmodle = "x"\n'
+                    "[sft]\nbatch_size = 8\n")
+    assert main(["@", str(toml)]) == 2
+    err = capsys.readouterr().err
+    assert _one_error_line(err)
+    line = next(x for x in err.splitlines() if x.startswith("vf-sft: error: "))
+    assert "3 unknown top-level keys" in line
+    assert "'learning_rate' (a field of the [sft] table: move it below the [sft] line)" in line
+    assert "'max_steps' (a field of the [sft] table" in line and "'modle' (did you mean 'model'?)" in line
