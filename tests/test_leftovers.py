@@ -32,3 +32,25 @@ def test_unknown_top_level_keys_are_listed_together(tmp_path, capsys):
     assert "3 unknown top-level keys" in line
     assert "'learning_rate' (a field of the [sft] table: move it below the [sft] line)" in line
     assert "'max_steps' (a field of the [sft] table" in line and "'modle' (did you mean 'model'?)" in line
+
+
+# ---- 4. a reward module beside the TOML, the run started from another folder
+def test_reward_module_beside_the_config_is_found_from_another_folder(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from vftrain import rewards
+    from vftrain.cli.rl import main
+
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setattr(rewards, "IMPORT_FOLDERS", [], raising=False)  # a fresh list per test
+    sub, elsewhere = tmp_path / "sub", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    data = write_jsonl(sub / "add.jsonl", addition_rows(8))
+    (sub / "leftovers_beside_rewards.py").write_text("def close(completion, reference):\n    return 1.0\n")
+    (sub / "rl.toml").write_text(f'model = "{TINY}"\ndataset = "{data}"\n[rl]\n'
+                                 'reward_funcs = ["leftovers_beside_rewards:close"]\n')
+    monkeypatch.chdir(elsewhere)
+    assert main(["@", "../sub/rl.toml", "--inspect", "1"]) == 0, capsys.readouterr().err
+    assert "reward functions: leftovers_beside_rewards:close" in capsys.readouterr().out
+    # the current folder comes first: a module of the same name there wins
+    assert sys.path.index(str(elsewhere)) < sys.path.index(str(sub))

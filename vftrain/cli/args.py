@@ -80,6 +80,15 @@ def parse_argv(argv: list[str], section: str, flag_names: dict[str, bool]) -> In
     return inv
 
 
+def import_beside_config(inv: Invocation) -> None:
+    """'module:function' reward entries are also looked for beside the TOML file (after the current folder), so
+    that `vf-rl @ sub/rl.toml` finds sub/my_module.py from any folder, as the file's author saw it."""
+    if inv.config_path:
+        from vftrain.rewards import import_beside
+
+        import_beside(os.path.dirname(os.path.abspath(inv.config_path)))
+
+
 def read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as fh:

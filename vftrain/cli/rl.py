@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from vftrain.cli.args import parse_argv
+from vftrain.cli.args import import_beside_config, parse_argv
 from vftrain.cli.sft import inspect_setup, print_help, report_generation_accuracy, resolve, train
 from vftrain.errors import VFTrainError
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inv = parse_argv(argv, "rl", FLAGS)
         model, config = resolve(inv, section="rl")
+        import_beside_config(inv)
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"])
         from vftrain.rl.trainer import RLTrainer

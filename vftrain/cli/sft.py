@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from vftrain.cli.args import build_config, check_keys, parse_argv, resolve_path_or_name, resume_point
+from vftrain.cli.args import (build_config, check_keys, import_beside_config, parse_argv, resolve_path_or_name,
+                               resume_point)
 from vftrain.errors import ConfigError, VFTrainError
 
 FLAGS = {"inspect": True, "json": False, "help": False}
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inv = parse_argv(argv, "sft", FLAGS)
         model, config = resolve(inv)
+        import_beside_config(inv)
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"], bool(inv.flags.get("json")))
         return train(model, config)
