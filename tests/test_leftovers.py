@@ -54,3 +54,17 @@ def test_reward_module_beside_the_config_is_found_from_another_folder(tmp_path, 
     assert "reward functions: leftovers_beside_rewards:close" in capsys.readouterr().out
     # the current folder comes first: a module of the same name there wins
     assert sys.path.index(str(elsewhere)) < sys.path.index(str(sub))
+
+
+# ---- 5. eval_generation_rows with nothing held out is said, not skipped without a word
+def test_eval_generation_rows_without_held_out_rows_is_warned(tmp_path, capsys):
+    from vftrain.cli.sft import main
+
+    data = write_jsonl(tmp_path / "add.jsonl", addition_rows(16))
+    code = main(["--model", TINY, "--dataset", data, "--sft.output_dir", str(tmp_path / "run"), "--sft.max_steps", "1",
+                 "--sft.batch_size", "8", "--sft.micro_batch_size", "8", "--sft.max_seq_len", "64",
+                 "--sft.disable_tqdm", "true", "--sft.eval_generation_rows", "4"])
+    out = capsys.readouterr().out
+    assert code == 0
+    warned = [line for line in out.splitlines() if "eval_generation_rows = 4 is skipped" in line]
+    assert len(warned) == 1 and "eval_split" in warned[0] and "eval_size" in warned[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from vftrain.cli.args import (build_config, check_keys, import_beside_config, parse_argv, resolve_path_or_name,
@@ -113,6 +114,7 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     resume = resume_point(config)
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     trainer = trainer_cls(model=model, args=config)
+    warn_without_held_out(trainer, config)
     trainer.start_run(resume)  # before `before` writes its held-out generations into the run folder
     if before is not None and resume is None:  # a resumed run measured its start model when it first started
         before(trainer)
@@ -181,6 +183,16 @@ def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
     print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of {where}; "
           f"generations in {result['path']})", flush=True)
     return result["accuracy"]
+
+
+def warn_without_held_out(trainer, config) -> None:
+    """eval_generation_rows with no held-out rows to generate for is said once, not skipped without a word."""
+    if not config.eval_generation_rows or getattr(trainer, "raw_eval", None) is not None \
+            or not trainer.is_world_process_zero():
+        return
+    why = "an environment's run (env) has no held-out rows" if getattr(config, "env", None) else \
+        "no held-out rows: set eval_split (a split of the dataset) or eval_size (rows cut from the training split)"
+    logging.getLogger("vftrain").warning("eval_generation_rows = %d is skipped: %s", config.eval_generation_rows, why)
 
 
 def inspect_setup(model: str, config, n_text: str, what: str):
