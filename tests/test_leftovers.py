@@ -68,3 +68,27 @@ def test_eval_generation_rows_without_held_out_rows_is_warned(tmp_path, capsys):
     assert code == 0
     warned = [line for line in out.splitlines() if "eval_generation_rows = 4 is skipped" in line]
     assert len(warned) == 1 and "eval_split" in warned[0] and "eval_size" in warned[0]
+
+
+# ---- 3. the OpenAI backend marks completions cut by max_new_tokens, as the embedded backend does
+@pytest.mark.parametrize("max_new_tokens, truncated", [(1, True), (8, False)])
+def test_openai_backend_marks_truncated_samples(tmp_path, max_new_tokens, truncated):
+    import datasets
+
+    import vftrain as vf
+    from conftest import ROOT, small_config
+    from vftrain.sampling import ChatPrompt
+    from vftrain.sampling.openai_backend import OpenAIBackend
+    from vftrain.serve import serve
+
+    model = str(ROOT / "assets" / "addition-noisy-sft")  # answers a sum and stops within a few tokens
+    server = serve(model, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = small_config(tmp_path, sample_backend="openai", sample_base_url=url, max_new_tokens=max_new_tokens)
+        trainer = vf.SFTTrainer(model=model, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=args)
+        [chat] = OpenAIBackend(trainer)([ChatPrompt([{"role": "user", "content": "12+34"}])], step=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert chat.truncated is truncated
