@@ -92,3 +92,22 @@ def test_openai_backend_marks_truncated_samples(tmp_path, max_new_tokens, trunca
         server.shutdown()
         server.server_close()
     assert chat.truncated is truncated
+
+
+# ---- 8. no peft deprecation warning when a LoRA adapter folder is the model
+def test_adapter_folder_loads_without_peft_deprecation_warning(tmp_path):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from vftrain.models import get_model_and_tokenizer
+
+    folder = str(tmp_path / "adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), LoraConfig(task_type="CAUSAL_LM", r=4)) \
+        .save_pretrained(folder)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = get_model_and_tokenizer(folder, packing=False)
+    assert hasattr(model, "peft_config")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
