@@ -111,3 +111,32 @@ def test_adapter_folder_loads_without_peft_deprecation_warning(tmp_path):
         model, _ = get_model_and_tokenizer(folder, packing=False)
     assert hasattr(model, "peft_config")
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+# ---- 6. RL's held-out figure: the run's reward functions' score beside exact match
+def test_rl_held_out_reports_the_run_reward(tmp_path, capsys):
+    from conftest import ROOT
+    from vftrain.cli.rl import main
+
+    data = tmp_path / "data"
+    write_jsonl(data / "train.jsonl", addition_rows(16))
+    write_jsonl(data / "test.jsonl", addition_rows(4, start=50))
+    # a custom reward that exact match cannot stand for: the completion's length, weighted by 0.5
+    (tmp_path / "length_reward.py").write_text("def length(completion, reference):\n    return len(completion)\n")
+    out = tmp_path / "run"
+    code = main(["--model", str(ROOT / "assets" / "addition-noisy-sft"), "--dataset", str(data),
+                 "--rl.reward_funcs", f'["{tmp_path / "length_reward.py"}:length"]', "--rl.reward_weights", "[0.5]",
+                 "--rl.eval_split", "test", "--rl.eval_generation_rows", "4", "--rl.output_dir", str(out),
+                 "--rl.max_steps", "1", "--rl.batch_size", "4", "--rl.micro_batch_size", "4",
+                 "--rl.rollouts_per_example", "2", "--rl.max_new_tokens", "6", "--rl.max_seq_len", "40", "--rl.max_prompt_len", "30",
+                 "--rl.disable_tqdm", "true", "--rl.save_strategy", "no"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr[-2000:]
+    record = json.loads((out / "held_out-step0.json").read_text())
+    lengths = [len(g["completion"]) for g in record["generations"]]
+    assert record["scored_by"] == "exact_match" and record["reward_funcs"] == {"length_reward:length":
+                                                                                sum(lengths) / 4}
+    assert record["reward"] == pytest.approx(0.5 * sum(lengths) / 4) and record["reward"] > 0
+    assert [g["reward"] for g in record["generations"]] == [0.5 * n for n in lengths]
+    before = next(line for line in stdout.splitlines() if "held-out exact-match accuracy before RL" in line)
+    assert f"reward {record['reward']:.3f} (reward_funcs: length_reward:length)" in before
