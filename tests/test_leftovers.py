@@ -140,3 +140,167 @@ def test_rl_held_out_reports_the_run_reward(tmp_path, capsys):
     assert [g["reward"] for g in record["generations"]] == [0.5 * n for n in lengths]
     before = next(line for line in stdout.splitlines() if "held-out exact-match accuracy before RL" in line)
     assert f"reward {record['reward']:.3f} (reward_funcs: length_reward:length)" in before
+
+
+# ---- 1. vftrain.serve: model ids, stop strings, top logprobs, stream, tools (vLLM's hermes parser)
+PROMPT = [18, 19, 12, 20, 21]
+
+
+@pytest.fixture
+def served():
+    """`served(model) -> (openai client, url)` for a vftrain.serve of `model` on a free port."""
+    from vftrain.serve import serve
+
+    running = []
+
+    def start(model: str = TINY):
+        import openai
+
+        running.append(serve(model, port=0))
+        url = f"http://127.0.0.1:{running[-1].server_address[1]}/v1"
+        return openai.OpenAI(base_url=url, api_key="x", max_retries=0), url
+
+    yield start
+    for server in running:
+        server.shutdown()
+        server.server_close()
+
+
+def _post(url: str, route: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + route, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serve_wrong_model_id_and_stream_are_one_clean_line(served):
+    client, url = served()
+    status, body = _post(url, "/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "1+1"}]})
+    assert status == 404 and body["error"]["message"] == f"model 'x' is not served; the served ids are {TINY}"
+    status, body = _post(url, "/unload_lora_adapter", {})
+    assert status == 400 and body["error"]["message"] == "the request needs 'lora_name' (a string)"
+    status, body = _post(url, "/completions", {"model": TINY, "prompt": PROMPT, "stream": True})
+    assert status == 400 and "stream=true is not supported" in body["error"]["message"]
+
+
+def test_serve_stop_strings_end_the_text_before_them(served):
+    client, _ = served()
+    whole = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=12, temperature=0,
+                                      extra_body={"return_token_ids": True}).choices[0]
+    stop = whole.text[3:5]
+    cut = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "never"],
+                                    extra_body={"return_token_ids": True}).choices[0]
+    at = whole.text.find(stop)
+    assert cut.text == whole.text[:at] and cut.finish_reason == "stop" and cut.stop_reason == stop
+    # the tokens end with the one that completed the stop string (one character per token here), as vLLM's
+    assert cut.token_ids == whole.token_ids[:at + len(stop)]
+
+
+def test_serve_top_logprobs_are_those_of_the_sampled_distribution(served):
+    import torch
+
+    from vftrain.models import get_model_and_tokenizer
+    from vftrain.sampling.tokens import sampling_logits
+
+    client, _ = served()
+    model, tokenizer = get_model_and_tokenizer(TINY, packing=False)
+    out = client.completions.create(model=TINY, prompt=PROMPT, max_tokens=4, temperature=0.7, top_p=0.05, seed=3,
+                                    logprobs=3, extra_body={"return_token_ids": True}).choices[0]
+    with torch.no_grad():
+        logits = model.eval()(input_ids=torch.tensor([PROMPT + out.token_ids])).logits[0, len(PROMPT) - 1:-1]
+    want = sampling_logits(logits, 0.7, 0.05).log_softmax(-1).topk(3, -1)
+    for step, (top, token, logprob) in enumerate(zip(out.logprobs.top_logprobs, out.token_ids,
+                                                    out.logprobs.token_logprobs)):
+        expected = {tokenizer.decode([i]): max(v, -9999.0) for i, v in zip(want.indices[step].tolist(),
+                                                                            want.values[step].tolist())}
+        assert top.keys() >= expected.keys() and top[tokenizer.decode([token])] == logprob
+        assert all(abs(top[t] - v) < 1e-4 for t, v in expected.items())
+        assert -9999.0 in expected.values()  # top_p 0.05 keeps fewer than 3 tokens: the rest are cut, as vLLM shows
+    chat = client.chat.completions.create(model=TINY, messages=[{"role": "user", "content": "12+34"}], max_tokens=3,
+                                          logprobs=True, top_logprobs=2, temperature=1.0, seed=0).choices[0]
+    for entry in chat.logprobs.content:
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-5
+
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_serve_renders_tools_and_parses_hermes_tool_calls(served, tmp_path, monkeypatch):
+    import shutil
+
+    from vftrain.serve import ModelHost
+    from vftrain.sampling.tokens import Sample
+
+    model = tmp_path / "tiny-with-tools"  # the tiny model with a template that renders the tools' names (a real
+    shutil.copytree(TINY, model)  # one, as Qwen's, renders whole schemas: beyond the tiny model's 256 positions)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text(
+        "{%- if tools %}{{- 'tools: ' }}{%- for t in tools %}{{- t.function.name + ' ' }}{%- endfor %}{%- endif %}"
+        + template)
+    client, _ = served(str(model))
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    reply = client.chat.completions.create(model=str(model), messages=messages, tools=WEATHER, max_tokens=2,
+                                           extra_body={"return_token_ids": True})
+    assert "get_weather" in client_decode(model, reply.prompt_token_ids)
+
+    text = 'Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+
+    def generate(self, prompt, p):  # the tiny model cannot call a tool: the server's reply is given
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [min(self.stops)]
+        return [Sample(prompt, ids, [0.0] * len(ids), "stop")] * p["n"]
+
+    monkeypatch.setattr(ModelHost, "_generate", generate)
+    choice = client.chat.completions.create(model=str(model), messages=messages, tools=WEATHER).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me look.\n"
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.id.startswith("chatcmpl-tool-") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    plain = client.chat.completions.create(model=str(model), messages=messages).choices[0]  # no tools: no parsing
+    assert plain.finish_reason == "stop" and plain.message.tool_calls is None and "<tool_call>" in plain.message.content
+
+
+def client_decode(model, ids) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model)).decode(ids)
+
+
+# ---- 2. vftrain.serve --model <LoRA adapter folder>: its base with the adapter; a full-weight push replaces both
+def test_serve_an_adapter_folder(served, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = str(tmp_path / "adapter")
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_dropout=0.5, init_lora_weights=False)  # B != 0: it matters
+    adapted = get_peft_model(AutoModelForCausalLM.from_pretrained(TINY), config)
+    adapted.save_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(TINY)
+    client, url = served(folder)
+    assert [m.id for m in client.models.list().data] == [folder]
+
+    def served_logprobs():
+        out = client.completions.create(model=folder, prompt=PROMPT + [22, 23], max_tokens=1, temperature=1.0,
+                                        extra_body={"prompt_logprobs": 0})
+        return torch.tensor([e[str(t)]["logprob"] for e, t in zip(out.choices[0].prompt_logprobs[1:], [19, 12, 20,
+                                                                                                       21, 22, 23])])
+
+    def own(model):
+        with torch.no_grad():
+            logits = model.eval()(input_ids=torch.tensor([PROMPT + [22, 23]])).logits[0, :-1]
+        return logits.log_softmax(-1).gather(-1, torch.tensor([19, 12, 20, 21, 22, 23])[:, None])[:, 0]
+
+    first, again = served_logprobs(), served_logprobs()
+    assert torch.equal(first, again)  # eval mode: the adapter's dropout is off
+    assert (first - own(adapted)).abs().max() < 1e-5 and (first - own(base)).abs().max() > 1e-3
+    assert _post(url, "/update_weights", {"path": TINY})[0] == 200  # a full-weight push: the served id is now it
+    assert (served_logprobs() - own(base)).abs().max() < 1e-5
