@@ -397,14 +397,18 @@ def _logprob_fields(get, chat: bool) -> dict:
                                    "only 0 (each prompt token's own logprob) is supported")}
 
 
+def _is_tool(tool) -> bool:
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None  # OpenAI's form, or the function alone
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str)
+
+
 def _tool_fields(get, chat: bool) -> dict:
     """tools (rendered by the chat template) and whether to parse tool calls from the reply: with tools and
     tool_choice "auto" (the default), as vLLM's --enable-auto-tool-choice; "none" renders them and parses nothing."""
     if not chat:
         return {"tools": None, "parse_tools": False}
-    tools = get("tools", None, lambda v: isinstance(v, list) and all(
-        isinstance(t, dict) and isinstance(t.get("function", t).get("name"), str) for t in v),
-        "a list of tools, each {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+    tools = get("tools", None, lambda v: isinstance(v, list) and all(map(_is_tool, v)),
+                "a list of tools, each {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
     choice = get("tool_choice", "auto", lambda v: v in ("auto", "none"),
                  "only 'auto' or 'none' (a forced call needs guided decoding, which vftrain.serve does not do)")
     return {"tools": tools or None, "parse_tools": bool(tools) and choice == "auto"}
