@@ -17,7 +17,8 @@ RL (GRPO family) against reward functions. The TOML file holds top-level `model`
 folder) and `dataset` (prompt rows: `prompt` messages or string, or `question`, with an `answer`, `reference` or
 `completion` column the reward functions check) and an [rl] table of the fields below; command-line values
 override the file. --inspect N prints the first N prompts as the sampler continues them, without training.
-With eval_split and eval_generation_rows set, held-out greedy accuracy is printed before and after training.
+With eval_split (or eval_size) and eval_generation_rows set, held-out greedy generations are scored before and
+after training: exact match and the reward functions' weighted score.
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
 (143); a second one stops at once."""
 
