@@ -115,9 +115,9 @@ def test_greedy_and_bad_requests(server):
     logits = model(input_ids=torch.tensor([PROMPTS[0] + a.token_ids])).logits[0, len(PROMPTS[0]) - 1:-1]
     assert logits.argmax(-1).tolist() == a.token_ids  # greedy: each token the most likely one
     client = openai.OpenAI(base_url=url, api_key="x", max_retries=0)
-    for body, field in [({"logprobs": 3}, "logprobs"), ({"max_tokens": 10_000}, "context"),
+    for body, field in [({"logprobs": 21}, "logprobs"), ({"max_tokens": 10_000}, "context"),
                         ({"prompt": [1, 10_000]}, "vocabulary"), ({"top_p": 0.0}, "top_p"), ({"n": 0}, "n=0"),
-                        ({"stream": True}, "stream"), ({"stop": ["\n"]}, "stop_token_ids")]:
+                        ({"stream": True}, "stream"), ({"stop": [""]}, "stop")]:
         with pytest.raises(openai.BadRequestError, match=field):
             client.completions.create(**{"model": TINY, "prompt": PROMPTS[0], "max_tokens": 4, **body})
 

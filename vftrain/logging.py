@@ -71,8 +71,10 @@ def write_held_out(run_dir: str, step: int, result: dict) -> str:
     """`<run_dir>/held_out-step<step>.json`: a held-out evaluation's accuracy and every greedy generation."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, f"held_out-step{step}.json")
+    # RL adds the run's reward functions' score ("reward", weighted as in training; "reward_funcs", each one's mean)
+    reward = {k: result[k] for k in ("reward", "reward_funcs") if k in result}
     record = {"step": step, "accuracy": result["accuracy"], "rows": result["n"], "scored_by": "exact_match",
-              "generations": result["generations"]}
+              **reward, "generations": result["generations"]}
     with open(path, "w") as fh:
         json.dump(record, fh, indent=1)
     return path

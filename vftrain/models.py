@@ -140,10 +140,11 @@ def load_adapter_folder(folder: str, *, tokenizer=None, trust_remote_code: bool 
                                                    load_weights=load_weights, **options)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (the base model that {folder}/{ADAPTER_CONFIG} names)") from None
-    if load_weights:
-        model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-    else:  # FSDP ranks that receive their shards from rank 0: the adapter's shapes only
-        model = get_peft_model(model, config)
+    with peft_quiet():
+        if load_weights:
+            model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+        else:  # FSDP ranks that receive their shards from rank 0: the adapter's shapes only
+            model = get_peft_model(model, config)
     model.peft_config[model.active_adapter].base_model_name_or_path = local_abspath(base)
     return model, tokenizer
 
@@ -338,16 +339,23 @@ def lora_config_from(args: TrainerConfig):
     )
 
 
-def apply_lora(model: PreTrainedModel, args: TrainerConfig):
-    """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
+@contextlib.contextmanager
+def peft_quiet():
+    """Around peft wrapping a model (a new adapter or one loaded from a folder): peft 0.21 reads transformers'
+    deprecated `is_gradient_checkpointing`; the FutureWarning is about peft's code, not the user's, and repeats on
+    every LoRA run. Only that warning is silenced."""
     import warnings
 
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
+def apply_lora(model: PreTrainedModel, args: TrainerConfig):
+    """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
     from peft import get_peft_model
 
-    with warnings.catch_warnings():
-        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning is about peft's
-        # code, not the user's, and repeats on every LoRA run.
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    with peft_quiet():
         peft_model = get_peft_model(model, lora_config_from(args))
     config = peft_model.peft_config[peft_model.active_adapter]
     config.base_model_name_or_path = local_abspath(config.base_model_name_or_path)

@@ -147,19 +147,34 @@ def _load(entry) -> tuple[str, Callable]:
     return name, fn
 
 
+# Folders after the current one where 'module:function' entries are looked for: the config file's (`vf-rl @
+# sub/rl.toml` finds sub/my_module.py run from anywhere); set by the CLI, which knows the file.
+IMPORT_FOLDERS: list[str] = []
+
+
+def import_beside(folder: str) -> None:
+    """Make 'module:function' reward entries importable from `folder` too, after the current folder."""
+    folder = os.path.abspath(folder)
+    if folder not in IMPORT_FOLDERS:
+        IMPORT_FOLDERS.append(folder)
+
+
 def _import(entry: str, module: str):
-    """`module` imported with the current folder on sys.path: a console script's sys.path[0] is its bin folder,
-    not the folder it runs in. Appended, so that nothing installed is shadowed."""
+    """`module` imported with the current folder, then `IMPORT_FOLDERS`, on sys.path: a console script's sys.path[0]
+    is its bin folder, not the folder it runs in. Appended, so that nothing installed is shadowed."""
     cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:
-        sys.path.append(cwd)
+    for folder in ([] if "" in sys.path else [cwd]) + IMPORT_FOLDERS:
+        if folder not in sys.path:
+            sys.path.append(folder)
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as exc:
         if exc.name is None or not (module == exc.name or module.startswith(exc.name + ".")):
             raise  # a module that the reward module imports is missing: quoted by the caller
-        raise ConfigError(f"reward_funcs entry {entry!r}: no module {module!r} is installed or in the current "
-                          f"folder ({cwd}); give its file instead, 'path/to/file.py:function'") from None
+        where = " or ".join([f"the current folder ({cwd})", *(f"the config file's folder ({f})"
+                                                              for f in IMPORT_FOLDERS if f != cwd)])
+        raise ConfigError(f"reward_funcs entry {entry!r}: no module {module!r} is installed or in {where}; give "
+                          "its file instead, 'path/to/file.py:function'") from None
 
 
 def _load_file(entry: str, path: str):

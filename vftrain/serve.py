@@ -5,11 +5,16 @@ For tests, small models and RL rollouts on one machine; production sampling shou
 `/v1/unload_lora_adapter`), and `/v1/update_weights {"path"}` for full-weight pushes.
 
 Completions follow vLLM's request and response fields, so one client works against both: `prompt` as token ids
-(token-in) or text, `n`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop_token_ids`, `logprobs` (0: the
-sampled token's; `choices[i].logprobs.token_logprobs`), `return_token_ids` (vLLM >= 0.10.2: per-choice
+(token-in) or text, `n`, `max_tokens`, `temperature`, `top_p`, `seed`, `stop_token_ids`, `stop` strings,
+`logprobs` (completions: the sampled token's in `choices[i].logprobs.token_logprobs`, and N > 0 adds the N most
+likely tokens per step; chat: true, with `top_logprobs` N), `return_token_ids` (vLLM >= 0.10.2: per-choice
 `prompt_token_ids` and `token_ids`; chat puts `prompt_token_ids` at the top level). Temperature > 0 samples
 through `vftrain.sampling.tokens.sample`, whose logprobs are those of the distribution drawn from (vLLM's
-`--logprobs-mode processed_logprobs`); temperature 0 decodes greedily. Requests run one at a time.
+`--logprobs-mode processed_logprobs`); temperature 0 decodes greedily. Requests run one at a time; `stream` is
+refused. Chat renders `tools` through the chat template and parses Hermes `<tool_call>{json}</tool_call>` blocks of
+the reply into `message.tool_calls` (finish_reason "tool_calls"), as `vllm serve --enable-auto-tool-choice
+--tool-call-parser hermes` does. `--model` may be a LoRA adapter folder: its base model with the adapter, served
+under the folder's name.
 
 With an API key (`--api-key`, or `VFTRAIN_API_KEY`; as `vllm serve --api-key` / `VLLM_API_KEY`) every request,
 weight pushes included, needs `Authorization: Bearer KEY`. Written on the standard library's HTTP server so
@@ -20,25 +25,48 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
 import os
+import re
 import sys
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from vftrain.data.render import stop_token_ids
+from vftrain.data.render import RowError, stop_token_ids
+from vftrain.sampling import ChatPrompt
 from vftrain.sampling.embedded import encode_prompt, generate_ids, pad_token_id
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING
-from vftrain.sampling.tokens import Sample, sample
+from vftrain.sampling.tokens import Sample, sample, sampling_logits
 
 COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (vLLM's too); chat defaults to the context left
+MAX_LOGPROBS = 20  # most top logprobs per token: vLLM's default --max-logprobs, OpenAI chat's top_logprobs limit
+# vLLM's hermes parser (entrypoints/openai/tool_parsers/hermes_tool_parser.py): closed blocks, or one left open at
+# the end of the reply.
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
 
 class BadRequest(ValueError):
     """A request field that is not allowed (HTTP 400)."""
+
+
+class NotFound(LookupError):
+    """A model or adapter name that is not served (HTTP 404); unlike KeyError, its text is the message as is."""
+
+
+@dataclasses.dataclass
+class Choice:
+    """One completion as the response shows it: the sample (cut at a stop string), its text, the stop string that
+    ended it, and per token the top logprobs [(token id, logprob)] when asked for."""
+
+    sample: Sample
+    text: str
+    stop: str | None = None
+    top: list | None = None
 
 
 class ModelHost:
@@ -48,9 +76,13 @@ class ModelHost:
         from vftrain.models import get_model_and_tokenizer
 
         self.name = path
-        self.model, self.tokenizer = get_model_and_tokenizer(path, packing=False)  # generation: no packed rows
-        self.adapters: set[str] = set()  # the adapters served (by name)
-        self.peft = False  # the model is a PeftModel (an adapter was loaded once)
+        # generation: no packed rows. A LoRA adapter folder loads as its base model with the adapter (models.py).
+        self.model, self.tokenizer = get_model_and_tokenizer(path, packing=False)
+        self.model.eval().requires_grad_(False)  # an adapter folder loads trainable, with dropout on
+        self.peft = hasattr(self.model, "peft_config")  # a PeftModel: an adapter folder, or an adapter loaded since
+        # The adapter that `name` itself serves (an adapter folder as --model); None: the base model's weights.
+        self.own_adapter = self.model.active_adapter if self.peft else None
+        self.adapters: set[str] = set()  # the adapters loaded at run time (by name)
         self.lock = threading.Lock()
         self.stops = stop_token_ids(self.tokenizer)
         self.pad = pad_token_id(self.tokenizer)
@@ -59,17 +91,42 @@ class ModelHost:
 
     # ---- completions
     def complete(self, body: dict, chat: bool) -> dict:
-        if chat and not (isinstance(body.get("messages"), list) and body["messages"]):
-            raise BadRequest("messages must be a non-empty list of chat messages")
-        prompts = [encode_prompt(self.tokenizer, body["messages"])] if chat else self._prompts(body.get("prompt"))
         params = _params(body, chat, self.vocab)
+        prompts = [self._chat_prompt(body, params)] if chat else self._prompts(body.get("prompt"))
         for ids in prompts:
             self._check_length(ids, params, chat)
         with self.lock, self._serving(body.get("model") or self.name):
-            results = [self._generate(ids, params) for ids in prompts]
+            results = [[self._choice(s, params) for s in self._generate(ids, params)] for ids in prompts]
             scored = [self._prompt_logprobs(ids) for ids in prompts] if params["prompt_logprobs"] is not None \
                 else None
         return self._response(body, chat, params, prompts, results, scored)
+
+    def _chat_prompt(self, body: dict, p: dict) -> list[int]:
+        """The messages (and `tools`) rendered by the chat template, with the generation prompt."""
+        if not (isinstance(body.get("messages"), list) and body["messages"]):
+            raise BadRequest("messages must be a non-empty list of chat messages")
+        try:
+            return encode_prompt(self.tokenizer, ChatPrompt(body["messages"], p["tools"]))
+        except RowError as exc:
+            raise BadRequest(f"messages: {exc}") from None
+
+    def _choice(self, s: Sample, p: dict) -> Choice:
+        """The response's view of a sample: decoded, cut at the first `stop` string, top logprobs added."""
+        ids = s.completion_ids
+        if p["parse_tools"]:
+            # vLLM's hermes parser keeps special tokens (a <tool_call> token may be one); the stop token is no text.
+            ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.stops else ids
+        decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=not p["parse_tools"])  # noqa: E731
+        choice = Choice(s, decode(len(ids)))
+        hits = sorted((choice.text.find(x), x) for x in p["stop"] if x in choice.text)
+        if hits:  # vLLM: the text ends before the stop string; the tokens end with the one that completed it
+            at, choice.stop = hits[0]
+            k = next(k for k in range(1, len(ids) + 1) if len(decode(k)) >= at + len(choice.stop))
+            choice.sample = Sample(s.prompt_ids, s.completion_ids[:k], s.logprobs[:k], "stop", s.mask)
+            choice.text = choice.text[:at]
+        if p["top_logprobs"]:
+            choice.top = self._top_logprobs(choice.sample, p)
+        return choice
 
     def _generate(self, prompt: list[int], p: dict) -> list[Sample]:
         stops = self.stops | set(p["stop_token_ids"])
@@ -82,13 +139,29 @@ class ModelHost:
                               logprobs=p["logprobs"] is not None)[0]
         return [greedy] * p["n"]  # greedy: every choice is the same completion, as vLLM returns
 
+    def _logits(self, ids: list[int]):
+        """float32 logits predicting each token of `ids` after the ones before it (one forward, no grad)."""
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+
+    def _top_logprobs(self, s: Sample, p: dict) -> list[list[tuple[int, float]]]:
+        """Per completion token, the `top_logprobs` most likely tokens [(id, logprob)] of the distribution it was
+        drawn from (temperature then top-p, `sampling_logits`, as the sampled token's own logprob; greedy: the
+        model's), from one forward over prompt + completion. -inf (cut by top-p) is -9999.0, as vLLM writes it."""
+        logits = self._logits(s.prompt_ids + s.completion_ids)[len(s.prompt_ids) - 1:]
+        if p["temperature"] > 0:
+            logits = sampling_logits(logits, p["temperature"], p["top_p"])
+        values, tokens = logits.log_softmax(-1).topk(p["top_logprobs"], dim=-1)
+        return [[(t, max(v, -9999.0)) for t, v in zip(ts, vs)] for ts, vs in zip(tokens.tolist(), values.tolist())]
+
     def _prompt_logprobs(self, ids: list[int]) -> list:
         """vLLM's `prompt_logprobs` (0: each prompt token's own): None for the first token, then {id: {logprob,
         rank, decoded_token}} from one forward over the prompt, unscaled by temperature as vLLM's."""
         import torch
 
-        with torch.no_grad():
-            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, :-1].float()
+        logits = self._logits(ids)
         targets = torch.tensor(ids[1:], device=logits.device)[:, None]
         values = logits.log_softmax(-1).gather(-1, targets)[:, 0].tolist()
         return [None] + [{str(t): {"logprob": v, "rank": None, "decoded_token": self.tokenizer.decode([t])}}
@@ -119,31 +192,41 @@ class ModelHost:
 
     @contextlib.contextmanager
     def _serving(self, name: str):
-        """The base model or the named adapter, for the duration of one request (under the lock)."""
+        """The served model (the base, or the adapter folder given as --model) or a loaded adapter, for the duration
+        of one request (under the lock)."""
         if name not in self.adapters and name != self.name:
-            raise KeyError(f"model {name!r} is not served; have {[self.name, *sorted(self.adapters)]}")
+            raise NotFound(f"model {name!r} is not served; the served ids are {', '.join(self.names())}")
         if not self.peft:
             yield
-        elif name == self.name:
+        elif name == self.name and self.own_adapter is None:
             with self.model.disable_adapter():
                 yield
         else:
-            self.model.set_adapter(name)
+            self.model.set_adapter(self.own_adapter if name == self.name else name)
             yield
 
-    def _response(self, body: dict, chat: bool, p: dict, prompts: list, results: list[list[Sample]],
+    def names(self) -> list[str]:
+        """The model ids requests may name: --model's, then the loaded adapters'."""
+        return [self.name, *sorted(self.adapters)]
+
+    def _response(self, body: dict, chat: bool, p: dict, prompts: list, results: list[list[Choice]],
                   scored: list | None) -> dict:
         choices = []
-        for k, (prompt, samples) in enumerate(zip(prompts, results)):
-            for s in samples:
-                last = s.completion_ids[-1] if s.finish_reason == "stop" else None
-                # vLLM's stop_reason: the requested stop token that ended the completion (None for eos, length).
+        as_ids = bool(body.get("return_tokens_as_token_ids"))
+        for k, (prompt, group) in enumerate(zip(prompts, results)):
+            for c in group:
+                s = c.sample
+                last = s.completion_ids[-1] if s.finish_reason == "stop" and c.stop is None else None
+                # vLLM's stop_reason: the requested stop string or token that ended the completion (None for eos).
                 choice = {"index": len(choices), "finish_reason": s.finish_reason,
-                          "stop_reason": last if last in p["stop_token_ids"] else None}
-                text = self.tokenizer.decode(s.completion_ids, skip_special_tokens=True)
-                choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+                          "stop_reason": c.stop if c.stop is not None else
+                          last if last in p["stop_token_ids"] else None}
+                if chat:
+                    choice["message"] = self._message(c.text, choice, p)
+                else:
+                    choice["text"] = c.text
                 if p["logprobs"] is not None:
-                    choice["logprobs"] = self._logprobs(s, chat, bool(body.get("return_tokens_as_token_ids")))
+                    choice["logprobs"] = self._logprobs(c, chat, as_ids)
                 if body.get("return_token_ids"):
                     choice["token_ids"] = s.completion_ids
                     if not chat:
@@ -151,7 +234,7 @@ class ModelHost:
                 if scored is not None and not chat:
                     choice["prompt_logprobs"] = scored[k]
                 choices.append(choice)
-        completion_tokens = sum(len(s.completion_ids) for samples in results for s in samples)
+        completion_tokens = sum(len(c.sample.completion_ids) for group in results for c in group)
         prompt_tokens = sum(len(p) for p in prompts)
         out = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{time.time_ns()}",
                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
@@ -162,90 +245,173 @@ class ModelHost:
             out["prompt_token_ids"] = prompts[0]
         return out
 
-    def _logprobs(self, s: Sample, chat: bool, as_ids: bool) -> dict:
-        tokens = [f"token_id:{t}" if as_ids else self.tokenizer.decode([t]) for t in s.completion_ids]
+    @staticmethod
+    def _message(text: str, choice: dict, p: dict) -> dict:
+        """The assistant message; with tools, its Hermes tool calls parsed out (finish_reason "tool_calls")."""
+        calls = parse_tool_calls(text) if p["parse_tools"] else None
+        if calls is None:
+            return {"role": "assistant", "content": text}
+        choice["finish_reason"] = "tool_calls"
+        return {"role": "assistant", "content": calls[0], "tool_calls": calls[1]}
+
+    def _logprobs(self, c: Choice, chat: bool, as_ids: bool) -> dict:
+        name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: self.tokenizer.decode([t]))  # noqa: E731
+        s = c.sample
+        tokens = [name(t) for t in s.completion_ids]
+        top = c.top or [[] for _ in tokens]
         if chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, lp in zip(tokens, s.logprobs)]}
+            entry = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+            return {"content": [{**entry(t, lp), "top_logprobs": [entry(name(i), v) for i, v in best]}
+                                for t, lp, best in zip(tokens, s.logprobs, top)]}
         offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        # vLLM: the N most likely tokens and the sampled one
         return {"tokens": tokens, "token_logprobs": s.logprobs, "text_offset": offsets,
-                "top_logprobs": [{t: lp} for t, lp in zip(tokens, s.logprobs)]}
+                "top_logprobs": [{**{name(i): v for i, v in best}, t: lp}
+                                 for t, lp, best in zip(tokens, s.logprobs, top)]}
 
     # ---- weights
     def load_adapter(self, name: str, path: str) -> None:
         """vLLM's runtime LoRA load, with its refusals: a name already loaded (without load_inplace, which this
-        server does not implement) or the base model's name is HTTP 400."""
+        server does not implement) or the served model's name is HTTP 400."""
         from peft import PeftModel
 
+        from vftrain.models import peft_quiet
+
         with self.lock:
-            if name in self.adapters or name == self.name:
-                raise BadRequest(f"The lora adapter '{name}' has already been loaded (or names the base model)")
-            if not self.peft:
-                self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
-                self.peft = True
-            else:
-                self.model.load_adapter(path, adapter_name=name)
+            if name in self.adapters or name == self.name or name in getattr(self.model, "peft_config", {}):
+                raise BadRequest(f"The lora adapter '{name}' has already been loaded (or names the served model)")
+            with peft_quiet():
+                if not self.peft:
+                    self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+                    self.peft = True
+                else:
+                    self.model.load_adapter(path, adapter_name=name)
             self.adapters.add(name)
 
     def unload_adapter(self, name: str) -> None:
         with self.lock:
             if name not in self.adapters:
-                raise KeyError(f"The lora adapter '{name}' cannot be found.")
+                raise NotFound(f"The lora adapter '{name}' cannot be found.")
             self.adapters.discard(name)
             if len(self.model.peft_config) > 1:  # peft keeps its last adapter: unlisted, never served
                 self.model.delete_adapter(name)
 
     def update_weights(self, path: str) -> None:
+        """Serve the full model saved in `path` under the served name (an adapter folder's adapter is then off:
+        the pushed weights are the whole model); loaded adapters stay, on the new weights, as in vLLM."""
         from transformers import AutoModelForCausalLM
 
-        fresh = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.dtype)
+        fresh = AutoModelForCausalLM.from_pretrained(path, dtype=self.model.dtype).state_dict()
         with self.lock:
-            base = self.model.get_base_model() if self.peft else self.model
-            base.load_state_dict(fresh.state_dict())
+            if not self.peft:
+                self.model.load_state_dict(fresh)
+                return
+            base = self.model.get_base_model()
+            # peft keeps an adapted layer's own weight under `base_layer` (a saved module's under `original_module`)
+            own = {k: k.replace(".base_layer.", ".").replace(".original_module.", ".") for k in base.state_dict()
+                   if "lora_" not in k and ".modules_to_save." not in k}
+            base.load_state_dict({k: fresh[plain] for k, plain in own.items()}, strict=False)
+            self.own_adapter = None
+
+
+def parse_tool_calls(text: str) -> tuple[str | None, list[dict]] | None:
+    """(content before the first call or None, OpenAI tool calls) of a reply holding Hermes `<tool_call>{"name",
+    "arguments"}</tool_call>` blocks, as vLLM's hermes parser gives them (arguments as a JSON string, ids
+    "chatcmpl-tool-<hex>"); None when it holds none or one does not parse (the reply is then plain content)."""
+    if "<tool_call>" not in text:
+        return None
+    try:
+        calls = [json.loads(closed or open_) for closed, open_ in TOOL_CALL.findall(text)]
+        tool_calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
+                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                      for c in calls]
+    except (ValueError, KeyError, TypeError):
+        return None
+    content = text[:text.find("<tool_call>")]
+    return content or None, tool_calls
 
 
 def _is_ids(value: list) -> bool:
     return all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
 
 
-def _params(body: dict, chat: bool, vocab: int) -> dict:
-    """The sampling fields of a request, checked; a bad one is a BadRequest naming it and what is allowed."""
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _getter(body: dict):
+    """`get(key, default, ok, allowed)`: the field's value (default when absent or null); a value that fails
+    `ok` is a BadRequest naming the field, the value and what is allowed."""
     def get(key, default, ok, allowed):
         value = body.get(key)
         value = default if value is None else value
         if value is not None and not ok(value):
             raise BadRequest(f"{key}={value!r}: {allowed}")
         return value
+    return get
 
-    integer = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    if body.get("stop"):
-        raise BadRequest("stop strings are not supported; use stop_token_ids")
+
+def _params(body: dict, chat: bool, vocab: int) -> dict:
+    """The sampling fields of a request, checked; a bad one is a BadRequest naming it and what is allowed."""
+    get = _getter(body)
     for key, neutral in NEUTRAL_SAMPLING.items():  # sampled as plain temperature + top-p, nothing else
         value = body.get(key)
         if value is not None and value != neutral and not (key == "top_k" and value == -1):
             raise BadRequest(f"{key}={value!r}: only {neutral!r} (off) is supported")
     if body.get("stream"):
-        raise BadRequest("stream is not supported; send stream = false")
-    if chat:
-        logprobs = 0 if get("logprobs", False, lambda v: isinstance(v, bool), "true or false") else None
-        get("top_logprobs", 0, lambda v: v == 0, "only 0 (the sampled token's logprob) is supported")
-    else:
-        logprobs = get("logprobs", None, lambda v: integer(v) and v == 0,
-                       "only 0 (the sampled token's logprob) is supported")
-    prompt_logprobs = None if chat else get("prompt_logprobs", None, lambda v: integer(v) and v == 0,
-                                            "only 0 (each prompt token's own logprob) is supported")
+        raise BadRequest("stream=true is not supported (vftrain.serve answers whole responses); send stream=false")
+    stop = get("stop", [], lambda v: isinstance(v, str) and v or isinstance(v, list) and all(
+        isinstance(x, str) and x for x in v), "a non-empty string or a list of them")
     return {
-        "n": get("n", 1, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-        "max_tokens": get("max_tokens", None, lambda v: integer(v) and v >= 1, "an integer >= 1"),
-        "temperature": float(get("temperature", 1.0, lambda v: number(v) and v >= 0, "a number >= 0")),
-        "top_p": float(get("top_p", 1.0, lambda v: number(v) and 0 < v <= 1, "a number in (0, 1]")),
-        "seed": get("seed", int.from_bytes(os.urandom(8), "little") >> 1, integer, "an integer"),
+        "n": get("n", 1, lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+        "max_tokens": get("max_tokens", None, lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+        "temperature": float(get("temperature", 1.0, lambda v: _number(v) and v >= 0, "a number >= 0")),
+        "top_p": float(get("top_p", 1.0, lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]")),
+        "seed": get("seed", int.from_bytes(os.urandom(8), "little") >> 1, _integer, "an integer"),
         "stop_token_ids": get("stop_token_ids", [], lambda v: isinstance(v, list) and _is_ids(v)
                               and all(t < vocab for t in v), f"a list of token ids below {vocab}"),
-        "logprobs": logprobs,
-        "prompt_logprobs": prompt_logprobs,
+        "stop": [stop] if isinstance(stop, str) else stop,
+        **_logprob_fields(get, chat),
+        **_tool_fields(get, chat),
     }
+
+
+def _logprob_fields(get, chat: bool) -> dict:
+    """logprobs (None: not asked; 0: the sampled token's), top_logprobs (N most likely per token), prompt_logprobs:
+    completions take `logprobs` N, chat `logprobs` true with `top_logprobs` N (OpenAI's fields)."""
+    limit = f"an integer from 0 to {MAX_LOGPROBS}"
+    if chat:
+        wanted = get("logprobs", False, lambda v: isinstance(v, bool), "true or false")
+        top = get("top_logprobs", 0, lambda v: _integer(v) and 0 <= v <= MAX_LOGPROBS, limit)
+        if top and not wanted:
+            raise BadRequest(f"top_logprobs={top} needs logprobs=true")
+        return {"logprobs": 0 if wanted else None, "top_logprobs": top,
+                "prompt_logprobs": None}
+    top = get("logprobs", None, lambda v: _integer(v) and 0 <= v <= MAX_LOGPROBS, limit)
+    return {"logprobs": None if top is None else 0, "top_logprobs": top or 0,
+            "prompt_logprobs": get("prompt_logprobs", None, lambda v: _integer(v) and v == 0,
+                                   "only 0 (each prompt token's own logprob) is supported")}
+
+
+def _is_tool(tool) -> bool:
+    fn = tool.get("function", tool) if isinstance(tool, dict) else None  # OpenAI's form, or the function alone
+    return isinstance(fn, dict) and isinstance(fn.get("name"), str)
+
+
+def _tool_fields(get, chat: bool) -> dict:
+    """tools (rendered by the chat template) and whether to parse tool calls from the reply: with tools and
+    tool_choice "auto" (the default), as vLLM's --enable-auto-tool-choice; "none" renders them and parses nothing."""
+    if not chat:
+        return {"tools": None, "parse_tools": False}
+    tools = get("tools", None, lambda v: isinstance(v, list) and all(map(_is_tool, v)),
+                "a list of tools, each {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
+    choice = get("tool_choice", "auto", lambda v: v in ("auto", "none"),
+                 "only 'auto' or 'none' (a forced call needs guided decoding, which vftrain.serve does not do)")
+    return {"tools": tools or None, "parse_tools": bool(tools) and choice == "auto"}
 
 
 def make_handler(host: ModelHost, api_key: str | None = None):
@@ -278,8 +444,8 @@ def make_handler(host: ModelHost, api_key: str | None = None):
             if not self._authorized():
                 return
             if self.path.rstrip("/") == "/v1/models":
-                names = [host.name, *sorted(host.adapters)]
-                return self._reply(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
+                return self._reply(200, {"object": "list", "data": [{"id": n, "object": "model"}
+                                                                    for n in host.names()]})
             self._error(404, f"no route {self.path}")
 
         def do_POST(self):
@@ -293,22 +459,28 @@ def make_handler(host: ModelHost, api_key: str | None = None):
                 if route in ("/v1/chat/completions", "/v1/completions"):
                     return self._reply(200, host.complete(body, chat=route.endswith("chat/completions")))
                 if route == "/v1/load_lora_adapter":
-                    host.load_adapter(body["lora_name"], body["lora_path"])
+                    host.load_adapter(_field(body, "lora_name"), _field(body, "lora_path"))
                 elif route == "/v1/unload_lora_adapter":
-                    host.unload_adapter(body["lora_name"])
+                    host.unload_adapter(_field(body, "lora_name"))
                 elif route == "/v1/update_weights":
-                    host.update_weights(body["path"])
+                    host.update_weights(_field(body, "path"))
                 else:
                     return self._error(404, f"no route {self.path}")
                 return self._reply(200, {"status": "ok"})
             except (BadRequest, json.JSONDecodeError) as exc:
                 return self._error(400, str(exc))
-            except KeyError as exc:
+            except NotFound as exc:
                 return self._error(404, str(exc))
             except Exception as exc:  # report, keep serving
                 return self._error(500, f"{type(exc).__name__}: {exc}")
 
     return Handler
+
+
+def _field(body: dict, key: str) -> str:
+    if not isinstance(body.get(key), str):
+        raise BadRequest(f"the request needs {key!r} (a string)")
+    return body[key]
 
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}

@@ -80,6 +80,15 @@ def parse_argv(argv: list[str], section: str, flag_names: dict[str, bool]) -> In
     return inv
 
 
+def import_beside_config(inv: Invocation) -> None:
+    """'module:function' reward entries are also looked for beside the TOML file (after the current folder), so
+    that `vf-rl @ sub/rl.toml` finds sub/my_module.py from any folder, as the file's author saw it."""
+    if inv.config_path:
+        from vftrain.rewards import import_beside
+
+        import_beside(os.path.dirname(os.path.abspath(inv.config_path)))
+
+
 def read_toml(path: str) -> dict:
     try:
         with open(path, "rb") as fh:
@@ -93,6 +102,7 @@ def read_toml(path: str) -> dict:
 
 
 def _merge_toml(inv: Invocation, data: dict, section: str) -> None:
+    unknown = []
     for key, value in data.items():
         if key == section:
             if not isinstance(value, dict):
@@ -101,10 +111,34 @@ def _merge_toml(inv: Invocation, data: dict, section: str) -> None:
         elif key in TOP_LEVEL:
             inv.top[key] = value
         else:
-            hint = difflib.get_close_matches(key, [*TOP_LEVEL, section], n=1)
-            raise ConfigError(f"unknown top-level key {key!r} in {inv.config_path}"
-                              + (f"; did you mean {hint[0]!r}?" if hint else
-                                 f"; allowed: {', '.join(TOP_LEVEL)} and the [{section}] table"))
+            unknown.append(key)
+    if unknown:  # every one in one error, as check_keys lists a table's: one run to fix them all
+        raise ConfigError(_unknown_top_level(unknown, inv.config_path, section))
+
+
+def _unknown_top_level(keys: list[str], path: str | None, section: str) -> str:
+    """One line naming each unknown top-level key with what to write instead: a field of the [section] table placed
+    above it (TOML reads `learning_rate = 1e-5` before `[sft]` as top-level), another entry point's table, a peer
+    project's name for model / dataset, or the closest allowed name."""
+    from vftrain.cli.fields import SECTIONS, field_table
+
+    names = field_table(section)["names"]
+    notes = []
+    for key in keys:
+        hint = difflib.get_close_matches(key, [*TOP_LEVEL, section], n=1)
+        if key in names:
+            note = f"a field of the [{section}] table: move it below the [{section}] line"
+        elif key in SECTIONS:
+            note = f"the table of vf-{key}: run vf-{key}, or rename it [{section}]"
+        elif key in TOP_LEVEL_NAMES:
+            note = f"write {TOP_LEVEL_NAMES[key]} = ..."
+        else:
+            note = f"did you mean {hint[0]!r}?" if hint else None
+        notes.append(f"{key!r}" + (f" ({note})" if note else ""))
+    allowed = f"allowed: {', '.join(TOP_LEVEL)} and the [{section}] table"
+    if len(keys) == 1:
+        return f"unknown top-level key {notes[0]} in {path}; {allowed}"
+    return f"{len(keys)} unknown top-level keys in {path}: {', '.join(notes)}; {allowed}"
 
 
 def parse_value(text: str) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 
-from vftrain.cli.args import parse_argv
+from vftrain.cli.args import import_beside_config, parse_argv
 from vftrain.cli.sft import inspect_setup, print_help, report_generation_accuracy, resolve, train
 from vftrain.errors import VFTrainError
 
@@ -17,7 +17,8 @@ RL (GRPO family) against reward functions. The TOML file holds top-level `model`
 folder) and `dataset` (prompt rows: `prompt` messages or string, or `question`, with an `answer`, `reference` or
 `completion` column the reward functions check) and an [rl] table of the fields below; command-line values
 override the file. --inspect N prints the first N prompts as the sampler continues them, without training.
-With eval_split and eval_generation_rows set, held-out greedy accuracy is printed before and after training.
+With eval_split (or eval_size) and eval_generation_rows set, held-out greedy generations are scored before and
+after training: exact match and the reward functions' weighted score.
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
 (143); a second one stops at once."""
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inv = parse_argv(argv, "rl", FLAGS)
         model, config = resolve(inv, section="rl")
+        import_beside_config(inv)
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"])
         from vftrain.rl.trainer import RLTrainer

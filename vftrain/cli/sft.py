@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
-from vftrain.cli.args import build_config, check_keys, parse_argv, resolve_path_or_name, resume_point
+from vftrain.cli.args import (build_config, check_keys, import_beside_config, parse_argv, resolve_path_or_name,
+                               resume_point)
 from vftrain.errors import ConfigError, VFTrainError
 
 FLAGS = {"inspect": True, "json": False, "help": False}
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         inv = parse_argv(argv, "sft", FLAGS)
         model, config = resolve(inv)
+        import_beside_config(inv)
         if "inspect" in inv.flags:
             return inspect(model, config, inv.flags["inspect"], bool(inv.flags.get("json")))
         return train(model, config)
@@ -111,6 +114,7 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     resume = resume_point(config)
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     trainer = trainer_cls(model=model, args=config)
+    warn_without_held_out(trainer, config)
     trainer.start_run(resume)  # before `before` writes its held-out generations into the run folder
     if before is not None and resume is None:  # a resumed run measured its start model when it first started
         before(trainer)
@@ -176,9 +180,21 @@ def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
         last = prompt if isinstance(prompt, str) else prompt.messages[-1]["content"]
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")
     where = f"split {config.eval_split!r}" if config.eval_split else f"eval_size = {config.eval_size!r}"
-    print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%} ({result['n']} rows of {where}; "
+    reward = f"; reward {result['reward']:.3f} (reward_funcs: {', '.join(result['reward_funcs'])})" \
+        if "reward" in result else ""
+    print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%}{reward} ({result['n']} rows of {where}; "
           f"generations in {result['path']})", flush=True)
     return result["accuracy"]
+
+
+def warn_without_held_out(trainer, config) -> None:
+    """eval_generation_rows with no held-out rows to generate for is said once, not skipped without a word."""
+    if not config.eval_generation_rows or getattr(trainer, "raw_eval", None) is not None \
+            or not trainer.is_world_process_zero():
+        return
+    why = "an environment's run (env) has no held-out rows" if getattr(config, "env", None) else \
+        "no held-out rows: set eval_split (a split of the dataset) or eval_size (rows cut from the training split)"
+    logging.getLogger("vftrain").warning("eval_generation_rows = %d is skipped: %s", config.eval_generation_rows, why)
 
 
 def inspect_setup(model: str, config, n_text: str, what: str):

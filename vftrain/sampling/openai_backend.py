@@ -31,6 +31,7 @@ import threading
 import time
 
 from vftrain.errors import SamplerError
+from vftrain.sampling import Completion
 from vftrain.sampling.tokens import Sample, seed_for
 
 # Overloaded, restarting or behind a proxy that timed out. Not 500: an error in the server, which a retry repeats.
@@ -285,7 +286,9 @@ class OpenAIBackend:
             path, deadline, lambda timeout: self.client.get(path, cast_to=object, options={"timeout": timeout})))
 
     # ---- requests
-    async def _complete(self, prompt, model: str, deadline: float) -> str:
+    async def _complete(self, prompt, model: str, deadline: float) -> Completion:
+        """The completion's text, `truncated` when the server cut it at max_tokens (finish_reason "length"), as
+        the embedded backend marks its own."""
         args = self.trainer.args
         # RL shows greedy held-out samples (sample_temperature 0) while its rollouts use args.temperature
         temperature = getattr(self.trainer, "sample_temperature", args.temperature)
@@ -294,12 +297,14 @@ class OpenAIBackend:
         if isinstance(prompt, str):
             response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
                 prompt=prompt, timeout=timeout, **common))
-            return response.choices[0].text or ""
+            choice = response.choices[0]
+            return Completion(choice.text or "", choice.finish_reason == "length")
         tools = {"tools": prompt.tools} if prompt.tools else {}
         response = await self._request("/chat/completions", deadline,
                                        lambda timeout: self.client.chat.completions.create(
                                            messages=prompt.messages, timeout=timeout, **tools, **common))
-        return response.choices[0].message.content or ""
+        choice = response.choices[0]
+        return Completion(choice.message.content or "", choice.finish_reason == "length")
 
     async def _sample(self, prompt: list[int], body: dict, deadline: float) -> list[Sample]:
         response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
