@@ -442,6 +442,13 @@ class RLConfig(TrainerConfig):
     vllm_args: Any = _f(None, "Extra arguments for that vLLM server, e.g. ['--dtype', 'float32', "
                         "'--max-model-len', '4096'].")
     vllm_start_timeout: float = _f(600.0, "Seconds that vLLM may take to start before vf-rl gives up.")
+    num_batches_ahead: int = _f(0, "rl_backend = 'openai': steps whose rollouts are sampled ahead, in the "
+                                "background while earlier steps train (verifiers' name; prime-rl's max_async_level). "
+                                "Step s then trains on rollouts of weights k = num_batches_ahead updates old (fewer "
+                                "in the first k steps), the importance ratio taken against the sampler's logprobs; "
+                                "1 hides generation behind training (the seed RLTrainer's 1-step overlap). 0 (default): "
+                                "on-policy, every step waits for rollouts of its own weights, as with the embedded "
+                                "sampler, which trains and samples on the same device and cannot run ahead.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
                             "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
@@ -489,6 +496,12 @@ class RLConfig(TrainerConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
+        ahead = self.num_batches_ahead
+        if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
+            raise ConfigError(f"num_batches_ahead = {ahead!r} must be an integer >= 0")
+        if ahead and self.rl_backend != "openai":
+            raise ConfigError(f"num_batches_ahead = {ahead} needs rl_backend = 'openai': the embedded sampler is "
+                              "the model being trained, which cannot sample while it trains; set it to 0")
         if self.rollouts_per_example < 2:
             raise ConfigError("rollouts_per_example = 1 gives every group a zero advantage (the group mean is its "
                               "only reward); use at least 2")

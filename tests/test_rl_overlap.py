@@ -1,0 +1,187 @@
+"""Rollouts sampled ahead of training (`num_batches_ahead`, rl_backend = "openai") against `vftrain.serve`: which
+weights sample each step's rollouts (read on the server), the ratio, exact resume with rounds still to train on,
+and an error in a round being sampled."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+from transformers import TrainerCallback
+
+import vftrain as vf
+from conftest import TINY, addition_rows
+from rl_worker import config, digits
+from vftrain.errors import ConfigError, SamplerError
+from vftrain.sampling.tokens import seed_for
+from vftrain.serve import ModelHost, serve
+
+PER_STEP = 4  # prompts per step: batch_size 16 / rollouts_per_example 4, one request each
+
+
+def _fingerprint(model) -> float:
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+@pytest.fixture
+def server(monkeypatch):
+    """`vftrain.serve` in this process; `.log` lists (request seed, adapter asked for, fingerprint of the weights
+    it was served from) per completion request, and `.fail(seeds)` makes requests with those seeds fail (500)."""
+    log, failing = [], set()
+    complete, generate = ModelHost.complete, ModelHost._generate
+
+    def failing_complete(self, body, chat):
+        if body.get("seed") in failing:
+            raise RuntimeError("injected failure")
+        return complete(self, body, chat)
+
+    def logged_generate(self, prompt, params):  # under the host's lock: the weights it samples from
+        base = self.model.get_base_model() if self.adapters else self.model
+        adapter = self.model.active_adapter if self.adapters else None
+        log.append((params["seed"], adapter, _fingerprint(base)))
+        return generate(self, prompt, params)
+
+    monkeypatch.setattr(ModelHost, "complete", failing_complete)
+    monkeypatch.setattr(ModelHost, "_generate", logged_generate)
+    handle = serve(TINY, port=0)
+    handle.log, handle.fail = log, failing.update
+    handle.url = f"http://127.0.0.1:{handle.server_address[1]}/v1"
+    yield handle
+    handle.shutdown()
+    handle.server_close()
+
+
+class Weights(TrainerCallback):
+    """Fingerprints of the trained weights after each number of updates (0: the starting weights)."""
+
+    def __init__(self):
+        self.after: dict[int, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.after[state.global_step] = _fingerprint(model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after[state.global_step] = _fingerprint(model)
+
+
+class Interrupt(TrainerCallback):
+    """Ctrl-C at the end of step `step`: vftrain saves a checkpoint after the next step end and stops."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _trainer(out_dir, url, **overrides):
+    base = dict(rl_backend="openai", sample_base_url=url, learning_rate=3e-3, save_strategy="no")
+    cfg = config(str(out_dir), overrides.pop("max_steps", 5), **{**base, **overrides})
+    return vf.RLTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=cfg,
+                        reward_funcs=[digits])
+
+
+def _metrics(out_dir) -> dict[int, dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}  # a resumed run's later line wins
+
+
+def _round_of(seed: int, steps: int) -> int:
+    """The step whose rollouts a request with this seed sampled (the trainer seeds prompt i of step s's
+    requests with seed_for(seed_for(run seed 0, s, process 0), i))."""
+    return {seed_for(seed_for(0, s, 0), i): s for s in range(steps) for i in range(PER_STEP)}[seed]
+
+
+@pytest.mark.parametrize("ahead, use_lora", [(0, False), (1, False), (2, False), (1, True)])
+def test_each_step_trains_on_weights_at_most_k_updates_old(tmp_path, server, ahead, use_lora):
+    """Step s's rollouts are sampled by the weights after max(0, s - k) updates: read on the server (the weights it
+    served each request from, or the adapter the request named) against the trainer's weights after each update.
+    The lag is logged per step and per rollout; the ratio stays within the mask, and with k > 0 it really is
+    off-policy (ratio != 1)."""
+    steps, weights = 5, Weights()
+    trainer = _trainer(tmp_path / "out", server.url, max_steps=steps, num_batches_ahead=ahead, use_lora=use_lora,
+                       lora_rank=4, learning_rate=3e-2 if use_lora else 3e-3)
+    trainer.add_callback(weights)
+    trainer.train()
+
+    served: dict[int, set] = {}
+    for seed, model, fingerprint in server.log:
+        version = int(model.rsplit("-", 1)[1]) if use_lora else \
+            next(v for v, f in weights.after.items() if abs(f - fingerprint) < 1e-9 * max(abs(f), 1))
+        served.setdefault(_round_of(seed, steps), set()).add(version)
+    assert served == {s: {max(0, s - ahead)} for s in range(steps)}
+    assert len(set(weights.after.values())) == steps + 1  # every update moved the weights
+
+    rollouts = [json.loads(x) for x in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
+    assert {(r["step"], r["policy_step"]) for r in rollouts} == {(s + 1, max(0, s - ahead)) for s in range(steps)}
+    records = _metrics(tmp_path / "out")
+    assert sorted(records) == list(range(1, steps + 1))
+    for step, record in records.items():
+        assert record.get("off_policy_steps", 0) == min(step - 1, ahead)
+        assert record["masked_frac"] == 0
+        assert 1 / 8 <= record["importance_ratio_min"] <= record["importance_ratio_max"] <= 8
+        assert ("time/wait" in record) == (ahead > 0)
+    drift = max(max(abs(r["importance_ratio_min"] - 1), abs(r["importance_ratio_max"] - 1)) for r in records.values())
+    assert drift > 1e-3 if ahead else drift < 1e-4
+
+
+def test_bound_zero_and_one_share_the_first_step(tmp_path, server):
+    """Step 1 trains on the starting weights' rollouts whatever the bound: the same rewards and loss; later steps
+    differ (k = 1 trains on older rollouts)."""
+    for ahead in (0, 1):
+        _trainer(tmp_path / str(ahead), server.url, max_steps=3, num_batches_ahead=ahead).train()
+    on, ahead = _metrics(tmp_path / "0"), _metrics(tmp_path / "1")
+    assert ahead[1]["reward"] == on[1]["reward"] and ahead[1]["loss"] == pytest.approx(on[1]["loss"], rel=1e-6)
+    assert ahead[3]["loss"] != pytest.approx(on[3]["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("ahead, num_iterations, stop_after", [(1, 1, 2), (2, 1, 2), (1, 2, 1)])
+def test_interrupted_run_resumes_exactly(tmp_path, server, ahead, num_iterations, stop_after):
+    """Ctrl-C while a later step's rollouts are being sampled: the checkpoint waits for them and carries them (they
+    came from weights the resumed run no longer has), so the resumed run trains on exactly what the uninterrupted
+    one did: same rewards and losses at every later step."""
+    run = dict(max_steps=6, num_batches_ahead=ahead, num_iterations=num_iterations)
+    _trainer(tmp_path / "full", server.url, **run).train()
+    stopped = _trainer(tmp_path / "cut", server.url, **run)
+    stopped.add_callback(Interrupt(stop_after))
+    stopped.train()
+    saved = stopped.state.global_step
+    assert saved < 6 and (tmp_path / "cut" / f"checkpoint-{saved}" / "vftrain_rollouts_ahead.pt").exists()
+    _trainer(tmp_path / "cut", server.url, **run).train(resume_from_checkpoint=True)
+    expected, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 7))
+    for step in range(saved + 1, 7):
+        for key in {"reward", "loss", "importance_ratio_max", "off_policy_steps"} & set(expected[step]):
+            assert got[step][key] == pytest.approx(expected[step][key], rel=1e-5, abs=1e-7), (step, key)
+    lines = [json.loads(x) for x in (tmp_path / "cut" / "rollouts.jsonl").read_text().splitlines()]
+    full = [json.loads(x) for x in (tmp_path / "full" / "rollouts.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["policy_step"], x["completion"]) for x in lines] == \
+        [(x["step"], x["policy_step"], x["completion"]) for x in full]
+
+
+def test_a_failed_round_surfaces_at_the_next_step(tmp_path, server):
+    """Step 3's rollouts (sampled in the background during step 2) fail on the server: the run stops with the
+    server's error at the start of step 3, after training steps 0-2, and does not hang."""
+    server.fail({seed_for(seed_for(0, 3, 0), i) for i in range(PER_STEP)})
+    trainer = _trainer(tmp_path / "out", server.url, max_steps=6, num_batches_ahead=1, sample_timeout=20)
+    clock = time.monotonic()
+    with pytest.raises(SamplerError, match="HTTP 500"):
+        trainer.train()
+    assert time.monotonic() - clock < 120  # the worker's error reached the training thread: no hang
+    assert sorted(_metrics(tmp_path / "out")) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (dict(num_batches_ahead=1), "num_batches_ahead = 1 needs rl_backend = 'openai'"),
+    (dict(num_batches_ahead=-1, rl_backend="openai"), "num_batches_ahead = -1 must be an integer >= 0"),
+])
+def test_config_refuses_a_bound_it_cannot_keep(tmp_path, overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        config(str(tmp_path), 1, **overrides)
+
