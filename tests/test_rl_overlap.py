@@ -31,13 +31,16 @@ def _fingerprint(model) -> float:
 @pytest.fixture
 def server(monkeypatch):
     """`vftrain.serve` in this process; `.log` lists (request seed, adapter asked for, fingerprint of the weights
-    it was served from) per completion request, and `.fail(seeds)` makes requests with those seeds fail (500)."""
+    it was served from) per completion request, `.fail(seeds)` makes requests with those seeds fail (500), and
+    `.delay` (seconds) holds every seeded request back before it reaches the model."""
     log, failing = [], set()
     complete, generate = ModelHost.complete, ModelHost._generate
 
     def failing_complete(self, body, chat):
         if body.get("seed") in failing:
             raise RuntimeError("injected failure")
+        if body.get("seed") is not None:
+            time.sleep(handle.delay)  # before the lock: a push sent meanwhile is served first
         return complete(self, body, chat)
 
     def logged_generate(self, prompt, params):  # under the host's lock: the weights it samples from
@@ -49,7 +52,7 @@ def server(monkeypatch):
     monkeypatch.setattr(ModelHost, "complete", failing_complete)
     monkeypatch.setattr(ModelHost, "_generate", logged_generate)
     handle = serve(TINY, port=0)
-    handle.log, handle.fail = log, failing.update
+    handle.log, handle.fail, handle.delay = log, failing.update, 0.0
     handle.url = f"http://127.0.0.1:{handle.server_address[1]}/v1"
     yield handle
     handle.shutdown()
@@ -129,6 +132,26 @@ def test_each_step_trains_on_weights_at_most_k_updates_old(tmp_path, server, ahe
         assert ("time/wait" in record) == (ahead > 0)
     drift = max(max(abs(r["importance_ratio_min"] - 1), abs(r["importance_ratio_max"] - 1)) for r in records.values())
     assert drift > 1e-3 if ahead else drift < 1e-4
+
+
+def test_held_out_samples_from_the_same_server_wait_for_the_round_being_sampled(tmp_path, server):
+    """Held-out samples push the weights after step t to the server at the end of step t, while step t+1's
+    rollouts are being sampled from the weights after t-1 updates: the push waits for that round, so each round
+    still comes from one set of weights, max(0, s - 1) updates old."""
+    steps, weights = 4, Weights()
+    server.delay = 1.0  # a round outlasts a training step: the held-out push comes while it is being sampled
+    trainer = _trainer(tmp_path / "out", server.url, max_steps=steps, num_batches_ahead=1, sample_every_n_steps=1,
+                       num_samples=2, sample_backend="openai")
+    trainer.add_callback(weights)
+    trainer.train()
+    rounds = {seed_for(seed_for(0, s, 0), i) for s in range(steps) for i in range(PER_STEP)}
+    served: dict[int, set] = {}
+    for seed, _, fingerprint in server.log:
+        if seed in rounds:
+            version = next(v for v, f in weights.after.items() if abs(f - fingerprint) < 1e-9 * max(abs(f), 1))
+            served.setdefault(_round_of(seed, steps), set()).add(version)
+    assert served == {s: {max(0, s - 1)} for s in range(steps)}
+    assert len([x for x in server.log if x[0] not in rounds]) == steps * 2  # the held-out samples were drawn
 
 
 def test_bound_zero_and_one_share_the_first_step(tmp_path, server):

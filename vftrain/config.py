@@ -442,13 +442,14 @@ class RLConfig(TrainerConfig):
     vllm_args: Any = _f(None, "Extra arguments for that vLLM server, e.g. ['--dtype', 'float32', "
                         "'--max-model-len', '4096'].")
     vllm_start_timeout: float = _f(600.0, "Seconds that vLLM may take to start before vf-rl gives up.")
-    num_batches_ahead: int = _f(0, "rl_backend = 'openai': steps whose rollouts are sampled ahead, in the "
-                                "background while earlier steps train (verifiers' name; prime-rl's max_async_level). "
-                                "Step s then trains on rollouts of weights k = num_batches_ahead updates old (fewer "
-                                "in the first k steps), the importance ratio taken against the sampler's logprobs; "
-                                "1 hides generation behind training (the seed RLTrainer's 1-step overlap). 0 (default): "
-                                "on-policy, every step waits for rollouts of its own weights, as with the embedded "
-                                "sampler, which trains and samples on the same device and cannot run ahead.")
+    num_batches_ahead: int = _f(0, "Steps whose rollouts are sampled ahead (rl_backend = 'openai'; verifiers' "
+                                "name, prime-rl's max_async_level): the server samples step s+k's rollouts from the "
+                                "weights after s updates while step s trains, so a step trains on rollouts k updates "
+                                "old (fewer in the first k steps), corrected by the ratio to the sampler's logprobs. 1 "
+                                "(num_iterations when > 1) hides generation behind training (the seed RLTrainer's "
+                                "overlap); more only adds staleness, the server sampling one step's rollouts at a "
+                                "time. 0 (default): "
+                                "on-policy, so a ratio away from 1 shows a weight push that did not land.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
                             "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
