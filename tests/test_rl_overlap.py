@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from transformers import TrainerCallback
 
 import vftrain as vf
@@ -22,6 +25,7 @@ from vftrain.sampling.tokens import seed_for
 from vftrain.serve import ModelHost, serve
 
 PER_STEP = 4  # prompts per step: batch_size 16 / rollouts_per_example 4, one request each
+HERE = Path(__file__).parent
 
 
 def _fingerprint(model) -> float:
@@ -32,15 +36,17 @@ def _fingerprint(model) -> float:
 def server(monkeypatch):
     """`vftrain.serve` in this process; `.log` lists (request seed, adapter asked for, fingerprint of the weights
     it was served from) per completion request, `.fail(seeds)` makes requests with those seeds fail (500), and
-    `.delay` (seconds) holds every seeded request back before it reaches the model."""
-    log, failing = [], set()
+    `.slow(seconds, seeds)` holds requests with those seeds (None: all seeded ones) back before they reach the
+    model."""
+    log, failing, delays = [], set(), {}
     complete, generate = ModelHost.complete, ModelHost._generate
 
     def failing_complete(self, body, chat):
         if body.get("seed") in failing:
             raise RuntimeError("injected failure")
         if body.get("seed") is not None:
-            time.sleep(handle.delay)  # before the lock: a push sent meanwhile is served first
+            time.sleep(delays.get(body["seed"], delays.get(None, 0.0)))  # before the lock: a push sent meanwhile
+            # is served first
         return complete(self, body, chat)
 
     def logged_generate(self, prompt, params):  # under the host's lock: the weights it samples from
@@ -52,7 +58,8 @@ def server(monkeypatch):
     monkeypatch.setattr(ModelHost, "complete", failing_complete)
     monkeypatch.setattr(ModelHost, "_generate", logged_generate)
     handle = serve(TINY, port=0)
-    handle.log, handle.fail, handle.delay = log, failing.update, 0.0
+    handle.log, handle.fail = log, failing.update
+    handle.slow = lambda seconds, seeds=None: delays.update(dict.fromkeys(seeds or [None], seconds))
     handle.url = f"http://127.0.0.1:{handle.server_address[1]}/v1"
     yield handle
     handle.shutdown()
@@ -95,10 +102,11 @@ def _metrics(out_dir) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}  # a resumed run's later line wins
 
 
-def _round_of(seed: int, steps: int) -> int:
-    """The step whose rollouts a request with this seed sampled (the trainer seeds prompt i of step s's
-    requests with seed_for(seed_for(run seed 0, s, process 0), i))."""
-    return {seed_for(seed_for(0, s, 0), i): s for s in range(steps) for i in range(PER_STEP)}[seed]
+def _round_of(seed: int, steps: int, processes: int = 1) -> int:
+    """The step whose rollouts a request with this seed sampled (the trainer seeds prompt i of process r's share of
+    step s with seed_for(seed_for(run seed 0, s, r), i))."""
+    return {seed_for(seed_for(0, s, r), i): s for s in range(steps) for r in range(processes)
+            for i in range(PER_STEP // processes)}[seed]
 
 
 @pytest.mark.parametrize("ahead, use_lora", [(0, False), (1, False), (2, False), (1, True)])
@@ -139,7 +147,7 @@ def test_held_out_samples_from_the_same_server_wait_for_the_round_being_sampled(
     rollouts are being sampled from the weights after t-1 updates: the push waits for that round, so each round
     still comes from one set of weights, max(0, s - 1) updates old."""
     steps, weights = 4, Weights()
-    server.delay = 1.0  # a round outlasts a training step: the held-out push comes while it is being sampled
+    server.slow(1.0)  # a round outlasts a training step: the held-out push comes while it is being sampled
     trainer = _trainer(tmp_path / "out", server.url, max_steps=steps, num_batches_ahead=1, sample_every_n_steps=1,
                        num_samples=2, sample_backend="openai")
     trainer.add_callback(weights)
@@ -208,3 +216,55 @@ def test_config_refuses_a_bound_it_cannot_keep(tmp_path, overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         config(str(tmp_path), 1, **overrides)
 
+
+
+def _launch(out_dir, url: str, resume: bool = False) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent)])
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(29600 + os.getpid() % 1000), __file__, str(out_dir), url, "1" if resume else "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_request_their_shares_from_the_pushed_weights(tmp_path, server):
+    """Two processes (LoRA, k = 1, a checkpoint after step 2): the main process pushes, each process samples its
+    own prompts of step s from the adapter of step max(0, s - 1), each saves its own rounds still to train on, and
+    a resume from step 2 trains on exactly what the uninterrupted run did."""
+    # process 1's requests reach the model late: the main process, done with its share, must not push meanwhile
+    # (under LoRA the push unloads the adapter process 1's requests name)
+    server.slow(1.0, [seed_for(seed_for(0, s, 1), i) for s in range(4) for i in range(PER_STEP // 2)])
+    done = _launch(tmp_path / "out", server.url)
+    assert done.returncode == 0, done.stderr[-3000:]
+    full = _metrics(tmp_path / "out")
+    served: dict[int, set] = {}
+    for seed, adapter, _ in server.log:
+        served.setdefault(_round_of(seed, 4, processes=2), set()).add(int(adapter.rsplit("-", 1)[1]))
+    assert served == {s: {max(0, s - 1)} for s in range(4)}
+    assert {p.name for p in (tmp_path / "out" / "checkpoint-2").glob("*ahead.pt")} == \
+        {"rank0-vftrain_rollouts_ahead.pt", "rank1-vftrain_rollouts_ahead.pt"}
+    os.rename(tmp_path / "out" / "checkpoint-4", tmp_path / "checkpoint-4")  # resume from step 2
+    done = _launch(tmp_path / "out", server.url, resume=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    resumed = _metrics(tmp_path / "out")
+    for step in (3, 4):
+        for key in ("reward", "loss", "off_policy_steps"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_a_round_failed_on_one_process_stops_every_process(tmp_path, server):
+    """Process 1's share of step 2's rollouts fails on the server: both processes stop at the start of step 2
+    (process 1 with the server's error, the main process saying another process failed), none left waiting."""
+    server.fail([seed_for(seed_for(0, 2, 1), i) for i in range(PER_STEP // 2)])
+    done = _launch(tmp_path / "out", server.url)
+    assert done.returncode != 0
+    assert "HTTP 500" in done.stderr and "failed on another process" in done.stderr
+    assert sorted(_metrics(tmp_path / "out")) == [1, 2]
+
+
+if __name__ == "__main__":  # one process of test_two_processes_...: out_dir, server url, resume (0/1)
+    torch.set_num_threads(1)
+    trainer = _trainer(sys.argv[1], sys.argv[2], max_steps=4, num_batches_ahead=1, use_lora=True, lora_rank=4,
+                       learning_rate=3e-2, micro_batch_size=4, save_strategy="steps", save_steps=2)
+    trainer.train(resume_from_checkpoint=sys.argv[3] == "1" or None)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -43,10 +43,15 @@ class Round:
 class RolloutPipeline:
     """`produce(step)` makes a round's scored rollouts from the weights now served; `push(step)` serves the weights
     after `step` updates (every process calls it at the same point). `ahead` = num_batches_ahead, `every` =
-    num_iterations (a round every `every` steps)."""
+    num_iterations (a round every `every` steps). `agree(flag)` -> whether any process has the flag set (None: one
+    process): every process calls `advance`, `take` and `settle` at the same points, and each samples its own share
+    of a round, so waiting for a round is agreed on: the main process pushes only once no process is sampling, and a
+    round that failed on one process stops all of them there, none left waiting in a collective."""
 
-    def __init__(self, produce: Callable[[int], Any], push: Callable[[int], None], ahead: int, every: int):
+    def __init__(self, produce: Callable[[int], Any], push: Callable[[int], None], ahead: int, every: int,
+                 agree: Callable[[bool], bool] | None = None):
         self.produce, self.push, self.ahead, self.every = produce, push, ahead, every
+        self.agree = agree if ahead else None  # with ahead = 0 a round is made and taken within the step
         self.rounds: dict[int, Future] = {}  # step -> its round, requested and not yet taken
         self.worker: _Worker | None = None
 
@@ -64,7 +69,7 @@ class RolloutPipeline:
         if step not in self.rounds:
             self._request([step], now)
         clock = time.perf_counter()
-        out = self._result(self.rounds.pop(step))
+        out = self._agreed(lambda: self._result(self.rounds.pop(step)))
         out.waited = time.perf_counter() - clock if out.background else 0.0
         return out
 
@@ -72,8 +77,7 @@ class RolloutPipeline:
         """Wait until no round is being sampled (before the served weights change); returns the seconds waited.
         A round that failed raises its error here (then nothing else runs)."""
         clock = time.perf_counter()
-        for future in list(self.rounds.values()):
-            self._result(future)
+        self._agreed(lambda: [self._result(future) for future in list(self.rounds.values())])
         return time.perf_counter() - clock
 
     def pending(self) -> list[Round]:
@@ -114,6 +118,19 @@ class RolloutPipeline:
         clock = time.perf_counter()
         scored = self.produce(step)
         return Round(step, version, scored, time.perf_counter() - clock, background)
+
+    def _agreed(self, wait: Callable[[], Any]) -> Any:
+        """`wait()`, then one small all-reduce: a failure on any process raises on every one."""
+        try:
+            out = wait()
+        except BaseException:
+            if self.agree is not None:
+                self.agree(True)
+            raise
+        if self.agree is not None and self.agree(False):
+            self.close()
+            raise RuntimeError("the rollouts sampled ahead failed on another process (its error is in its log)")
+        return out
 
     def _result(self, future: Future) -> Round:
         try:

@@ -31,6 +31,7 @@ from vftrain.data.collate import Collator
 from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
+from vftrain.guards import any_process
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
 from vftrain.rewards import resolve_rewards, score
 from vftrain.rl import rollouts as R
@@ -98,7 +99,7 @@ class RLTrainer(VFTrainer):
 
             self.backend = OpenAIBackend(self)
         self.pipeline = RolloutPipeline(self._produce_round, self._push_weights, args.num_batches_ahead,
-                                        args.num_iterations)
+                                        args.num_iterations, any_process(self.accelerator))
         # before the sample callback: held-out samples from the same server wait for the round being sampled
         self.add_callback(PipelineCallback(self.pipeline, bool(sample_rows) and args.sample_backend == "openai"))
         self.reference = self._reference_model() if args.beta else None
