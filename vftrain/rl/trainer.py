@@ -263,7 +263,7 @@ class RLTrainer(VFTrainer):
         params = dict(n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       stop_ids=self.stop_ids, seed=seed)
         if self.backend is not None:  # the weights pushed last: `step`'s, or earlier ones sampling ahead (pipeline)
-            return self.backend.sample_tokens(prompts, step=self.backend.pushed_step, **params)
+            return self.backend.sample_tokens(prompts, step=self.backend.pushed_step, push=False, **params)
         model = self.accelerator.unwrap_model(self.model)
         return sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
 
