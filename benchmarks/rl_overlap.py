@@ -70,6 +70,7 @@ def run(ahead: int, url: str, steps: int, warmup: int) -> dict:
         if values:
             out[key] = statistics.median(values)
     out["reward_last"] = records[-1]["reward"]
+    out["importance_ratio_max"] = max(r["importance_ratio_max"] for r in later)  # != 1: trained off-policy
     return out
 
 

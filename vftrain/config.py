@@ -449,7 +449,8 @@ class RLConfig(TrainerConfig):
                                 "(num_iterations when > 1) hides generation behind training (the seed RLTrainer's "
                                 "overlap); more only adds staleness, the server sampling one step's rollouts at a "
                                 "time. 0 (default): "
-                                "on-policy, so a ratio away from 1 shows a weight push that did not land.")
+                                "on-policy, the updates the embedded sampler gives (ratio 1); opt in where generation "
+                                "time matters.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
                             "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
