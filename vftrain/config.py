@@ -442,6 +442,15 @@ class RLConfig(TrainerConfig):
     vllm_args: Any = _f(None, "Extra arguments for that vLLM server, e.g. ['--dtype', 'float32', "
                         "'--max-model-len', '4096'].")
     vllm_start_timeout: float = _f(600.0, "Seconds that vLLM may take to start before vf-rl gives up.")
+    num_batches_ahead: int = _f(0, "Steps whose rollouts are sampled ahead (rl_backend = 'openai'; verifiers' "
+                                "name, prime-rl's max_async_level): the server samples step s+k's rollouts from the "
+                                "weights after s updates while step s trains, so a step trains on rollouts k updates "
+                                "old (fewer in the first k steps), corrected by the ratio to the sampler's logprobs. 1 "
+                                "(num_iterations when > 1) hides generation behind training (the seed RLTrainer's "
+                                "overlap); more only adds staleness, the server sampling one step's rollouts at a "
+                                "time. 0 (default): "
+                                "on-policy, the updates the embedded sampler gives (ratio 1); opt in where generation "
+                                "time matters.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
                             "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
@@ -489,6 +498,12 @@ class RLConfig(TrainerConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} = {value!r} must be a positive integer")
+        ahead = self.num_batches_ahead
+        if not isinstance(ahead, int) or isinstance(ahead, bool) or ahead < 0:
+            raise ConfigError(f"num_batches_ahead = {ahead!r} must be an integer >= 0")
+        if ahead and self.rl_backend != "openai":
+            raise ConfigError(f"num_batches_ahead = {ahead} needs rl_backend = 'openai': the embedded sampler is "
+                              "the model being trained, which cannot sample while it trains; set it to 0")
         if self.rollouts_per_example < 2:
             raise ConfigError("rollouts_per_example = 1 gives every group a zero advantage (the group mean is its "
                               "only reward); use at least 2")

@@ -165,9 +165,11 @@ def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray,
 
 
 def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sample], rewards: np.ndarray,
-                    per_func: dict, advantages: np.ndarray, references: list | None = None) -> list[str]:
+                    per_func: dict, advantages: np.ndarray, references: list | None = None,
+                    policy_step: int | None = None) -> list[str]:
     """rollouts.jsonl lines: every rollout's prompt, completion, reference, rewards and advantage (to see reward
-    hacking). `step`: the step metrics.jsonl logs for the update trained on them (the first, num_iterations > 1)."""
+    hacking). `step`: the step metrics.jsonl logs for the update trained on them (the first, num_iterations > 1);
+    `policy_step`: the updates the weights that sampled them had had (step - 1 on-policy, less sampled ahead)."""
     lines = []
     references = references or [None] * len(texts)
     for i, (prompt, text, sample) in enumerate(zip(prompts, texts, samples)):
@@ -176,6 +178,7 @@ def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sa
                                  "reward": float(rewards[i]),
                                  "rewards": {k: float(v[i]) for k, v in per_func.items()},
                                  "advantage": float(advantages[i]), "finish_reason": sample.finish_reason,
+                                 **({"policy_step": policy_step} if policy_step is not None else {}),
                                  "completion_tokens": sampled_tokens(sample),
                                  **({"environment_tokens": len(sample.completion_ids) - sampled_tokens(sample)}
                                     if sample.mask is not None else {})}))

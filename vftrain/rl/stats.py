@@ -29,6 +29,7 @@ class RLStats:
         self.extremes: dict[str, torch.Tensor] = {}
         self.rollouts: list[dict] = []
         self.timing = {"generate": 0.0, "score": 0.0, "sync": 0.0}
+        self.beside: dict[str, float] = {}  # seconds spent beside training (rollouts sampled ahead)
         self.since = time.perf_counter()
 
     def add_tokens(self, loss_sum: torch.Tensor, stats: torch.Tensor, inputs: dict, labels: torch.Tensor) -> None:
@@ -54,14 +55,17 @@ class RLStats:
         """One step's rollout statistics, already over all processes."""
         self.rollouts.append(metrics)
 
-    def add_timing(self, **seconds: float) -> None:
+    def add_timing(self, beside: bool = False, **seconds: float) -> None:
+        """Seconds the step spent outside training, or, `beside`, on another thread while it trained (logged under
+        the same names, not taken off time/train)."""
+        timing = self.beside if beside else self.timing
         for key, value in seconds.items():
-            self.timing[key] += value
+            timing[key] = timing.get(key, 0.0) + value
 
     def pop(self, reduce=lambda t, op="sum": t) -> tuple[dict, float]:
         out: dict = {}
         if self.rollouts:
-            for key in self.rollouts[0]:
+            for key in dict.fromkeys(k for r in self.rollouts for k in r):  # a step that reuses rollouts logs few
                 values = [r[key] for r in self.rollouts if key in r]
                 out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
         attn_sq = 0.0
@@ -83,7 +87,8 @@ class RLStats:
             if key in self.extremes:
                 out[f"importance_{key}"] = float(reduce(self.extremes[key].reshape(1), op)[0])
         wall = time.perf_counter() - self.since
-        out.update({f"time/{k}": v for k, v in self.timing.items()})
+        out.update({f"time/{k}": self.timing.get(k, 0.0) + self.beside.get(k, 0.0)
+                    for k in dict.fromkeys([*self.timing, *self.beside])})
         out["time/train"] = max(wall - sum(self.timing.values()), 0.0)
         self._reset()
         return out, attn_sq

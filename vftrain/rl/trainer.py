@@ -31,9 +31,11 @@ from vftrain.data.collate import Collator
 from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
+from vftrain.guards import any_process
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
 from vftrain.rewards import resolve_rewards, score
 from vftrain.rl import rollouts as R
+from vftrain.rl.pipeline import PipelineCallback, RolloutPipeline
 from vftrain.rl.stats import RLStats
 from vftrain.sampling.tokens import sample, seed_for
 from vftrain.trainer import VFTrainer
@@ -42,6 +44,7 @@ log = logging.getLogger("vftrain")
 
 REFERENCE_ADAPTER = "kl_reference"  # a trained adapter's frozen copy: the KL reference under LoRA
 ROLLOUT_CACHE = "vftrain_rollouts.pt"  # a checkpoint's rollouts still to be reused (num_iterations > 1)
+ROLLOUTS_AHEAD = "vftrain_rollouts_ahead.pt"  # a checkpoint's rollouts sampled for later steps (num_batches_ahead)
 
 
 class RLTrainer(VFTrainer):
@@ -95,6 +98,10 @@ class RLTrainer(VFTrainer):
             from vftrain.sampling.openai_backend import OpenAIBackend
 
             self.backend = OpenAIBackend(self)
+        self.pipeline = RolloutPipeline(self._produce_round, self._push_weights, args.num_batches_ahead,
+                                        args.num_iterations, any_process(self.accelerator))
+        # before the sample callback: held-out samples from the same server wait for the round being sampled
+        self.add_callback(PipelineCallback(self.pipeline, bool(sample_rows) and args.sample_backend == "openai"))
         self.reference = self._reference_model() if args.beta else None
         self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in
                                                      self.prompts.lines() + self._held_out_lines(len(sample_rows))])
@@ -155,7 +162,8 @@ class RLTrainer(VFTrainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches (rollouts made, scored and packed here) and its completion-token count summed
-        over all processes."""
+        over all processes. Rollouts of later steps are requested first (`rl/pipeline.py`), to be sampled while
+        this step trains."""
         taken = 0
         for _ in range(num_batches):
             try:
@@ -165,39 +173,60 @@ class RLTrainer(VFTrainer):
                 break
         if not taken:
             return [], None
-        step = self.state.global_step
-        start = step - step % self.args.num_iterations
+        args, step = self.args, self.state.global_step
+        start = step - step % args.num_iterations
+        waited = self.pipeline.advance(step, self.state.max_steps)
         if self.rollout_cache is None or self.rollout_cache["step"] != start:
-            self.rollout_cache = {"step": start, **self._make_rollouts(start, num_batches)}
+            self.rollout_cache = {"step": start, **self._make_rollouts(start, step, num_batches)}
+        if args.num_batches_ahead:
+            self.stats.add_timing(wait=waited)
+            # updates between the weights that sampled the rollouts and those they train (min(step, k) + the
+            # num_iterations reuse); an old checkpoint's cache has no version: its rollouts' own step
+            version = self.rollout_cache.get("version", start)
+            self.stats.add_rollouts({"off_policy_steps": step - version})
         batches = self.rollout_cache["batches"]
         count = torch.tensor(self.rollout_cache["tokens"], device=device)
-        if self.args.world_size > 1:
+        if args.world_size > 1:
             count = self.accelerator.reduce(count, reduction="sum")
         return list(batches), count
 
-    def _make_rollouts(self, step: int, num_batches: int) -> dict:
-        args, clock = self.args, time.perf_counter()
-        world, rank = args.world_size, args.process_index
-        indices = R.step_prompts(len(self.prompts.ids), self.prompts_per_step, args.seed, step)
-        mine = np.array_split(indices, world)[rank]
-        sync = 0.0
-        if self.backend is not None:  # timed apart from sampling, which would push too
-            sync = -time.perf_counter()
-            self.backend.push_weights(step, everyone=args.world_size > 1)
-            sync += time.perf_counter()
-        samples, texts, rewards, per_func, score_seconds = self._scored_rollouts(mine, step)
+    def _make_rollouts(self, step: int, now: int, num_batches: int) -> dict:
+        """Step `step`'s rollouts (sampled by the pipeline, at optimizer step `now` or earlier), advantages, packed
+        micro-batches and completion-token count; recorded in the log and rollouts.jsonl."""
+        args = self.args
+        made = self.pipeline.take(step, now)
+        samples, texts, rewards, per_func, score_seconds = made.scored
         advantages = R.group_advantages(rewards, args.rollouts_per_example, args.scale_rewards)
-        scored = time.perf_counter()
         rows = R.training_rows(samples, advantages)
         lengths = np.array([len(r[0]) for r in rows])
         groups = split_step(lengths, np.arange(len(rows)), num_batches, packing=args.packing)
         batches = [self.collator([rows[i] for i in g]) for g in groups]
         tokens = int(sum(r[1].sum() for r in rows))
+        mine = self._my_prompts(step)
         prompts = [self.prompts.prompts[i] for i in mine for _ in range(args.rollouts_per_example)]
         references = [self.prompts.references[i] for i in mine for _ in range(args.rollouts_per_example)]
-        self._record(step, prompts, references, texts, samples, rewards, per_func, advantages)
-        self.stats.add_timing(generate=scored - clock - sync - score_seconds, score=score_seconds, sync=sync)
-        return {"batches": batches, "tokens": tokens}
+        self._record(step, made.version, prompts, references, texts, samples, rewards, per_func, advantages)
+        # rounds sampled beside training do not count against time/train; the step waited `made.waited` for them
+        self.stats.add_timing(generate=made.seconds - score_seconds, score=score_seconds, beside=made.background)
+        if args.num_batches_ahead:
+            self.stats.add_timing(wait=made.waited)
+        return {"batches": batches, "tokens": tokens, "version": made.version}
+
+    def _my_prompts(self, step: int) -> np.ndarray:
+        """This process's share of step `step`'s prompts."""
+        indices = R.step_prompts(len(self.prompts.ids), self.prompts_per_step, self.args.seed, step)
+        return np.array_split(indices, self.args.world_size)[self.args.process_index]
+
+    def _produce_round(self, step: int) -> tuple:
+        """The pipeline's `produce`: this process's rollouts of step `step`, sampled by the weights now served."""
+        return self._scored_rollouts(self._my_prompts(step), step)
+
+    def _push_weights(self, step: int) -> None:
+        """The pipeline's `push`: the server samples from the weights after `step` updates (every process)."""
+        if self.backend is not None:
+            clock = time.perf_counter()
+            self.backend.push_weights(step, everyone=self.args.world_size > 1)
+            self.stats.add_timing(sync=time.perf_counter() - clock)
 
     def _scored_rollouts(self, mine, step: int):
         """(samples, completion texts, rewards [n], rewards per function, seconds spent scoring) of this process's
@@ -233,14 +262,15 @@ class RLTrainer(VFTrainer):
         seed = seed_for(args.seed, step, args.process_index, *([turn] if turn else []))
         params = dict(n=n, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       stop_ids=self.stop_ids, seed=seed)
-        if self.backend is not None:
-            return self.backend.sample_tokens(prompts, step=step, **params)
+        if self.backend is not None:  # the weights pushed last: `step`'s, or earlier ones sampling ahead (pipeline)
+            return self.backend.sample_tokens(prompts, step=self.backend.pushed_step, push=False, **params)
         model = self.accelerator.unwrap_model(self.model)
         return sample(model, prompts, pad_id=self.processing_class.pad_token_id, synced=self.sharded, **params)
 
-    def _record(self, step, prompts, references, texts, samples, rewards, per_func, advantages) -> None:
-        """All processes' rollouts of optimizer step `step` (0-based): metrics for the log, and rollouts.jsonl (main
-        process) under the step metrics.jsonl logs for their update, step + 1."""
+    def _record(self, step, version, prompts, references, texts, samples, rewards, per_func, advantages) -> None:
+        """All processes' rollouts of optimizer step `step` (0-based), sampled by the weights after `version`
+        updates: metrics for the log, and rollouts.jsonl (main process) under the step metrics.jsonl logs for their
+        update, step + 1."""
         from accelerate.utils import gather_object
 
         local = [(p, t, s, float(r), {k: float(v[i]) for k, v in per_func.items()}, float(a), ref)
@@ -261,7 +291,7 @@ class RLTrainer(VFTrainer):
                 R.trim_records(path, step + 1)
             self._rollouts_trimmed = True
             lines = R.rollout_records(step + 1, [x[0] for x in everything], [x[1] for x in everything], samples,
-                                      rewards, per_func, advantages, [x[6] for x in everything])
+                                      rewards, per_func, advantages, [x[6] for x in everything], version)
             with open(path, "a") as fh:
                 fh.write("\n".join(lines) + "\n")
 
@@ -311,23 +341,27 @@ class RLTrainer(VFTrainer):
         _, stats = token_loss_sum(_no_loss, targets, temperature=self.args.temperature, **fused)
         return stats[:, 0]
 
-    # ---- checkpoints: rollouts still to be reused (num_iterations > 1) travel with the checkpoint
+    # ---- checkpoints: rollouts still to be reused (num_iterations > 1) and rollouts sampled for later steps
+    # (num_batches_ahead, from weights a resumed run no longer has) travel with the checkpoint
     def _save_extra_state(self, folder: str) -> None:
-        cache = self.rollout_cache
-        if cache is None or self.args.num_iterations == 1 or self.state.global_step - cache["step"] >= \
-                self.args.num_iterations:
-            return
-        os.makedirs(folder, exist_ok=True)
-        torch.save(cache, self._cache_path(folder))
+        cache, ahead = self.rollout_cache, self.pipeline.pending()  # waits for the round being sampled
+        reused = cache is not None and self.args.num_iterations > 1 and \
+            self.state.global_step - cache["step"] < self.args.num_iterations
+        for name, value in ((ROLLOUT_CACHE, cache if reused else None), (ROLLOUTS_AHEAD, ahead)):
+            if value:
+                os.makedirs(folder, exist_ok=True)
+                torch.save(value, self._cache_path(folder, name))
 
-    def _cache_path(self, folder: str) -> str:
-        name = ROLLOUT_CACHE if self.args.world_size == 1 else f"rank{self.args.process_index}-{ROLLOUT_CACHE}"
+    def _cache_path(self, folder: str, name: str) -> str:
+        name = name if self.args.world_size == 1 else f"rank{self.args.process_index}-{name}"
         return os.path.join(folder, name)
 
     def _load_extra_state(self, folder: str) -> None:
-        path = self._cache_path(folder)
+        path = self._cache_path(folder, ROLLOUT_CACHE)
         if os.path.exists(path):
             self.rollout_cache = torch.load(path, weights_only=False)
+        path = self._cache_path(folder, ROLLOUTS_AHEAD)
+        self.pipeline.restore(torch.load(path, weights_only=False) if os.path.exists(path) else [])
 
 
 def copy_adapter(peft_model, name: str) -> None:

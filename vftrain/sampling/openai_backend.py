@@ -91,14 +91,16 @@ class OpenAIBackend:
         return completions
 
     def sample_tokens(self, prompts: list[list[int]], *, step: int, n: int, max_new_tokens: int,
-                      temperature: float, top_p: float, stop_ids, seed: int) -> list[list[Sample]]:
+                      temperature: float, top_p: float, stop_ids, seed: int, push: bool = True) -> list[list[Sample]]:
         """`n` completions of each prompt (token ids) from the weights of optimizer step `step` (pushed first),
         as `vftrain.sampling.tokens.sample` returns them: one list of `n` Samples per prompt, with the server's
         token ids and per-token logprobs (processed ones with `vllm serve --logprobs-mode processed_logprobs`).
         Prompt i is sampled with seed `seed_for(seed, i)`: the same call gives the same rollouts from a server
         whose seeded sampling is reproducible (vftrain.serve; vLLM per its own batch-invariance). The round ends
-        with a check that the server still serves the pushed weights (`_check_served`)."""
-        name = self.push_weights(step, everyone=self.trainer.args.world_size > 1)
+        with a check that the server still serves the pushed weights (`_check_served`). `push=False`: `step`'s
+        weights are served already (RL pushes before each round: `rl/pipeline.py`, whose rounds may run on a worker
+        thread, which must take no part in the processes' collectives)."""
+        name = self.push_weights(step, everyone=self.trainer.args.world_size > 1) if push else self._name(step)
         body = {"model": name, "n": n, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "logprobs": 0, "extra_body": {**NEUTRAL_SAMPLING, "return_token_ids": True,
                                               "stop_token_ids": sorted(stop_ids)}}
