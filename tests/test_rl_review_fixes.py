@@ -1,0 +1,52 @@
+"""The outside review of the merged RL changes: a dropout-free KL reference adapter, eval/reward weighted as the
+training reward, held-out samples through the OpenAI backend rendered with the run's template, vLLM launched on a
+LoRA run folder's base, the FSDP ranks that build an adapter folder without weights training it, and the verifiers
+environment + OpenAI backend on 2 processes without a hang."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+
+import vftrain as vf
+from conftest import TINY, addition_rows, tiny_tokenizer
+from rl_worker import config, digits
+
+
+def _metrics(out_dir) -> dict[int, dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if "loss" in r}
+
+
+def _adapter_folder(folder: Path, **lora) -> str:
+    """A LoRA run's folder (adapter + tokenizer) whose adapter changes the outputs (B not zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = vf.get_model_and_tokenizer(TINY, dtype="float32")[0]
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+                                           **lora))
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    peft.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+# ---- 1. the KL reference adapter without dropout
+def test_kl_reference_adapter_has_no_dropout(tmp_path):
+    """An adapter saved with lora_dropout 0.3: the reference copy kept it (added after dropout was switched off)
+    and its train-mode forward dropped activations: KL 0.014 with a policy that never moves (learning rate 0)."""
+    folder = _adapter_folder(tmp_path / "lora-run", lora_dropout=0.3)
+    cfg = config(str(tmp_path / "rl"), 2, use_lora=True, beta=0.5, learning_rate=0.0, save_strategy="no",
+                 dtype="float32")
+    vf.RLTrainer(model=folder, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=cfg,
+                 reward_funcs=[digits]).train()
+    metrics = _metrics(tmp_path / "rl")
+    assert [metrics[s]["kl"] for s in (1, 2)] == [0.0, 0.0]
+
