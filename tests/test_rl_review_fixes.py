@@ -50,3 +50,21 @@ def test_kl_reference_adapter_has_no_dropout(tmp_path):
     metrics = _metrics(tmp_path / "rl")
     assert [metrics[s]["kl"] for s in (1, 2)] == [0.0, 0.0]
 
+
+# ---- 3. eval/reward weighted as the training reward
+def test_eval_reward_is_weighted_as_the_training_reward(tmp_path):
+    """Two reward functions of 1.0, reward_weights unset: the training reward is their sum (2.0), and eval/reward
+    was their mean (1.0)."""
+    def one(completion, reference):
+        return 1.0
+
+    def also_one(completion, reference):
+        return 1.0
+
+    cfg = config(str(tmp_path / "rl"), 1, save_strategy="no", sample_every_n_steps=1, num_samples=2,
+                 dtype="float32")
+    vf.RLTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=cfg,
+                 reward_funcs=[one, also_one]).train()
+    records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/reward"] for r in records if "eval/reward" in r] == [2.0]
+    assert [r["reward"] for r in records if "reward" in r] == [2.0]

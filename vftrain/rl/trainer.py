@@ -109,9 +109,11 @@ class RLTrainer(VFTrainer):
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback
 
-            # scored by the run's own reward functions and weights: eval/reward is the training reward's measure
+            # scored by the run's own reward functions and weights (1.0 each when unset, as `score` weighs the
+            # training reward): eval/reward is the training reward's measure, not the functions' mean
+            weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self), rewards=self.reward_funcs,
-                                             weights=args.reward_weights))
+                                             weights=weights))
 
     def _reference_model(self):
         """The KL penalty's reference: the policy as RL starts, frozen (review RL 6: not the model reloaded from
