@@ -68,3 +68,17 @@ def test_eval_reward_is_weighted_as_the_training_reward(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval/reward"] for r in records if "eval/reward" in r] == [2.0]
     assert [r["reward"] for r in records if "reward" in r] == [2.0]
+
+
+# ---- 6. an adapter folder built without weights (FSDP ranks > 0) is trainable
+def test_adapter_folder_without_weights_trains_the_same_parameters(tmp_path):
+    """The FSDP ranks that receive their shards from rank 0 build the adapter from its saved config, which records
+    inference_mode true: nothing was trainable on them."""
+    from vftrain.models import load_adapter_folder
+
+    folder = _adapter_folder(tmp_path / "lora-run")
+    trainable = {}
+    for load_weights in (True, False):
+        model, _ = load_adapter_folder(folder, dtype="float32", load_weights=load_weights)
+        trainable[load_weights] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable[True] and trainable[False] == trainable[True]

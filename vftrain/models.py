@@ -143,7 +143,9 @@ def load_adapter_folder(folder: str, *, tokenizer=None, trust_remote_code: bool 
     with peft_quiet():
         if load_weights:
             model = PeftModel.from_pretrained(model, folder, is_trainable=True)
-        else:  # FSDP ranks that receive their shards from rank 0: the adapter's shapes only
+        else:  # FSDP ranks that receive their shards from rank 0: the adapter's shapes only, trainable as on rank 0
+            # (a saved adapter records inference_mode true: get_peft_model would freeze it)
+            config.inference_mode = False
             model = get_peft_model(model, config)
     model.peft_config[model.active_adapter].base_model_name_or_path = local_abspath(base)
     return model, tokenizer
