@@ -82,3 +82,42 @@ def test_adapter_folder_without_weights_trains_the_same_parameters(tmp_path):
         model, _ = load_adapter_folder(folder, dtype="float32", load_weights=load_weights)
         trainable[load_weights] = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable[True] and trainable[False] == trainable[True]
+
+
+# ---- 4. held-out samples through the OpenAI backend rendered with the run's chat_template
+TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m.role }}: {{ m.content }}<|im_end|>{% endfor %}"
+            "{% if tools %}tools: {{ tools | length }}{% endif %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+
+
+def test_openai_held_out_samples_use_the_runs_chat_template(tmp_path, monkeypatch):
+    """The samples went to /chat/completions, which the server renders with its own template: the server now
+    receives the ids training renders (the run's chat_template, the row's tools), and stops where the embedded
+    backend does."""
+    from conftest import small_config
+    from vftrain.data.render import render_prompt
+    from vftrain.sampling import ChatPrompt
+    from vftrain.sampling.embedded import generate
+    from vftrain.sampling.openai_backend import OpenAIBackend
+    from vftrain.serve import ModelHost, serve
+
+    received, complete = [], ModelHost.complete
+    monkeypatch.setattr(ModelHost, "complete", lambda self, body, chat: received.append((body, chat)) or
+                        complete(self, body, chat))
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    prompt = ChatPrompt([{"role": "user", "content": "12+34"}], tools)
+    server = serve(TINY, port=0)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = small_config(tmp_path, sample_backend="openai", sample_base_url=url, chat_template=TEMPLATE,
+                            max_new_tokens=8, dtype="float32")
+        trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=args)
+        [served] = OpenAIBackend(trainer)([prompt], step=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    tokenizer = trainer.processing_class
+    body, chat = next((b, c) for b, c in received if b.get("max_tokens") == 8)
+    assert not chat and body["prompt"] == render_prompt(tokenizer, prompt.messages, tools)
+    [embedded] = generate(trainer.model, tokenizer, [prompt], max_new_tokens=8)
+    assert (served, served.truncated) == (embedded, embedded.truncated)

@@ -30,8 +30,10 @@ import socket
 import threading
 import time
 
+from vftrain.data.render import stop_token_ids
 from vftrain.errors import SamplerError
 from vftrain.sampling import Completion
+from vftrain.sampling.embedded import encode_prompt
 from vftrain.sampling.tokens import Sample, seed_for
 
 # Overloaded, restarting or behind a proxy that timed out. Not 500: an error in the server, which a retry repeats.
@@ -290,23 +292,21 @@ class OpenAIBackend:
     # ---- requests
     async def _complete(self, prompt, model: str, deadline: float) -> Completion:
         """The completion's text, `truncated` when the server cut it at max_tokens (finish_reason "length"), as
-        the embedded backend marks its own."""
+        the embedded backend marks its own. A chat prompt is rendered here as training renders it (the run's
+        chat_template, the row's tools) and sent as token ids, as rollouts are: the server's /chat/completions
+        would apply its own template. It stops at the tokens that end a turn in that rendering."""
         args = self.trainer.args
+        tokenizer = self.trainer.processing_class
         # RL shows greedy held-out samples (sample_temperature 0) while its rollouts use args.temperature
         temperature = getattr(self.trainer, "sample_temperature", args.temperature)
-        common = dict(model=model, max_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
-                      extra_body=NEUTRAL_SAMPLING)
-        if isinstance(prompt, str):
-            response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
-                prompt=prompt, timeout=timeout, **common))
-            choice = response.choices[0]
-            return Completion(choice.text or "", choice.finish_reason == "length")
-        tools = {"tools": prompt.tools} if prompt.tools else {}
-        response = await self._request("/chat/completions", deadline,
-                                       lambda timeout: self.client.chat.completions.create(
-                                           messages=prompt.messages, timeout=timeout, **tools, **common))
+        extra = NEUTRAL_SAMPLING if isinstance(prompt, str) else \
+            {**NEUTRAL_SAMPLING, "stop_token_ids": sorted(stop_token_ids(tokenizer))}
+        request = prompt if isinstance(prompt, str) else encode_prompt(tokenizer, prompt)
+        response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
+            model=model, prompt=request, max_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p,
+            extra_body=extra, timeout=timeout))
         choice = response.choices[0]
-        return Completion(choice.message.content or "", choice.finish_reason == "length")
+        return Completion(choice.text or "", choice.finish_reason == "length")
 
     async def _sample(self, prompt: list[int], body: dict, deadline: float) -> list[Sample]:
         response = await self._request("/completions", deadline, lambda timeout: self.client.completions.create(
