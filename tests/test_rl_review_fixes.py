@@ -6,6 +6,7 @@ environment + OpenAI backend on 2 processes without a hang."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import datasets
@@ -28,8 +29,8 @@ def _adapter_folder(folder: Path, **lora) -> str:
 
     torch.manual_seed(0)
     base = vf.get_model_and_tokenizer(TINY, dtype="float32")[0]
-    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
-                                           **lora))
+    lora = {"r": 4, "lora_alpha": 8, **lora}
+    peft = get_peft_model(base, LoraConfig(target_modules="all-linear", init_lora_weights=False, **lora))
     for name, p in peft.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.3)
@@ -121,3 +122,46 @@ def test_openai_held_out_samples_use_the_runs_chat_template(tmp_path, monkeypatc
     assert not chat and body["prompt"] == render_prompt(tokenizer, prompt.messages, tools)
     [embedded] = generate(trainer.model, tokenizer, [prompt], max_new_tokens=8)
     assert (served, served.truncated) == (embedded, embedded.truncated)
+
+
+# ---- 5. vf-rl's vLLM server for a LoRA run folder
+@pytest.mark.parametrize("use_lora", [True, False])
+def test_vllm_launcher_serves_a_lora_run_folders_base(tmp_path, monkeypatch, use_lora):
+    """The adapter folder went to vLLM as --model (vLLM exits: no config.json), with --max-lora-rank from
+    lora_rank (8) while the continued adapter keeps its saved rank (12 -> vLLM's 16)."""
+    from vftrain.sampling.vllm_server import VLLMServer, launched_vllm
+
+    folder = _adapter_folder(tmp_path / "lora-run", r=12)
+    commands = []
+    monkeypatch.setattr(VLLMServer, "start", lambda self: commands.append(self.command))
+    monkeypatch.setattr(VLLMServer, "stop", lambda self: None)
+    cfg = config(str(tmp_path / "rl"), 1, use_lora=use_lora, rl_backend="openai", vllm_python=sys.executable,
+                 sample_base_url="http://127.0.0.1:8765/v1")
+    with launched_vllm(cfg, folder):
+        pass
+    [command] = commands
+    assert command[command.index("--model") + 1] == TINY
+    rank = command[command.index("--max-lora-rank") + 1] if "--max-lora-rank" in command else None
+    assert rank == ("16" if use_lora else None)
+
+
+def test_merged_lora_run_folder_samples_from_the_served_base(tmp_path):
+    """use_lora false merges the folder's adapter and pushes full weights to the server, which serves the base
+    under the base's name: the samples asked for the adapter folder's (vftrain.serve: 404)."""
+    from conftest import small_config
+    from vftrain.sampling import ChatPrompt
+    from vftrain.sampling.openai_backend import OpenAIBackend
+    from vftrain.serve import serve
+
+    folder = _adapter_folder(tmp_path / "lora-run")
+    server = serve(TINY, port=0)  # the base, as vf-rl's launcher serves it
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        args = small_config(tmp_path, sample_backend="openai", sample_base_url=url, use_lora=False, dtype="float32",
+                            max_new_tokens=8)
+        trainer = vf.SFTTrainer(model=folder, train_dataset=datasets.Dataset.from_list(addition_rows(16)), args=args)
+        [completion] = OpenAIBackend(trainer)([ChatPrompt([{"role": "user", "content": "12+34"}])], step=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(completion, str)

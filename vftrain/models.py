@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -126,10 +127,7 @@ def load_adapter_folder(folder: str, *, tokenizer=None, trust_remote_code: bool 
     from transformers import AutoTokenizer
 
     config = PeftConfig.from_pretrained(folder)
-    base = config.base_model_name_or_path
-    if not base:
-        raise ConfigError(f"{folder!r} holds a LoRA adapter whose adapter_config.json names no base model "
-                          "(base_model_name_or_path): load the base and the adapter yourself and pass the PeftModel")
+    base = adapter_base(folder)
     if tokenizer is None and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
@@ -153,6 +151,28 @@ def load_adapter_folder(folder: str, *, tokenizer=None, trust_remote_code: bool 
 
 def is_adapter_folder(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
+def adapter_config(folder: str) -> dict:
+    """A LoRA adapter folder's adapter_config.json."""
+    with open(os.path.join(folder, ADAPTER_CONFIG)) as fh:
+        return json.load(fh)
+
+
+def adapter_base(folder: str) -> str:
+    """The base model a LoRA adapter folder's adapter_config.json names (what the adapter loads onto, and what a
+    server serves for it)."""
+    base = adapter_config(folder).get("base_model_name_or_path")
+    if not base:
+        raise ConfigError(f"{folder!r} holds a LoRA adapter whose adapter_config.json names no base model "
+                          "(base_model_name_or_path): load the base and the adapter yourself and pass the PeftModel")
+    return base
+
+
+def served_model(model: str | None) -> str | None:
+    """The model a server serves for the trainer's `model`: a LoRA run folder's base (vLLM loads no adapter folder
+    as --model; the adapter is pushed, or merged and pushed, at the first step), else `model` itself."""
+    return adapter_base(model) if model and is_adapter_folder(model) else model
 
 
 def refuse_run_folder_without_model(path: str) -> None:

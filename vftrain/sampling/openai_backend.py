@@ -32,6 +32,7 @@ import time
 
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import SamplerError
+from vftrain.models import served_model
 from vftrain.sampling import Completion
 from vftrain.sampling.embedded import encode_prompt
 from vftrain.sampling.tokens import Sample, seed_for
@@ -75,7 +76,8 @@ class OpenAIBackend:
         self.client = openai.AsyncOpenAI(base_url=self.base_url, api_key=key, timeout=self.timeout, max_retries=0)
         # vLLM's dev routes (/pause, /collective_rpc, ...) sit at the server's root, beside /v1
         self.root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
-        self.served_name = trainer.model_source or "model"
+        # A LoRA run folder is served as its base (vLLM loads no adapter folder): merged, its weights go by that name
+        self.served_name = served_model(trainer.model_source) or "model"
         self.nonce = _process_start_nonce(args)
         self.probe_ids = trainer.processing_class(PROBE_TEXT)["input_ids"]
         self.server: str | None = None  # "vllm" or "vftrain", found at the first full-weight push

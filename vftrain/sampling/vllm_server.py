@@ -23,6 +23,7 @@ import urllib.request
 from urllib.parse import urlparse
 
 from vftrain.errors import ConfigError
+from vftrain.models import adapter_config, is_adapter_folder, served_model
 
 LOOPBACK = ("127.0.0.1", "localhost")
 MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM 0.32 takes (config/lora.py MaxLoRARanks)
@@ -120,7 +121,8 @@ def _last_line(path: str) -> str:
 @contextlib.contextmanager
 def launched_vllm(config, model: str):
     """vf-rl's vLLM server for the run when `config.vllm_python` is set (the main process starts it, on the port
-    of sample_base_url, which must be on loopback), else nothing."""
+    of sample_base_url, which must be on loopback), else nothing. A LoRA run folder as `model`: its base is
+    served."""
     if not getattr(config, "vllm_python", None) or int(os.environ.get("RANK", "0")) != 0:
         yield
         return
@@ -128,7 +130,18 @@ def launched_vllm(config, model: str):
     if address.hostname not in LOOPBACK or not address.port:
         raise ConfigError(f"sample_base_url = {config.sample_base_url!r}: vf-rl starts vLLM on this machine's "
                           "loopback only (its weight routes take no API key): use http://127.0.0.1:PORT/v1")
-    rank = config.lora_rank if config.use_lora else None
-    with VLLMServer(config.vllm_python, model, address.port, os.path.join(config.output_dir, "vllm.log"), rank,
+    with VLLMServer(config.vllm_python, served_model(model), address.port,
+                    os.path.join(config.output_dir, "vllm.log"), _adapter_rank(config, model),
                     config.vllm_args or [], config.vllm_start_timeout):
         yield
+
+
+def _adapter_rank(config, model: str) -> int | None:
+    """The largest LoRA rank the run pushes (None: full weights): a LoRA run folder trained on keeps its saved rank
+    (and rank_pattern), whatever `lora_rank` says; merged (use_lora false), it pushes full weights."""
+    if not config.use_lora:
+        return None
+    if not is_adapter_folder(model):
+        return config.lora_rank
+    saved = adapter_config(model)
+    return max([saved.get("r", 8), *(saved.get("rank_pattern") or {}).values()])  # 8: peft's default r
