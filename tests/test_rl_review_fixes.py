@@ -16,6 +16,7 @@ import torch
 import vftrain as vf
 from conftest import TINY, addition_rows, tiny_tokenizer
 from rl_worker import config, digits
+from test_rl_env import envs  # noqa: F401  (a fixture: the tool environments on PYTHONPATH)
 
 
 def _metrics(out_dir) -> dict[int, dict]:
@@ -165,3 +166,36 @@ def test_merged_lora_run_folder_samples_from_the_served_base(tmp_path):
         server.shutdown()
         server.server_close()
     assert isinstance(completion, str)
+
+
+# ---- 2. the verifiers environment + the OpenAI backend on 2 processes
+def test_env_with_openai_backend_on_two_processes_finishes(tmp_path, envs):
+    """tests/rl_env_worker.py against vftrain.serve: only rank 0's episodes have a second turn. The rollouts'
+    weight push used to wait for every process at every sampler call (a barrier per tool turn): rank 1, one turn
+    short, hung. Every process now makes the same collective calls (the timeout turns a hang into a failure)."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    from vftrain.serve import serve
+
+    server = serve(TINY, port=0)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONPATH"] = os.pathsep.join([str(envs), str(ROOT / "tests"), str(ROOT)])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(28800 + os.getpid() % 1000)]
+    try:
+        proc = subprocess.run([*launcher, str(ROOT / "tests" / "rl_env_worker.py"), str(tmp_path / "out"),
+                               f"http://127.0.0.1:{server.server_address[1]}/v1"], env=env, capture_output=True,
+                              text=True, timeout=240, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the 2-process run hung (processes made different collective calls)")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    turns = {json.loads(line)["rank"]: json.loads(line)["turns"] for line in proc.stdout.splitlines()
+             if line.startswith("{")}
+    assert turns == {0: [0, 1], 1: [0]}  # sampling from a server takes no collective: rank 1 has no turn to drop
+    lines = [json.loads(x) for x in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
+    assert sorted(r["reward"] for r in lines) == [0.0] * 4 + [1.0] * 4
