@@ -179,15 +179,6 @@ def _continued_step(args, resume) -> int | None:
     (also a resume from a checkpoint in another folder: this folder's files are not that run's)."""
     if resume is None:
         return 0 if args.resume_from_checkpoint else None
-    if resume is True:
-        return _step(args.output_dir) if _step(args.output_dir) is not None else 0
     inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
     return int(match.group(1)) if inside and match else None
-
-
-def _step(run_dir: str) -> int | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    return int(_CHECKPOINT.match(os.path.basename(last)).group(1)) if last else None

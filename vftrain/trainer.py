@@ -15,7 +15,6 @@ import shutil
 import torch
 from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig
@@ -208,20 +207,27 @@ class VFTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.run_started = True
 
-    def train(self, *args, **kwargs):
-        """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
-        error names the settings to change."""
-        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        self.args.check_resume(resume)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
+        reads neither): a checkpoint folder, or 'latest' (or True), the newest checkpoint in output_dir or a fresh
+        start when there is none, as vf-sft reads it. Out of GPU memory, the finished steps are saved (one process)
+        and the error names the settings to change."""
+        resume = self.resume_point(resume_from_checkpoint)
         self.start_run(resume)
         self._warn_on_data_changes(resume)
-        folder = get_last_checkpoint(self.args.output_dir) if resume is True else resume
-        if isinstance(folder, str):
-            self._load_extra_state(folder)
+        if resume is not None:
+            self._load_extra_state(resume)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume, *args, **kwargs)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+
+    def resume_point(self, value: str | bool | None = None) -> str | None:
+        """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
+        from vftrain.cli.args import resume_point
+
+        self.args.check_resume(self.args.resume_from_checkpoint if value is None else value)
+        return resume_point(self.args, value)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """transformers' check after a resume, without the tied output head: it is saved once, as the embedding,
@@ -235,9 +241,7 @@ class VFTrainer(Trainer):
 
     def _warn_on_data_changes(self, resume) -> None:
         """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
-        if resume is True:
-            resume = get_last_checkpoint(self.args.output_dir)
-        if not isinstance(resume, str) or not self.args.should_log:
+        if resume is None or not self.args.should_log:
             return
         changes = checkpoint.data_changes(resume, self.args.to_dict())
         if changes:
