@@ -64,3 +64,36 @@ def test_latest_as_the_train_argument(tmp_path):
     steps = _trained(again)
     again.train(resume_from_checkpoint="latest")
     assert steps == [3, 4] and _logged(run) == [1, 2, 3, 4]
+
+
+# ---- 2. 'latest' without a checkpoint starts fresh only in a folder without another run's outputs
+def _cli(tmp_path, capsys, *extra, steps=2):
+    """`vf-sft` in process on the tiny model into tmp_path/out: (exit code, stdout, stderr)."""
+    from vftrain.cli.sft import main
+
+    data = tmp_path / "add.jsonl"
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(64)))
+    code = main(["--model", TINY, "--dataset", str(data), "--sft.output_dir", str(tmp_path / "out"),
+                 "--sft.max_steps", str(steps), "--sft.batch_size", "8", "--sft.micro_batch_size", "8",
+                 "--sft.max_seq_len", "64", "--sft.logging_steps", "1", "--sft.disable_tqdm", "true", *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _one_error_line(err: str) -> bool:
+    return "Traceback" not in err and sum(line.startswith("vf-sft: error: ") for line in err.splitlines()) == 1
+
+
+def test_latest_without_a_checkpoint_does_not_replace_a_finished_run(tmp_path, capsys):
+    run = tmp_path / "out"
+    assert _cli(tmp_path, capsys, "--sft.save_strategy", "no", "--sft.eval_size", "8",
+                "--sft.eval_generation_rows", "2", "--sft.max_new_tokens", "2")[0] == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    assert {"metrics.jsonl", "model.safetensors", "held_out-step2.json"} <= set(before)
+    code, _, err = _cli(tmp_path, capsys, "--sft.resume_from_checkpoint", "latest", "--sft.save_strategy", "no",
+                        steps=3)
+    assert code == 2 and _one_error_line(err)
+    assert "holds another run's outputs (held_out-step2.json, metrics.jsonl, model.safetensors" in err
+    assert "no checkpoint to continue it from" in err and "run_name" in err and "overwrite_output_dir" in err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing touched

@@ -119,18 +119,20 @@ def run_outputs(run_dir: str) -> list[str]:
 
 
 def check_output_dir(args, resume) -> None:
-    """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None, no resume asked)
-    where another run left outputs, unless `overwrite_output_dir`."""
+    """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None: no resume asked,
+    or 'latest' with no checkpoint to continue) where another run left outputs, unless `overwrite_output_dir`."""
     run_dir, found = args.output_dir, run_outputs(args.output_dir)
-    if not found:
+    if not found or _continued_step(args, resume) is not None or args.overwrite_output_dir:
         return
-    step = _continued_step(args, resume)
-    if step is None and not args.overwrite_output_dir:
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}); a new run there would mix "
-                          "its metrics with them and replace its model: give this run another run_name (or "
-                          "output_dir), continue that run with resume_from_checkpoint = 'latest', or set "
-                          "overwrite_output_dir = true to delete them first")
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    # Without a checkpoint 'latest' has nothing to continue: a finished run that saved none (save_strategy "no"),
+    # or one killed before its first save, whose model and logs a fresh start would replace.
+    resumable = any(_CHECKPOINT.match(name) for name in found)
+    cont = "continue that run with resume_from_checkpoint = 'latest', or " if resumable else ""
+    what = "" if resumable else " and no checkpoint to continue it from"
+    raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}){what}; a new run there would "
+                      "mix its metrics with them and replace its model: give this run another run_name (or "
+                      f"output_dir), {cont}set overwrite_output_dir = true to delete them first")
 
 
 def start_run(args, resume) -> None:
@@ -174,11 +176,11 @@ def _set_aside_later_checkpoints(run_dir: str, step: int) -> None:
 
 
 def _continued_step(args, resume) -> int | None:
-    """The step a run continues in its own output_dir: the resumed checkpoint's, 0 for a resume asked for before
-    any checkpoint exists ('latest' on a first launch, or a restart before the first save), None for a new run
-    (also a resume from a checkpoint in another folder: this folder's files are not that run's)."""
+    """The step a run continues in its own output_dir: the resumed checkpoint's, or None for a new run (also
+    'latest' before any checkpoint exists, and a resume from a checkpoint in another folder: this folder's files
+    are not that run's)."""
     if resume is None:
-        return 0 if args.resume_from_checkpoint else None
+        return None
     inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
     return int(match.group(1)) if inside and match else None
