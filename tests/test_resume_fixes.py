@@ -97,3 +97,28 @@ def test_latest_without_a_checkpoint_does_not_replace_a_finished_run(tmp_path, c
     assert "holds another run's outputs (held_out-step2.json, metrics.jsonl, model.safetensors" in err
     assert "no checkpoint to continue it from" in err and "run_name" in err and "overwrite_output_dir" in err
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing touched
+
+
+# ---- 3. evaluation before training claims the folder; train() then continues what it wrote
+@pytest.mark.parametrize("first", ["evaluate", "evaluate_generations"])
+def test_evaluation_before_training_then_training(tmp_path, first):
+    run = tmp_path / "out"
+    trainer = _sft(tmp_path, eval_size=8, eval_generation_rows=2, max_new_tokens=2)
+    getattr(trainer, first)()
+    trainer.train()
+    assert trainer.state.global_step == 2 and _logged(run) == [1, 2]
+    key = "eval_loss" if first == "evaluate" else "eval/held_out_accuracy"
+    assert _logged(run, key)[0] == 0  # the evaluation before step 1 kept
+    trainer.evaluate_generations()  # and after training, as before
+    assert (run / "held_out-step2.json").exists()
+
+
+def test_evaluation_into_another_runs_folder_is_refused_before_it_writes(tmp_path):
+    _sft(tmp_path, eval_size=8).train()
+    before = (tmp_path / "out" / "metrics.jsonl").read_text()
+    other = _sft(tmp_path, eval_size=8, eval_generation_rows=2, max_new_tokens=2)
+    for evaluation in (other.evaluate, other.evaluate_generations):
+        with pytest.raises(ConfigError, match="holds another run's outputs"):
+            evaluation()
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == before
+    assert not list((tmp_path / "out").glob("held_out-*"))

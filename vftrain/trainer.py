@@ -222,6 +222,13 @@ class VFTrainer(Trainer):
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
 
+    def evaluate(self, *args, **kwargs):
+        """transformers' evaluation (eval loss), which logs to output_dir: before training the folder is claimed first
+        (`start_run`, with the config's resume_from_checkpoint), so a later train() continues what it wrote."""
+        if not self.run_started:
+            self.start_run(self.resume_point())
+        return super().evaluate(*args, **kwargs)
+
     def resume_point(self, value: str | bool | None = None) -> str | None:
         """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
         from vftrain.cli.args import resume_point
@@ -505,7 +512,7 @@ class VFTrainer(Trainer):
         keeps exact match against the completion. With `save` the main process writes every generation to
         `<output_dir>/held_out-step<N>.json` and logs `eval/held_out_accuracy` (and `eval/held_out_reward`) to
         metrics.jsonl and report_to. With sharded weights every process must call this (they generate in
-        lockstep)."""
+        lockstep), and so must they before train() when `save` (the first write claims output_dir: `start_run`)."""
         from vftrain.data.load import plain_row
         from vftrain.logging import write_held_out
         from vftrain.rewards import exact_match
@@ -519,6 +526,8 @@ class VFTrainer(Trainer):
                                   "pass eval_dataset), or pass rows")
             count = min(self.args.eval_generation_rows or len(held), len(held))
             rows = [plain_row(held[i], held.features) for i in range(count)]
+        if save and not self.run_started:
+            self.start_run(self.resume_point())
         rewards = self._run_rewards()
         pairs = [_prompt_and_answer(r) if rewards else prompt_and_reference(r) for r in rows]
         model = self.accelerator.unwrap_model(self.model)
