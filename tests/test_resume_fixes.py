@@ -122,3 +122,17 @@ def test_evaluation_into_another_runs_folder_is_refused_before_it_writes(tmp_pat
             evaluation()
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == before
     assert not list((tmp_path / "out").glob("held_out-*"))
+
+
+# ---- 4. the data-change warning knows eval_size
+def test_resume_with_another_eval_size_warns_and_samples_from_it_do_not(tmp_path, caplog):
+    _sft(tmp_path, eval_size=8, sample_every_n_steps=2, num_samples=2, max_new_tokens=2).train()
+
+    def resume_warnings(**overrides) -> str:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vftrain"):
+            _sft(tmp_path, max_steps=3, **overrides).train(resume_from_checkpoint=str(tmp_path / "out/checkpoint-2"))
+        return " ".join(r.getMessage() for r in caplog.records if "other data settings" in r.getMessage())
+
+    assert resume_warnings(eval_size=8) == ""  # the panels' rows came from the eval_size cut: none held out of training
+    assert "eval_size: 8 -> 12" in resume_warnings(eval_size=12)

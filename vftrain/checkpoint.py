@@ -29,8 +29,10 @@ _COMPANIONS = ("config.json", "generation_config.json", "adapter_config.json", "
 
 # Settings that decide which rows each step trains on: a resume with other values continues on different data
 # (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
+# eval_size cuts the held-out rows out of the training split; eval_split, another split, changes the training rows
+# only through the rows the sample panels hold out (`_held_out`).
 DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "packing", "split_turns", "seed",
-               "data_seed",
+               "data_seed", "eval_size",
                "rollouts_per_example", "max_prompt_len")  # the last two: which prompts an RL step takes
 
 
@@ -97,15 +99,17 @@ def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
         return []
     with open(path) as fh:
         saved = json.load(fh).get("config", {})
-    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS if f in saved and saved[f] != config.get(f)]
+    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS
+               if f in saved and saved[f] != config.get(f)]
     if _held_out(saved) != _held_out(config):
         changes.append(f"rows held out of training for samples: {_held_out(saved)} -> {_held_out(config)}")
     return changes
 
 
 def _held_out(config: dict) -> int:
-    """Rows sampling takes out of the training set (sampling.held_out_samples): only without an eval split."""
-    if config.get("sample_every_n_steps") and not config.get("eval_split"):
+    """Rows sampling takes out of the training set (sampling.held_out_samples): only without held-out rows (an
+    eval_split, or the eval_size cut) to take them from."""
+    if config.get("sample_every_n_steps") and not config.get("eval_split") and config.get("eval_size") is None:
         return int(config.get("num_samples") or 0)
     return 0
 
