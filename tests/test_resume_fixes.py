@@ -136,3 +136,23 @@ def test_resume_with_another_eval_size_warns_and_samples_from_it_do_not(tmp_path
 
     assert resume_warnings(eval_size=8) == ""  # the panels' rows came from the eval_size cut: none held out of training
     assert "eval_size: 8 -> 12" in resume_warnings(eval_size=12)
+
+
+# ---- 5. overwrite_output_dir never deletes the model the run loads
+def test_overwrite_output_dir_keeps_a_model_inside_it(tmp_path):
+    import shutil
+
+    run = tmp_path / "out"
+    shutil.copytree(TINY, run / "merged")  # an earlier run's merged model, fine-tuned further into its own folder
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    adapter = tmp_path / "adapter"  # a LoRA adapter whose base lies in that folder
+    lora = vf.SFTTrainer(model=str(run / "merged"), train_dataset=_rows(),
+                         args=small_config(tmp_path / "lora", max_steps=1, use_lora=True))
+    lora.save_model(str(adapter))
+    files = sorted(p.name for p in (run / "merged").iterdir())
+    for model in (run / "merged", adapter):
+        trainer = vf.SFTTrainer(model=str(model), train_dataset=_rows(),
+                                args=small_config(tmp_path, overwrite_output_dir=True, use_lora=model == adapter))
+        with pytest.raises(ConfigError, match=r"overwrite_output_dir = true would delete the model this run loads"):
+            trainer.train()
+        assert sorted(p.name for p in (run / "merged").iterdir()) == files and (run / "metrics.jsonl").exists()

@@ -139,6 +139,20 @@ def check_output_dir(args, resume) -> None:
                       f"output_dir), {cont}set overwrite_output_dir = true to delete them first")
 
 
+def check_inputs_kept(args, inputs: list[str]) -> None:
+    """Refuse (ConfigError) overwrite_output_dir on a folder that holds what the run loads (`inputs`: the model, an
+    adapter folder's base): deleting the earlier run's outputs would delete it before training."""
+    if not args.overwrite_output_dir:
+        return
+    run_dir = os.path.realpath(args.output_dir)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and (real == run_dir or real.startswith(run_dir + os.sep)):
+            raise ConfigError(f"overwrite_output_dir = true would delete the model this run loads ({path!r}, inside "
+                              f"output_dir {args.output_dir!r}); give this run another run_name (or output_dir), or "
+                              "move the model out of that folder first")
+
+
 def start_run(args, resume) -> None:
     """The run's output_dir made ready on the main process, after `check_output_dir`: a new run with
     `overwrite_output_dir` deletes the earlier run's outputs (named in the log); a resumed run drops what the run

@@ -199,6 +199,9 @@ class VFTrainer(Trainer):
         if resume is not None and self.args.overwrite_output_dir:
             raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
                               "continue; set one of them")
+        model = self.accelerator.unwrap_model(self.model)
+        bases = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
+        checkpoint.check_inputs_kept(self.args, [p for p in (self.model_source, *bases) if isinstance(p, str)])
         if self.args.should_save:
             checkpoint.start_run(self.args, resume)
             self.save_resolved_config(self.args.output_dir)
