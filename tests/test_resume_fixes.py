@@ -156,3 +156,39 @@ def test_overwrite_output_dir_keeps_a_model_inside_it(tmp_path):
         with pytest.raises(ConfigError, match=r"overwrite_output_dir = true would delete the model this run loads"):
             trainer.train()
         assert sorted(p.name for p in (run / "merged").iterdir()) == files and (run / "metrics.jsonl").exists()
+
+
+# ---- 6. a requeued finished run trains nothing and rewrites nothing
+def _rl(tmp_path, max_steps, **overrides):
+    from rl_worker import config
+
+    args = config(str(tmp_path / "out"), max_steps, **{**dict(batch_size=8, micro_batch_size=8), **overrides})
+    return vf.RLTrainer(model=TINY, train_dataset=_rows(12), args=args, reward_funcs=[lambda c, r: float(len(c))])
+
+
+@pytest.mark.parametrize("kind", ["sft", "rl"])
+def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog, kind):
+    make = (lambda **kw: _sft(tmp_path, **kw)) if kind == "sft" else (lambda **kw: _rl(tmp_path, 2, **kw))
+    make().train()
+    run = tmp_path / "out"
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    again = make(resume_from_checkpoint="latest")
+    steps = _trained(again)
+    with caplog.at_level("INFO", logger="vftrain"):
+        again.train()
+    assert steps == [] and again.state.global_step == 2
+    assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert "checkpoint-2 is step 2 of 2: the run is finished, nothing to train" in caplog.text
+
+
+def test_a_requeued_finished_cli_run_exits_0_and_rewrites_nothing(tmp_path, capsys):
+    run = tmp_path / "out"
+    latest = ("--sft.resume_from_checkpoint", "latest", "--sft.save_steps", "2", "--sft.eval_size", "8",
+              "--sft.eval_generation_rows", "2", "--sft.max_new_tokens", "2")
+    assert _cli(tmp_path, capsys, *latest)[0] == 0
+    files = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    assert run / "model.safetensors" in files and run / "held_out-step2.json" in files
+    code, out, err = _cli(tmp_path, capsys, *latest)
+    assert code == 0, err[-2000:]
+    assert "the run is finished, nothing to train" in out + err and "held-out exact-match" not in out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()} == files

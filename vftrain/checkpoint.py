@@ -114,6 +114,24 @@ def _held_out(config: dict) -> int:
     return 0
 
 
+def finished(args, folder: str | None) -> bool:
+    """Whether the checkpoint `folder` ends the run `args` describes (its step reached max_steps; without
+    max_steps, the saved run's own end for the same num_train_epochs), said in one log line: a requeued finished job
+    then trains nothing (transformers would train one step past max_steps before it checks)."""
+    path = os.path.join(folder, "trainer_state.json") if folder else ""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as fh:
+        state = json.load(fh)
+    end = args.max_steps if args.max_steps > 0 else (
+        state.get("max_steps") if state.get("num_train_epochs") == args.num_train_epochs else None)
+    if not end or state["global_step"] < end:
+        return False
+    logging.getLogger("vftrain").info("%s is step %d of %d: the run is finished, nothing to train (a larger max_steps "
+                                      "continues it)", folder, state["global_step"], end)
+    return True
+
+
 def run_outputs(run_dir: str) -> list[str]:
     """Names of the entries of `run_dir` that a run wrote (checkpoints, logs, plots, held-out generations, a model)."""
     if not os.path.isdir(run_dir):

@@ -14,7 +14,8 @@ import os
 import shutil
 import torch
 from transformers import Trainer, enable_full_determinism, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig
@@ -213,9 +214,13 @@ class VFTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
         reads neither): a checkpoint folder, or 'latest' (or True), the newest checkpoint in output_dir or a fresh
-        start when there is none, as vf-sft reads it. Out of GPU memory, the finished steps are saved (one process)
+        start when there is none, as vf-sft reads it. A checkpoint that ends the run trains nothing (logged). Out of
+        GPU memory, the finished steps are saved (one process)
         and the error names the settings to change."""
         resume = self.resume_point(resume_from_checkpoint)
+        if checkpoint.finished(self.args, resume):
+            self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
         self.start_run(resume)
         self._warn_on_data_changes(resume)
         if resume is not None:
