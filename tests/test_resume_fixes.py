@@ -192,3 +192,19 @@ def test_a_requeued_finished_cli_run_exits_0_and_rewrites_nothing(tmp_path, caps
     assert code == 0, err[-2000:]
     assert "the run is finished, nothing to train" in out + err and "held-out exact-match" not in out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()} == files
+
+
+# ---- 7. a resumed RL run's rollouts.jsonl is trimmed with metrics.jsonl, before the first step
+def test_resumed_rl_run_trims_rollouts_with_metrics_at_its_start(tmp_path):
+    _rl(tmp_path, 2, save_steps=1).train()
+    run = tmp_path / "out"
+
+    def broken(completion, reference):
+        raise RuntimeError("reward server down")
+
+    resumed = vf.RLTrainer(model=TINY, train_dataset=_rows(12), args=_rl(tmp_path, 3, save_steps=1).args,
+                           reward_funcs=[broken])
+    with pytest.raises(RuntimeError, match="reward server down"):  # fails at its first step, before any record
+        resumed.train(resume_from_checkpoint=str(run / "checkpoint-1"))
+    rollouts = Counter(json.loads(line)["step"] for line in (run / "rollouts.jsonl").read_text().splitlines())
+    assert rollouts == {1: 8} and set(_logged(run)) == {1}  # the two files agree: step 1, once

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from vftrain.errors import ConfigError
-from vftrain.logging import HELD_OUT, trim_metrics
+from vftrain.logging import HELD_OUT, trim_log
 
 STAGING = ".staging"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
@@ -174,7 +174,7 @@ def check_inputs_kept(args, inputs: list[str]) -> None:
 def start_run(args, resume) -> None:
     """The run's output_dir made ready on the main process, after `check_output_dir`: a new run with
     `overwrite_output_dir` deletes the earlier run's outputs (named in the log); a resumed run drops what the run
-    logged after its checkpoint (metrics lines, held-out generations), so the files show one run."""
+    logged after its checkpoint (metrics and rollouts lines, held-out generations), so the files show one run."""
     check_output_dir(args, resume)
     run_dir, step = args.output_dir, _continued_step(args, resume)
     if step is None:
@@ -187,7 +187,8 @@ def start_run(args, resume) -> None:
             path = os.path.join(run_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         return
-    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # rollouts under the step that logs their update
+        trim_log(os.path.join(run_dir, name), step)
     _set_aside_later_checkpoints(run_dir, step)
     for name in run_outputs(run_dir):
         match = HELD_OUT.match(name)
