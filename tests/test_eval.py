@@ -37,8 +37,8 @@ def test_eval_loss_is_the_token_mean_for_any_micro_batch_size(tmp_path):
     metrics = {}
     for size in (1, 4, 8):
         trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
-                                eval_dataset=eval_rows, args=small_config(tmp_path, micro_batch_size=size))
-        metrics[size] = trainer.evaluate()
+                                eval_dataset=eval_rows, args=small_config(tmp_path / str(size), micro_batch_size=size))
+        metrics[size] = trainer.evaluate()  # each in its own folder: evaluate() claims it (one run per folder)
     direct = _direct_token_mean(trainer.eval_rows)
     for size, m in metrics.items():
         assert m["eval_loss"] == pytest.approx(direct, rel=1e-5), size

@@ -12,7 +12,7 @@ import shutil
 import time
 
 from vftrain.errors import ConfigError
-from vftrain.logging import HELD_OUT, trim_metrics
+from vftrain.logging import HELD_OUT, trim_log
 
 STAGING = ".staging"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
@@ -29,8 +29,10 @@ _COMPANIONS = ("config.json", "generation_config.json", "adapter_config.json", "
 
 # Settings that decide which rows each step trains on: a resume with other values continues on different data
 # (micro_batch_size, the number of processes and token budgets only regroup a step's rows, so they may change).
+# eval_size cuts the held-out rows out of the training split; eval_split, another split, changes the training rows
+# only through the rows the sample panels hold out (`_held_out`).
 DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_rows", "packing", "split_turns", "seed",
-               "data_seed",
+               "data_seed", "eval_size",
                "rollouts_per_example", "max_prompt_len")  # the last two: which prompts an RL step takes
 
 
@@ -97,17 +99,37 @@ def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
         return []
     with open(path) as fh:
         saved = json.load(fh).get("config", {})
-    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS if f in saved and saved[f] != config.get(f)]
+    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS
+               if f in saved and saved[f] != config.get(f)]
     if _held_out(saved) != _held_out(config):
         changes.append(f"rows held out of training for samples: {_held_out(saved)} -> {_held_out(config)}")
     return changes
 
 
 def _held_out(config: dict) -> int:
-    """Rows sampling takes out of the training set (sampling.held_out_samples): only without an eval split."""
-    if config.get("sample_every_n_steps") and not config.get("eval_split"):
+    """Rows sampling takes out of the training set (sampling.held_out_samples): only without held-out rows (an
+    eval_split, or the eval_size cut) to take them from."""
+    if config.get("sample_every_n_steps") and not config.get("eval_split") and config.get("eval_size") is None:
         return int(config.get("num_samples") or 0)
     return 0
+
+
+def finished(args, folder: str | None) -> bool:
+    """Whether the checkpoint `folder` ends the run `args` describes (its step reached max_steps; without
+    max_steps, the saved run's own end for the same num_train_epochs), said in one log line: a requeued finished job
+    then trains nothing (transformers would train one step past max_steps before it checks)."""
+    path = os.path.join(folder, "trainer_state.json") if folder else ""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as fh:
+        state = json.load(fh)
+    end = args.max_steps if args.max_steps > 0 else (
+        state.get("max_steps") if state.get("num_train_epochs") == args.num_train_epochs else None)
+    if not end or state["global_step"] < end:
+        return False
+    logging.getLogger("vftrain").info("%s is step %d of %d: the run is finished, nothing to train (a larger max_steps "
+                                      "continues it)", folder, state["global_step"], end)
+    return True
 
 
 def run_outputs(run_dir: str) -> list[str]:
@@ -119,24 +141,40 @@ def run_outputs(run_dir: str) -> list[str]:
 
 
 def check_output_dir(args, resume) -> None:
-    """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None, no resume asked)
-    where another run left outputs, unless `overwrite_output_dir`."""
+    """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None: no resume asked,
+    or 'latest' with no checkpoint to continue) where another run left outputs, unless `overwrite_output_dir`."""
     run_dir, found = args.output_dir, run_outputs(args.output_dir)
-    if not found:
+    if not found or _continued_step(args, resume) is not None or args.overwrite_output_dir:
         return
-    step = _continued_step(args, resume)
-    if step is None and not args.overwrite_output_dir:
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}); a new run there would mix "
-                          "its metrics with them and replace its model: give this run another run_name (or "
-                          "output_dir), continue that run with resume_from_checkpoint = 'latest', or set "
-                          "overwrite_output_dir = true to delete them first")
+    shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    # Without a checkpoint 'latest' has nothing to continue: a finished run that saved none (save_strategy "no"),
+    # or one killed before its first save, whose model and logs a fresh start would replace.
+    resumable = any(_CHECKPOINT.match(name) for name in found)
+    cont = "continue that run with resume_from_checkpoint = 'latest', or " if resumable else ""
+    what = "" if resumable else " and no checkpoint to continue it from"
+    raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}){what}; a new run there would "
+                      "mix its metrics with them and replace its model: give this run another run_name (or "
+                      f"output_dir), {cont}set overwrite_output_dir = true to delete them first")
+
+
+def check_inputs_kept(args, inputs: list[str]) -> None:
+    """Refuse (ConfigError) overwrite_output_dir on a folder that holds what the run loads (`inputs`: the model, an
+    adapter folder's base): deleting the earlier run's outputs would delete it before training."""
+    if not args.overwrite_output_dir:
+        return
+    run_dir = os.path.realpath(args.output_dir)
+    for path in inputs:
+        real = os.path.realpath(path)
+        if os.path.exists(path) and (real == run_dir or real.startswith(run_dir + os.sep)):
+            raise ConfigError(f"overwrite_output_dir = true would delete the model this run loads ({path!r}, inside "
+                              f"output_dir {args.output_dir!r}); give this run another run_name (or output_dir), or "
+                              "move the model out of that folder first")
 
 
 def start_run(args, resume) -> None:
     """The run's output_dir made ready on the main process, after `check_output_dir`: a new run with
     `overwrite_output_dir` deletes the earlier run's outputs (named in the log); a resumed run drops what the run
-    logged after its checkpoint (metrics lines, held-out generations), so the files show one run."""
+    logged after its checkpoint (metrics and rollouts lines, held-out generations), so the files show one run."""
     check_output_dir(args, resume)
     run_dir, step = args.output_dir, _continued_step(args, resume)
     if step is None:
@@ -149,7 +187,8 @@ def start_run(args, resume) -> None:
             path = os.path.join(run_dir, name)
             shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
         return
-    trim_metrics(os.path.join(run_dir, "metrics.jsonl"), step)
+    for name in ("metrics.jsonl", "rollouts.jsonl"):  # rollouts under the step that logs their update
+        trim_log(os.path.join(run_dir, name), step)
     _set_aside_later_checkpoints(run_dir, step)
     for name in run_outputs(run_dir):
         match = HELD_OUT.match(name)
@@ -174,20 +213,11 @@ def _set_aside_later_checkpoints(run_dir: str, step: int) -> None:
 
 
 def _continued_step(args, resume) -> int | None:
-    """The step a run continues in its own output_dir: the resumed checkpoint's, 0 for a resume asked for before
-    any checkpoint exists ('latest' on a first launch, or a restart before the first save), None for a new run
-    (also a resume from a checkpoint in another folder: this folder's files are not that run's)."""
+    """The step a run continues in its own output_dir: the resumed checkpoint's, or None for a new run (also
+    'latest' before any checkpoint exists, and a resume from a checkpoint in another folder: this folder's files
+    are not that run's)."""
     if resume is None:
-        return 0 if args.resume_from_checkpoint else None
-    if resume is True:
-        return _step(args.output_dir) if _step(args.output_dir) is not None else 0
+        return None
     inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
     return int(match.group(1)) if inside and match else None
-
-
-def _step(run_dir: str) -> int | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    last = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-    return int(_CHECKPOINT.match(os.path.basename(last)).group(1)) if last else None

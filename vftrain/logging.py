@@ -80,9 +80,10 @@ def write_held_out(run_dir: str, step: int, result: dict) -> str:
     return path
 
 
-def trim_metrics(path: str, step: int) -> None:
-    """Keep only the lines of metrics.jsonl logged at `step` or before: a run resumed from that step's checkpoint
-    logs the later steps again, and the file, summary and plot must show it once."""
+def trim_log(path: str, step: int) -> None:
+    """Keep only the lines of a JSON-lines log (metrics.jsonl, rollouts.jsonl) logged at `step` or before: a run
+    resumed from that step's checkpoint logs the later steps again, and the files, summary and plot must show each
+    step once."""
     if not os.path.exists(path):
         return
     with open(path) as fh:

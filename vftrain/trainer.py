@@ -14,8 +14,8 @@ import os
 import shutil
 import torch
 from transformers import Trainer, enable_full_determinism, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig
@@ -200,6 +200,9 @@ class VFTrainer(Trainer):
         if resume is not None and self.args.overwrite_output_dir:
             raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
                               "continue; set one of them")
+        model = self.accelerator.unwrap_model(self.model)
+        bases = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
+        checkpoint.check_inputs_kept(self.args, [p for p in (self.model_source, *bases) if isinstance(p, str)])
         if self.args.should_save:
             checkpoint.start_run(self.args, resume)
             self.save_resolved_config(self.args.output_dir)
@@ -208,20 +211,38 @@ class VFTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self.run_started = True
 
-    def train(self, *args, **kwargs):
-        """transformers' training loop; out of GPU memory, the finished steps are saved (one process) and the
-        error names the settings to change."""
-        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
-        self.args.check_resume(resume)
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
+        reads neither): a checkpoint folder, or 'latest' (or True), the newest checkpoint in output_dir or a fresh
+        start when there is none, as vf-sft reads it. A checkpoint that ends the run trains nothing (logged). Out of
+        GPU memory, the finished steps are saved (one process)
+        and the error names the settings to change."""
+        resume = self.resume_point(resume_from_checkpoint)
+        if checkpoint.finished(self.args, resume):
+            self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
         self.start_run(resume)
         self._warn_on_data_changes(resume)
-        folder = get_last_checkpoint(self.args.output_dir) if resume is True else resume
-        if isinstance(folder, str):
-            self._load_extra_state(folder)
+        if resume is not None:
+            self._load_extra_state(resume)
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume, *args, **kwargs)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+
+    def evaluate(self, *args, **kwargs):
+        """transformers' evaluation (eval loss), which logs to output_dir: before training the folder is claimed first
+        (`start_run`, with the config's resume_from_checkpoint), so a later train() continues what it wrote."""
+        if not self.run_started:
+            self.start_run(self.resume_point())
+        return super().evaluate(*args, **kwargs)
+
+    def resume_point(self, value: str | bool | None = None) -> str | None:
+        """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
+        from vftrain.cli.args import resume_point
+
+        self.args.check_resume(self.args.resume_from_checkpoint if value is None else value)
+        return resume_point(self.args, value)
 
     def _issue_warnings_after_load(self, load_result) -> None:
         """transformers' check after a resume, without the tied output head: it is saved once, as the embedding,
@@ -235,9 +256,7 @@ class VFTrainer(Trainer):
 
     def _warn_on_data_changes(self, resume) -> None:
         """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
-        if resume is True:
-            resume = get_last_checkpoint(self.args.output_dir)
-        if not isinstance(resume, str) or not self.args.should_log:
+        if resume is None or not self.args.should_log:
             return
         changes = checkpoint.data_changes(resume, self.args.to_dict())
         if changes:
@@ -501,7 +520,7 @@ class VFTrainer(Trainer):
         keeps exact match against the completion. With `save` the main process writes every generation to
         `<output_dir>/held_out-step<N>.json` and logs `eval/held_out_accuracy` (and `eval/held_out_reward`) to
         metrics.jsonl and report_to. With sharded weights every process must call this (they generate in
-        lockstep)."""
+        lockstep), and so must they before train() when `save` (the first write claims output_dir: `start_run`)."""
         from vftrain.data.load import plain_row
         from vftrain.logging import write_held_out
         from vftrain.rewards import exact_match
@@ -515,6 +534,8 @@ class VFTrainer(Trainer):
                                   "pass eval_dataset), or pass rows")
             count = min(self.args.eval_generation_rows or len(held), len(held))
             rows = [plain_row(held[i], held.features) for i in range(count)]
+        if save and not self.run_started:
+            self.start_run(self.resume_point())
         rewards = self._run_rewards()
         pairs = [_prompt_and_answer(r) if rewards else prompt_and_reference(r) for r in rows]
         model = self.accelerator.unwrap_model(self.model)

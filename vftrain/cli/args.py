@@ -311,21 +311,25 @@ def type_name(hint: Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def resume_point(config) -> str | None:
-    """The checkpoint folder `resume_from_checkpoint` names: 'latest' is the newest `checkpoint-<step>` in output_dir,
-    or none yet (a first launch: the same command line then serves every restart of a preempted job)."""
+def resume_point(config, value: str | bool | None = None) -> str | None:
+    """The checkpoint folder `value` (default: `config.resume_from_checkpoint`) names: 'latest' (or True, as in
+    transformers) is the newest `checkpoint-<step>` in output_dir, or none yet (a first launch: the same command line
+    then serves every restart of a preempted job; a folder with another run's outputs is then refused as a new
+    run's, `checkpoint.check_output_dir`)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    value = config.resume_from_checkpoint
+    from vftrain.checkpoint import run_outputs
+
+    value = config.resume_from_checkpoint if value is None else value
     if not value:
         return None
-    if value == "latest":
+    if value is True or value == "latest":
         found = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-        if found is None:
+        if found is None and not run_outputs(config.output_dir):  # else refused: check_output_dir says why
             logging.getLogger("vftrain").warning("resume_from_checkpoint = 'latest': no checkpoint in %s yet; "
                                                  "starting at step 0", config.output_dir)
         return found
-    if not os.path.isdir(value):
+    if not isinstance(value, str) or not os.path.isdir(value):
         raise ConfigError(f"resume_from_checkpoint = {value!r} is not a checkpoint folder; use 'latest' (the newest "
                           "checkpoint in output_dir) or the path of a checkpoint-<step> folder")
     return value

@@ -108,10 +108,13 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
     if trainer_cls is None:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
-    from vftrain.checkpoint import check_output_dir
+    from vftrain.checkpoint import check_output_dir, finished
 
     setup_console_logging()
     resume = resume_point(config)
+    if finished(config, resume):  # a requeued finished job: its model, merge and held-out generation stay as they are
+        _close_process_group()
+        return 0
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     trainer = trainer_cls(model=model, args=config)
     warn_without_held_out(trainer, config)

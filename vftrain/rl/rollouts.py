@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 
 import numpy as np
 
@@ -183,14 +182,3 @@ def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sa
                                  **({"environment_tokens": len(sample.completion_ids) - sampled_tokens(sample)}
                                     if sample.mask is not None else {})}))
     return lines
-
-
-def trim_records(path: str, first_step: int) -> None:
-    """Drop the rollouts.jsonl lines of steps >= `first_step`: a resumed run samples those steps again, and the
-    file must count each step's rollouts once, as an uninterrupted run's does."""
-    if not os.path.exists(path):
-        return
-    with open(path) as fh:
-        kept = [line for line in fh if line.strip() and json.loads(line)["step"] < first_step]
-    with open(path, "w") as fh:
-        fh.writelines(kept)

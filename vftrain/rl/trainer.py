@@ -92,7 +92,6 @@ class RLTrainer(VFTrainer):
         self.stop_ids = stop_token_ids(tokenizer)
         self.sample_temperature = 0.0  # held-out samples are greedy; rollouts use args.temperature
         self.rollout_cache: dict | None = None
-        self._rollouts_trimmed = False  # rollouts.jsonl rid of the steps a resumed run samples again
         self.backend = None
         if args.rl_backend == "openai":
             from vftrain.sampling.openai_backend import OpenAIBackend
@@ -289,9 +288,6 @@ class RLTrainer(VFTrainer):
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             path = os.path.join(self.args.output_dir, "rollouts.jsonl")
-            if step and not self._rollouts_trimmed:  # the first rollouts after a resume
-                R.trim_records(path, step + 1)
-            self._rollouts_trimmed = True
             lines = R.rollout_records(step + 1, [x[0] for x in everything], [x[1] for x in everything], samples,
                                       rewards, per_func, advantages, [x[6] for x in everything], version)
             with open(path, "a") as fh:
