@@ -99,6 +99,17 @@ def test_latest_without_a_checkpoint_does_not_replace_a_finished_run(tmp_path, c
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before  # nothing touched
 
 
+def test_latest_restarts_a_run_killed_before_its_first_save(tmp_path, capsys):
+    """A job killed (SIGKILL) before its first checkpoint left only its logs: the same command line restarts it from
+    step 0, and the logs then show that run once."""
+    run = tmp_path / "out"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")  # what the killed job logged
+    code, _, err = _cli(tmp_path, capsys, "--sft.resume_from_checkpoint", "latest", steps=2)
+    assert code == 0, err[-2000:]
+    assert _logged(run) == [1, 2] and json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"] != 9.0
+
+
 # ---- 3. evaluation before training claims the folder; train() then continues what it wrote
 @pytest.mark.parametrize("first", ["evaluate", "evaluate_generations"])
 def test_evaluation_before_training_then_training(tmp_path, first):

@@ -212,12 +212,25 @@ def _set_aside_later_checkpoints(run_dir: str, step: int) -> None:
                                          "moved to %s", step, ", ".join(later), aside)
 
 
+def _killed_before_first_save(args) -> bool:
+    """A resume was asked for ('latest' found no checkpoint) in a folder whose only outputs are what a run writes
+    while it trains (logs, the held-out figure before step 1): a run killed (SIGKILL, a lost node) before its first
+    save, which the same command line restarts from step 0. A finished run that saved no checkpoint has its final
+    model or plot there, and is refused as another run's."""
+    if not args.resume_from_checkpoint:
+        return False
+    found = run_outputs(args.output_dir)
+    return bool(found) and all(name in ("metrics.jsonl", "rollouts.jsonl", STAGING)
+                               or (HELD_OUT.match(name) and int(HELD_OUT.match(name).group(1)) == 0)
+                               for name in found)
+
+
 def _continued_step(args, resume) -> int | None:
-    """The step a run continues in its own output_dir: the resumed checkpoint's, or None for a new run (also
-    'latest' before any checkpoint exists, and a resume from a checkpoint in another folder: this folder's files
-    are not that run's)."""
+    """The step a run continues in its own output_dir: the resumed checkpoint's, 0 for a run killed before its first
+    save, or None for a new run (also 'latest' in a folder without checkpoints that a finished run left, and a
+    resume from a checkpoint in another folder: this folder's files are not that run's)."""
     if resume is None:
-        return None
+        return 0 if _killed_before_first_save(args) else None
     inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
     return int(match.group(1)) if inside and match else None
