@@ -63,6 +63,42 @@ def continue_or_merge(model, use_lora: bool, folder: str):
     return model
 
 
+def _raw(dataset, source, split, what):
+    if dataset is None and source is None:
+        raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
+    return load_rows(dataset if dataset is not None else source, split)
+
+
+def raw_splits(train_dataset, eval_dataset, args: TrainerConfig):
+    """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
+    rows cut from the training rows. Shared by the trainers and `vf-sft --inspect`."""
+    raw_train = _raw(train_dataset, args.dataset, args.dataset_split, "train")
+    if eval_dataset is None and args.eval_split and not args.dataset:
+        raise ConfigError(f"eval_split = {args.eval_split!r} names a split of dataset, which is not set; with "
+                          "train_dataset= pass eval_dataset= or set eval_size")
+    if eval_dataset is not None or args.eval_split:
+        if args.eval_size is not None and eval_dataset is not None:
+            raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
+                              "too; pass one")
+        return raw_train, _raw(eval_dataset, args.dataset, args.eval_split, "eval")
+    if args.eval_size is not None:
+        return cut_eval(raw_train, args.eval_size, args.data_seed if args.data_seed is not None else args.seed)
+    return raw_train, None
+
+
+def held_out_lines(args: TrainerConfig, raw_eval, sample_rows: int) -> list[str]:
+    """The data report's lines for rows taken out of the training split before it was counted: the eval_size
+    cut, and the sample panels' rows when there is no held-out split to take them from."""
+    lines = []
+    if args.eval_size is not None and raw_eval is not None:
+        lines.append(f"{len(raw_eval):,} rows held out of training as the eval split (eval_size = "
+                     f"{args.eval_size})")
+    if sample_rows and (raw_eval is None or not len(raw_eval)):
+        lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
+                     "num_samples: no eval_split or eval_size to take them from)")
+    return lines
+
+
 class VFTrainer(Trainer):
     """Base of SFTTrainer and RLTrainer. Subclasses load their data, call `super().__init__` with the model from
     `_load_model`, then `_setup_run()`; they implement `compute_loss` and `get_batch_samples`."""
@@ -109,39 +145,13 @@ class VFTrainer(Trainer):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model, tokenizer
 
-    @staticmethod
-    def _raw(dataset, source, split, what):
-        if dataset is None and source is None:
-            raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
-        return load_rows(dataset if dataset is not None else source, split)
-
     def _raw_splits(self, train_dataset, eval_dataset, args: TrainerConfig):
-        """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
-        rows cut from the training rows. The held-out rows are kept as `raw_eval` (`evaluate_generations`)."""
-        raw_train = self._raw(train_dataset, args.dataset, args.dataset_split, "train")
-        raw_eval = None
-        if eval_dataset is not None or (args.eval_split and args.dataset):
-            if args.eval_size is not None and eval_dataset is not None:
-                raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
-                                  "too; pass one")
-            raw_eval = self._raw(eval_dataset, args.dataset, args.eval_split, "eval")
-        elif args.eval_size is not None:
-            raw_train, raw_eval = cut_eval(raw_train, args.eval_size,
-                                           args.data_seed if args.data_seed is not None else args.seed)
-        self.raw_eval = raw_eval
-        return raw_train, raw_eval
+        """`raw_splits`, with the held-out rows kept as `raw_eval` (`evaluate_generations`)."""
+        raw_train, self.raw_eval = raw_splits(train_dataset, eval_dataset, args)
+        return raw_train, self.raw_eval
 
     def _held_out_lines(self, sample_rows: int) -> list[str]:
-        """The data report's lines for rows taken out of the training split before it was counted: the eval_size
-        cut, and the sample panels' rows when there is no held-out split to take them from."""
-        lines = []
-        if self.args.eval_size is not None and self.raw_eval is not None:
-            lines.append(f"{len(self.raw_eval):,} rows held out of training as the eval split (eval_size = "
-                         f"{self.args.eval_size})")
-        if sample_rows and (self.raw_eval is None or not len(self.raw_eval)):
-            lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
-                         "num_samples: no eval_split or eval_size to take them from)")
-        return lines
+        return held_out_lines(self.args, self.raw_eval, sample_rows)
 
     def _setup_run(self, stats, report_lines: list[str]) -> None:
         """After `Trainer.__init__`: engine checks, loss bookkeeping, vftrain's callbacks, the resolved config."""

@@ -16,15 +16,17 @@ from rich.text import Text
 OPEN, CLOSE = "[[", "]]"
 
 
-def print_rows(rows, report, tokenizer, n: int, as_json: bool) -> None:
-    """The first `n` tokenized rows: JSON lines on stdout, or the text with its trained tokens marked, plus stats."""
+def print_rows(rows, report, tokenizer, n: int, as_json: bool, held_out: list[str] = ()) -> None:
+    """The first `n` tokenized rows: JSON lines on stdout, or the text with its trained tokens marked, plus stats
+    (and `held_out`: the lines saying which rows are held out of training)."""
+    stats = [*held_out, *report.lines()]
     count = min(n, len(rows))
     if as_json:
         for i in range(count):
             ids, mask = rows[i]
             print(json.dumps({"row": int(rows.sources[i]), "input_ids": ids.tolist(), "loss_mask": mask.tolist(),
                               "text": tokenizer.decode(ids.tolist())}))
-        for line in report.lines():
+        for line in stats:
             print(line, file=sys.stderr)
         return
     console = Console(highlight=False)
@@ -35,7 +37,7 @@ def print_rows(rows, report, tokenizer, n: int, as_json: bool) -> None:
             print(f"--- {title}")
             print(plain_row(tokenizer, *(part.tolist() for part in rows[i])))
         print("--- masking statistics")
-        print("\n".join(report.lines()))
+        print("\n".join(stats))
         print(f"trained tokens (loss computed on them) stand between {OPEN} and {CLOSE}, the rest is context only; "
               "--json gives the exact input_ids and loss_mask of each row")
         return
@@ -43,7 +45,7 @@ def print_rows(rows, report, tokenizer, n: int, as_json: bool) -> None:
         console.rule(title)
         console.print(render_row(tokenizer, rows[i][0].tolist(), rows[i][1].tolist()), soft_wrap=True)
     console.rule("masking statistics")
-    for line in report.lines():
+    for line in stats:
         console.print(line, soft_wrap=True)
     console.print("[bold green]green[/] = trained (loss computed on it), [dim]dim[/] = context only; --json gives "
                   "the exact input_ids and loss_mask")

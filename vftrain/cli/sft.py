@@ -17,7 +17,8 @@ USAGE = """usage: vf-sft @ path/to/config.toml [--sft.<field> VALUE ...] [--mode
 Supervised fine-tuning. The TOML file holds top-level `model` and `dataset` and an [sft] table of the fields
 below; command-line values override the file (e.g. --sft.max_steps 40 --model path/to/model).
 --inspect N prints the first N training rows as they will be trained (trained tokens in green; between [[ and
-]] in a pipe or file) and the masking statistics, without training; with --json, one JSON object per row (row,
+]] in a pipe or file; not the rows eval_size or the sample panels hold out, which it counts) and the masking
+statistics, without training; with --json, one JSON object per row (row,
 input_ids, loss_mask, text). Rows are numbered as in the dataset, as the counts of dropped rows are.
 `export` merges a LoRA adapter into its base model (a folder transformers and vLLM load without peft).
 Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current step and stops, exit status 130
@@ -221,14 +222,22 @@ def inspect_setup(model: str, config, n_text: str, what: str):
 
 
 def inspect(model: str, config, n_text: str, as_json: bool) -> int:
+    """The rows training will use: without those eval_size and the sample panels hold out (`SFTTrainer`'s split)."""
     from vftrain.cli.inspect import print_rows
-    from vftrain.data import prepare_rows
+    from vftrain.data import tokenize_dataset
     from vftrain.logging import quiet_progress_bars
+    from vftrain.sampling import held_out_samples
+    from vftrain.trainer import held_out_lines, raw_splits
 
     quiet_progress_bars()
     n, tokenizer = inspect_setup(model, config, n_text, "rows")
-    rows, report = prepare_rows(config.dataset, config.dataset_split, tokenizer, config, "train")
-    print_rows(rows, report, tokenizer, n, as_json)
+    raw_train, raw_eval = raw_splits(None, None, config)
+    sample_rows = []
+    if config.sample_every_n_steps:
+        sample_rows, raw_train = held_out_samples(raw_train, raw_eval, config.num_samples)
+    rows, report = tokenize_dataset(raw_train, tokenizer, config.max_seq_len, config.long_rows,
+                                    config.dataset_num_proc, "train", config.split_turns)
+    print_rows(rows, report, tokenizer, n, as_json, held_out_lines(config, raw_eval, len(sample_rows)))
     return 0
 
 

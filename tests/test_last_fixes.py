@@ -1,0 +1,43 @@
+"""Last fixes: --inspect shows the rows training uses, `none` unsets optional fields, eval_split without dataset,
+latest with overwrite_output_dir, a finished vf-rl run starts no vLLM, CPU vLLM without chunked prefill."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY, addition_rows, write_jsonl
+from vftrain.cli.sft import main as sft_main
+from vftrain.errors import ConfigError
+
+
+def _toml(tmp_path, text):
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("extra,trained,held", [
+    (["--sft.eval_size", "0.5"], 10, "10 rows held out of training as the eval split"),
+    (["--sft.sample_every_n_steps", "2", "--sft.num_samples", "3"], 17,
+     "3 rows held out of training for the sample panels"),
+])
+def test_inspect_shows_only_the_rows_training_uses(tmp_path, capsys, extra, trained, held):
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(20))
+    code = sft_main(["@", _toml(tmp_path, f'model = "{TINY}"\ndataset = "{data}"\n'), "--inspect", "20", "--json",
+                     *extra])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    shown = [json.loads(line) for line in out.strip().splitlines()]
+    assert len(shown) == trained and held in err and f"{trained} rows kept" in err.replace(",", "")
+
+
+def test_eval_split_with_train_dataset_and_no_dataset_is_one_error():
+    from datasets import Dataset
+
+    from vftrain import SFTConfig, SFTTrainer
+
+    args = SFTConfig(eval_split="test", max_steps=1, output_dir="unused", report_to=[])
+    with pytest.raises(ConfigError, match="eval_split = 'test' names a split of dataset.*eval_dataset="):
+        SFTTrainer(model=TINY, train_dataset=Dataset.from_list(addition_rows(8)), args=args)
