@@ -41,3 +41,24 @@ def test_eval_split_with_train_dataset_and_no_dataset_is_one_error():
     args = SFTConfig(eval_split="test", max_steps=1, output_dir="unused", report_to=[])
     with pytest.raises(ConfigError, match="eval_split = 'test' names a split of dataset.*eval_dataset="):
         SFTTrainer(model=TINY, train_dataset=Dataset.from_list(addition_rows(8)), args=args)
+
+
+@pytest.mark.parametrize("key", ["eval_split", "chat_template", "resume_from_checkpoint"])
+def test_none_on_the_command_line_unsets_an_optional_string_field(key):
+    from vftrain.cli.args import parse_argv
+    from vftrain.cli.sft import FLAGS, resolve
+
+    inv = parse_argv(["--model", TINY, "--dataset", TINY, f"--sft.{key}", "none", "--sft.run_name", "none"], "sft",
+                     FLAGS)
+    _, config = resolve(inv)
+    assert getattr(config, key) is None and config.run_name == "none"  # a run may be called "none"
+
+
+def test_none_unsets_vllm_python_and_env_of_rl():
+    from vftrain.cli.args import parse_argv
+    from vftrain.cli.sft import resolve
+    from vftrain.config import RLConfig
+
+    inv = parse_argv(["--model", TINY, "--dataset", TINY, "--rl.vllm_python", "none", "--rl.env", "null"], "rl", {})
+    _, config = resolve(inv, RLConfig, "rl")
+    assert config.vllm_python is None and config.env is None

@@ -149,12 +149,21 @@ def parse_value(text: str) -> Any:
         return text
 
 
+# Fields that take a string where None means "off" (or "the default") and a value spelled "none" names nothing a
+# user could mean (no split, template, environment, python or checkpoint is called that), so `--sft.eval_split
+# none` unsets them as it does the fields that take no string. Not here, as "none" is a real value there:
+# run_name (any text names a run and its folder: omit it for a generated name), output_dir and dataset (a
+# folder may be called none), report_to (transformers' own "none"), scale_rewards.
+UNSET_BY_NONE = frozenset({"eval_split", "chat_template", "resume_from_checkpoint", "fsdp", "vllm_python", "env"})
+
+
 def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
     """Instantiate the config dataclass from a checked table.
 
     A command-line value is read as TOML would read it, except where the field takes a string and the TOML
     reading does not fit: `--sft.run_name 2024` and `--sft.output_dir true` keep the text as typed; and `none` (or
-    `null`) unsets a field that takes None but no string (a field that takes a string keeps the text "none").
+    `null`) unsets a field that takes None but no string, or one of UNSET_BY_NONE (another field that takes a
+    string keeps the text "none").
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
@@ -165,7 +174,7 @@ def build_config(cls, table: dict, section: str, cli_text: dict | None = None):
         if not type_matches(value, hints[key]) and text is not None and type_matches(text, hints[key]):
             table[key] = value = text
         elif text is not None and text.lower() in ("none", "null") and type_matches(None, hints[key]) \
-                and not type_matches(text, hints[key]):
+                and (key in UNSET_BY_NONE or not type_matches(text, hints[key])):
             table[key] = value = None  # TOML has no null: `--sft.micro_batch_tokens none` unsets a field
         if not type_matches(value, hints[key]):
             raise ConfigError(f"{section}.{key} = {value!r} has the wrong type; expected {type_name(hints[key])}")
