@@ -62,3 +62,31 @@ def test_none_unsets_vllm_python_and_env_of_rl():
     inv = parse_argv(["--model", TINY, "--dataset", TINY, "--rl.vllm_python", "none", "--rl.env", "null"], "rl", {})
     _, config = resolve(inv, RLConfig, "rl")
     assert config.vllm_python is None and config.env is None
+
+
+def test_latest_with_overwrite_output_dir_is_refused_at_config_time(tmp_path):
+    """Already refused on main (config.py __post_init__); kept as the regression test of the requeue case."""
+    from vftrain import SFTConfig
+
+    with pytest.raises(ConfigError, match="overwrite_output_dir .* resume_from_checkpoint = 'latest'"):
+        SFTConfig(output_dir=str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint="latest", report_to=[])
+
+
+def test_finished_rl_run_starts_no_vllm_server(tmp_path, capsys):
+    """A requeued vf-rl job whose run reached max_steps exits 0 without starting vLLM (vllm_python here is a
+    script that leaves a mark when run)."""
+    from vftrain.cli.rl import main as rl_main
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 2}))
+    mark = tmp_path / "vllm-started"
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+    python.chmod(0o755)
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "answer": "2"}] * 8)
+    code = rl_main(["--model", TINY, "--dataset", data, "--rl.output_dir", str(run), "--rl.max_steps", "2",
+                    "--rl.resume_from_checkpoint", "latest", "--rl.vllm_python", str(python),
+                    "--rl.sample_base_url", "http://127.0.0.1:18731/v1", "--rl.rl_backend", "openai"])
+    assert code == 0, capsys.readouterr().err
+    assert not mark.exists()

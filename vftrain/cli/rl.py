@@ -40,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from vftrain.rl.trainer import RLTrainer
         from vftrain.sampling.vllm_server import launched_vllm
 
-        with launched_vllm(config, model):  # stopped on return, error and Ctrl-C
-            return train(model, config, RLTrainer, lambda trainer: report_generation_accuracy(trainer, config,
-                                                                                              " before RL"))
+        # vLLM starts only when there is something to train (not for a requeued finished run) and is stopped on
+        # return, error and Ctrl-C.
+        return train(model, config, RLTrainer, lambda trainer: report_generation_accuracy(trainer, config,
+                                                                                          " before RL"), launched_vllm)
     except VFTrainError as exc:
         print(f"vf-rl: error: {exc}", file=sys.stderr)
         return 2

@@ -102,8 +102,12 @@ def resolve(inv, config_cls=None, section: str = "sft"):
     return resolve_path_or_name(model, "model"), config
 
 
-def train(model: str, config, trainer_cls=None, before=None) -> int:
-    """Train, save, merge (LoRA), report held-out accuracy; `before(trainer)` runs once the trainer is built."""
+def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int:
+    """Train, save, merge (LoRA), report held-out accuracy; `before(trainer)` runs once the trainer is built, and
+    `launch(config, model)` is the context (vf-rl's vLLM server) training runs in: entered only when there is
+    something to train."""
+    import contextlib
+
     from vftrain.logging import setup_console_logging
 
     if trainer_cls is None:
@@ -117,6 +121,11 @@ def train(model: str, config, trainer_cls=None, before=None) -> int:
         _close_process_group()
         return 0
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
+    with launch(config, model) if launch is not None else contextlib.nullcontext():  # stopped on return and error
+        return _train(model, config, trainer_cls, before, resume)
+
+
+def _train(model: str, config, trainer_cls, before, resume) -> int:
     trainer = trainer_cls(model=model, args=config)
     warn_without_held_out(trainer, config)
     trainer.start_run(resume)  # before `before` writes its held-out generations into the run folder
