@@ -122,7 +122,9 @@ def test_full_weight_pushes_keep_the_ratio_at_one(server, checkpoint, tmp_path, 
     assert len(os.listdir(tmp_path / "out" / "sampling")) == 1
     if bodies:
         assert all(b.get(k) == v for b in bodies for k, v in NEUTRAL_SAMPLING.items())
-        assert any("messages" in b for b in bodies) and any("prompt" in b for b in bodies)  # panels and rollouts
+        # Both kinds of request were pinned: greedy held-out panels (rendered as training renders them, so token ids
+        # like the rollouts) and the rollouts' groups.
+        assert any(b.get("temperature") == 0 for b in bodies) and any(b.get("n", 1) > 1 for b in bodies)
 
 
 def test_lora_rerun_and_resume_with_the_same_run_name(server, checkpoint, tmp_path):
