@@ -20,8 +20,7 @@ from transformers.trainer_utils import TrainOutput
 from vftrain import attention, checkpoint
 from vftrain.config import TrainerConfig
 from vftrain.config_checks import weights_from_rank0
-from vftrain.data import load_rows
-from vftrain.data.load import cut_eval
+from vftrain.data.load import held_out_lines, raw_splits
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
@@ -61,42 +60,6 @@ def continue_or_merge(model, use_lora: bool, folder: str):
     log.info("%s holds a LoRA adapter and use_lora is false: merged it into its base model, training all %s "
              "weights (use_lora = true trains the adapter on instead)", folder, f"{count_parameters(model)[1]:,}")
     return model
-
-
-def _raw(dataset, source, split, what):
-    if dataset is None and source is None:
-        raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
-    return load_rows(dataset if dataset is not None else source, split)
-
-
-def raw_splits(train_dataset, eval_dataset, args: TrainerConfig):
-    """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
-    rows cut from the training rows. Shared by the trainers and `vf-sft --inspect`."""
-    raw_train = _raw(train_dataset, args.dataset, args.dataset_split, "train")
-    if eval_dataset is None and args.eval_split and not args.dataset:
-        raise ConfigError(f"eval_split = {args.eval_split!r} names a split of dataset, which is not set; with "
-                          "train_dataset= pass eval_dataset= or set eval_size")
-    if eval_dataset is not None or args.eval_split:
-        if args.eval_size is not None and eval_dataset is not None:
-            raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
-                              "too; pass one")
-        return raw_train, _raw(eval_dataset, args.dataset, args.eval_split, "eval")
-    if args.eval_size is not None:
-        return cut_eval(raw_train, args.eval_size, args.data_seed if args.data_seed is not None else args.seed)
-    return raw_train, None
-
-
-def held_out_lines(args: TrainerConfig, raw_eval, sample_rows: int) -> list[str]:
-    """The data report's lines for rows taken out of the training split before it was counted: the eval_size
-    cut, and the sample panels' rows when there is no held-out split to take them from."""
-    lines = []
-    if args.eval_size is not None and raw_eval is not None:
-        lines.append(f"{len(raw_eval):,} rows held out of training as the eval split (eval_size = "
-                     f"{args.eval_size})")
-    if sample_rows and (raw_eval is None or not len(raw_eval)):
-        lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
-                     "num_samples: no eval_split or eval_size to take them from)")
-    return lines
 
 
 class VFTrainer(Trainer):

@@ -236,7 +236,7 @@ def inspect(model: str, config, n_text: str, as_json: bool) -> int:
     from vftrain.data import tokenize_dataset
     from vftrain.logging import quiet_progress_bars
     from vftrain.sampling import held_out_samples
-    from vftrain.trainer import held_out_lines, raw_splits
+    from vftrain.data.load import held_out_lines, raw_splits
 
     quiet_progress_bars()
     n, tokenizer = inspect_setup(model, config, n_text, "rows")

@@ -1,4 +1,5 @@
-"""Stage 1: load rows (hub name, local file or folder, or a ready `datasets.Dataset`) and detect their format."""
+"""Stage 1: load rows (hub name, local file or folder, or a ready `datasets.Dataset`), detect their format, and
+split off the held-out rows (eval_dataset, eval_split or an eval_size cut)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import os
 from typing import Any
 
-from vftrain.errors import DataError
+from vftrain.errors import ConfigError, DataError
 
 # Formats, in the order they are recognised from the column names.
 FORMATS = {
@@ -153,3 +154,39 @@ def detect_format(columns: list[str]) -> str:
             return name
     accepted = "; ".join(" + ".join(cols) for cols in FORMATS.values())
     raise DataError(f"dataset has columns {sorted(columns)} but none of the accepted formats: {accepted}")
+
+
+def _raw(dataset, source, split, what):
+    if dataset is None and source is None:
+        raise ConfigError(f"no {what} data: pass {what}_dataset= or set dataset in the config")
+    return load_rows(dataset if dataset is not None else source, split)
+
+
+def raw_splits(train_dataset, eval_dataset, args):
+    """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
+    rows cut from the training rows. Shared by the trainers and `vf-sft --inspect`."""
+    raw_train = _raw(train_dataset, args.dataset, args.dataset_split, "train")
+    if eval_dataset is None and args.eval_split and not args.dataset:
+        raise ConfigError(f"eval_split = {args.eval_split!r} names a split of dataset, which is not set; with "
+                          "train_dataset= pass eval_dataset= or set eval_size")
+    if eval_dataset is not None or args.eval_split:
+        if args.eval_size is not None and eval_dataset is not None:
+            raise ConfigError("eval_size cuts held-out rows from the training rows, but eval_dataset was passed "
+                              "too; pass one")
+        return raw_train, _raw(eval_dataset, args.dataset, args.eval_split, "eval")
+    if args.eval_size is not None:
+        return cut_eval(raw_train, args.eval_size, args.data_seed if args.data_seed is not None else args.seed)
+    return raw_train, None
+
+
+def held_out_lines(args, raw_eval, sample_rows: int) -> list[str]:
+    """The data report's lines for rows taken out of the training split before it was counted: the eval_size
+    cut, and the sample panels' rows when there is no held-out split to take them from."""
+    lines = []
+    if args.eval_size is not None and raw_eval is not None:
+        lines.append(f"{len(raw_eval):,} rows held out of training as the eval split (eval_size = "
+                     f"{args.eval_size})")
+    if sample_rows and (raw_eval is None or not len(raw_eval)):
+        lines.append(f"{sample_rows:,} rows held out of training for the sample panels (the split's last "
+                     "num_samples: no eval_split or eval_size to take them from)")
+    return lines
