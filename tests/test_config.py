@@ -212,14 +212,17 @@ def test_sharding_that_cannot_run_is_refused(tmp_path, monkeypatch, kwargs, worl
         vf.SFTConfig(output_dir=str(tmp_path), batch_size=16, micro_batch_size=4, **kwargs)
 
 
-def test_default_run_name_is_the_same_on_every_process(tmp_path):
-    """torchrun, no run_name or output_dir, rank 1 starting a clock second after rank 0: one folder for both."""
+@pytest.mark.parametrize("mode", ["run_name", "run_name_in_dir"])
+def test_default_run_name_is_the_same_on_every_process(tmp_path, mode):
+    """torchrun, no run_name (no output_dir, or one given), rank 1 starting a clock second after rank 0: one name
+    and one folder for both (the name also names LoRA adapters on a sampling server)."""
     from conftest import run_worker
 
-    proc = run_worker(tmp_path / "names", processes=2, mode="run_name")
+    proc = run_worker(tmp_path / "names", processes=2, mode=mode)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = [(tmp_path / "names" / f"run_name-{rank}.txt").read_text() for rank in (0, 1)]
     assert names[0] == names[1] and names[0].startswith("sft-")
+    assert (mode == "run_name_in_dir") == names[0].endswith("/given")
 
 
 def test_default_run_name_prefix_is_a_class_attribute(monkeypatch):

@@ -108,8 +108,9 @@ def evaluate(opts) -> None:
         (pathlib.Path(opts.out_dir) / "eval.json").write_text(json.dumps(metrics))
 
 
-def run_name(opts) -> None:
-    """Only the config, with no run_name or output_dir; rank 1 builds it 1.1 s after rank 0 (in another second)."""
+def run_name(opts, output_dir=None) -> None:
+    """Only the config, with no run_name (and `output_dir` or none); rank 1 builds it 1.1 s after rank 0 (in another
+    second)."""
     started = pathlib.Path(opts.out_dir) / "rank-0-started"
     if RANK == "0":
         os.makedirs(opts.out_dir, exist_ok=True)
@@ -118,14 +119,14 @@ def run_name(opts) -> None:
         while not started.exists():
             time.sleep(0.05)
         time.sleep(1.1)
-    cfg = vf.SFTConfig(max_steps=1, batch_size=8, micro_batch_size=4)
+    cfg = vf.SFTConfig(max_steps=1, batch_size=8, micro_batch_size=4, output_dir=output_dir)
     (pathlib.Path(opts.out_dir) / f"run_name-{RANK}.txt").write_text(f"{cfg.run_name} {cfg.output_dir}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
-    parser.add_argument("--mode", choices=("train", "evaluate", "run_name"), default="train")
+    parser.add_argument("--mode", choices=("train", "evaluate", "run_name", "run_name_in_dir"), default="train")
     parser.add_argument("--max-steps", type=int, default=7)
     parser.add_argument("--rows", type=int, default=24, help="training rows: 3 steps of 8 per epoch")
     parser.add_argument("--resume", action="store_true", help="resume_from_checkpoint latest")
@@ -139,7 +140,8 @@ def main() -> None:
     parser.add_argument("--snapshots", action="store_true", help="write weights-<rank>.pt")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     opts = parser.parse_args()
-    {"train": train, "evaluate": evaluate, "run_name": run_name}[opts.mode](opts)
+    {"train": train, "evaluate": evaluate, "run_name": run_name,
+     "run_name_in_dir": lambda o: run_name(o, os.path.join(o.out_dir, "given"))}[opts.mode](opts)
     if torch.distributed.is_initialized():  # as vf-sft does: gloo's threads can abort an exiting process
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

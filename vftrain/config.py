@@ -213,6 +213,7 @@ class TrainerConfig(TrainingArguments):
         # A generated name makes a new folder every run: "the newest checkpoint in it" can never exist.
         self.generated_output_dir = not self.run_name and not self.output_dir
         self.check_resume(self.resume_from_checkpoint)
+        self.generated_run_name = not self.run_name
         if not self.run_name:
             self.run_name = self.run_name_prefix + "-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         if not self.output_dir:
@@ -252,7 +253,7 @@ class TrainerConfig(TrainingArguments):
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
             raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
                               "no process group; set ddp_backend (nccl on GPUs, gloo on CPUs)")
-        if self.generated_output_dir and launch_world_size() > 1:
+        if self.generated_run_name and launch_world_size() > 1:
             self._agree_on_run_name()
         gpus = super().n_gpu  # more than one only without a launcher
         if gpus > 1:
@@ -270,13 +271,15 @@ class TrainerConfig(TrainingArguments):
 
     def _agree_on_run_name(self) -> None:
         """Every process takes the main process's generated name: each process's clock would give its own name
-        (and folder) to processes started across a second boundary. Called once the process group exists."""
+        (and folder, or with output_dir set its own LoRA adapter names on a sampling server) to processes started
+        across a second boundary. Called once the process group exists."""
         import torch.distributed as dist
 
         name = [self.run_name]
         dist.broadcast_object_list(name, src=0)
         self.run_name = name[0]
-        self.output_dir = os.path.join("outputs", self.run_name)
+        if self.generated_output_dir:
+            self.output_dir = os.path.join("outputs", self.run_name)
 
     def check_resume(self, resume) -> None:
         """`resume_from_checkpoint = latest` (or True) looks in output_dir, which must then be named: a generated
