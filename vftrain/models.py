@@ -518,17 +518,12 @@ def _head_untied(state: dict) -> bool:
 
 def export_merged(adapter_dir: str, directory: str, base: str | None = None) -> str:
     """`vf-sft export`: load `base` (default: the adapter's recorded base model) with the adapter and save merged."""
-    import json
-    import os
-
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config_path = os.path.join(adapter_dir, "adapter_config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"{adapter_dir!r} is not a LoRA adapter folder (no adapter_config.json)")
-    with open(config_path) as fh:
-        base = base or json.load(fh).get("base_model_name_or_path")
+    if not is_adapter_folder(adapter_dir):
+        raise ConfigError(f"{adapter_dir!r} is not a LoRA adapter folder (no {ADAPTER_CONFIG})")
+    base = base or adapter_base(adapter_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
         tokenizer_source = adapter_dir if os.path.exists(os.path.join(adapter_dir, "tokenizer_config.json")) else base
