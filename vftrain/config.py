@@ -66,10 +66,14 @@ class TrainerConfig(TrainingArguments):
                                   "Ampere or newer, fp16/bf16; needs packing; no soft-capping, sinks, chunked "
                                   "attention or attention dropout), 'flex_attention', or any name registered in "
                                   "transformers.AttentionInterface.")
-    master_weights: bool = _f(True, "Keep float32 copies of bf16/fp16 trainable weights for the optimizer step "
-                              "(mixed precision). Pure bf16 AdamW rounds most updates away at fine-tuning learning "
-                              "rates (benchmarks/RESULTS.md, Precision); false saves 8 bytes per trainable "
-                              "parameter. FSDP2 and DeepSpeed keep float32 master weights themselves.")
+    master_weights: bool | str = _f(True, "How the optimizer keeps the updates of bf16/fp16 trainable weights: true: "
+                                    "float32 copies (mixed precision); 'kahan': no copy, a 16-bit compensation "
+                                    "buffer holding each weight's rounding error (AdamW only; 2 bytes per "
+                                    "parameter less than true); 'kahan-bf16': the same with bf16 Adam moments, "
+                                    "stochastically rounded (6 bytes less); false: pure bf16 AdamW, which rounds "
+                                    "most updates away at fine-tuning learning rates (8 bytes less; "
+                                    "benchmarks/RESULTS.md, Precision). FSDP2 and DeepSpeed keep float32 master "
+                                    "weights themselves.", (True, False, "kahan", "kahan-bf16"))
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
                                    "the saved tokenizer: the path of a Jinja file (e.g. the model family's "

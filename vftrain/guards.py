@@ -233,8 +233,9 @@ def oom_message(args, step: int, saved: str | None = None) -> str:
         knobs.append("shard the model over the GPUs with fsdp = true")
     if args.max_seq_len > 4096:
         knobs.append(f"lower max_seq_len (now {args.max_seq_len})")
-    if args.master_weights and not args.use_lora:
-        knobs.append("set master_weights = false (8 bytes less per parameter; pure bf16 loses small updates)")
+    if args.master_weights is True and not args.use_lora:
+        knobs.append("set master_weights = 'kahan-bf16' (6 bytes less per parameter, updates kept) or false (8 "
+                     "bytes less; pure bf16 loses small updates)")
     where = (f"; the {step} finished steps are saved in {saved}: resume with "
              f"--{_table(args)}.resume_from_checkpoint latest"
              if saved else "")

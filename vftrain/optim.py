@@ -93,3 +93,192 @@ def use_float32_master_weights(optimizer: torch.optim.Optimizer) -> torch.optim.
     optimizer.register_state_dict_post_hook(save)
     optimizer.register_load_state_dict_pre_hook(load)
     return optimizer
+
+
+# ---- compensated bf16 weights: AdamW whose updates survive bf16 without a float32 copy
+
+# Parameter elements per pass of the step: bounds the float32 temporaries (about 6 buffers of this many floats,
+# ~0.8 GB) whatever the model's largest tensor (a 151,936 x 2048 embedding is 311M elements).
+_SEGMENT = 1 << 25
+KAHAN_MODES = {"kahan": torch.float32, "kahan-bf16": torch.bfloat16}  # master_weights value -> moments dtype
+
+
+def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """float32 -> bfloat16 rounded up or down at random in proportion to the dropped low 16 bits, so the rounding is
+    unbiased in expectation (torchao's `_fp32_to_bf16_sr`, torchao/optim/quant_utils.py: truncate the low half of
+    the float32 bits, and add one bf16 unit in the last place with probability low half / 2^16)."""
+    bits = x.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, device=x.device, dtype=torch.int32, generator=generator)
+    truncated = bits & -65536  # 0xFFFF0000 as a signed int32
+    rounded = torch.where(noise < (bits & 0xFFFF), truncated + 0x10000, truncated)
+    return rounded.view(torch.float32).to(torch.bfloat16)  # exact: the low 16 bits are zero
+
+
+class CompensatedAdamW(torch.optim.Optimizer):
+    """AdamW (torch's, decoupled weight decay) on bf16/fp16 weights kept with a same-sized compensation buffer: the
+    weight w is held as p + c, p the model's 16-bit parameter and c the rounding error of the last write (Kahan
+    summation applied to the update, as in Zamirai et al. 2020, "Revisiting BFloat16 Training", compensated
+    summation). Each step computes w = p + c in float32, applies the AdamW update, writes p = round(w) and
+    c = w - p. p + c carries ~16 significant bits, so updates of ~lr per element are kept where a bare bf16 weight
+    rounds them away; the cost is 2 bytes per parameter where a float32 master copy costs 4 (plus a float32
+    gradient copy at every step). Moments are float32 ("kahan") or bfloat16 ("kahan-bf16", 4 bytes less per
+    parameter), stored with stochastic rounding so that the slow EMA of the second moment (a change of 1e-3 of its
+    value per step at beta2 0.999, below bf16's resolution of 2^-8) still moves on average.
+
+    The step runs in segments of at most `_SEGMENT` elements: a few foreach copies into flat float32 buffers and
+    elementwise ops on those, no per-parameter Python work beyond building the views. Like torch's fused AdamW it
+    skips a step on the device when `found_inf` (set by the NaN guard) is 1. State per parameter (saved in the
+    state dict, so a resume is exact): step, exp_avg, exp_avg_sq, compensation (16-bit parameters only)."""
+
+    _step_supports_amp_scaling = True  # reads found_inf: the NaN guard needs no host sync
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, moments=torch.float32):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.moments_dtype = moments
+        self.found_inf = None
+        # Its own random stream for the stochastic rounding: drawing from the global one would change what else
+        # draws from it (data order, dropout) by the choice of optimizer. Same seed on every process, so that
+        # data-parallel replicas round alike and stay identical.
+        self.rounding = None
+
+    @classmethod
+    def replacing(cls, optimizer: torch.optim.Optimizer, moments: torch.dtype) -> "CompensatedAdamW":
+        """The same parameter groups and hyperparameters as a freshly built (stateless) torch AdamW."""
+        if optimizer.state or not isinstance(optimizer, torch.optim.AdamW):
+            raise RuntimeError("compensated weights replace a fresh torch AdamW")
+        keys = ("params", "lr", "betas", "eps", "weight_decay")
+        return cls([{k: g[k] for k in keys} for g in optimizer.param_groups], moments=moments)
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            low = p.dtype in LOW_PRECISION
+            moments = self.moments_dtype if low else p.dtype
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moments, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=moments, memory_format=torch.contiguous_format)
+            if low:
+                state["compensation"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            states = [self._state(p) for p in params]
+            keep = torch.ones((), device=params[0].device) if self.found_inf is None else 1 - self.found_inf.to(
+                params[0].device).reshape(())
+            torch._foreach_add_([s["step"] for s in states], keep)
+            for segment in _segments(params):
+                self._update(group, [(params[i], states[i], a, b) for i, a, b in segment], keep)
+        return loss
+
+    def _update(self, group, pieces, keep: torch.Tensor) -> None:
+        """AdamW on one segment: (parameter, state, start, end) slices of the flattened tensors."""
+        beta1, beta2 = group["betas"]
+        device = pieces[0][0].device
+
+        def cut(t, p, a, b):  # a view of t's slice [a, b); a non-contiguous parameter is taken whole
+            return t.reshape(-1)[a:b] if p.is_contiguous() else t
+
+        p_parts = [cut(p, p, a, b) for p, _, a, b in pieces]
+        m_parts = [cut(s["exp_avg"], p, a, b) for p, s, a, b in pieces]
+        v_parts = [cut(s["exp_avg_sq"], p, a, b) for p, s, a, b in pieces]
+        low = [i for i, (_, s, _, _) in enumerate(pieces) if "compensation" in s]
+        c_parts = [cut(pieces[i][1]["compensation"], pieces[i][0], *pieces[i][2:]) for i in low]
+        w, w_views = _gather(p_parts)
+        if low:
+            _, c_views = _gather(c_parts)
+            torch._foreach_add_([w_views[i] for i in low], c_views)
+            del c_views
+        g, _ = _gather([cut(p.grad, p, a, b) for p, _, a, b in pieces])
+        if self.found_inf is not None:  # a skipped step's gradients may be NaN: nothing of them may reach the state
+            g = torch.where(keep > 0, g, torch.zeros((), device=device))
+        m, _ = _gather(m_parts)
+        v, _ = _gather(v_parts)
+        # Bias corrections per element from each parameter's own step count (exact where counts differ).
+        step = torch.stack([s["step"] for _, s, _, _ in pieces]).repeat_interleave(
+            torch.tensor([t.numel() for t in p_parts], device=device), output_size=w.numel())
+        m.lerp_(g, (1 - beta1) * keep)
+        v.lerp_(g.square_(), (1 - beta2) * keep)
+        del g
+        w.mul_(1 - group["lr"] * group["weight_decay"] * keep)
+        denom = v.sqrt().div_((1 - beta2 ** step).sqrt_()).add_(group["eps"])
+        w.addcdiv_(m * (group["lr"] * keep / (1 - beta1 ** step)), denom, value=-1)
+        del denom, step
+        rounding = self._generator(device) if self.moments_dtype == torch.bfloat16 else None
+        _scatter(m_parts, m, rounding)
+        _scatter(v_parts, v, rounding)
+        torch._foreach_copy_(p_parts, w_views)  # rounded to nearest
+        if low:  # c = w - round(w): what the 16-bit weight could not hold
+            held = [w_views[i] for i in low]
+            torch._foreach_sub_(held, [p_parts[i] for i in low])
+            torch._foreach_copy_(c_parts, held)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self.rounding is None:
+            self.rounding = torch.Generator(device).manual_seed(0)
+        return self.rounding
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.rounding is not None:
+            state["rounding_rng"] = self.rounding.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load casts every floating state to its parameter's dtype: float32 moments of a bf16 parameter
+        would come back rounded to bf16. They are put back in the dtype they were saved in."""
+        state_dict = dict(state_dict)
+        rng = state_dict.pop("rounding_rng", None)
+        saved = [state_dict["state"].get(i) for g in state_dict["param_groups"] for i in g["params"]]
+        super().load_state_dict(state_dict)
+        if rng is not None:
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._generator(params[0].device).set_state(rng)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for p, values in zip(params, saved):
+            for key, value in (values or {}).items():
+                if torch.is_tensor(value) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
+
+
+def _gather(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One flat float32 buffer holding `tensors` (one foreach copy), and its views shaped like them."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=torch.float32, device=tensors[0].device)
+    views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+    torch._foreach_copy_(views, tensors)
+    return flat, views
+
+
+def _scatter(parts: list[torch.Tensor], flat: torch.Tensor, rounding: torch.Generator | None) -> None:
+    """Write a flat float32 buffer back into `parts`; bf16 ones with stochastic rounding (the moments)."""
+    if all(p.dtype == torch.bfloat16 for p in parts):
+        flat = stochastic_round_bf16(flat, rounding)
+    views = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts)]
+    torch._foreach_copy_(parts, views)
+
+
+def _segments(params: list[torch.Tensor]) -> list[list[tuple[int, int, int]]]:
+    """(parameter index, start, end) slices of the flattened parameters in runs of at most `_SEGMENT` elements (a
+    non-contiguous parameter is one whole slice, whatever its size)."""
+    out, current, room = [], [], _SEGMENT
+    for i, p in enumerate(params):
+        n, a = p.numel(), 0
+        while a < n:
+            b = min(n, a + room) if p.is_contiguous() else n
+            current.append((i, a, b))
+            room -= b - a
+            a = b
+            if room <= 0:
+                out.append(current)
+                current, room = [], _SEGMENT
+    if current:
+        out.append(current)
+    return out

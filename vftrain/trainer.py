@@ -29,7 +29,7 @@ from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, count_parameters, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
-from vftrain.optim import needs_master_weights, use_float32_master_weights
+from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
 
 log = logging.getLogger("vftrain")
 
@@ -273,7 +273,15 @@ class VFTrainer(Trainer):
                                   "loss scaler never sees the float32 master weights (clipping sees scaled "
                                   "gradients, its step fails); use bf16 = true, dtype = 'float32' with fp16 = true, "
                                   "or master_weights = false")
-            use_float32_master_weights(optimizer)
+            if self.args.master_weights in KAHAN_MODES:
+                if not isinstance(optimizer, torch.optim.AdamW):
+                    raise ConfigError(f"master_weights = {self.args.master_weights!r} runs its own AdamW, but optim = "
+                                      f"{getattr(self.args.optim, 'value', self.args.optim)!r} is not AdamW; use an adamw_torch optim, or "
+                                      "master_weights = true")
+                moments = KAHAN_MODES[self.args.master_weights]
+                self.optimizer = optimizer = CompensatedAdamW.replacing(optimizer, moments)
+            else:
+                use_float32_master_weights(optimizer)
         return optimizer
 
     # ---- one accumulation slot
