@@ -83,9 +83,11 @@ class TrainerConfig(TrainingArguments):
                                 "GPU (not with use_cpu) with liger-kernel installed (a dependency on Linux) and the "
                                 "model type supported (0.5B: -20% peak memory, up to +18% speed; "
                                 "benchmarks/RESULTS.md); true requires all three.")
-    lean_mlp: bool = _f(False, "Recompute SwiGLU's gate*up product in the backward instead of saving it (exact): "
-                        "intermediate_size x 2 bytes less per token per layer (-17% peak memory on a 1.5B shape "
-                        "at 16k tokens), for ~9% speed in eager mode (benchmarks/RESULTS.md).")
+    lean_mlp: bool | None = _f(None, "Recompute SwiGLU's gate*up product in the backward instead of saving it "
+                               "(exact): intermediate_size x 2 bytes less per token per layer (-17% peak memory on "
+                               "a 1.5B shape at 16k tokens), for ~9% speed in eager mode (benchmarks/RESULTS.md). "
+                               "Default (unset): off, unless the run's estimated peak memory does not fit the GPU "
+                               "(vftrain/memory.py).")
     # ---- LoRA
     use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_rank: int = _f(8, "LoRA rank r.")
@@ -150,6 +152,10 @@ class TrainerConfig(TrainingArguments):
     run_name: str | None = _f(None, "Name of the run (default: sft-<date>-<time>, rl-... for RL; with several "
                               "processes the main process's clock decides).")
     learning_rate: float = _f(2e-5, "Peak learning rate (AdamW).")
+    gradient_checkpointing: bool | None = _f(None, "Recompute each decoder layer's activations in the backward "
+                                             "(~25% slower, far less activation memory). Default (unset): off, "
+                                             "unless the estimated peak memory does not fit the GPU even with "
+                                             "lean_mlp (vftrain/memory.py).")
     max_grad_norm: float | None = _f(1.0, "Clip the gradient's global norm to this before each optimizer step; 0 or "
                                      "none: no clipping.")
     lr_scheduler_type: str = _f("cosine", "Learning-rate schedule after warmup (transformers scheduler names).")
@@ -194,6 +200,9 @@ class TrainerConfig(TrainingArguments):
         self.given_fields = [f.name for f in dataclasses.fields(self) if f.init and getattr(self, f.name) != (
             f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
             else f.default)]
+        # Left unset: decided from the memory estimate once the model is loaded (VFTrainer._fit_memory).
+        self.memory_auto = tuple(name for name in ("lean_mlp", "gradient_checkpointing") if getattr(self, name) is None
+                                 and getattr(self, name.replace("gradient", "activation"), None) is None)
         if self.max_grad_norm is None:  # transformers compares it with 0 at every step
             self.max_grad_norm = 0.0
         self._validate_choices()

@@ -17,7 +17,7 @@ from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 from transformers.trainer_utils import TrainOutput
 
-from vftrain import attention, checkpoint
+from vftrain import attention, checkpoint, memory
 from vftrain.config import TrainerConfig
 from vftrain.config_checks import weights_from_rank0
 from vftrain.data.load import held_out_lines, raw_splits
@@ -93,6 +93,7 @@ class VFTrainer(Trainer):
             raise ConfigError(f"packing = true would let packed rows attend to each other: this model's attention "
                               f"({model.config.model_type}) does not read the position_ids that mark where each row "
                               "starts (Bloom, MPT, OPT, gpt-oss, Mamba, ...); set packing = false")
+        self._fit_memory(model, args)
         if args.lean_mlp:
             use_lean_mlp(model)
         # Whether the adapter trained here starts as the identity (the base model's outputs): RL's KL reference is
@@ -107,6 +108,24 @@ class VFTrainer(Trainer):
         if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model, tokenizer
+
+    @staticmethod
+    def _fit_memory(model, args: TrainerConfig) -> None:
+        """lean_mlp and gradient_checkpointing left unset: on where the run's estimated peak would not fit the GPU
+        (in that order), else off; a run that cannot fit stops here, before training (vftrain/memory.py). Sharded
+        runs and CPU runs turn them off without an estimate."""
+        auto = getattr(args, "memory_auto", ())
+        budget = None if args.fsdp or args.deepspeed or not auto else memory.card_bytes(args.device)
+        chosen = dict.fromkeys(auto, False)
+        if budget is not None:
+            liger = any(type(m).__name__.startswith("Liger") for m in model.modules())
+            varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
+            chosen = memory.fit(model, memory.plan_of(args, model, liger, varlen), budget, auto)
+        for name, value in chosen.items():
+            setattr(args, name, value)
+            if name == "gradient_checkpointing" and hasattr(args, "activation_checkpointing"):
+                args.activation_checkpointing = value  # transformers >= 5.2x reads the new name
+        args.memory_auto = ()
 
     def _raw_splits(self, train_dataset, eval_dataset, args: TrainerConfig):
         """`raw_splits`, with the held-out rows kept as `raw_eval` (`evaluate_generations`)."""

@@ -1,0 +1,143 @@
+"""The memory estimate made before the first step (vftrain/memory.py): its parts against parameter counts, its
+monotonicity in every setting, and the decision a default run takes on a card of a given (faked) size: the lean
+paths it turns on, or the one-line error naming what fits. The GPU check of the estimate against measured peaks is
+benchmarks/memory21.sh."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import datasets
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import vftrain as vf
+from conftest import TINY, addition_rows, small_config
+from vftrain import memory
+from vftrain.errors import ConfigError
+from vftrain.memory import GIB, Plan, estimate, total
+
+# A Qwen2.5-0.5B-like shape, narrowed: the parts scale with these numbers, the test stays fast.
+SHAPE = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = AutoConfig.for_model("qwen2", **SHAPE)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def test_weights_gradients_and_optimizer_follow_parameter_counts(model):
+    n = sum(p.numel() for p in model.parameters())
+    parts = {mode: estimate(model, Plan(tokens=1024, master_weights=mode)) for mode in (True, "kahan", "kahan-bf16",
+                                                                                        False)}
+    assert parts[True]["weights"] == parts[True]["gradients"] == 2 * n
+    # bytes per parameter of optimizer state: float32 copy + moments + the step's float32 gradients; compensation
+    # + float32 moments; compensation + bf16 moments; bf16 moments (pure bf16 AdamW)
+    assert [parts[m]["optimizer"] / n for m in (True, "kahan", "kahan-bf16", False)] == [16, 10, 6, 4]
+    lora = estimate(model, Plan(tokens=1024, use_lora=True, lora_rank=8))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    assert lora["lora"] == 16 * sum(8 * (m.in_features + m.out_features) for m in linears)
+    assert "gradients" not in lora and "optimizer" not in lora
+
+
+def test_activations_per_token_per_layer(model):
+    """hidden 128, 4 heads of 32 (2 KV heads), intermediate 512, 4 layers, bf16: the counts the docstring gives."""
+    base = Plan(tokens=1000)
+    per_layer = memory.layer_activation_elements(memory.Shape.of(model), base)
+    assert per_layer == 2 * 4 * 128 + (2 * 4 + 2 * 2) * 32 + 4 * 512
+    liger_varlen = memory.layer_activation_elements(memory.Shape.of(model), dataclasses.replace(
+        base, liger=True, varlen=True))
+    assert liger_varlen == 2 * 2 * 128 + 4 * 4 * 32 + 3 * 512
+    assert estimate(model, base)["activations"] == 1000 * (4 * per_layer + 5 * 128) * 2
+
+
+def test_estimate_grows_with_tokens_and_shrinks_with_each_lean_path(model):
+    plan = Plan(tokens=8192, liger=True, varlen=True)
+    sizes = [total(estimate(model, dataclasses.replace(plan, tokens=t))) for t in (1024, 4096, 8192, 16384)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 4
+    full = total(estimate(model, plan))
+    lean = total(estimate(model, dataclasses.replace(plan, lean_mlp=True)))
+    both = total(estimate(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True)))
+    every2 = total(estimate(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True,
+                                                       every_n_layers=2)))
+    assert full > lean > both and both < every2 < lean
+    modes = [total(estimate(model, dataclasses.replace(plan, master_weights=m))) for m in (True, "kahan",
+                                                                                          "kahan-bf16", False)]
+    assert modes == sorted(modes, reverse=True)
+
+
+def _needs(model, plan) -> int:
+    return total(estimate(model, plan))
+
+
+def test_fit_turns_on_lean_mlp_then_checkpointing(model, caplog):
+    plan = Plan(tokens=16384, liger=True, varlen=True)
+    auto = ("lean_mlp", "gradient_checkpointing")
+    roomy = int(_needs(model, plan) / memory.FIT_SHARE) + GIB
+    assert memory.fit(model, plan, roomy, auto) == {"lean_mlp": False, "gradient_checkpointing": False}
+    lean = _needs(model, dataclasses.replace(plan, lean_mlp=True))
+    with caplog.at_level(logging.INFO, logger="vftrain"):
+        assert memory.fit(model, plan, int(lean / memory.FIT_SHARE) + 1, auto) == {
+            "lean_mlp": True, "gradient_checkpointing": False}
+    assert "lean_mlp set to true" in caplog.text and "16,384 tokens per micro-batch" in caplog.text
+    both = _needs(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True))
+    assert memory.fit(model, plan, int(both / memory.FIT_SHARE) + 1, auto) == {
+        "lean_mlp": True, "gradient_checkpointing": True}
+    # lean_mlp set false by the user stays false: checkpointing alone is tried
+    ckpt = _needs(model, dataclasses.replace(plan, gradient_checkpointing=True))
+    assert memory.fit(model, plan, int(ckpt / memory.FIT_SHARE) + 1, ("gradient_checkpointing",)) == {
+        "gradient_checkpointing": True}
+
+
+def test_a_run_that_cannot_fit_names_the_tokens_that_do(model):
+    plan = Plan(tokens=16384, liger=True, varlen=True)
+    at_4k = _needs(model, dataclasses.replace(plan, tokens=4096, lean_mlp=True, gradient_checkpointing=True))
+    with pytest.raises(ConfigError, match=r"needs about .* GiB at 16,384 tokens per micro-batch .*; set "
+                                          r"micro_batch_tokens = (\d+)") as err:
+        memory.fit(model, plan, int(at_4k / memory.FIT_SHARE) + 1, ("lean_mlp", "gradient_checkpointing"))
+    fits = int(err.value.args[0].rsplit("micro_batch_tokens = ", 1)[1].split()[0])
+    assert 4096 <= fits < 16384 and "\n" not in err.value.args[0]
+    assert _needs(model, dataclasses.replace(plan, tokens=fits, lean_mlp=True, gradient_checkpointing=True)) <= \
+        memory.FIT_SHARE * (int(at_4k / memory.FIT_SHARE) + 1)
+    with pytest.raises(ConfigError, match="even one row does not fit: set use_lora = true"):
+        memory.fit(model, plan, GIB // 1024, ("lean_mlp",))
+
+
+def _trainer(tmp_path, **overrides):
+    args = small_config(tmp_path, **overrides)
+    return vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)), args=args)
+
+
+def test_default_run_on_a_small_card_turns_on_the_lean_paths(tmp_path, monkeypatch):
+    """The trainer asks the card (faked here: the CPU run's budget) before the first step; unset fields follow the
+    estimate, fields the user set are kept."""
+    monkeypatch.setattr(memory, "card_bytes", lambda device=None: 1)  # nothing fits: the lean paths are tried
+    with pytest.raises(ConfigError, match="needs about"):
+        _trainer(tmp_path / "a")
+    monkeypatch.setattr(memory, "card_bytes", lambda device=None: 64 * GIB)
+    roomy = _trainer(tmp_path / "b")
+    assert roomy.args.lean_mlp is False and roomy.args.gradient_checkpointing is False
+
+    def small(device=None):  # fits only with both lean paths
+        return small.budget
+
+    plan_args = small_config(tmp_path / "c")
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    plan = memory.plan_of(plan_args, model, liger=False, varlen=False)
+    small.budget = int(_needs(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True))
+                       / memory.FIT_SHARE) + 1
+    monkeypatch.setattr(memory, "card_bytes", small)
+    tight = _trainer(tmp_path / "c")
+    assert tight.args.lean_mlp is True and tight.args.gradient_checkpointing is True
+    kept = _trainer(tmp_path / "d", lean_mlp=False, gradient_checkpointing=True)
+    assert kept.args.lean_mlp is False and kept.args.gradient_checkpointing is True
+    tight.train()  # and the chosen settings train
+
+
+def test_cpu_run_needs_no_estimate(tmp_path):
+    trainer = _trainer(tmp_path)
+    assert trainer.args.lean_mlp is False and trainer.args.gradient_checkpointing is False

@@ -1,0 +1,197 @@
+"""Peak GPU memory of a training run, estimated before its first step, and the defaults that make it fit.
+
+`estimate` adds up what one process holds at its peak (the end of the forward / start of the backward of the
+largest micro-batch): weights, gradients, the optimizer's state by `master_weights` mode, LoRA adapters, the
+activations each decoder layer keeps for its backward per token (by attention kernel, liger-kernel, lean_mlp and
+gradient checkpointing) and the fused output head's chunk. `fit` compares it with the card's memory: where it does
+not fit, the lean paths the user left unset (`lean_mlp`, then `gradient_checkpointing`) are turned on, in that order
+(the cheapest in speed first: lean_mlp cost ~9% on a 0.5B shape, checkpointing ~25%; benchmarks/RESULTS.md); where
+even that does not fit, the run stops before training with the setting that fits. Sharded runs (FSDP, DeepSpeed)
+are not estimated. The GPU measurement beside each estimate: benchmarks/memory21.sh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from vftrain.errors import ConfigError
+from vftrain.optim import KAHAN_MODES, LOW_PRECISION
+
+log = logging.getLogger("vftrain")
+
+GIB = 2**30
+# Share of the card a run may plan to use: the caching allocator's fragmentation, the CUDA context and kernels'
+# workspaces live outside the estimate.
+FIT_SHARE = 0.9
+HEAD_CHUNK = 2048  # vftrain.loss.CHUNK: rows of logits the fused head holds at once
+
+
+@dataclasses.dataclass
+class Shape:
+    """What the estimate reads from a decoder-only model."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model) -> "Shape":
+        config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else \
+            model.config
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads,
+                   getattr(config, "num_key_value_heads", None) or heads, head_dim, config.vocab_size)
+
+
+@dataclasses.dataclass
+class Plan:
+    """The run's memory-relevant settings, as the estimate sees them."""
+
+    tokens: int  # tokens in the largest micro-batch
+    master_weights: bool | str = True
+    use_lora: bool = False
+    lora_rank: int = 8
+    lean_mlp: bool = False
+    gradient_checkpointing: bool = False
+    every_n_layers: int = 1
+    liger: bool = False
+    varlen: bool = False
+    act_bytes: int = 2  # bytes per activation element: 2 under bf16/fp16, 4 in float32
+
+
+def optimizer_bytes_per_param(dtype: torch.dtype, master_weights) -> int:
+    """Optimizer state per trainable parameter: AdamW's two moments, plus the master copy or compensation."""
+    if dtype not in LOW_PRECISION or master_weights is False:
+        return 2 * torch.empty((), dtype=dtype).element_size()
+    if master_weights in KAHAN_MODES:  # compensation in the weight's dtype, moments in the mode's
+        return 2 + 2 * torch.empty((), dtype=KAHAN_MODES[master_weights]).element_size()
+    return 4 + 8 + 4  # float32 copy and moments, and the float32 gradients made for each step
+
+
+def lora_parameters(model, rank: int) -> int:
+    """Adapter parameters of rank `rank` on every linear layer but the output head (lora_target_modules 'all-linear')."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sum(rank * (m.in_features + m.out_features) for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+def layer_activation_elements(shape: Shape, plan: Plan) -> int:
+    """Elements one decoder layer keeps for its backward, per token. Two RMSNorms: liger's keep their input and the
+    normalised output read by the next matmul (2 x hidden each), transformers' also a float32 copy of the input
+    (+2 x hidden in bf16 units). Attention: q and the output, k and v (expanded to every query head for the varlen
+    kernel: vftrain/attention.py). SwiGLU: gate, up, silu(gate) and the product in transformers' module (4 x
+    intermediate), liger's recomputes silu (3), lean_mlp also the product (2; vftrain/mlp.py)."""
+    norms = 2 * (2 if plan.liger else 4) * shape.hidden
+    kv = shape.heads if plan.varlen else shape.kv_heads
+    attention = (2 * shape.heads + 2 * kv) * shape.head_dim
+    lean = plan.lean_mlp and not plan.use_lora  # a LoRA-wrapped down projection keeps the stock forward
+    mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
+    return norms + attention + mlp
+
+
+def estimate(model, plan: Plan) -> dict[str, int]:
+    """Bytes at the peak, by part (the sum is the estimate)."""
+    shape = Shape.of(model)
+    params = list(model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in params)
+    parts = {"weights": weights}
+    if plan.use_lora:
+        adapters = lora_parameters(model, plan.lora_rank)
+        parts["lora"] = adapters * (4 + 4 + 8)  # float32 adapters, their gradients and moments
+    else:
+        trainable = [p for p in params if p.requires_grad]
+        parts["gradients"] = sum(p.numel() * p.element_size() for p in trainable)
+        parts["optimizer"] = sum(p.numel() * optimizer_bytes_per_param(p.dtype, plan.master_weights)
+                                 for p in trainable)
+    per_layer = layer_activation_elements(shape, plan)
+    if plan.gradient_checkpointing:  # each checkpointed layer keeps its input; one layer is recomputed at a time
+        kept = shape.layers // plan.every_n_layers
+        layers = kept * shape.hidden + (shape.layers - kept + 1) * per_layer
+    else:
+        layers = shape.layers * per_layer
+    # Outside the layers: the embedding output, the final norm (as a layer norm) and the trained hidden states.
+    parts["activations"] = plan.tokens * (layers + 5 * shape.hidden) * plan.act_bytes
+    # The fused head: one chunk of logits in float32 (logits, softmax, their gradient: ~12 bytes per logit), the
+    # float32 weight-gradient accumulator, the hidden states' gradient.
+    chunk = min(HEAD_CHUNK, plan.tokens)
+    accumulator = 0 if plan.use_lora else shape.vocab * shape.hidden * 4
+    parts["head"] = 12 * chunk * shape.vocab + accumulator + plan.tokens * shape.hidden * 4
+    return parts
+
+
+def total(parts: dict[str, int]) -> int:
+    return sum(parts.values())
+
+
+def describe(parts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items()) + f" (GiB; total {total(parts) / GIB:.1f})"
+
+
+def card_bytes(device: torch.device | None = None) -> int | None:
+    """Memory this process can use on its GPU (free, plus what it holds already), None off CUDA."""
+    if not torch.cuda.is_available() or (device is not None and torch.device(device).type != "cuda"):
+        return None
+    index = torch.device(device).index if device is not None else None
+    free, _ = torch.cuda.mem_get_info(index)
+    return free + torch.cuda.memory_reserved(index)
+
+
+def tokens_per_micro_batch(args) -> int:
+    """The largest micro-batch the run can form: micro_batch_tokens, else max_seq_len x micro_batch_size."""
+    return args.micro_batch_tokens or args.max_seq_len * args.micro_batch_size
+
+
+def plan_of(args, model, liger: bool, varlen: bool) -> Plan:
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    dtype = next(model.parameters()).dtype
+    return Plan(tokens=tokens_per_micro_batch(args), master_weights=args.master_weights, use_lora=args.use_lora,
+                lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
+                gradient_checkpointing=bool(args.gradient_checkpointing),
+                every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
+                act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4)
+
+
+def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, bool]:
+    """The values of the unset fields among ('lean_mlp', 'gradient_checkpointing') that make `plan` fit `budget`
+    bytes: off where the run fits without them, else turned on in that order until it fits (logged, one line).
+    Raises ConfigError naming what fits when even that does not."""
+    limit = budget * FIT_SHARE
+    chosen = {name: False for name in unset}
+    parts = estimate(model, plan)
+    for name in ("lean_mlp", "gradient_checkpointing"):
+        if total(parts) <= limit or name not in unset:
+            continue
+        chosen[name] = True
+        plan = dataclasses.replace(plan, **{name: True})
+        parts = estimate(model, plan)
+    turned = [k for k, v in chosen.items() if v]
+    if turned and total(parts) <= limit:
+        log.info("memory: %s set to true: the run's estimated peak without it is above %.0f%% of this GPU's "
+                 "%.1f GiB at %s tokens per micro-batch (now %s)", " and ".join(turned), FIT_SHARE * 100,
+                 budget / GIB, f"{plan.tokens:,}", describe(parts))
+    if total(parts) > limit:
+        raise ConfigError(_does_not_fit(model, plan, parts, budget))
+    return chosen
+
+
+def _does_not_fit(model, plan: Plan, parts: dict[str, int], budget: int) -> str:
+    """One line: the estimate, the card, and the setting that fits (fewer tokens per micro-batch, else LoRA)."""
+    limit = budget * FIT_SHARE
+    one_token = total(estimate(model, dataclasses.replace(plan, tokens=plan.tokens + 1024))) - total(parts)
+    fixed = total(parts) - one_token * plan.tokens / 1024
+    fits = int((limit - fixed) / one_token * 1024) // 1024 * 1024 if one_token > 0 else 0
+    said = (f"the run needs about {total(parts) / GIB:.1f} GiB at {plan.tokens:,} tokens per micro-batch "
+            f"({describe(parts)}), more than {FIT_SHARE:.0%} of this GPU's {budget / GIB:.1f} GiB")
+    if fits >= 1024:
+        return said + f"; set micro_batch_tokens = {fits} (and max_seq_len at most that)"
+    if not plan.use_lora:
+        return said + "; even one row does not fit: set use_lora = true, or shard the model with fsdp = true"
+    return said + "; even one row does not fit: use a GPU with more memory, or shard the model with fsdp = true"
