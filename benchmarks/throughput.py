@@ -26,6 +26,7 @@ Several GPUs: run one measuring process per GPU under torchrun, e.g. (benchmarks
        torchrun --nproc_per_node 2 benchmarks/throughput.py --child qwen1.5b --ga 4 --engine fsdp ...
 """
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -86,8 +87,10 @@ class Meter:
     def __init__(self, warmup):
         self.warmup, self.t0, self.micro_batches, self.real = warmup, None, 0, 0
         self.trained = self.attn_sq = 0  # tensors once counting starts
+        self.max_tokens = 0  # the largest micro-batch seen (padded: rows x longest), from shapes on the host
 
     def see(self, step, inputs):
+        self.max_tokens = max(self.max_tokens, inputs["input_ids"].numel())
         if step < self.warmup:
             return
         if self.t0 is None:
@@ -161,6 +164,10 @@ def measure(args):
     speed = {} if args.default else dict(
         attn_implementation=args.attn, use_liger=args.vf_liger, torch_compile=args.compile,
         lean_mlp=not args.no_lean_mlp, master_weights=not args.no_master, dataloader_num_workers=2)
+    if args.master_weights:  # also with --default: the one field changed
+        speed["master_weights"] = {"true": True, "false": False}.get(args.master_weights, args.master_weights)
+    if args.micro_batch_tokens:
+        speed["micro_batch_tokens"] = args.micro_batch_tokens
     if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
         speed["accelerator_config"] = {"non_blocking": False}
     config = vf.SFTConfig(
@@ -213,7 +220,9 @@ def measure(args):
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
                real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
-               params_m=round(n_params / 1e6, 2), trainable_m=round(trainable / 1e6, 2))
+               params_m=round(n_params / 1e6, 2), trainable_m=round(trainable / 1e6, 2),
+               gradient_checkpointing=bool(config.gradient_checkpointing),
+               max_tokens_per_micro_batch=meter.max_tokens, **memory_estimate(trainer, meter.max_tokens))
     if merged:
         plain = AutoModelForCausalLM.from_pretrained(merged)
         out.update(merged=merged, merged_params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2),
@@ -233,6 +242,19 @@ def measure(args):
             torch.distributed.all_gather_object(peaks, out["peak_mem_gib"])
             out["peak_mem_gib_per_rank"] = peaks
     return out, trainer
+
+
+def memory_estimate(trainer, tokens: int) -> dict:
+    """vftrain.memory's estimate of this run's peak at its largest micro-batch, to set beside the measured one."""
+    from vftrain import memory
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    liger = any(type(m).__name__.startswith("Liger") for m in model.modules())
+    varlen = getattr(model.config, "_attn_implementation", None) == "varlen"
+    plan = memory.plan_of(trainer.args, model, liger, varlen)
+    parts = memory.estimate(model, dataclasses.replace(plan, tokens=tokens))
+    return dict(memory_estimate_gib=round(memory.total(parts) / 2**30, 2),
+                memory_estimate_parts_gib={k: round(v / 2**30, 2) for k, v in parts.items()})
 
 
 CHECKPOINT_SECONDS = {}
@@ -414,6 +436,10 @@ def main():
     ap.add_argument("--fp32-weights", action="store_true", help="float32 weights with bf16 autocast instead of "
                     "bf16 weights")
     ap.add_argument("--no-master", action="store_true", help="master_weights = false: pure bf16 AdamW")
+    ap.add_argument("--master-weights", default=None, choices=("true", "false", "kahan", "kahan-bf16"),
+                    help="master_weights = this (also with --default)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="micro_batch_tokens (also with --default; "
+                    "bounds the memory estimate's tokens per micro-batch)")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
     ap.add_argument("--merge", action="store_true", help="with --lora: write the merged model after training and "
@@ -470,6 +496,8 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
+        cmd += ["--master-weights", args.master_weights] if args.master_weights else []
+        cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []
         cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),
                 "--sync-debug", str(args.sync_debug), "--pyprofile", str(args.pyprofile)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",

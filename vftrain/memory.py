@@ -94,7 +94,10 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim
     lean = plan.lean_mlp and not plan.use_lora  # a LoRA-wrapped down projection keeps the stock forward
     mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
-    return norms + attention + mlp
+    # LoRA: peft casts each adapted layer's input to the adapters' float32 and autocast back to bf16 for the
+    # matmul, so every adapter keeps its own copy: q, k, v and gate, up no longer share one, o_proj's is new.
+    adapters = 3 * shape.hidden + shape.heads * shape.head_dim if plan.use_lora else 0
+    return norms + attention + mlp + adapters
 
 
 def estimate(model, plan: Plan) -> dict[str, int]:
