@@ -41,13 +41,13 @@ timeout 150 $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${sha
   --no-eager --profile-tokens 16 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
 
 log "2/3 completions that stop early (--varied)"
-timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
   --warmup 1 --timeout 150 --deadline 200 --out "$out/rl20_varied" --log-dir "$out/logs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 
 log "3/3 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
-timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - 15 )) --out "$out/rl20_lengths" --log-dir "$out/logs" \
   2>&1 | tee "$out/logs/lengths.log" | show
 
