@@ -80,7 +80,7 @@ def _two_steps_on_one_batch(out_dir: Path, **overrides) -> dict:
         addition_rows(40)), args=cfg, reward_funcs=[digits]))
     trainer.train()
     base = dict(vf.get_model_and_tokenizer(TINY)[0].named_parameters())
-    return {n: p.detach() - base[n] for n, p in trainer.model.named_parameters()}
+    return {n: p.detach() - base[n].detach() for n, p in trainer.model.named_parameters()}
 
 
 def test_default_budget_with_reused_rollouts(tmp_path):
