@@ -7,11 +7,13 @@ What runs, for each framework in its own process (the same inputs for all):
   so every sampled id decodes to a word;
 - prompts: one user message of random words, rendered by the template to exactly --prompt-len tokens;
 - --prompts per step x --group completions of each, --new-tokens at most, temperature 1.0. A random model almost
-  never samples the stop token (3 ids of 151,936), so every completion runs to --new-tokens;
+  never samples the stop token (3 ids of 151,936), so every completion runs to --new-tokens; with --varied the
+  stop token's output row is raised (rl_probes.make_stopping) so that each step samples it with probability
+  --stop-prob (default 4 / --new-tokens: completions stop early, roughly geometric, mean ~ --new-tokens / 4);
 - reward: the share of the completion's words ending in "7" (graded, so groups have nonzero advantages).
 Runs:
 - vftrain: RLTrainer at RLConfig's defaults (embedded rollouts, attn_implementation auto, master weights, liger
-  where installed, micro_batch_size 8); only batch sizes and lengths are set.
+  where installed, token-budgeted micro-batches); only batch sizes and lengths are set.
 - vftrain-eager: the same, rollouts decoded without CUDA graphs (`sample(graphs=False)`: transformers' dynamic
   cache, one eager forward per token), to show what the graphs buy.
 - vftrain-no-master: the same as vftrain with master_weights = false (pure bf16 AdamW, as TRL trains), to show
@@ -21,37 +23,53 @@ Runs:
   gradient_checkpointing=False (TRL defaults it to True, which only slows the train phase).
 
 How it is measured: a callback synchronizes CUDA at the end of every optimizer step (step wall time). The rollout
-phase is vftrain's `_make_rollouts` / TRL's `_generate_and_score_completions`; inside it, generate is the sampler
+phase is vftrain's `get_batch_samples` / TRL's `_generate_and_score_completions`; inside it, generate is the sampler
 call (vftrain `_sample`; TRL `_generate`, which also applies the chat template), both timed on the host after a
 CUDA sync; score = rollout phase - generate (decode, rewards, advantages, batching); train = step wall - rollout
 phase (forward, backward, optimizer). Steps up to --warmup are not reported (CUDA graph capture, Triton
 compilation); each figure is the median over the later steps. Rollout tok/s = completion tokens / generate time;
-step tok/s = (prompt + completion tokens) / step wall.
+step tok/s = (prompt + completion tokens) / step wall. Memory (GPU): torch.cuda.memory_allocated at the phase
+boundaries, broken down by rl_probes.Memory (weights, master copies, moments, sampler, CUDA-graph pool, train
+phase); peak = the largest allocated at any time.
 
-usage: python benchmarks/rl_throughput.py                      # Qwen2.5-0.5B shape, all three runs (GPU)
+Modes: --lengths L... runs every run at every --arch and length (prompt = completion = L tokens) into one table with
+each run's speed over TRL's at the same shape; --deadline S skips the runs that would not finish within S seconds
+(estimated from the finished ones). --profile-decode times `sample` alone per --arch and --decode-rows, beside
+the bandwidth floor: the bytes of weights + filled KV cache a decoding step reads over the card's copy bandwidth.
+
+usage: python benchmarks/rl_throughput.py                      # Qwen2.5-0.5B shape, all four runs (GPU)
        python benchmarks/rl_throughput.py --runs vftrain trl --steps 6
-       python benchmarks/rl_throughput.py --tiny               # CPU smoke test (2 layers, 64 wide, short lengths)
+       python benchmarks/rl_throughput.py --runs vftrain trl --arch qwen0.5b qwen1.5b --lengths 128 256 512 1024
+       python benchmarks/rl_throughput.py --runs vftrain trl --varied         # completions that stop early
+       python benchmarks/rl_throughput.py --profile-decode --arch qwen0.5b qwen1.5b --decode-rows 128 256
+       python benchmarks/rl_throughput.py --tiny [mode flags]  # CPU smoke test (2 layers, 64 wide, short lengths)
 """
 import argparse
+import inspect
 import json
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
+from rl_probes import GIB, Memory, copy_bandwidth, decode_bytes, make_stopping, timed  # noqa: E402
 from trl_anchor import ARCHS, VOCAB  # noqa: E402  (benchmarks/ is sys.path[0])
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "user", "assistant"]
+STOP_ID = SPECIAL.index("<|im_end|>")  # the tokenizer's eos: what both frameworks stop on
 TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
             "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
 RUNS = ("vftrain", "trl", "vftrain-eager", "vftrain-no-master")
+LENGTHS = (128, 256, 512, 1024)
+STARTUP = 15  # seconds a run's process takes before its first step (H200: imports, model, trainer), for --deadline
 
 
 def make_tokenizer(vocab: int):
@@ -93,18 +111,23 @@ def sync():
 
 
 class Clock:
-    """Per optimizer step: host seconds in the rollout phase, in generation, completion tokens, step wall time."""
+    """Per optimizer step: host seconds in the rollout phase, in generation, completion tokens, step wall time;
+    and GPU memory at each phase boundary (`memory`)."""
 
     def __init__(self):
         self.steps, self.current, self.last = [], {}, None
+        self.memory = Memory()
 
     def timed(self, key, fn, tokens=None):
         def run(*args, **kwargs):
+            step = len(self.steps) + 1
             sync()
+            self.memory.mark(f"step {step} {key} start")
             start = time.perf_counter()
             out = fn(*args, **kwargs)
             sync()
             self.current[key] = self.current.get(key, 0.0) + time.perf_counter() - start
+            self.memory.mark(f"step {step} {key} end")
             if tokens is not None:
                 self.current["completion_tokens"] = tokens(out)
             return out
@@ -125,7 +148,8 @@ class Clock:
                 sync()
                 now = time.perf_counter()
                 clock.steps.append({"step": state.global_step, "wall": now - clock.last, **clock.current})
-                clock.current, clock.last = {}, now
+                clock.memory.mark(f"step {len(clock.steps)} end")
+                clock.current, clock.last = {}, time.perf_counter()
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if clock.steps and logs:
@@ -135,17 +159,38 @@ class Clock:
         return StepEnd()
 
 
-def build_model(args, cuda: bool):
+def build_model(args, cuda: bool, arch: str):
+    """The random model (seed 0); with --varied, its stop token raised to probability --stop-prob per step."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape, vocab = (TINY, args.vocab) if args.tiny else (ARCHS[args.arch], VOCAB)
+    shape, vocab = (TINY, args.vocab) if args.tiny else (ARCHS[arch], VOCAB)
     cfg = AutoConfig.for_model("qwen2", vocab_size=vocab, max_position_embeddings=32768, rope_theta=1e6,
                                rms_norm_eps=1e-6, **shape)
     torch.manual_seed(0)
-    with torch.device("cuda" if cuda else "cpu"):
+    device = "cuda" if cuda else "cpu"
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16 if cuda else torch.float32,
                                                  attn_implementation="sdpa")
+    if args.varied:
+        probe = torch.randint(len(SPECIAL), vocab, (4, min(args.prompt_len, 128)),
+                              generator=torch.Generator().manual_seed(1)).to(device)
+        make_stopping(model, STOP_ID, stop_prob(args), probe)
     return model, vocab
+
+
+def label(args, arch: str) -> str:
+    return f"{arch} (tiny)" if args.tiny else arch
+
+
+def stop_prob(args) -> float:
+    return args.stop_prob if args.stop_prob is not None else min(1.0, 4 / args.new_tokens)
+
+
+def sample_kwargs(graphs: bool) -> dict:
+    """`graphs=` for `sample` where it takes one (the decoder chooses by itself otherwise)."""
+    from vftrain.sampling.tokens import sample
+
+    return {"graphs": graphs} if "graphs" in inspect.signature(sample).parameters else {}
 
 
 def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True):
@@ -156,20 +201,22 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
     from vftrain.sampling.tokens import sample
 
     config = vf.RLConfig(
-        output_dir="/tmp/vftrain_rl_bench", max_steps=args.steps, batch_size=args.prompts * args.group,
+        output_dir=tempfile.mkdtemp(prefix="vftrain_rl_bench_"), max_steps=args.steps, batch_size=args.prompts * args.group,
         rollouts_per_example=args.group, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
         max_seq_len=args.prompt_len + args.new_tokens, temperature=1.0, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=0, master_weights=master)
     if not graphs:
-        rl_trainer.sample = lambda *a, **k: sample(*a, **k, graphs=False)
+        rl_trainer.sample = lambda *a, **k: sample(*a, **k, **sample_kwargs(False))
     trainer = vf.RLTrainer(model=model, train_dataset=Dataset.from_list(rows), args=config, reward_funcs=[reward],
                            processing_class=tok)
     widths = {len(ids) for ids in trainer.prompts.ids}
     assert widths == {args.prompt_len}, f"prompt lengths {widths} != {args.prompt_len}"
-    trainer._make_rollouts = clock.timed("rollout", trainer._make_rollouts)
+    # the rollout phase: sampling (the pipeline's, started by get_batch_samples), scoring, packing
+    trainer.get_batch_samples = clock.timed("rollout", trainer.get_batch_samples)
     trainer._sample = clock.timed("generate", trainer._sample,
                                   tokens=lambda out: sum(len(s.completion_ids) for s in out))
     trainer.add_callback(clock.callback())
+    clock.memory.mark("trainer")
     trainer.train()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     return dict(attn=unwrapped.config._attn_implementation, liger=trainer.args.use_liger,
@@ -197,78 +244,113 @@ def run_trl(args, model, tok, rows, clock, cuda: bool):
         "rollout", trainer._generate_and_score_completions, tokens=lambda out: int(out["completion_mask"].sum()))
     trainer._generate = clock.timed("generate", trainer._generate)
     trainer.add_callback(clock.callback())
+    clock.memory.mark("trainer")
     trainer.train()
     return dict(loss_type=config.loss_type, micro_batch_size=micro, gradient_accumulation=rollouts // micro,
                 generation_batch_size=config.generation_batch_size)
 
 
-def profile_decode(args) -> None:
-    """Where a decoding step's time goes: `sample` as the trainer calls it (--prompts x --group rows) timed whole
-    with and without CUDA graphs, then --profile-tokens steps under torch.profiler: CUDA time per kernel."""
+def profile_decode(args) -> list[dict]:
+    """Where a decoding step's time goes, per --arch and --decode-rows (prompts of --prompt-len, --new-tokens
+    steps): `sample` as the trainer calls it, with CUDA graphs (and without, unless --no-eager); the step time is
+    (whole call - a 2-token call) / (new tokens - 2), so neither the prefill nor the first step's graph capture is
+    in it; beside it the bandwidth floor.
+    Then --profile-tokens steps under torch.profiler (first --decode-rows only): CUDA time per kernel."""
     from vftrain.sampling.tokens import sample
 
     cuda = torch.cuda.is_available() and not args.tiny
-    model, vocab = build_model(args, cuda)
-    gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(len(SPECIAL), vocab, (args.prompt_len,), generator=gen).tolist()
-               for _ in range(args.prompts)]
-    kw = dict(n=args.group, temperature=1.0, top_p=1.0, stop_ids={2}, pad_id=0, seed=0)
-    sample(model, prompts, max_new_tokens=8, **kw)  # warm-up
-    for graphs in (True, False):
-        sync()
-        start = time.perf_counter()
-        sample(model, prompts, max_new_tokens=args.new_tokens, graphs=graphs, **kw)
-        sync()
-        seconds = time.perf_counter() - start
-        print(f"DECODE graphs={graphs}: {seconds:.3f} s for {args.new_tokens} tokens x {args.prompts * args.group} "
-              f"rows ({seconds / args.new_tokens * 1e3:.2f} ms per step, prefill included)", flush=True)
+    bandwidth = copy_bandwidth() if cuda else None
+    if bandwidth:
+        print(f"DECODE copy bandwidth {bandwidth / 1e12:.2f} TB/s (device-to-device, bytes read + written)")
+    results = []
+    for arch in args.arch:
+        model, vocab = build_model(args, cuda, arch)
+        for i, rows in enumerate(args.decode_rows):
+            gen = torch.Generator().manual_seed(0)
+            prompts = [torch.randint(len(SPECIAL), vocab, (args.prompt_len,), generator=gen).tolist()
+                       for _ in range(max(1, rows // args.group))]
+            kw = dict(n=args.group, temperature=1.0, top_p=1.0, stop_ids={STOP_ID}, pad_id=0, seed=0)
+            sample(model, prompts, max_new_tokens=8, **kw)  # warm-up (graph capture)
+            weights, kv = decode_bytes(model, len(prompts) * args.group, args.prompt_len, args.new_tokens)
+            floor_ms = (weights + kv) / bandwidth * 1e3 if bandwidth else None
+            for graphs in (True,) if args.no_eager else (True, False):
+                extra = sample_kwargs(graphs)
+                # prefill + the first decoding step (graph warm-up and capture): left out of the step time
+                prefill = timed(sample, model, prompts, max_new_tokens=2, **kw, **extra)
+                whole = timed(sample, model, prompts, max_new_tokens=args.new_tokens, **kw, **extra)
+                step_ms = (whole - prefill) / max(args.new_tokens - 2, 1) * 1e3
+                out = dict(arch=label(args, arch), rows=len(prompts) * args.group, graphs=graphs,
+                           prompt_len=args.prompt_len, new_tokens=args.new_tokens, step_ms=round(step_ms, 3),
+                           prefill_s=round(prefill, 3), weights_gb=round(weights / 1e9, 3), kv_gb=round(kv / 1e9, 3),
+                           floor_ms=round(floor_ms, 3) if floor_ms else None,
+                           x_floor=round(step_ms / floor_ms, 1) if floor_ms else None)
+                floor = (f"floor {floor_ms:.2f} ms ({out['weights_gb']} GB weights + {out['kv_gb']} GB filled KV "
+                         f"cache at {bandwidth / 1e12:.2f} TB/s): {out['x_floor']}x" if floor_ms else "floor n/a")
+                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs}: {step_ms:.2f} ms per step "
+                      f"(prefill + first step {prefill:.3f} s not included) | {floor}", flush=True)
+                print("DECODE_RESULT " + json.dumps(out), flush=True)
+                results.append(out)
+            if i == 0 and args.profile_tokens:
+                print_profile(model, prompts, kw, args.profile_tokens, cuda)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+def print_profile(model, prompts, kw, steps: int, cuda: bool) -> None:
     from torch.profiler import ProfilerActivity, profile
 
+    from vftrain.sampling.tokens import sample
+
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        sample(model, prompts, max_new_tokens=args.profile_tokens, **kw)
+        sample(model, prompts, max_new_tokens=steps, **kw)
     print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
                                     max_name_column_width=70), flush=True)
 
 
 def measure(args) -> dict:
     cuda = torch.cuda.is_available() and not args.tiny
-    model, vocab = build_model(args, cuda)
+    clock = Clock()
+    model, vocab = build_model(args, cuda, args.arch[0])
+    clock.memory.mark("model")
     tok = make_tokenizer(vocab)
     rows = make_prompts(tok, args.prompts * (args.steps + 1), args.prompt_len, vocab)
-    clock = Clock()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     if args.child == "trl":
         extra = run_trl(args, model, tok, rows, clock, cuda)
     else:
         extra = run_vftrain(args, model, tok, rows, clock, graphs=args.child != "vftrain-eager",
                             master=args.child != "vftrain-no-master")
-    timed = [s for s in clock.steps if s["step"] > args.warmup]
-    if not timed:
+    timed_steps = [s for s in clock.steps if s["step"] > args.warmup]
+    if not timed_steps:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
 
     def median(key):
-        return statistics.median(s.get(key, 0.0) for s in timed)
+        return statistics.median(s.get(key, 0.0) for s in timed_steps)
 
     rollout, generate, wall = median("rollout"), median("generate"), median("wall")
     completion = median("completion_tokens")
-    prompt_tokens = args.prompts * args.group * args.prompt_len
-    out = dict(run=args.child, arch="tiny" if args.tiny else args.arch, gpu=torch.cuda.get_device_name() if cuda
-               else "cpu", steps=args.steps, warmup=args.warmup, rollouts=args.prompts * args.group,
-               prompt_len=args.prompt_len, new_tokens=args.new_tokens, completion_tokens=completion,
-               step_s=round(wall, 3), generate_s=round(generate, 3), score_s=round(rollout - generate, 3),
-               train_s=round(wall - rollout, 3), rollout_tok_s=round(completion / generate),
-               step_tok_s=round((prompt_tokens + completion) / wall), **extra)
+    rollouts = args.prompts * args.group
+    out = dict(run=args.child, arch=label(args, args.arch[0]), gpu=torch.cuda.get_device_name() if cuda
+               else "cpu", steps=args.steps, warmup=args.warmup, rollouts=rollouts, prompt_len=args.prompt_len,
+               new_tokens=args.new_tokens, varied=args.varied, completion_tokens=completion,
+               mean_completion=round(completion / rollouts, 1), step_s=round(wall, 3), generate_s=round(generate, 3),
+               score_s=round(rollout - generate, 3), train_s=round(wall - rollout, 3),
+               rollout_tok_s=round(completion / generate), step_tok_s=round((rollouts * args.prompt_len + completion)
+                                                                            / wall), **extra)
+    if args.varied:
+        out["stop_prob"] = round(stop_prob(args), 5)
     # vftrain's own view of the same steps: its logged split, and whether the rollouts were on-policy (the
     # trainer's logprobs of the sampled tokens against the sampler's: bf16 rounding only).
     for key in ("time/generate", "time/score", "time/train", "tokens_per_second", "importance_ratio_min",
-                "importance_ratio_max", "mismatch_kl", "entropy"):
-        values = [s["logged"][key] for s in timed if key in s.get("logged", {})]
+                "importance_ratio_max", "mismatch_kl", "entropy", "completion_len"):
+        values = [s["logged"][key] for s in timed_steps if key in s.get("logged", {})]
         if values:
             out[f"logged {key}"] = round(statistics.median(values), 6)
     out["per_step"] = clock.steps
     if cuda:
-        out["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        out["memory_gib"] = clock.memory.breakdown(len(clock.steps), sum(p.numel() for p in model.parameters()))
+        out["peak_mem_gib"] = round(clock.memory.peak() / GIB, 2)
     return out
 
 
@@ -278,7 +360,8 @@ def run(cmd, timeout):
     try:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
-        return {"error": f"timed out after {timeout} s"}, exc.stdout or ""
+        output = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout or ""
+        return {"error": f"timed out after {timeout} s"}, output
     result, lines = None, []
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -290,28 +373,61 @@ def run(cmd, timeout):
             "\n".join(lines))
 
 
+def _shape(r: dict) -> tuple:
+    return r.get("arch"), r.get("prompt_len"), r.get("new_tokens")
+
+
 def table(results: list[dict]) -> str:
     ok = [r for r in results if "error" not in r]
     first = ok[0] if ok else {}
-    lines = [f"RL step on {first.get('gpu', '?')}, {first.get('arch', '?')} shape: {first.get('rollouts', '?')} "
-             f"rollouts per step ({first.get('prompt_len', '?')}-token prompts, {first.get('new_tokens', '?')} new "
-             f"tokens each), median of steps {first.get('warmup', 0) + 1}..{first.get('steps', '?')}", "",
-             "| run | step s | generate s | score s | train s | rollout tok/s | step tok/s | peak GiB |",
-             "|" + "---|" * 8]
-    trl = next((r for r in ok if r["run"] == "trl"), None)
-    for r in results:
+    varied = (f", stop token sampled with probability {first['stop_prob']} per step (--varied)"
+              if first.get("varied") else "")
+    lines = [f"RL step on {first.get('gpu', '?')}: {first.get('rollouts', '?')} rollouts per step, median of steps "
+             f"{first.get('warmup', 0) + 1}..{first.get('steps', '?')}{varied}", "",
+             "| arch | prompt + new | run | step s | x TRL | generate s | score s | train s | mean completion "
+             "| rollout tok/s | step tok/s | peak GiB |", "|" + "---|" * 12]
+    trl = {_shape(r): r for r in ok if r["run"] == "trl"}
+    for r in sorted(results, key=lambda r: (_shape(r), RUNS.index(r["run"]))):
+        shape = f"| {r.get('arch', '?')} | {r.get('prompt_len', '?')} + {r.get('new_tokens', '?')} | {r['run']} |"
         if "error" in r:
-            lines.append(f"| {r['run']} | failed: {r['error']} |" + " |" * 6)
+            lines.append(f"{shape} {r['error']} |" + " |" * 8)
             continue
-        speedup = f" ({trl['step_s'] / r['step_s']:.2f}x TRL)" if trl and r is not trl else ""
-        lines.append(f"| {r['run']} | {r['step_s']}{speedup} | {r['generate_s']} | {r['score_s']} | {r['train_s']} "
-                     f"| {r['rollout_tok_s']:,} | {r['step_tok_s']:,} | {r.get('peak_mem_gib', '-')} |")
+        base = trl.get(_shape(r))
+        speedup = f"{base['step_s'] / r['step_s']:.2f}x" if base and r is not base else "-"
+        lines.append(f"{shape} {r['step_s']} | {speedup} | {r['generate_s']} | {r['score_s']} | {r['train_s']} | "
+                     f"{r['mean_completion']} | {r['rollout_tok_s']:,} | {r['step_tok_s']:,} | "
+                     f"{r.get('peak_mem_gib', '-')} |")
+    memory = [r for r in ok if r.get("memory_gib")]
+    if memory:
+        parts = list(memory[0]["memory_gib"])
+        lines += ["", "GPU memory, GiB (allocated at phase boundaries; sampler and train: the last step, over the "
+                  "allocated at the phase's start; graph pool: reserved by CUDA-graph private pools)", "",
+                  "| arch | prompt + new | run | " + " | ".join(parts) + " |", "|" + "---|" * (3 + len(parts))]
+        for r in sorted(memory, key=lambda r: (_shape(r), RUNS.index(r["run"]))):
+            lines.append(f"| {r['arch']} | {r['prompt_len']} + {r['new_tokens']} | {r['run']} | "
+                         + " | ".join(str(r["memory_gib"].get(p, "-")) for p in parts) + " |")
     return "\n".join(lines)
+
+
+def plan(args) -> list[tuple]:
+    """(arch, prompt_len, new_tokens, run) of every child, in the order they run."""
+    lengths = [(n, n) for n in args.lengths] if args.lengths is not None else [(args.prompt_len, args.new_tokens)]
+    return [(arch, p, c, name) for p, c in lengths for arch in args.arch for name in args.runs]
+
+
+def estimate(done: list[tuple], arch: str, tokens: int, name: str) -> float:
+    """Seconds a child will take: a finished child of the same arch and run (else of the same arch, else any) scaled
+    by length past a start-up of STARTUP seconds (imports, model, trainer); the longest such guess."""
+    for same in (lambda a, n: a == arch and n == name, lambda a, n: a == arch, lambda a, n: True):
+        scaled = [STARTUP + max(wall - STARTUP, 0) * tokens / t for a, t, n, wall in done if same(a, n)]
+        if scaled:
+            return max(scaled)
+    return 0.0
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--arch", default="qwen0.5b", choices=sorted(ARCHS))
+    ap.add_argument("--arch", nargs="+", default=["qwen0.5b"], choices=sorted(ARCHS))
     ap.add_argument("--runs", nargs="+", default=list(RUNS), choices=RUNS)
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=1, help="first steps left out of the medians")
@@ -319,50 +435,81 @@ def main():
     ap.add_argument("--group", type=int, default=8, help="completions per prompt")
     ap.add_argument("--prompt-len", type=int, default=256, help="prompt tokens (chat template included)")
     ap.add_argument("--new-tokens", type=int, default=256, help="max new tokens per completion")
+    ap.add_argument("--lengths", nargs="*", type=int, default=None, help="sweep: every run at every --arch and "
+                    f"length L (prompt = completion = L tokens); no value: {' '.join(map(str, LENGTHS))}")
+    ap.add_argument("--varied", action="store_true", help="completions that stop early: the model samples its stop "
+                    "token with probability --stop-prob per step")
+    ap.add_argument("--stop-prob", type=float, default=None, help="with --varied (default 4 / --new-tokens)")
+    ap.add_argument("--deadline", type=float, default=None, help="seconds for all runs: a run that would end later "
+                    "(estimated from the finished ones) is skipped, and none gets more than what is left")
     ap.add_argument("--vocab", type=int, default=1000, help="vocabulary of the --tiny model")
     ap.add_argument("--timeout", type=int, default=240, help="seconds allowed to each run's process")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke test: 2-layer 64-wide model, vocab --vocab, "
                     "4 prompts x 4, 24-token prompts, 8 new tokens, 3 steps")
     ap.add_argument("--out", default=None, help="where to write the markdown table and the RESULT lines (.md/.jsonl; "
                     "default benchmarks/rl_last_run, /tmp/vftrain_rl_tiny with --tiny)")
-    ap.add_argument("--profile-decode", action="store_true", help="instead of the runs: time `sample` with and "
-                    "without CUDA graphs and print a kernel profile of --profile-tokens decoding steps (GPU)")
-    ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler")
+    ap.add_argument("--profile-decode", action="store_true", help="instead of the runs: time `sample` per --arch "
+                    "and --decode-rows beside the bandwidth floor, and print a kernel profile of --profile-tokens "
+                    "decoding steps")
+    ap.add_argument("--decode-rows", nargs="+", type=int, default=[128], help="rows decoded together "
+                    "(--profile-decode; --group completions of rows / --group prompts)")
+    ap.add_argument("--no-eager", action="store_true", help="--profile-decode: time the CUDA-graph decoder only")
+    ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--log-dir", default=None, help="also write each run's full output to DIR/rl_RUN.log")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = ap.parse_args()
-    if args.tiny:
-        args.prompts, args.group, args.prompt_len, args.new_tokens, args.steps = 4, 4, 24, 8, 3
+    if args.lengths == []:
+        args.lengths = list(LENGTHS)
+    if args.tiny and not args.child:  # a child takes its parent's numbers
+        args.prompts, args.group, args.steps = 4, 4, 3
+        if (args.prompt_len, args.new_tokens) == (256, 256):  # lengths set on the command line stay
+            args.prompt_len, args.new_tokens = 24, 8
+    out = args.out or ("/tmp/vftrain_rl_tiny" if args.tiny else os.path.join(HERE, "rl_last_run"))
     if args.profile_decode:
-        return profile_decode(args)
+        results = profile_decode(args)
+        with open(out + "_decode.jsonl", "w") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in results))
+        return
     if args.child:
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
 
-    results = []
-    for name in args.runs:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--arch", args.arch, "--steps",
+    results, done, begin = [], [], time.monotonic()
+    for arch, prompt_len, new_tokens, name in plan(args):
+        left = args.deadline - (time.monotonic() - begin) if args.deadline else args.timeout
+        guess = estimate(done, arch, prompt_len + new_tokens, name)
+        if args.deadline and left < max(guess, 20):
+            result = {"run": name, "arch": label(args, arch), "prompt_len": prompt_len,
+                      "new_tokens": new_tokens,
+                      "error": f"skipped: {left:.0f} s left, about {guess:.0f} s needed"}
+            print("SKIP " + json.dumps(result), flush=True)
+            results.append(result)
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--arch", arch, "--steps",
                str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--group",
-               str(args.group), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--vocab", str(args.vocab)] + (["--tiny"] if args.tiny else [])
-        result, log = run(cmd, args.timeout)
-        result = {"run": name, **result}
+               str(args.group), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
+               "--vocab", str(args.vocab)] + (["--tiny"] if args.tiny else []) + (["--varied"] if args.varied else []) \
+            + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else [])
+        start = time.monotonic()
+        result, log = run(cmd, int(min(args.timeout, left)))
+        done.append((arch, prompt_len + new_tokens, name, time.monotonic() - start))
+        result = {"run": name, "arch": label(args, arch), "prompt_len": prompt_len,
+                  "new_tokens": new_tokens, **result}
         if "error" in result:
             print(log[-3000:], flush=True)
         print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "per_step"}), flush=True)
         results.append(result)
         if args.log_dir:
-            with open(os.path.join(args.log_dir, f"rl_{name}.log"), "w") as fh:
+            with open(os.path.join(args.log_dir, f"rl_{name}_{arch}_{prompt_len}_{new_tokens}.log"), "w") as fh:
                 fh.write(log)
     text = table(results)
     print("\n" + text)
-    out = args.out or ("/tmp/vftrain_rl_tiny" if args.tiny else os.path.join(HERE, "rl_last_run"))
     with open(out + ".md", "w") as fh:
         fh.write(text + "\n")
     with open(out + ".jsonl", "w") as fh:
         fh.write("".join(json.dumps(r) + "\n" for r in results))
     print(f"\nwrote {out}.md and {out}.jsonl")
-    if any("error" in r for r in results):
+    if any("error" in r and not r["error"].startswith("skipped") for r in results):
         sys.exit(1)
 
 
