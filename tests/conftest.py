@@ -113,12 +113,13 @@ def worker_command(out_dir, max_steps=7, processes=1, **options) -> list[str]:
             *flags]
 
 
-def worker_env() -> dict:
-    """The environment of a training subprocess: no launcher variables, tests/ importable (before the caller's
-    PYTHONPATH, which may hold packages), and no GPU: its checks (exact resume, signals, process splits over gloo) are
-    CPU semantics, also on a CUDA machine (tests/gpu.sh)."""
+def worker_env(*paths) -> dict:
+    """The environment of a training subprocess: no launcher variables, `paths` and tests/ importable (before the
+    caller's PYTHONPATH, which may hold packages: tests/gpu.sh installs some into /tmp/site), and no GPU: its checks
+    (exact resume, signals, process splits over gloo) are CPU semantics, also on a CUDA machine (tests/gpu.sh)."""
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(__file__).parent), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(str(p) for p in (*paths, Path(__file__).parent, Path(__file__).parent.parent,
+                                                          env.get("PYTHONPATH")) if p)
     env["CUDA_VISIBLE_DEVICES"] = ""
     return env
 

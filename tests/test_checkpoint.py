@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
+import transformers
+from packaging.version import Version
 
 from conftest import run_worker, worker_command, worker_env
 
@@ -41,6 +43,9 @@ def test_sigkill_and_resume_continue_exactly(tmp_path):
     assert names == ["checkpoint-6", "checkpoint-7"]
 
 
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"),
+                    reason="transformers 5.17 loads a multi-process CPU run's optimizer state with map_location "
+                           "'cpu:0', which torch.load refuses (fixed by 5.24)")
 def test_two_processes_resume_in_the_middle_of_epoch_1(tmp_path):
     """24 rows, 3 steps per epoch: checkpoint-4 lies inside epoch 1. On 2 processes accelerate wraps the sampler
     on resume (SkipBatchSampler(BatchSamplerShard(...)), neither forwards set_epoch); the resumed steps must
@@ -142,7 +147,8 @@ def test_second_signal_stops_at_once(tmp_path, sig):
     finally:
         proc.kill()
     assert time.monotonic() - sent < 30
-    assert proc.returncode == -sig  # an uncaught KeyboardInterrupt ends Python by SIGINT; SIGTERM's default
+    # An uncaught KeyboardInterrupt ends Python by SIGINT, as SIGTERM's default action ends it by SIGTERM
+    assert proc.returncode == -sig, stderr[-3000:]
     assert f"second signal ({sig.name}): stopping now, without saving" in stderr
     assert f"the last checkpoint, {out / 'checkpoint-2'}, is intact" in stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, worker_env
 from test_rl_env import ScriptedTurns, _rollouts, _trainer, envs  # noqa: F401  (envs: a fixture)
 from vftrain.errors import ConfigError
 from vftrain.sampling.tokens import Sample
@@ -206,8 +206,7 @@ def test_fsdp2_env_where_one_process_runs_more_turns_finishes(tmp_path, envs):
     rank 0's episodes call the tool, so only rank 0 has a second turn to sample. Every process must still make the
     same sampler calls; they did not (gloo aborts on the mismatched collectives, NCCL hangs: the timeout turns a hang
     into a failure)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(envs), str(ROOT / "tests"), str(ROOT)])
+    env = worker_env(envs)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29800 + os.getpid() % 1000)]
     try:

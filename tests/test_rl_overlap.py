@@ -18,7 +18,7 @@ import torch
 from transformers import TrainerCallback
 
 import vftrain as vf
-from conftest import TINY, addition_rows
+from conftest import TINY, addition_rows, worker_env
 from rl_worker import config, digits
 from vftrain.errors import ConfigError, SamplerError
 from vftrain.sampling.tokens import seed_for
@@ -224,8 +224,7 @@ def test_config_refuses_a_bound_it_cannot_keep(tmp_path, overrides, needle):
 def _launch(out_dir, url: str, resume: bool = False) -> subprocess.CompletedProcess:
     """Two processes under torchrun; on a timeout the whole process group is killed (workers stuck in a collective
     ignore the SIGTERM torchrun forwards: vftrain's Ctrl-C guard waits for the step to end)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(HERE.parent)])
+    env = worker_env()
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(29600 + os.getpid() % 1000), __file__, str(out_dir), url, "1" if resume else "0"]
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vftrain as vf
-from conftest import TINY, addition_rows, tiny_tokenizer
+from conftest import TINY, addition_rows, tiny_tokenizer, worker_env
 from rl_worker import config, digits
 from test_rl_env import envs  # noqa: F401  (a fixture: the tool environments on PYTHONPATH)
 
@@ -180,8 +180,7 @@ def test_env_with_openai_backend_on_two_processes_finishes(tmp_path, envs):
     from vftrain.serve import serve
 
     server = serve(TINY, port=0)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["PYTHONPATH"] = os.pathsep.join([str(envs), str(ROOT / "tests"), str(ROOT)])
+    env = worker_env(envs)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(28800 + os.getpid() % 1000)]
     try:

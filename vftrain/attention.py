@@ -271,8 +271,71 @@ def _segmented_sdpa(q, k, v, bounds: list[int], scale, left: int):
     return torch.cat(parts)
 
 
-def register() -> None:
-    """Make "varlen" a valid `attn_implementation` for every transformers model (idempotent)."""
-    from transformers import AttentionInterface
+# ---- decoding: one query token per row over a static KV cache (vftrain.sampling.tokens)
+DECODE = "vftrain_decode"
+_decode_columns: int | None = None
 
+
+@contextlib.contextmanager
+def decode_columns(columns: int | None):
+    """Inside the block, decode attention reads only the first `columns` columns of the static cache (the filled
+    ones, rounded up): the rest are masked anyway, and reading them is most of a late decoding step's traffic. A
+    Python int, so a CUDA graph captured inside the block keeps it: one graph per width."""
+    global _decode_columns
+    before, _decode_columns = _decode_columns, columns
+    try:
+        yield
+    finally:
+        _decode_columns = before
+
+
+def decode_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for a decoding step that reads the grouped K/V cache once: the query heads sharing a K/V head become
+    that head's "query rows" ([rows, kv heads, group, dim], what transformers >= 5.24 calls pack_gqa) instead of
+    repeating K and V to every query head (`repeat_kv`, which writes and reads the whole cache again per step), and
+    only the `decode_columns` filled columns are read. Anything else (the prompt's forward, no mask) is stock SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rows, heads, length, dim = query.shape
+    if length != 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if _decode_columns is not None and _decode_columns < key.shape[2]:
+        key, value = key[:, :, :_decode_columns], value[:, :, :_decode_columns]
+        attention_mask = attention_mask[..., :_decode_columns]
+    groups = heads // key.shape[1]  # query head h reads K/V head h // groups (transformers' repeat_kv)
+    if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+        attention_mask = attention_mask.to(query.dtype)
+    out = F.scaled_dot_product_attention(query.reshape(rows, key.shape[1], groups, dim), key, value,
+                                         attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def for_decoding(model):
+    """Decode attention (above) inside the block for a model that runs SDPA; others are left as they are."""
+    register()  # a model loaded without vftrain.models
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    configs = [c for c in {id(c): c for c in [base.config, *(m.config for m in base.modules()
+                                                               if hasattr(m, "config"))]}.values()
+               if getattr(c, "_attn_implementation", None) == "sdpa"]
+    for config in configs:
+        config._attn_implementation = DECODE
+    try:
+        yield model
+    finally:
+        for config in configs:
+            config._attn_implementation = "sdpa"
+
+
+def register() -> None:
+    """Make "varlen" (training) and the decode attention valid `attn_implementation`s of every transformers model
+    (idempotent); the decode attention builds SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if DECODE in AttentionInterface():
+        return
     AttentionInterface.register(NAME, varlen_attention_forward)
+    AttentionInterface.register(DECODE, decode_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE, sdpa_mask)

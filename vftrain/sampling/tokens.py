@@ -21,12 +21,13 @@ it never waits for the step it has just queued.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import torch
 
-from vftrain.attention import for_generation
+from vftrain.attention import decode_columns, for_decoding, for_generation
 
 log = logging.getLogger("vftrain")
 
@@ -104,10 +105,11 @@ def sample(model, prompts: list[list[int]], *, n: int, max_new_tokens: int, temp
     try:
         with for_generation(model):
             static = _static_applies(model, device, synced) if graphs is None else graphs
-            for start in range(0, len(rows), batch_size):
-                chunk = rows[start:start + batch_size]
-                out.extend(_sample_chunk(model, chunk, max_new_tokens, temperature, top_p, stops, pad_id, generator,
-                                         device, synced, static))
+            with for_decoding(model) if static else contextlib.nullcontext():
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start:start + batch_size]
+                    out.extend(_sample_chunk(model, chunk, max_new_tokens, temperature, top_p, stops, pad_id,
+                                             generator, device, synced, static))
     finally:
         model.train(was_training)
     return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
@@ -168,11 +170,17 @@ class _Forward:
     `[rows, vocab]` of each row's last position, `length` being the columns of `mask` seen so far.
 
     Dynamic: transformers' growing cache, mask sliced to `length` (what `generate` does). Static: a `StaticCache` of
-    the mask's full width (it masks the columns not yet written itself); on CUDA the first decoding step runs
-    eagerly on a side stream (warm-up: kernel selection, Triton compilation, cuBLAS workspaces) and is then captured
-    as a graph over fixed input buffers, which later steps fill and replay. If capture fails (a forward that syncs
-    with the host, e.g. data-dependent MoE routing), decoding goes on eagerly with a warning."""
+    the mask's full width (it masks the columns not yet written itself), decoded with `attention.for_decoding`'s
+    attention, which reads the grouped K/V heads once and only the first `columns(length)` columns (the filled ones,
+    rounded up to `WIDTH_STEP`). On CUDA each such width is captured once as a graph over fixed input buffers (the
+    first step of a width runs eagerly on a side stream first: kernel selection, Triton compilation, cuBLAS
+    workspaces) and later steps fill the buffers and replay it; the graphs share one memory pool, since they run one
+    after another. If capture fails (a forward that syncs with the host, e.g. data-dependent MoE routing), decoding
+    goes on eagerly with a warning."""
 
+    # Columns read per step are rounded up to this: a late step of a 512 + 512 decode reads ~1024 columns instead of
+    # all of them from the start, at the cost of one graph capture per 256 columns.
+    WIDTH_STEP = 256
     warned = False
 
     def __init__(self, model, mask: torch.Tensor, static: bool):
@@ -183,27 +191,34 @@ class _Forward:
 
             self.cache = StaticCache(config=_base(model).config, max_cache_len=mask.shape[1])
         self.capture = static and mask.is_cuda
-        self.graph = self.logits = None
+        self.graphs: dict[int, tuple] = {}  # columns -> (graph, logits)
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         rows = mask.shape[0]
         self.ids = mask.new_zeros((rows, 1))
         self.positions = mask.new_zeros((rows, 1))
+
+    def columns(self, length: int) -> int:
+        return min(-(-length // self.WIDTH_STEP) * self.WIDTH_STEP, self.mask.shape[1])
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         if not self.static or ids.shape[1] > 1:  # dynamic cache, or the prompt's forward
             return self._run(ids, positions, self.mask if self.static else self.mask[:, :length])
         self.ids.copy_(ids)
         self.positions.copy_(positions)
-        if self.graph is not None:
-            self.graph.replay()
-            return self.logits
-        if not self.capture:
-            return self._run(self.ids, self.positions, self.mask)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            logits = self._run(self.ids, self.positions, self.mask)
-        torch.cuda.current_stream().wait_stream(stream)
-        self._capture(stream)
+        columns = self.columns(length)
+        with decode_columns(columns):
+            if columns in self.graphs:
+                graph, logits = self.graphs[columns]
+                graph.replay()
+                return logits
+            if not self.capture:
+                return self._run(self.ids, self.positions, self.mask)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                logits = self._run(self.ids, self.positions, self.mask)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._capture(stream, columns)
         return logits
 
     def _run(self, ids, positions, mask) -> torch.Tensor:
@@ -212,25 +227,25 @@ class _Forward:
         self.cache = getattr(out, _CACHE)
         return out.logits[:, -1].float()
 
-    def _capture(self, stream) -> None:
-        self.capture = False
+    def _capture(self, stream, columns: int) -> None:
         graph = torch.cuda.CUDAGraph()
         # Not the `torch.cuda.graph` context: it empties the allocator's caches on entry (torch/cuda/graphs.py), so
         # the training step that follows would take all of its memory from the driver again.
         torch.cuda.synchronize()
         try:
             with torch.cuda.stream(stream):
-                graph.capture_begin()
+                graph.capture_begin(pool=self.pool)
                 try:
                     logits = self._run(self.ids, self.positions, self.mask)
                 finally:
                     graph.capture_end()
         except RuntimeError as error:  # nothing captured ran: the cache is as the warm-up step left it
+            self.capture = False
             if not _Forward.warned:
                 log.warning("decoding without CUDA graphs (capture failed: %s)", str(error).splitlines()[0])
                 _Forward.warned = True
             return
-        self.graph, self.logits = graph, logits
+        self.graphs[columns] = (graph, logits)
 
 
 class _AllDone:
