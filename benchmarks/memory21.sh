@@ -49,17 +49,18 @@ vf="python3 benchmarks/throughput.py $S $tiny"
 # 1.25x the aimed tokens: packing balances micro-batches near --seq, so it rarely splits one.
 A="--arch qwen0.5b --seq 16384 --micro-batch-tokens 20480 --default"
 B="--arch llama1.3b --mix long --seq 16384 --micro-batch-tokens 20480 --default"
-run 05b_default 150 $vf $A --trl
+# Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, then the 7B LoRA, then 0.5B.
 run 13b_default 170 $vf $B --trl
-for mode in kahan kahan-bf16 false; do
+for mode in kahan-bf16 kahan false; do
   run "13b_$mode" 90 $vf $B --master-weights $mode
-done
-for mode in kahan kahan-bf16 false; do
-  run "05b_$mode" 80 $vf $A --master-weights $mode
 done
 for t in 4096 16384; do
   run "7b_lora_$t" 120 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4))
   [ -z "$tiny" ] && run "7b_peft_$t" 120 python3 benchmarks/trl_anchor.py hf_padded qwen7b --lora 8 --tokens $t $S
+done
+run 05b_default 150 $vf $A --trl
+for mode in kahan-bf16 kahan false; do
+  run "05b_$mode" 80 $vf $A --master-weights $mode
 done
 echo "elapsed ${SECONDS}s"
 python3 - "$out/results.jsonl" <<'PY' | tee "$out/memory21.md"

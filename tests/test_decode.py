@@ -37,14 +37,19 @@ def test_decode_attention_is_sdpa_over_repeated_heads(columns):
     torch.testing.assert_close(got, expected)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("width_step", [3, 256])
-def test_static_decoding_reading_filled_columns_samples_what_the_dynamic_cache_does(monkeypatch, width_step):
+def test_static_decoding_reading_filled_columns_samples_what_the_dynamic_cache_does(monkeypatch, width_step, device):
     """Rollouts with decode attention over a static cache read in steps of 3 columns (a new width every 3 tokens;
-    on CUDA a graph per width) are transformers' dynamic-cache rollouts: same tokens, logprobs and endings."""
+    on CUDA a graph per width, replayed) are transformers' dynamic-cache rollouts: same tokens, logprobs and
+    endings."""
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setattr(tokens._Forward, "WIDTH_STEP", width_step)
-    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).to(device)
     prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
     runs = {graphs: tokens.sample(model, prompts, n=2, max_new_tokens=14, temperature=0.9, top_p=1.0,
                                   stop_ids=set(range(20, 32)), pad_id=96, seed=3, batch_size=6, graphs=graphs)
