@@ -83,3 +83,26 @@ def test_decoding_uses_the_decode_attention(monkeypatch):
                   pad_id=96, seed=0, graphs=True)
     layers = model.config.num_hidden_layers
     assert calls.count(1) == 3 * layers  # steps 2..4 decode one token per row through it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stopped_rows_leave_the_decoding_batch_without_changing_a_sample(monkeypatch, device):
+    """Rows that have stopped are dropped from the static cache's batch (checked every 2 steps here) once they are
+    half of it: the rollouts stay those of the dynamic cache, which never drops a row, token for token."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(tokens, "_COMPACT_EVERY", 2)
+    sizes = []
+    select = tokens._Forward.select
+    monkeypatch.setattr(tokens._Forward, "select", lambda self, live: (sizes.append(live.numel()), select(self, live)))
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32).to(device)
+    prompts = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    runs = {graphs: tokens.sample(model, prompts, n=4, max_new_tokens=16, temperature=1.0, top_p=1.0,
+                                  stop_ids=set(range(20, 50)), pad_id=96, seed=5, graphs=graphs)
+            for graphs in (True, False)}
+    static, dynamic = [[s for group in runs[g] for s in group] for g in (True, False)]
+    assert sizes and sizes[0] <= 8  # 16 rows, then at most half of them
+    assert [s.completion_ids for s in static] == [s.completion_ids for s in dynamic]
+    assert [s.finish_reason for s in static] == [s.finish_reason for s in dynamic]
+    for a, b in zip(static, dynamic):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

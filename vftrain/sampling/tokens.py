@@ -14,9 +14,11 @@ distribution, a per-call generator (reproducible rollouts after a resume) and on
 Speed: a decoding step runs hundreds of small kernels, and eager PyTorch spends it launching them (Qwen2.5-0.5B,
 128 rows on an H200: 28.6 ms per step eagerly, 10.4 ms replayed as a graph; benchmarks/RESULTS.md, "RL step").
 On a CUDA GPU the step's forward therefore runs over a static KV cache (transformers' `StaticCache`: fixed shapes,
-cache length kept on the device) and is captured once per batch as a CUDA graph, then replayed; sampling stays
-outside the graph (it draws from the call's generator). The host reads "have all rows stopped?" one step late, so
-it never waits for the step it has just queued.
+cache length kept on the device), captured as CUDA graphs and replayed; sampling stays outside the graphs (it draws
+from the call's generator). Its attention (`attention.for_decoding`) reads each grouped K/V head once and only the
+filled columns, so a step reads what it must: the weights and the filled cache. Rows that have stopped leave the
+batch (`_compact`), so short completions stop costing cache reads. The host reads "have all rows stopped?" one step
+late, so it never waits for the step it has just queued.
 """
 
 from __future__ import annotations
@@ -138,31 +140,62 @@ def _sample_chunk(model, rows: list[list[int]], max_new_tokens: int, temperature
     mask = torch.zeros((len(rows), width + max_new_tokens), dtype=torch.long, device=device)
     mask[:, :width] = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)
+    last = positions[:, -1]
     forward = _Forward(model, mask, static)
     tokens = torch.full((len(rows), max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((len(rows), max_new_tokens), dtype=torch.float32, device=device)
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
     lengths = torch.full((len(rows),), max_new_tokens, dtype=torch.long, device=device)
     all_done = _AllDone(device, synced)
+    alive = slice(None)  # the rows in the decoding batch (all of them until the static cache is compacted)
     step_ids, step_pos = ids, positions
     for t in range(max_new_tokens):
         x = sampling_logits(forward(step_ids, step_pos, width + t), temperature, top_p)
         logp = x.log_softmax(-1)
-        token = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
-        token = torch.where(done, torch.full_like(token, pad_id), token)
-        tokens[:, t] = token
-        logprobs[:, t] = logp.gather(-1, token[:, None])[:, 0]
-        stopped = ~done & torch.isin(token, stops)
-        lengths = torch.where(stopped, torch.full_like(lengths, t + 1), lengths)
-        done = done | stopped
+        token = _draw(logp.exp(), alive, len(rows), generator)
+        finished = done[alive]
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens[alive, t] = token
+        logprobs[alive, t] = logp.gather(-1, token[:, None])[:, 0]
+        stopped = ~finished & torch.isin(token, stops)
+        lengths[alive] = torch.where(stopped, torch.full_like(token, t + 1), lengths[alive])
+        done[alive] = finished | stopped
         if all_done(done):
             break
         step_ids = token[:, None]
-        step_pos = positions[:, -1:] + t + 1
-        mask[:, width + t] = 1  # a finished row's pads are never read
+        step_pos = last[alive, None] + t + 1
+        forward.mask[:, width + t] = 1  # a finished row's pads are never read
+        if static and (t + 1) % _COMPACT_EVERY == 0:
+            alive, step_ids, step_pos = _compact(forward, alive, done, step_ids, step_pos)
     tokens, logprobs, lengths, done = tokens.tolist(), logprobs.tolist(), lengths.tolist(), done.tolist()
     return [Sample(prompt_ids=r, completion_ids=tokens[i][:lengths[i]], logprobs=logprobs[i][:lengths[i]],
                    finish_reason="stop" if done[i] else "length") for i, r in enumerate(rows)]
+
+
+def _draw(probs: torch.Tensor, alive, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of `probs` (the decoding batch's rows `alive` of `rows`): `torch.multinomial(probs, 1)`'s
+    own method (ATen's Distributions.cpp: argmax of p / q, q ~ Exp(1)), with the noise drawn for all `rows`, so a row's
+    token does not depend on which other rows are still decoding (compaction below changes no sample)."""
+    noise = torch.empty((rows, probs.shape[-1]), dtype=probs.dtype, device=probs.device).exponential_(1,
+                                                                                                     generator=generator)
+    return (probs / noise[alive]).argmax(-1)
+
+
+# Rows that have stopped still cost a decoding step their share of reading the KV cache. Every this many steps the
+# static cache drops them when at least half of its rows have stopped (one host read of `done` per check; each drop
+# means new CUDA graphs for the smaller batch, so it is done only for a large saving).
+_COMPACT_EVERY = 16
+
+
+def _compact(forward: "_Forward", alive, done: torch.Tensor, step_ids: torch.Tensor, step_pos: torch.Tensor):
+    """(alive, step_ids, step_pos) after dropping the stopped rows from the decoding batch where they are at least
+    half of it; unchanged otherwise."""
+    live = (~done[alive]).nonzero()[:, 0]  # positions within the batch
+    if live.numel() == 0 or 2 * live.numel() > step_ids.shape[0]:
+        return alive, step_ids, step_pos
+    forward.select(live)
+    rows = torch.arange(done.shape[0], device=done.device)[alive]
+    return rows[live], step_ids[live], step_pos[live]
 
 
 class _Forward:
@@ -196,6 +229,16 @@ class _Forward:
         rows = mask.shape[0]
         self.ids = mask.new_zeros((rows, 1))
         self.positions = mask.new_zeros((rows, 1))
+
+    def select(self, live: torch.Tensor) -> None:
+        """Keep only the batch rows `live` (static cache): their cache rows, mask and input buffers; the graphs of
+        the larger batch are dropped (their memory goes back to the shared pool)."""
+        self.mask = self.mask[live]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[live], layer.values[live]
+            layer.batch_size = live.numel()
+        self.ids, self.positions = self.ids[live], self.positions[live]
+        self.graphs.clear()
 
     def columns(self, length: int) -> int:
         return min(-(-length // self.WIDTH_STEP) * self.WIDTH_STEP, self.mask.shape[1])
