@@ -141,3 +141,17 @@ def test_default_run_on_a_small_card_turns_on_the_lean_paths(tmp_path, monkeypat
 def test_cpu_run_needs_no_estimate(tmp_path):
     trainer = _trainer(tmp_path)
     assert trainer.args.lean_mlp is False and trainer.args.gradient_checkpointing is False
+
+
+def test_rl_estimate_counts_rollouts_at_their_longest_not_max_seq_len(tmp_path):
+    """RL's token-budgeted micro-batches (micro_batch_size unset) are sized by the rollout's prompt + completion:
+    the estimate must count the same tokens (max_seq_len x micro_batch_size counted up to 4x more at 256 + 256 and
+    turned on gradient checkpointing a run did not need), and SFT's stays max_seq_len x micro_batch_size."""
+    import vftrain as vf
+    from vftrain import memory
+
+    rl = vf.RLConfig(output_dir=str(tmp_path / "rl"), max_prompt_len=256, max_new_tokens=256, batch_size=128,
+                     rollouts_per_example=8)
+    assert rl.micro_batch_size * 512 <= memory.tokens_per_micro_batch(rl) <= 16384
+    sft = vf.SFTConfig(output_dir=str(tmp_path / "sft"), max_seq_len=1024, micro_batch_size=4, batch_size=8)
+    assert memory.tokens_per_micro_batch(sft) == 4096

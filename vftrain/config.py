@@ -302,6 +302,10 @@ class TrainerConfig(TrainingArguments):
                               "writes to a new folder (outputs/<generated name>), which holds no earlier checkpoint; "
                               "set the run_name (or output_dir) of the run to continue, or give the checkpoint's path")
 
+    def longest_row(self) -> int:
+        """Most tokens one row can have (what a micro-batch is sized by)."""
+        return self.max_seq_len
+
     def _validate_choices(self):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("vf_choices") or _TRANSFORMERS_CHOICES.get(f.name)
@@ -515,6 +519,10 @@ class RLConfig(TrainerConfig):
         self._validate_rl()
         super().__post_init__()
 
+    def longest_row(self) -> int:
+        """Most tokens one rollout can have: prompt and completion, or max_seq_len for multi-turn environments."""
+        return self.max_seq_len if self.env else self.max_prompt_len + self.max_new_tokens
+
     def _validate_choices(self):
         if self.micro_batch_size is None:  # resolved first: every later check and the accumulation read it
             self.micro_batch_size = self._budgeted_micro_batch()
@@ -528,7 +536,7 @@ class RLConfig(TrainerConfig):
         packer's LPT rule). Invalid numbers are left to the checks after this (1 here)."""
         if not self.packing:
             return 8
-        longest = self.max_seq_len if self.env else self.max_prompt_len + self.max_new_tokens
+        longest = self.longest_row()
         budget = self.micro_batch_tokens or RL_MICRO_BATCH_TOKENS
         numbers = (longest, budget, self.batch_size)
         if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in numbers):

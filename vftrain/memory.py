@@ -148,8 +148,9 @@ def card_bytes(device: torch.device | None = None) -> int | None:
 
 
 def tokens_per_micro_batch(args) -> int:
-    """The largest micro-batch the run can form: micro_batch_tokens, else max_seq_len x micro_batch_size."""
-    return args.micro_batch_tokens or args.max_seq_len * args.micro_batch_size
+    """The largest micro-batch the run can form: micro_batch_tokens, else the longest row (SFT: max_seq_len; RL: a
+    rollout's prompt + completion) x micro_batch_size."""
+    return args.micro_batch_tokens or args.longest_row() * args.micro_batch_size
 
 
 def plan_of(args, model, liger: bool, varlen: bool) -> Plan:
