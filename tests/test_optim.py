@@ -14,12 +14,13 @@ from conftest import TINY, addition_rows, small_config
 from vftrain.optim import master_weights
 
 
-def _train(tmp_path, dtype: str, master: bool = True, **overrides):
-    """3 AdamW steps at lr 1e-5 (a fine-tuning rate); returns the trainer and the weights it started from."""
+def _train(tmp_path, dtype: str, master: bool | str = True, rows: int = 32, **overrides):
+    """3 AdamW steps at lr 1e-5 (a fine-tuning rate) on `rows` rows, unless `overrides` say otherwise; returns the
+    trainer and the weights it started from."""
     settings = dict(dtype=dtype, master_weights=master, learning_rate=1e-5, max_steps=3, warmup_steps=0,
                     lr_scheduler_type="constant", micro_batch_size=4)
     args = small_config(tmp_path, **{**settings, **overrides})
-    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)), args=args)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(rows)), args=args)
     start = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     return trainer, start

@@ -13,6 +13,7 @@ import torch
 import vftrain as vf
 from conftest import TINY, addition_rows, small_config
 from vftrain.errors import ConfigError
+from test_optim import _train as train_adamw
 from vftrain.optim import CompensatedAdamW
 
 MODES = ("kahan", "kahan-bf16")
@@ -20,13 +21,7 @@ MODES = ("kahan", "kahan-bf16")
 
 def _train(tmp_path, dtype: str, master, **overrides):
     """AdamW at lr 2e-5 (a fine-tuning rate) for 12 steps; returns the trainer and the weights it started from."""
-    settings = dict(dtype=dtype, master_weights=master, learning_rate=2e-5, max_steps=12, warmup_steps=0,
-                    lr_scheduler_type="constant", micro_batch_size=4)
-    args = small_config(tmp_path, **{**settings, **overrides})
-    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(64)), args=args)
-    start = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    return trainer, start
+    return train_adamw(tmp_path, dtype, master, rows=64, **{"learning_rate": 2e-5, "max_steps": 12, **overrides})
 
 
 def _held(trainer) -> dict[str, torch.Tensor]:

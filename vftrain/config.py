@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
                                     _check_late_failures, _cuda, _fsdp_config_with_defaults, _integer, _jsonable,
-                                    _reporting_integrations)
+                                    _reporting_integrations, budgeted_micro_batch)
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")
@@ -525,25 +525,9 @@ class RLConfig(TrainerConfig):
 
     def _validate_choices(self):
         if self.micro_batch_size is None:  # resolved first: every later check and the accumulation read it
-            self.micro_batch_size = self._budgeted_micro_batch()
+            self.micro_batch_size = budgeted_micro_batch(self.packing, self.longest_row(), self.micro_batch_tokens
+                                                         or RL_MICRO_BATCH_TOKENS, self.batch_size, launch_world_size())
         super()._validate_choices()
-
-    def _budgeted_micro_batch(self) -> int:
-        """The default micro_batch_size: SFT's packed forwards carry ~micro_batch_size x max_seq_len = 16k tokens
-        (its speed tables), RL's 8 rollouts only ~4k at 256 + 256 (issue 20: ~35k tok/s training against SFT's 70k).
-        So: as many rollouts as fit the token budget at the longest a rollout can be, the largest count that divides
-        this process's share of the step (every micro-batch then has as many rollouts, balanced by tokens: the
-        packer's LPT rule). Invalid numbers are left to the checks after this (1 here)."""
-        if not self.packing:
-            return 8
-        longest = self.longest_row()
-        budget = self.micro_batch_tokens or RL_MICRO_BATCH_TOKENS
-        numbers = (longest, budget, self.batch_size)
-        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in numbers):
-            return 1
-        share = self.batch_size // launch_world_size()
-        fit = max(1, budget // longest)
-        return max((d for d in range(1, min(fit, share) + 1) if share % d == 0), default=1)
 
     def _validate_rl(self):
         world = launch_world_size()
