@@ -204,7 +204,7 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
         output_dir=tempfile.mkdtemp(prefix="vftrain_rl_bench_"), max_steps=args.steps, batch_size=args.prompts * args.group,
         rollouts_per_example=args.group, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
         max_seq_len=args.prompt_len + args.new_tokens, temperature=1.0, save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=0, master_weights=master)
+        disable_tqdm=True, seed=0, master_weights=master, micro_batch_tokens=args.micro_batch_tokens)
     if not graphs:
         rl_trainer.sample = lambda *a, **k: sample(*a, **k, **sample_kwargs(False))
     trainer = vf.RLTrainer(model=model, train_dataset=Dataset.from_list(rows), args=config, reward_funcs=[reward],
@@ -221,7 +221,8 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     return dict(attn=unwrapped.config._attn_implementation, liger=trainer.args.use_liger,
                 master_weights=trainer.args.master_weights, micro_batch_size=trainer.args.micro_batch_size,
-                gradient_accumulation=trainer.args.gradient_accumulation_steps)
+                micro_batch_tokens=trainer.args.micro_batch_tokens, lean_mlp=trainer.args.lean_mlp,
+                gradient_checkpointing=trainer.args.gradient_checkpointing, gradient_accumulation=trainer.args.gradient_accumulation_steps)
 
 
 def run_trl(args, model, tok, rows, clock, cuda: bool):
@@ -455,6 +456,8 @@ def main():
                     "(--profile-decode; --group completions of rows / --group prompts)")
     ap.add_argument("--no-eager", action="store_true", help="--profile-decode: time the CUDA-graph decoder only")
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
+    ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
+                    "(default unset: RLConfig's token budget)")
     ap.add_argument("--log-dir", default=None, help="also write each run's full output to DIR/rl_RUN.log")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = ap.parse_args()
@@ -489,7 +492,8 @@ def main():
                str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts), "--group",
                str(args.group), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
                "--vocab", str(args.vocab)] + (["--tiny"] if args.tiny else []) + (["--varied"] if args.varied else []) \
-            + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else [])
+            + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else []) \
+            + (["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else [])
         start = time.monotonic()
         result, log = run(cmd, int(min(args.timeout, left)))
         done.append((arch, prompt_len + new_tokens, name, time.monotonic() - start))

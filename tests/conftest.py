@@ -7,13 +7,21 @@ import os
 import signal
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# transformers before 5.24 (the H200's 5.17) loads a multi-process CPU run's optimizer state with map_location 'cpu:0',
+# which torch.load refuses: resuming such a run cannot be tested there.
+OLD_CPU_RESUME = Version(metadata.version("transformers")) < Version("5.24")
+OLD_CPU_RESUME_REASON = ("transformers < 5.24 loads a multi-process CPU run's optimizer state with map_location "
+                         "'cpu:0', which torch.load refuses")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "assets" / "tiny-chat")

@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import transformers
-from packaging.version import Version
 
-from conftest import run_worker, worker_command, worker_env
+from conftest import OLD_CPU_RESUME, OLD_CPU_RESUME_REASON, run_worker, worker_command, worker_env
 
 
 def _losses(out_dir) -> dict[int, float]:
@@ -43,9 +41,7 @@ def test_sigkill_and_resume_continue_exactly(tmp_path):
     assert names == ["checkpoint-6", "checkpoint-7"]
 
 
-@pytest.mark.skipif(Version(transformers.__version__) < Version("5.24"),
-                    reason="transformers 5.17 loads a multi-process CPU run's optimizer state with map_location "
-                           "'cpu:0', which torch.load refuses (fixed by 5.24)")
+@pytest.mark.skipif(OLD_CPU_RESUME, reason=OLD_CPU_RESUME_REASON)
 def test_two_processes_resume_in_the_middle_of_epoch_1(tmp_path):
     """24 rows, 3 steps per epoch: checkpoint-4 lies inside epoch 1. On 2 processes accelerate wraps the sampler
     on resume (SkipBatchSampler(BatchSamplerShard(...)), neither forwards set_epoch); the resumed steps must
@@ -147,8 +143,11 @@ def test_second_signal_stops_at_once(tmp_path, sig):
     finally:
         proc.kill()
     assert time.monotonic() - sent < 30
-    # An uncaught KeyboardInterrupt ends Python by SIGINT, as SIGTERM's default action ends it by SIGTERM
-    assert proc.returncode == -sig, stderr[-3000:]
+    if sig == signal.SIGINT:  # Ctrl-C's own behaviour in Python: KeyboardInterrupt, uncaught. Python then ends by
+        # SIGINT, or with exit status 1 after the traceback (the H200's Python 3.12 with its packages does the latter)
+        assert stderr.rstrip().endswith("KeyboardInterrupt") and proc.returncode in (-sig, 1), stderr[-3000:]
+    else:  # SIGTERM's default action ends the process by SIGTERM
+        assert proc.returncode == -sig, stderr[-3000:]
     assert f"second signal ({sig.name}): stopping now, without saving" in stderr
     assert f"the last checkpoint, {out / 'checkpoint-2'}, is intact" in stderr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -1,5 +1,5 @@
 """RL's default micro-batch is token-budgeted (issue 20): as many rollouts per forward as fit micro_batch_tokens
-(16,384 when unset) at their longest, and the update is the same as one rollout per forward, on one process or two,
+(8,192 when unset) at their longest, and the update is the same as one rollout per forward, on one process or two,
 with rollouts reused (num_iterations = 2)."""
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from vftrain.errors import ConfigError
 
 
 @pytest.mark.parametrize("fields, micro, accumulation", [
-    (dict(), 16, 16),  # 256 rollouts of up to 512 + 512 tokens: 16 x 1024 = 16k per forward
-    (dict(batch_size=128, max_prompt_len=256, max_new_tokens=256), 32, 4),  # the RL benchmark's shape
-    (dict(batch_size=128, max_prompt_len=1024, max_new_tokens=1024), 8, 16),
+    (dict(), 8, 32),  # 256 rollouts of up to 512 + 512 tokens: 8 x 1024 = 8k per forward
+    (dict(batch_size=128, max_prompt_len=256, max_new_tokens=256), 16, 8),  # the RL benchmark's shape
+    (dict(batch_size=128, max_prompt_len=1024, max_new_tokens=1024), 4, 32),
     (dict(batch_size=24, rollouts_per_example=4, micro_batch_tokens=5 * 1024), 4, 6),  # 5 fit; 4 divides 24
     (dict(micro_batch_tokens=4096), 4, 64),
     (dict(micro_batch_size=4), 4, 64),  # an explicit micro_batch_size is honoured

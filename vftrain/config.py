@@ -438,7 +438,10 @@ def _non_blocking_copies(value):
     return value  # a JSON file or an AcceleratorConfig: the user's own
 
 
-RL_MICRO_BATCH_TOKENS = 16384  # RL's default tokens per forward (micro_batch_size unset): what SFT's tables use
+# RL's default tokens per forward (micro_batch_size unset). At the 1.5B shape with 384 + 384 tokens (one H200,
+# benchmarks/RESULTS.md): 8k tokens train a step in 2.5 s at a 42.6 GiB peak (TRL's 31.0 + the float32 master
+# weights and moments), 16k in 2.1 s at 55.8 GiB, 4k in 4.7 s.
+RL_MICRO_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -503,9 +506,9 @@ class RLConfig(TrainerConfig):
     warmup_steps: float = _f(0, "Warmup: an integer number of steps, or a float in [0, 1) as a fraction of all steps.")
     batch_size: int = _f(256, "Rollouts per optimizer step, summed over all processes.")
     micro_batch_size: int | None = _f(None, "Rollouts per process per forward pass (packed; balanced by tokens). "
-                                      "None: token-budgeted, as many as fit micro_batch_tokens (16,384 when unset) "
+                                      "None: token-budgeted, as many as fit micro_batch_tokens (8,192 when unset) "
                                       "at their longest (max_prompt_len + max_new_tokens; max_seq_len with env), "
-                                      "rounded down to a divisor of the process's share of batch_size (16 at the "
+                                      "rounded down to a divisor of the process's share of batch_size (8 at the "
                                       "defaults); 8 with packing = false.")
     temperature: float = _f(1.0, "Rollout sampling temperature (> 0); the trainer's log-probabilities use the same "
                             "temperature. Held-out samples are greedy.")

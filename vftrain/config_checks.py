@@ -179,9 +179,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def budgeted_micro_batch(packing: bool, longest: int, budget: int, batch_size: int, world: int) -> int:
-    """RL's default micro_batch_size: SFT's packed forwards carry ~micro_batch_size x max_seq_len = 16k tokens (its
-    speed tables), RL's 8 rollouts only ~4k at 256 + 256 (issue 20: ~35k tok/s training against SFT's 70k). So: as
-    many rollouts as fit `budget` tokens at the `longest` a rollout can be, the largest count that divides this
+    """RL's default micro_batch_size, sized in tokens rather than a fixed 8 rollouts (~4k tokens at 256 + 256, where
+    the train phase ran at half SFT's speed; issue 20): as many rollouts as fit `budget` tokens (RL_MICRO_BATCH_TOKENS,
+    its speed and memory measured there) at the `longest` a rollout can be, the largest count that divides this
     process's share of the step (every micro-batch then has as many rollouts, balanced by tokens: the packer's LPT
     rule); 8 without packing. Invalid numbers are left to the checks after this (1 here)."""
     if not packing:

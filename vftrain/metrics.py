@@ -103,8 +103,9 @@ def _numel(p) -> int:
 
 def measured_matmul_peak() -> float:
     """bf16 matmul FLOP/s of this GPU, measured on an 8192^3 product (the MFU denominator of CONTEXT.md)."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(0)  # its own: the run's random stream stays the user's seed's
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16, generator=gen)
     for _ in range(3):
         a @ b
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -124,7 +125,9 @@ class Throughput:
         config = getattr(model, "config", None)
         self.params = matmul_params(model)
         self.attn_coef = 6 * getattr(config, "num_hidden_layers", 0) * getattr(config, "hidden_size", 0)
-        self.peak = measured_matmul_peak() if torch.cuda.is_available() else None
+        # A run on the CPU of a CUDA machine (use_cpu) reports neither the GPU's peak nor its memory.
+        self.gpu = torch.cuda.is_available() and next(model.parameters()).device.type == "cuda"
+        self.peak = measured_matmul_peak() if self.gpu else None
         self.last = time.perf_counter()
 
     def update(self, logs: dict, attn_sq: float) -> None:
@@ -136,5 +139,5 @@ class Throughput:
             if self.peak:
                 flops = 6 * self.params * logs["tokens"] + self.attn_coef * attn_sq
                 logs["mfu"] = flops / elapsed / self.peak
-        if torch.cuda.is_available():
+        if self.gpu:
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

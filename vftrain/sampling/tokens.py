@@ -284,11 +284,26 @@ class _Forward:
                     graph.capture_end()
         except RuntimeError as error:  # nothing captured ran: the cache is as the warm-up step left it
             self.capture = False
+            _end_failed_capture(stream)
             if not _Forward.warned:
                 log.warning("decoding without CUDA graphs (capture failed: %s)", str(error).splitlines()[0])
                 _Forward.warned = True
             return
         self.graphs[columns] = (graph, logits)
+
+
+def _end_failed_capture(stream) -> None:
+    """A failed capture leaves the CUDA generator in capture mode (`CUDAGraph.capture_end` raises before ending the
+    generator's part of the capture), and every later CUDA random op of the process then fails with "Offset increment
+    outside graph capture encountered unexpectedly" (seen on the H200: the next trainer's torch.randn, dropout). A
+    capture that completes ends that mode."""
+    torch.cuda.synchronize()
+    scratch = torch.zeros(1, device=stream.device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        scratch.add_(1)
+        graph.capture_end()
 
 
 class _AllDone:
