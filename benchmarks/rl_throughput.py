@@ -257,6 +257,7 @@ def profile_decode(args) -> list[dict]:
     (whole call - a 2-token call) / (new tokens - 2), so neither the prefill nor the first step's graph capture is
     in it; beside it the bandwidth floor.
     Then --profile-tokens steps under torch.profiler (first --decode-rows only): CUDA time per kernel."""
+    from vftrain.sampling import tokens
     from vftrain.sampling.tokens import sample
 
     cuda = torch.cuda.is_available() and not args.tiny
@@ -281,13 +282,15 @@ def profile_decode(args) -> list[dict]:
                 whole = timed(sample, model, prompts, max_new_tokens=args.new_tokens, **kw, **extra)
                 step_ms = (whole - prefill) / max(args.new_tokens - 2, 1) * 1e3
                 out = dict(arch=label(args, arch), rows=len(prompts) * args.group, graphs=graphs,
+                           capture_failed=tokens._Forward.warned,  # decoding fell back to eager (logged once)
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, step_ms=round(step_ms, 3),
                            prefill_s=round(prefill, 3), weights_gb=round(weights / 1e9, 3), kv_gb=round(kv / 1e9, 3),
                            floor_ms=round(floor_ms, 3) if floor_ms else None,
                            x_floor=round(step_ms / floor_ms, 1) if floor_ms else None)
                 floor = (f"floor {floor_ms:.2f} ms ({out['weights_gb']} GB weights + {out['kv_gb']} GB filled KV "
                          f"cache at {bandwidth / 1e12:.2f} TB/s): {out['x_floor']}x" if floor_ms else "floor n/a")
-                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs}: {step_ms:.2f} ms per step "
+                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (capture failed: "
+                      f"{out['capture_failed']}): {step_ms:.2f} ms per step "
                       f"(prefill + first step {prefill:.3f} s not included) | {floor}", flush=True)
                 print("DECODE_RESULT " + json.dumps(out), flush=True)
                 results.append(out)

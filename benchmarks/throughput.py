@@ -249,10 +249,11 @@ def memory_estimate(trainer, tokens: int) -> dict:
     from vftrain import memory
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    liger = any(type(m).__name__.startswith("Liger") for m in model.modules())
-    varlen = getattr(model.config, "_attn_implementation", None) == "varlen"
-    plan = memory.plan_of(trainer.args, model, liger, varlen)
-    parts = memory.estimate(model, dataclasses.replace(plan, tokens=tokens))
+    plan = memory.plan_of(trainer.args, model)
+    # at the largest micro-batch the run formed; micro_batch_tokens is set here only to bound the estimate (1.25x the
+    # aimed tokens, rarely splitting a slot), so gradients accumulate only with gradient accumulation
+    plan = dataclasses.replace(plan, tokens=tokens, accumulates=trainer.args.gradient_accumulation_steps > 1)
+    parts = memory.estimate(model, plan)
     return dict(memory_estimate_gib=round(memory.total(parts) / 2**30, 2),
                 memory_estimate_parts_gib={k: round(v / 2**30, 2) for k, v in parts.items()})
 

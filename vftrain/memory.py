@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from vftrain import attention
 from vftrain.errors import ConfigError
 from vftrain.optim import KAHAN_MODES, LOW_PRECISION
 
@@ -65,15 +66,22 @@ class Plan:
     liger: bool = False
     varlen: bool = False
     act_bytes: int = 2  # bytes per activation element: 2 under bf16/fp16, 4 in float32
+    accumulates: bool = True  # gradient accumulation over micro-batches: a step's gradients live through forwards
 
 
 def optimizer_bytes_per_param(dtype: torch.dtype, master_weights) -> int:
-    """Optimizer state per trainable parameter: AdamW's two moments, plus the master copy or compensation."""
+    """Optimizer state kept per trainable parameter: AdamW's two moments, plus the master copy or compensation."""
     if dtype not in LOW_PRECISION or master_weights is False:
         return 2 * torch.empty((), dtype=dtype).element_size()
     if master_weights in KAHAN_MODES:  # compensation in the weight's dtype, moments in the mode's
         return 2 + 2 * torch.empty((), dtype=KAHAN_MODES[master_weights]).element_size()
-    return 4 + 8 + 4  # float32 copy and moments, and the float32 gradients made for each step
+    return 4 + 8  # float32 copy and moments
+
+
+def step_bytes_per_param(dtype: torch.dtype, master_weights) -> int:
+    """Made for the optimizer step only: with float32 master weights, a float32 copy of the gradients
+    (`optim.use_float32_master_weights`)."""
+    return 4 if dtype in LOW_PRECISION and master_weights is True else 0
 
 
 def lora_parameters(model, rank: int) -> int:
@@ -101,7 +109,10 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
 
 
 def estimate(model, plan: Plan) -> dict[str, int]:
-    """Bytes at the peak, by part (the sum is the estimate)."""
+    """Bytes at the peak, by part (the sum is the estimate): the end of the largest micro-batch's forward (all its
+    activations and the fused head's buffers held; the step's gradients so far only when it accumulates: the
+    trainer frees them after each step), or the optimizer step (every gradient, and the step's own buffers) where
+    that is larger."""
     shape = Shape.of(model)
     params = list(model.parameters())
     weights = sum(p.numel() * p.element_size() for p in params)
@@ -109,11 +120,17 @@ def estimate(model, plan: Plan) -> dict[str, int]:
     if plan.use_lora:
         adapters = lora_parameters(model, plan.lora_rank)
         parts["lora"] = adapters * (4 + 4 + 8)  # float32 adapters, their gradients and moments
+        step = {}
     else:
         trainable = [p for p in params if p.requires_grad]
-        parts["gradients"] = sum(p.numel() * p.element_size() for p in trainable)
+        gradients = sum(p.numel() * p.element_size() for p in trainable)
+        if plan.accumulates:
+            parts["gradients"] = gradients
         parts["optimizer"] = sum(p.numel() * optimizer_bytes_per_param(p.dtype, plan.master_weights)
                                  for p in trainable)
+        step = {"weights": weights, "gradients": gradients, "optimizer": parts["optimizer"],
+                "step buffers": sum(p.numel() * step_bytes_per_param(p.dtype, plan.master_weights)
+                                    for p in trainable)}
     per_layer = layer_activation_elements(shape, plan)
     if plan.gradient_checkpointing:  # each checkpointed layer keeps its input; one layer is recomputed at a time
         kept = shape.layers // plan.every_n_layers
@@ -127,7 +144,7 @@ def estimate(model, plan: Plan) -> dict[str, int]:
     chunk = min(HEAD_CHUNK, plan.tokens)
     accumulator = 0 if plan.use_lora else shape.vocab * shape.hidden * 4
     parts["head"] = 12 * chunk * shape.vocab + accumulator + plan.tokens * shape.hidden * 4
-    return parts
+    return step if total(step) > total(parts) else parts
 
 
 def total(parts: dict[str, int]) -> int:
@@ -153,14 +170,26 @@ def tokens_per_micro_batch(args) -> int:
     return args.micro_batch_tokens or args.longest_row() * args.micro_batch_size
 
 
-def plan_of(args, model, liger: bool, varlen: bool) -> Plan:
+def uses_liger(model) -> bool:
+    """Whether liger-kernel's RMSNorm / SwiGLU run in this model. vftrain patches the model's instances
+    (`models.apply_liger`), which keeps the modules' classes and renames them through `_get_name` only; liger's
+    class-level patch replaces the classes."""
+    return any(m._get_name().startswith("Liger") for m in model.modules())
+
+
+def plan_of(args, model) -> Plan:
+    """The Plan of a run with `args` on `model` as loaded (its attention kernel and liger patches)."""
     kwargs = args.gradient_checkpointing_kwargs or {}
     dtype = next(model.parameters()).dtype
+    liger = uses_liger(model)
+    varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     return Plan(tokens=tokens_per_micro_batch(args), master_weights=args.master_weights, use_lora=args.use_lora,
                 lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
-                act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4)
+                act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4,
+                # a slot split by micro_batch_tokens runs its parts back to back: the first part's gradients live
+                accumulates=(args.gradient_accumulation_steps or 1) > 1 or args.micro_batch_tokens is not None)
 
 
 def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, bool]:

@@ -118,9 +118,7 @@ class VFTrainer(Trainer):
         budget = None if args.fsdp or args.deepspeed or not auto else memory.card_bytes(args.device)
         chosen = dict.fromkeys(auto, False)
         if budget is not None:
-            liger = any(type(m).__name__.startswith("Liger") for m in model.modules())
-            varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
-            chosen = memory.fit(model, memory.plan_of(args, model, liger, varlen), budget, auto)
+            chosen = memory.fit(model, memory.plan_of(args, model), budget, auto)
         for name, value in chosen.items():
             setattr(args, name, value)
             if name == "gradient_checkpointing" and hasattr(args, "activation_checkpointing"):
