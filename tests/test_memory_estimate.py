@@ -176,12 +176,12 @@ def test_the_estimate_sees_liger_where_vftrain_applied_it(model):
     """vftrain patches liger-kernel into the model's instances (`models.apply_liger`), which keeps the modules'
     classes: the estimate read them by class name, counted a liger run's layers as transformers' (the 1.3B long-row
     run: 31 GiB of activations estimated, ~17 used) and could turn on checkpointing a run did not need."""
-    from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
+    from vftrain.models import apply_liger
 
     patched = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16)
     args = vf.SFTConfig(output_dir="unused", max_seq_len=1024, micro_batch_size=4, batch_size=8)
     assert memory.plan_of(args, patched).liger is False
-    _apply_liger_kernel_to_instance(model=patched, rope=False, fused_linear_cross_entropy=False, cross_entropy=False)
+    apply_liger(patched, device="cuda")  # patched as for a GPU run; nothing runs here
     plan = memory.plan_of(args, patched)
     assert plan.liger is True
     assert total(estimate(patched, plan)) < total(estimate(patched, dataclasses.replace(plan, liger=False)))
