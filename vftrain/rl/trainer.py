@@ -185,11 +185,12 @@ class RLTrainer(VFTrainer):
             # num_iterations reuse); an old checkpoint's cache has no version: its rollouts' own step
             version = self.rollout_cache.get("version", start)
             self.stats.add_rollouts({"off_policy_steps": step - version})
-        batches = self.rollout_cache["batches"]
-        count = torch.tensor(self.rollout_cache["tokens"], device=device)
+        batches = [_on_device(batch, device) for batch in self.rollout_cache["batches"]]
+        # filled on the device: torch.tensor(n, device=...) copies from the host and waits for the queued kernels
+        count = torch.full((), self.rollout_cache["tokens"], dtype=torch.long, device=device)
         if args.world_size > 1:
             count = self.accelerator.reduce(count, reduction="sum")
-        return list(batches), count
+        return batches, count
 
     def _make_rollouts(self, step: int, now: int, num_batches: int) -> dict:
         """Step `step`'s rollouts (sampled by the pipeline, at optimizer step `now` or earlier), advantages, packed
@@ -389,6 +390,18 @@ def disable_dropout(model) -> None:
     if dropouts:
         log.info("dropout off in the RL policy (%d dropout layers): rollouts are sampled without it",
                  len(dropouts))
+
+
+def _on_device(batch: dict, device) -> dict:
+    """A micro-batch's tensors on a GPU `device`, copied from pinned memory without waiting (issue 20); elsewhere
+    as they are. Left to the Trainer, each CPU tensor would be copied by a blocking copy, which waits for every
+    kernel already queued: 8 host syncs per micro-batch, the GPU idle while the host launched the next forward.
+    SFT's loader copies the same way (`config._non_blocking_copies`)."""
+    if torch.device(device).type != "cuda":
+        return batch
+    from accelerate.utils import recursively_apply, send_to_device
+
+    return send_to_device(recursively_apply(torch.Tensor.pin_memory, batch), device, non_blocking=True)
 
 
 def _no_loss(logp: torch.Tensor, start: int, end: int):
