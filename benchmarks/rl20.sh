@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 20's measurements in one device call of at most ~9 minutes on one H200 (benchmarks/rl_throughput.py):
-#   1. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
-#      step (CUDA-graph decoder) beside the bandwidth floor, and a 16-step kernel profile at 128 rows (in the log);
+#   1. the length sweep: 0.5B and 1.5B, prompt = completion = 128, 512, 256, 1024 tokens in that order, vftrain vs
+#      TRL, 3 steps (1 warm-up) of 16 prompts x 8 rollouts; runs that would end past the budget less RL20_RESERVE
+#      seconds (120) are skipped and listed as such (--deadline);
 #   2. --varied at the 0.5B shape, 256 + 256: completions that stop early (mean ~64 tokens), vftrain vs TRL;
-#   3. the length sweep with the time left: 0.5B and 1.5B, prompt = completion = 128, 512, 256, 1024 tokens in that
-#      order, vftrain vs TRL, 3 steps (1 warm-up) of 16 prompts x 8 rollouts; runs that would end past the budget
-#      are skipped and listed as such (--deadline).
+#   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
+#      step (CUDA-graph decoder) beside the bandwidth floor, with the time left.
 # Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), logs/.
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
 #   RL20_BUDGET=seconds for everything (530), RL20_LENGTHS="128 512 ..." the sweep's lengths in order,
@@ -17,7 +17,7 @@ out=${OUT:-/tmp/out}
 mkdir -p "$out/logs"
 log() { echo "[rl20 +$(( $(date +%s) - start )) s] $*"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
-if [ -d .whl ]; then  # datasets, trl, liger-kernel: nothing can be downloaded on the device
+if [ -d .whl ] && [ -z "${RL20_TINY:-}" ]; then  # datasets, trl, liger-kernel: nothing can be downloaded on the device
   rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
@@ -36,20 +36,22 @@ else
 fi
 show() { grep -E "^(RESULT|SKIP|DECODE |\\$|\\|)|rror|Traceback|wrote" | cut -c1-500; }
 
-log "1/3 decoding step vs bandwidth floor"
-timeout 150 $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" --decode-rows "${rows[@]}" \
-  --no-eager --profile-tokens 16 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
+# Most telling first (a short call stops at the budget): the length table, then the early-stopping runs, then the
+# decoding step against the floor.
+log "1/3 lengths $lengths, $(left) s left"
+# shellcheck disable=SC2086  # the lengths are separate words
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
+  --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
+  --log-dir "$out/logs" 2>&1 | tee "$out/logs/lengths.log" | show
 
 log "2/3 completions that stop early (--varied)"
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
-  --warmup 1 --timeout 150 --deadline 200 --out "$out/rl20_varied" --log-dir "$out/logs" 2>&1 \
+  --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$out/logs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 
-log "3/3 lengths $lengths, $(left) s left"
-# shellcheck disable=SC2086  # the lengths are separate words
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
-  --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - 15 )) --out "$out/rl20_lengths" --log-dir "$out/logs" \
-  2>&1 | tee "$out/logs/lengths.log" | show
+log "3/3 decoding step vs bandwidth floor"
+[ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
+  --decode-rows "${rows[@]}" --no-eager --profile-tokens 0 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
 
 log "done"
 for f in "$out"/rl20_varied.md "$out"/rl20_lengths.md; do [ -f "$f" ] && { echo; cat "$f"; }; done

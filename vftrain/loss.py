@@ -19,6 +19,10 @@ from vftrain.sampling.tokens import sampling_logits
 
 # Rows of logits alive (in float32) at once: 2048 x 152k vocabulary = 1.2 GB.
 CHUNK = 2048
+# The per-token losses (RL) keep more [rows, vocab] buffers per chunk (float32 logits, probabilities, the gradient,
+# temporaries): ~23 bytes per logit on the CPU (4,096 rows x 152k vocabulary, peak RSS over the call: 7.2 GB at 2048
+# rows, 3.6 GB at 1024). They are held at the end of the forward, with every layer's activations: half of CHUNK.
+TOKEN_CHUNK = 1024
 
 
 def _ce_chunk(logits: torch.Tensor, labels: torch.Tensor):
@@ -280,7 +284,7 @@ class _LogitsTokenLoss(torch.autograd.Function):
 
 def token_loss_sum(token_fn, labels: torch.Tensor, *, hidden: torch.Tensor | None = None,
                    weight: torch.Tensor | None = None, logits: torch.Tensor | None = None, temperature: float = 1.0,
-                   chunk: int = CHUNK, top_p: float = 1.0):
+                   chunk: int = TOKEN_CHUNK, top_p: float = 1.0):
     """Sum over tokens of `token_fn(logp, start, end) -> (loss [n], stats [n, k])`, where logp are the log-softmax
     probabilities of `labels` under `logits / temperature` (or `hidden @ weight.T / temperature`, fused: no logits
     held) and [start, end) the chunk's token positions, for slicing per-token inputs.
