@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+# Without CUDA, Triton kernels run under Triton's interpreter (tests/test_optim_kernel.py): chosen when triton and
+# each kernel are first imported, so before anything imports them (importing torch does not).
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -17,8 +17,11 @@ optimizer's state dict, so a resume is exact).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+log = logging.getLogger("vftrain")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _KEY = "vftrain_float32_master"
 
@@ -131,6 +134,9 @@ class CompensatedAdamW(torch.optim.Optimizer):
     state dict, so a resume is exact): step, exp_avg, exp_avg_sq, compensation (16-bit parameters only)."""
 
     _step_supports_amp_scaling = True  # reads found_inf: the NaN guard needs no host sync
+    # Where a parameter's step runs as one fused kernel (vftrain/kahan_kernel.py; the tests add "cpu" under Triton's
+    # interpreter); elsewhere, and for non-contiguous parameters or gradients, the foreach form below.
+    FUSED_DEVICES = ("cuda",)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, moments=torch.float32):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -138,8 +144,10 @@ class CompensatedAdamW(torch.optim.Optimizer):
         self.found_inf = None
         # Its own random stream for the stochastic rounding: drawing from the global one would change what else
         # draws from it (data order, dropout) by the choice of optimizer. Same seed on every process, so that
-        # data-parallel replicas round alike and stay identical.
+        # data-parallel replicas round alike and stay identical. The fused kernel's stream: Philox over (a seed from
+        # this count of steps and the parameter's index, the element).
         self.rounding = None
+        self.rounding_steps = 0
 
     @classmethod
     def replacing(cls, optimizer: torch.optim.Optimizer, moments: torch.dtype) -> "CompensatedAdamW":
@@ -167,7 +175,11 @@ class CompensatedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.rounding_steps += 1
+        index = 0  # the parameter's position over all groups: its rounding stream in the fused kernel
         for group in self.param_groups:
+            indices = [index + i for i, p in enumerate(group["params"]) if p.grad is not None]
+            index += len(group["params"])
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -175,9 +187,37 @@ class CompensatedAdamW(torch.optim.Optimizer):
             keep = torch.ones((), device=params[0].device) if self.found_inf is None else 1 - self.found_inf.to(
                 params[0].device).reshape(())
             torch._foreach_add_([s["step"] for s in states], keep)
-            for segment in _segments(params):
-                self._update(group, [(params[i], states[i], a, b) for i, a, b in segment], keep)
+            done = self._fused_steps(group, params, states, indices, keep)
+            rest = [i for i in range(len(params)) if i not in done]
+            for segment in _segments([params[i] for i in rest]):
+                self._update(group, [(params[rest[j]], states[rest[j]], a, b) for j, a, b in segment], keep)
         return loss
+
+    def _fused_steps(self, group, params, states, indices, keep) -> set[int]:
+        """Step the parameters the fused kernel takes; returns their positions in `params`. A kernel that fails to
+        build or launch (a Triton or GPU it was not tried on) leaves the rest of this run to the foreach form, with
+        a warning: each parameter is still updated exactly once."""
+        done = set()
+        if not any(self._fusable(p) for p in params):
+            return done
+        from vftrain import kahan_kernel
+
+        for j, (p, state, i) in enumerate(zip(params, states, indices)):
+            if not self._fusable(p):
+                continue
+            try:
+                kahan_kernel.step(p, state, keep, group, (self.rounding_steps * 1_000_003 + i) % 2**31)
+            except Exception as error:  # noqa: BLE001 - any build or launch failure: the foreach form still works
+                self.FUSED_DEVICES = ()
+                log.warning("compensated AdamW: the fused step failed (%s); using the foreach step",
+                            str(error).splitlines()[0] if str(error) else type(error).__name__)
+                break
+            done.add(j)
+        return done
+
+    def _fusable(self, p: torch.Tensor) -> bool:
+        return (p.device.type in self.FUSED_DEVICES and p.dtype in (torch.bfloat16, torch.float32)
+                and p.is_contiguous() and p.grad.is_contiguous())
 
     def _update(self, group, pieces, keep: torch.Tensor) -> None:
         """AdamW on one segment: (parameter, state, start, end) slices of the flattened tensors."""
@@ -230,6 +270,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         state = super().state_dict()
         if self.rounding is not None:
             state["rounding_rng"] = self.rounding.get_state()
+        state["rounding_steps"] = self.rounding_steps
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -237,6 +278,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         would come back rounded to bf16. They are put back in the dtype they were saved in."""
         state_dict = dict(state_dict)
         rng = state_dict.pop("rounding_rng", None)
+        self.rounding_steps = state_dict.pop("rounding_steps", 0)
         saved = [state_dict["state"].get(i) for g in state_dict["param_groups"] for i in g["params"]]
         super().load_state_dict(state_dict)
         if rng is not None:

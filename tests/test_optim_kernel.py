@@ -1,0 +1,145 @@
+"""The fused step of the compensated bf16 weights (vftrain/kahan_kernel.py, Triton): the same update as the foreach
+form it replaces on the GPU, bf16 moments rounded without bias, a skipped (non-finite) step that changes nothing, and
+a resume that rounds as the uninterrupted run. On a CUDA machine the kernel runs on the GPU; elsewhere under
+Triton's interpreter on the CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from vftrain.optim import CompensatedAdamW
+
+pytest.importorskip("triton")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """CompensatedAdamW steps through the kernel on DEVICE (without CUDA: on the CPU, under Triton's interpreter,
+    which conftest.py turns on before anything imports triton)."""
+    if not CUDA:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        monkeypatch.setattr(CompensatedAdamW, "FUSED_DEVICES", ("cpu",))
+
+
+def _params(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(64, 48), (5000,), (3, 7)]  # several blocks, a ragged tail, a tensor smaller than a block
+    return [(torch.randn(s, generator=gen) * 0.02).to(torch.bfloat16).to(DEVICE).requires_grad_() for s in shapes]
+
+
+def _run(params, moments, steps, grads_seed=1, optimizer=None, found_inf=None):
+    optimizer = optimizer or CompensatedAdamW(params, lr=1e-3, weight_decay=0.1, moments=moments)
+    optimizer.found_inf = found_inf
+    gen = torch.Generator().manual_seed(grads_seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+        optimizer.step()
+    return optimizer
+
+
+def _held(optimizer, params):
+    return [p.detach().float() + optimizer.state[p]["compensation"].float() for p in params]
+
+
+def test_the_fused_step_is_the_foreach_step(fused, monkeypatch):
+    """float32 moments (master_weights = "kahan"): five steps, the moments of both forms agree to float32 rounding
+    and the held weights p + c to their own precision, ~16 bits (the kernel computes the bias corrections as
+    exp(step x log beta): a last-bit difference in w can round p the other way, and c, itself a bf16, then holds
+    the rest with another rounding error)."""
+    kernel_params, foreach_params = _params(), _params()
+    kernel = _run(kernel_params, torch.float32, 5)
+    with monkeypatch.context() as mp:
+        mp.setattr(CompensatedAdamW, "FUSED_DEVICES", ())
+        foreach = _run(foreach_params, torch.float32, 5)
+    start = [p.detach().float() for p in _params()]
+    for a, b, w0 in zip(_held(kernel, kernel_params), _held(foreach, foreach_params), start):
+        assert ((a - b).abs() <= a.abs() * 2**-15 + 1e-7).all()  # 1e-7: weights crossing zero (updates ~2e-3)
+        assert (a - b).abs().mean() < 1e-3 * (a - w0).abs().mean()  # far below the update itself
+    for pa, pb in zip(kernel_params, foreach_params):
+        for key in ("exp_avg", "exp_avg_sq"):
+            expected = foreach.state[pb][key]
+            torch.testing.assert_close(kernel.state[pa][key], expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
+
+
+def test_bf16_moments_are_rounded_without_bias(fused):
+    """One step with the same gradient everywhere: every element's first moment is the same float32 number between
+    two bf16 values; rounded to nearest all would take the nearer one, rounded stochastically their mean is the
+    number itself."""
+    p = torch.zeros(1 << 16, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)
+    optimizer = CompensatedAdamW([p], lr=1e-3, weight_decay=0.0, moments=torch.bfloat16)
+    p.grad = torch.ones_like(p)  # 0.1 x that lies between two bf16 values, not half way
+    optimizer.step()
+    exact = torch.tensor(1 - 0.9).item()  # (1 - beta1) x 1, in float32 as the kernel computes it
+    m = optimizer.state[p]["exp_avg"].float()
+    assert len(m.unique()) == 2  # both neighbours taken
+    assert m.mean().item() == pytest.approx(exact, rel=2e-4)
+    assert abs(exact - torch.tensor(exact).to(torch.bfloat16).item()) > 5 * abs(exact - m.mean().item())
+
+
+def test_a_skipped_step_changes_nothing(fused):
+    """found_inf = 1 (the NaN guard): NaN gradients reach neither the weights nor the moments."""
+    params = _params()
+    optimizer = _run(params, torch.bfloat16, 2)
+    before = [t.clone() for p in params for t in (p.detach(), *optimizer.state[p].values()) if t.dim() > 0]
+    for p in params:
+        p.grad = torch.full_like(p, float("nan"))
+    optimizer.found_inf = torch.ones((), device=DEVICE)
+    optimizer.step()
+    after = [t for p in params for t in (p.detach(), *optimizer.state[p].values()) if t.dim() > 0]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_a_resume_rounds_as_the_uninterrupted_run(fused):
+    """bf16 moments: three steps in one go, or two, the state saved and loaded into a new optimizer, then the
+    third: the same weights and moments, bit for bit (the rounding stream follows the saved step count)."""
+    whole_params = _params()
+    whole = _run(whole_params, torch.bfloat16, 3)
+    first_params = _params()
+    first = _run(first_params, torch.bfloat16, 2)
+    saved = first.state_dict()
+    resumed_params = [p.detach().clone().requires_grad_() for p in first_params]
+    resumed = CompensatedAdamW(resumed_params, lr=1e-3, weight_decay=0.1, moments=torch.bfloat16)
+    resumed.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):  # the gradients the first two steps used
+        for p in resumed_params:
+            torch.randn(p.shape, generator=gen)
+    for p in resumed_params:
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
+    resumed.step()
+    for a, b in zip(whole_params, resumed_params):
+        assert torch.equal(a.detach(), b.detach())
+        for key in ("exp_avg", "exp_avg_sq", "compensation"):
+            assert torch.equal(whole.state[a][key], resumed.state[b][key])
+
+
+def test_a_kernel_that_fails_leaves_the_step_to_the_foreach_form(fused, monkeypatch, caplog):
+    """A Triton or GPU the kernel was not tried on: a warning, and the foreach form updates every parameter once
+    (the first parameter's kernel runs, the second's fails: the same result as the foreach form throughout)."""
+    from vftrain import kahan_kernel
+
+    real, calls = kahan_kernel.step, []
+
+    def second_fails(p, *args):
+        calls.append(p)
+        if len(calls) == 2:
+            raise RuntimeError("PTX compilation failed")
+        return real(p, *args)
+
+    monkeypatch.setattr(kahan_kernel, "step", second_fails)
+    mixed_params, foreach_params = _params(), _params()
+    with caplog.at_level("WARNING", logger="vftrain"):
+        mixed = _run(mixed_params, torch.float32, 2)
+    assert "the fused step failed (PTX compilation failed); using the foreach step" in caplog.text
+    assert len(calls) == 2  # the second step went to the foreach form whole
+    with monkeypatch.context() as mp:
+        mp.setattr(CompensatedAdamW, "FUSED_DEVICES", ())
+        foreach = _run(foreach_params, torch.float32, 2)
+    for a, b in zip(_held(mixed, mixed_params), _held(foreach, foreach_params)):
+        assert ((a - b).abs() <= a.abs() * 2**-15 + 1e-7).all()
