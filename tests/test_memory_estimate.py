@@ -142,7 +142,7 @@ def test_default_run_on_a_small_card_turns_on_the_lean_paths(tmp_path, monkeypat
 
     plan_args = small_config(tmp_path / "c")
     model = AutoModelForCausalLM.from_pretrained(TINY)
-    plan = memory.plan_of(plan_args, model)
+    plan = memory.plan_of(plan_args, model, roomy._largest_forward(roomy.args))
     small.budget = int(_needs(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True))
                        / memory.FIT_SHARE) + 1
     monkeypatch.setattr(memory, "card_bytes", small)
@@ -206,3 +206,25 @@ def test_a_layers_activations_are_what_autograd_keeps(model):
     kept = sum(n for ptr, n in saved.items() if ptr not in params)  # the layer's input included: its norm keeps it
     counted = memory.layer_activation_elements(memory.Shape.of(model), Plan(tokens=tokens)) * 2 * tokens
     assert counted == pytest.approx(kept, rel=0.05)
+
+
+def test_sft_estimates_the_largest_micro_batch_its_data_makes(tmp_path, monkeypatch):
+    """SFT plans its micro-batches from the data before training (the sampler's plan is fixed by the seed): the
+    estimate takes the largest of them (the addition rows: ~230 tokens per micro-batch) instead of the bound
+    max_seq_len x micro_batch_size (8,192 here), which would turn on lean paths a card holding the real
+    micro-batches does not need; and the run's forwards are no larger than that figure."""
+    cfg = dict(max_seq_len=1024, max_steps=3)
+    monkeypatch.setattr(memory, "card_bytes", lambda device=None: 64 * GIB)
+    roomy = _trainer(tmp_path / "a", **cfg)
+    planned = roomy._largest_forward(roomy.args)
+    model = AutoModelForCausalLM.from_pretrained(TINY)
+    args = small_config(tmp_path / "plan", **cfg)
+    budget = int(_needs(model, memory.plan_of(args, model, planned)) / memory.FIT_SHARE) + 1
+    assert _needs(model, memory.plan_of(args, model)) > budget * memory.FIT_SHARE  # the bound would not fit
+    monkeypatch.setattr(memory, "card_bytes", lambda device=None: budget)
+    trainer = _trainer(tmp_path / "b", **cfg)
+    assert trainer.args.lean_mlp is False and trainer.args.gradient_checkpointing is False
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
+    trainer.train()
+    assert len(seen) == 3 and max(seen) == planned

@@ -177,13 +177,14 @@ def uses_liger(model) -> bool:
     return any(m._get_name().startswith("Liger") for m in model.modules())
 
 
-def plan_of(args, model) -> Plan:
-    """The Plan of a run with `args` on `model` as loaded (its attention kernel and liger patches)."""
+def plan_of(args, model, tokens: int | None = None) -> Plan:
+    """The Plan of a run with `args` on `model` as loaded (its attention kernel and liger patches), its largest
+    micro-batch `tokens` where known (else the configured bound)."""
     kwargs = args.gradient_checkpointing_kwargs or {}
     dtype = next(model.parameters()).dtype
     liger = uses_liger(model)
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
-    return Plan(tokens=tokens_per_micro_batch(args), master_weights=args.master_weights, use_lora=args.use_lora,
+    return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights, use_lora=args.use_lora,
                 lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,

@@ -66,8 +66,9 @@ class VFTrainer(Trainer):
     """Base of SFTTrainer and RLTrainer. Subclasses load their data, call `super().__init__` with the model from
     `_load_model`, then `_setup_run()`; they implement `compute_loss` and `get_batch_samples`."""
 
-    def _load_model(self, model, args: TrainerConfig, tokenizer):
-        """The model to train (loaded, patched, LoRA-wrapped) and its tokenizer."""
+    def _load_model(self, model, args: TrainerConfig, tokenizer, prepare: bool = True):
+        """The model to train (loaded, patched, LoRA-wrapped) and its tokenizer. prepare = False stops after
+        loading: the subclass calls `_prepare_model` once its data is ready (the memory estimate reads it)."""
         # Seeded before anything random is created here (LoRA's initial weights), as the Trainer seeds only in its
         # own __init__: the same seed then gives the same adapters in every run and on every process (FSDP shards
         # each process's own copy, so differing copies would be stitched together).
@@ -78,7 +79,7 @@ class VFTrainer(Trainer):
         if model is None:
             raise ConfigError(f"{type(self).__name__} needs a model: a hub name, a local path or a loaded model")
         refuse_attached_adapter(model)
-        adapter_folder = model if isinstance(model, str) and is_adapter_folder(model) else None
+        self.adapter_folder = model if isinstance(model, str) and is_adapter_folder(model) else None
         self.model_source = model if isinstance(model, str) else getattr(model, "name_or_path", None)
         # FSDP with cpu_ram_efficient_loading (vftrain's default): rank 0 reads the weights and sends each process
         # its shards (accelerate's fsdp2_prepare_model), so the others need not hold a copy of the model.
@@ -93,24 +94,27 @@ class VFTrainer(Trainer):
             raise ConfigError(f"packing = true would let packed rows attend to each other: this model's attention "
                               f"({model.config.model_type}) does not read the position_ids that mark where each row "
                               "starts (Bloom, MPT, OPT, gpt-oss, Mamba, ...); set packing = false")
+        return (self._prepare_model(model, args) if prepare else model), tokenizer
+
+    def _prepare_model(self, model, args: TrainerConfig):
+        """The loaded model made ready to train: the lean paths the memory estimate chooses, the LoRA adapter."""
         self._fit_memory(model, args)
         if args.lean_mlp:
             use_lean_mlp(model)
         # Whether the adapter trained here starts as the identity (the base model's outputs): RL's KL reference is
         # then the model with its adapters off, else a frozen copy of the starting adapter.
         self.fresh_adapter = False
-        if adapter_folder:
-            model = continue_or_merge(model, args.use_lora, adapter_folder)
+        if self.adapter_folder:
+            model = continue_or_merge(model, args.use_lora, self.adapter_folder)
         elif args.use_lora and not hasattr(model, "peft_config"):
             model = apply_lora(model, args)
             # peft's default init (and "gaussian") sets B = 0: the adapted model equals the base until trained.
             self.fresh_adapter = model.peft_config[model.active_adapter].init_lora_weights in (True, "gaussian")
         if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        return model, tokenizer
+        return model
 
-    @staticmethod
-    def _fit_memory(model, args: TrainerConfig) -> None:
+    def _fit_memory(self, model, args: TrainerConfig) -> None:
         """lean_mlp and gradient_checkpointing left unset: on where the run's estimated peak would not fit the GPU
         (in that order), else off; a run that cannot fit stops here, before training (vftrain/memory.py). Sharded
         runs and CPU runs turn them off without an estimate."""
@@ -118,12 +122,17 @@ class VFTrainer(Trainer):
         budget = None if args.fsdp or args.deepspeed or not auto else memory.card_bytes(args.device)
         chosen = dict.fromkeys(auto, False)
         if budget is not None:
-            chosen = memory.fit(model, memory.plan_of(args, model), budget, auto)
+            chosen = memory.fit(model, memory.plan_of(args, model, self._largest_forward(args)), budget, auto)
         for name, value in chosen.items():
             setattr(args, name, value)
             if name == "gradient_checkpointing" and hasattr(args, "activation_checkpointing"):
                 args.activation_checkpointing = value  # transformers >= 5.2x reads the new name
         args.memory_auto = ()
+
+    def _largest_forward(self, args: TrainerConfig) -> int | None:
+        """Tokens in the run's largest forward where the data decides them before training, else None (the
+        estimate then takes the configured bound, `memory.tokens_per_micro_batch`)."""
+        return None
 
     def _raw_splits(self, train_dataset, eval_dataset, args: TrainerConfig):
         """`raw_splits`, with the held-out rows kept as `raw_eval` (`evaluate_generations`)."""
