@@ -43,6 +43,11 @@ def _run(params, moments, steps, grads_seed=1, optimizer=None, found_inf=None):
     return optimizer
 
 
+def _kernel_ran(optimizer) -> bool:
+    """No build or launch failure sent the optimizer to the foreach form (it would still pass the checks below)."""
+    return "FUSED_DEVICES" not in vars(optimizer)
+
+
 def _held(optimizer, params):
     return [p.detach().float() + optimizer.state[p]["compensation"].float() for p in params]
 
@@ -54,6 +59,7 @@ def test_the_fused_step_is_the_foreach_step(fused, monkeypatch):
     the rest with another rounding error)."""
     kernel_params, foreach_params = _params(), _params()
     kernel = _run(kernel_params, torch.float32, 5)
+    assert _kernel_ran(kernel)
     with monkeypatch.context() as mp:
         mp.setattr(CompensatedAdamW, "FUSED_DEVICES", ())
         foreach = _run(foreach_params, torch.float32, 5)
@@ -75,6 +81,7 @@ def test_bf16_moments_are_rounded_without_bias(fused):
     optimizer = CompensatedAdamW([p], lr=1e-3, weight_decay=0.0, moments=torch.bfloat16)
     p.grad = torch.ones_like(p)  # 0.1 x that lies between two bf16 values, not half way
     optimizer.step()
+    assert _kernel_ran(optimizer)
     exact = torch.tensor(1 - 0.9).item()  # (1 - beta1) x 1, in float32 as the kernel computes it
     m = optimizer.state[p]["exp_avg"].float()
     assert len(m.unique()) == 2  # both neighbours taken
@@ -91,6 +98,7 @@ def test_a_skipped_step_changes_nothing(fused):
         p.grad = torch.full_like(p, float("nan"))
     optimizer.found_inf = torch.ones((), device=DEVICE)
     optimizer.step()
+    assert _kernel_ran(optimizer)
     after = [t for p in params for t in (p.detach(), *optimizer.state[p].values()) if t.dim() > 0]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
@@ -113,6 +121,7 @@ def test_a_resume_rounds_as_the_uninterrupted_run(fused):
     for p in resumed_params:
         p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16).to(DEVICE)
     resumed.step()
+    assert _kernel_ran(whole) and _kernel_ran(resumed)
     for a, b in zip(whole_params, resumed_params):
         assert torch.equal(a.detach(), b.detach())
         for key in ("exp_avg", "exp_avg_sq", "compensation"):
@@ -137,7 +146,7 @@ def test_a_kernel_that_fails_leaves_the_step_to_the_foreach_form(fused, monkeypa
     with caplog.at_level("WARNING", logger="vftrain"):
         mixed = _run(mixed_params, torch.float32, 2)
     assert "the fused step failed (PTX compilation failed); using the foreach step" in caplog.text
-    assert len(calls) == 2  # the second step went to the foreach form whole
+    assert len(calls) == 2 and not _kernel_ran(mixed)  # the second step went to the foreach form whole
     with monkeypatch.context() as mp:
         mp.setattr(CompensatedAdamW, "FUSED_DEVICES", ())
         foreach = _run(foreach_params, torch.float32, 2)
