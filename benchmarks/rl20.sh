@@ -6,7 +6,8 @@
 #   2. --varied at the 0.5B shape, 256 + 256: completions that stop early (mean ~64 tokens), vftrain vs TRL;
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
 #      step (CUDA-graph decoder) beside the bandwidth floor, with the time left.
-# Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), logs/.
+# Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), $OUT/logs/ (one
+# log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
 #   RL20_BUDGET=seconds for everything (530), RL20_LENGTHS="128 512 ..." the sweep's lengths in order,
 #   RL20_TINY=1: a CPU dry run of the same steps (tiny model, short lengths).
@@ -14,7 +15,8 @@ set -uo pipefail
 start=$(date +%s)
 budget=${RL20_BUDGET:-530}
 out=${OUT:-/tmp/out}
-mkdir -p "$out/logs"
+runs=${RL20_RUN_LOGS:-/tmp/rl20_runs}
+mkdir -p "$out/logs" "$runs"
 log() { echo "[rl20 +$(( $(date +%s) - start )) s] $*"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
 if [ -d .whl ] && [ -z "${RL20_TINY:-}" ]; then  # datasets, trl, liger-kernel: nothing can be downloaded on the device
@@ -42,11 +44,11 @@ log "1/3 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
-  --log-dir "$out/logs" 2>&1 | tee "$out/logs/lengths.log" | show
+  --log-dir "$runs" 2>&1 | tee "$out/logs/lengths.log" | show
 
 log "2/3 completions that stop early (--varied)"
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
-  --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$out/logs" 2>&1 \
+  --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 
 log "3/3 decoding step vs bandwidth floor"
