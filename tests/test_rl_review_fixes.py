@@ -6,6 +6,7 @@ environment + OpenAI backend on 2 processes without a hang."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -193,8 +194,10 @@ def test_env_with_openai_backend_on_two_processes_finishes(tmp_path, envs):
         server.shutdown()
         server.server_close()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    turns = {json.loads(line)["rank"]: json.loads(line)["turns"] for line in proc.stdout.splitlines()
-             if line.startswith("{")}
+    # each rank prints one JSON object; the other rank's progress line can land on the same line of the shared stdout
+    starts = [m.start() for m in re.finditer(r'\{"rank"', proc.stdout)]
+    found = [json.JSONDecoder().raw_decode(proc.stdout, start)[0] for start in starts]
+    turns = {r["rank"]: r["turns"] for r in found}
     assert turns == {0: [0, 1], 1: [0]}  # sampling from a server takes no collective: rank 1 has no turn to drop
     lines = [json.loads(x) for x in (tmp_path / "out" / "rollouts.jsonl").read_text().splitlines()]
     assert sorted(r["reward"] for r in lines) == [0.0] * 4 + [1.0] * 4
