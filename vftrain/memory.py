@@ -184,8 +184,8 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
     dtype = next(model.parameters()).dtype
     liger = uses_liger(model)
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
-    return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights, use_lora=args.use_lora,
-                lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
+    return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights,
+                use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
                 act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4,
