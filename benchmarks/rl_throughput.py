@@ -35,7 +35,9 @@ phase); peak = the largest allocated at any time.
 Modes: --lengths L... runs every run at every --arch and length (prompt = completion = L tokens) into one table with
 each run's speed over TRL's at the same shape; --deadline S skips the runs that would not finish within S seconds
 (estimated from the finished ones). --profile-decode times `sample` alone per --arch and --decode-rows, beside
-the bandwidth floor: the bytes of weights + filled KV cache a decoding step reads over the card's copy bandwidth.
+the bandwidth floor: the bytes of weights + filled KV cache a decoding step reads over the card's copy bandwidth;
+the model patched with liger-kernel where RLTrainer's defaults patch it (before this, the decode figures of
+RESULTS.md were taken without liger's RMSNorm / SwiGLU kernels, which an RL run's sampler uses).
 
 usage: python benchmarks/rl_throughput.py                      # Qwen2.5-0.5B shape, all four runs (GPU)
        python benchmarks/rl_throughput.py --runs vftrain trl --steps 6
@@ -257,6 +259,7 @@ def profile_decode(args) -> list[dict]:
     (whole call - a 2-token call) / (new tokens - 2), so neither the prefill nor the first step's graph capture is
     in it; beside it the bandwidth floor.
     Then --profile-tokens steps under torch.profiler (first --decode-rows only): CUDA time per kernel."""
+    from vftrain.models import apply_liger, liger_applies
     from vftrain.sampling import tokens
     from vftrain.sampling.tokens import sample
 
@@ -267,6 +270,9 @@ def profile_decode(args) -> list[dict]:
     results = []
     for arch in args.arch:
         model, vocab = build_model(args, cuda, arch)
+        liger = liger_applies(model)
+        if liger:  # as RLTrainer's default loading patches the model it trains and samples from
+            apply_liger(model)
         for i, rows in enumerate(args.decode_rows):
             gen = torch.Generator().manual_seed(0)
             prompts = [torch.randint(len(SPECIAL), vocab, (args.prompt_len,), generator=gen).tolist()
@@ -286,13 +292,14 @@ def profile_decode(args) -> list[dict]:
                 step_ms = (whole - prefill) / max(args.new_tokens - 2, 1) * 1e3
                 out = dict(arch=label(args, arch), rows=len(prompts) * args.group, graphs=graphs,
                            capture_failed=tokens._Forward.warned,  # decoding fell back to eager (logged once)
+                           liger=liger,
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, step_ms=round(step_ms, 3),
                            prefill_s=round(prefill, 3), weights_gb=round(weights / 1e9, 3), kv_gb=round(kv / 1e9, 3),
                            floor_ms=round(floor_ms, 3) if floor_ms else None,
                            x_floor=round(step_ms / floor_ms, 1) if floor_ms else None)
                 floor = (f"floor {floor_ms:.2f} ms ({out['weights_gb']} GB weights + {out['kv_gb']} GB filled KV "
                          f"cache at {bandwidth / 1e12:.2f} TB/s): {out['x_floor']}x" if floor_ms else "floor n/a")
-                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (capture failed: "
+                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (liger: {liger}, capture failed: "
                       f"{out['capture_failed']}): {step_ms:.2f} ms per step "
                       f"(prefill + first step {prefill:.3f} s not included) | {floor}", flush=True)
                 print("DECODE_RESULT " + json.dumps(out), flush=True)
