@@ -200,6 +200,7 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
 
     import vftrain as vf
     import vftrain.rl.trainer as rl_trainer
+    from vftrain.memory import uses_liger
     from vftrain.sampling.tokens import sample
 
     config = vf.RLConfig(
@@ -221,7 +222,7 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
     clock.memory.mark("trainer")
     trainer.train()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    return dict(attn=unwrapped.config._attn_implementation, liger=trainer.args.use_liger,
+    return dict(attn=unwrapped.config._attn_implementation, liger=uses_liger(unwrapped),
                 master_weights=trainer.args.master_weights, micro_batch_size=trainer.args.micro_batch_size,
                 micro_batch_tokens=trainer.args.micro_batch_tokens, lean_mlp=trainer.args.lean_mlp,
                 gradient_checkpointing=trainer.args.gradient_checkpointing, gradient_accumulation=trainer.args.gradient_accumulation_steps)
