@@ -198,13 +198,11 @@ class CompensatedAdamW(torch.optim.Optimizer):
         build or launch (a Triton or GPU it was not tried on) leaves the rest of this run to the foreach form, with
         a warning: each parameter is still updated exactly once."""
         done = set()
-        if not any(self._fusable(p) for p in params):
-            return done
-        from vftrain import kahan_kernel
-
         for j, (p, state, i) in enumerate(zip(params, states, indices)):
             if not self._fusable(p):
                 continue
+            from vftrain import kahan_kernel  # triton: imported where a step runs on it only
+
             try:
                 kahan_kernel.step(p, state, keep, group, (self.rounding_steps * 1_000_003 + i) % 2**31)
             except Exception as error:  # noqa: BLE001 - any build or launch failure: the foreach form still works

@@ -175,8 +175,13 @@ def raw_splits(train_dataset, eval_dataset, args):
                               "too; pass one")
         return raw_train, _raw(eval_dataset, args.dataset, args.eval_split, "eval")
     if args.eval_size is not None:
-        return cut_eval(raw_train, args.eval_size, args.data_seed if args.data_seed is not None else args.seed)
+        return cut_eval(raw_train, args.eval_size, data_seed(args))
     return raw_train, None
+
+
+def data_seed(args) -> int:
+    """The seed of everything random about the data (held-out cut, epoch order): data_seed, else seed."""
+    return args.data_seed if args.data_seed is not None else args.seed
 
 
 def held_out_lines(args, raw_eval, sample_rows: int) -> list[str]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from vftrain.config import SFTConfig
 from vftrain.data import tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
+from vftrain.data.load import data_seed
 from vftrain.data.pack import StepBatchSampler, eval_batches, plan_epoch, steps_per_epoch
 from vftrain.errors import ConfigError
 from vftrain.loss import cross_entropy_sum, linear_cross_entropy_sum
@@ -93,20 +94,16 @@ class SFTTrainer(VFTrainer):
         largest = 0
         for epoch in range(max(epochs, 1)):
             for rows in plan_epoch(lengths, args.batch_size, args.gradient_accumulation_steps * args.world_size,
-                                   args.packing, self._data_seed(args), epoch):
+                                   args.packing, data_seed(args), epoch):
                 size = lengths[rows].sum() if args.packing else len(rows) * lengths[rows].max()
                 largest = max(largest, int(size))
         return min(largest, args.micro_batch_tokens) if args.micro_batch_tokens else largest
-
-    @staticmethod
-    def _data_seed(args) -> int:
-        return args.data_seed if args.data_seed is not None else args.seed
 
     def get_train_dataloader(self) -> DataLoader:
         sampler = StepBatchSampler(
             self.train_rows.lengths, self.args.batch_size,
             self.args.gradient_accumulation_steps * self.args.world_size, self.args.packing,
-            self._data_seed(self.args), steps_done=lambda: self.state.global_step)
+            data_seed(self.args), steps_done=lambda: self.state.global_step)
         return self.accelerator.prepare(self._loader(self.train_rows, sampler, self.data_collator))
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
