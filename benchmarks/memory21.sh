@@ -49,19 +49,22 @@ vf="python3 benchmarks/throughput.py $S $tiny"
 # 1.25x the aimed tokens: packing balances micro-batches near --seq, so it rarely splits one.
 A="--arch qwen0.5b --seq 16384 --micro-batch-tokens 20480 --default"
 B="--arch llama1.3b --mix long --seq 16384 --micro-batch-tokens 20480 --default"
-# Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, then the 7B LoRA, then 0.5B.
+H100="--card-gib 79.2"  # the issue's 80 GB card (H100 80GB HBM3: 79.2 GiB usable), emulated on the H200
+# Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, the 0.5B shape, then the 7B
+# LoRA as on an 80 GB card, then a 7B full fine-tune there (must stop before training with a one-line error).
 run 13b_default 170 $vf $B --trl
 for mode in kahan-bf16 kahan false; do
   run "13b_$mode" 90 $vf $B --master-weights $mode
 done
+run 05b_default 150 $vf $A --trl
+run 05b_kahan-bf16 80 $vf $A --master-weights kahan-bf16
 for t in 4096 16384; do
-  run "7b_lora_$t" 120 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4))
+  run "7b_lora_${t}_80g" 120 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4)) $H100
   [ -z "$tiny" ] && run "7b_peft_$t" 120 python3 benchmarks/trl_anchor.py hf_padded qwen7b --lora 8 --tokens $t $S
 done
-run 05b_default 150 $vf $A --trl
-for mode in kahan-bf16 kahan false; do
-  run "05b_$mode" 80 $vf $A --master-weights $mode
-done
+run 7b_full_80g 90 $vf --arch qwen7b --default --seq 4096 $H100
+run 13b_kahan-bf16_lean 90 $vf $B --master-weights kahan-bf16 --lean-mlp
+run 05b_kahan 80 $vf $A --master-weights kahan
 echo "elapsed ${SECONDS}s"
 python3 - "$out/results.jsonl" <<'PY' | tee "$out/memory21.md"
 import json, sys

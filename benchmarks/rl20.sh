@@ -5,7 +5,8 @@
 #      seconds (120) are skipped and listed as such (--deadline);
 #   2. --varied at the 0.5B shape, 256 + 256: completions that stop early (mean ~64 tokens), vftrain vs TRL;
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
-#      step (CUDA-graph decoder) beside the bandwidth floor, with the time left.
+#      step (CUDA-graph decoder) beside the bandwidth floor, and a kernel profile of 16 steps (first shape), with the
+#      time left.
 # Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), $OUT/logs/ (one
 # log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
@@ -53,7 +54,7 @@ log "2/3 completions that stop early (--varied)"
 
 log "3/3 decoding step vs bandwidth floor"
 [ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
-  --decode-rows "${rows[@]}" --no-eager --profile-tokens 0 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
+  --decode-rows "${rows[@]}" --no-eager --profile-tokens 16 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
 
 log "done"
 for f in "$out"/rl20_varied.md "$out"/rl20_lengths.md; do [ -f "$f" ] && { echo; cat "$f"; }; done

@@ -168,6 +168,8 @@ def measure(args):
         speed["master_weights"] = {"true": True, "false": False}.get(args.master_weights, args.master_weights)
     if args.micro_batch_tokens:
         speed["micro_batch_tokens"] = args.micro_batch_tokens
+    if args.lean_mlp:  # also with --default
+        speed["lean_mlp"] = True
     if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
         speed["accelerator_config"] = {"non_blocking": False}
     config = vf.SFTConfig(
@@ -185,6 +187,8 @@ def measure(args):
         model.save_pretrained(base)
         tok.save_pretrained(base)
         model.name_or_path = model.config.name_or_path = base
+    if cuda and args.card_gib:
+        cap_card(args.card_gib, device)
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     if args.save_at:
         class SaveOnlyAt(TrainerCallback):  # save_steps = N alone would also save at N's multiples
@@ -242,6 +246,17 @@ def measure(args):
             torch.distributed.all_gather_object(peaks, out["peak_mem_gib"])
             out["peak_mem_gib_per_rank"] = peaks
     return out, trainer
+
+
+def cap_card(gib: float, device: torch.device) -> None:
+    """Make this GPU act as one of `gib` GiB: the caching allocator refuses more (an OOM, as on the smaller card) and
+    vftrain's memory planning (`memory.card_bytes`, read before the first step) sees that size."""
+    from vftrain import memory
+
+    cap, full = int(gib * 2**30), torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / full), device)
+    real = memory.card_bytes
+    memory.card_bytes = lambda dev=None: min(real(dev), cap)
 
 
 def memory_estimate(trainer, tokens: int) -> dict:
@@ -428,6 +443,9 @@ def main():
     ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
     ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false")
+    ap.add_argument("--lean-mlp", action="store_true", help="vftrain: lean_mlp = true (also with --default)")
+    ap.add_argument("--card-gib", type=float, default=0, help="vftrain on CUDA: act as a GPU of this many GiB "
+                    "(allocator cap, and the size vftrain's memory planning sees), e.g. 79.2 for an 80 GB H100")
     ap.add_argument("--ga", type=int, default=1, help="vftrain micro-batches per optimizer step and process")
     ap.add_argument("--engine", default="ddp", choices=("ddp", "fsdp", "zero3"), help="under torchrun: data "
                     "parallel, FSDP2 (fsdp = true) or DeepSpeed ZeRO-3 (ZERO3 above)")
@@ -499,9 +517,10 @@ def main():
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
         cmd += ["--master-weights", args.master_weights] if args.master_weights else []
         cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []
+        cmd += ["--card-gib", str(args.card_gib)] if args.card_gib else []
         cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),
                 "--sync-debug", str(args.sync_debug), "--pyprofile", str(args.pyprofile)]
-        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "tiny",
+        cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "lean_mlp", "tiny",
                                                      "default", "breakdown", "blocking_copies")
                 if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
