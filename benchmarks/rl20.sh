@@ -5,7 +5,7 @@
 #      seconds (120) are skipped and listed as such (--deadline);
 #   2. --varied at the 0.5B shape, 256 + 256: completions that stop early (mean ~64 tokens), vftrain vs TRL;
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
-#      step (CUDA-graph decoder) beside the bandwidth floor, and a kernel profile of 16 steps (first shape), with the
+#      step (CUDA-graph decoder) beside the bandwidth floor, and the GPU time per step by kernel (first shape), with the
 #      time left.
 # Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), $OUT/logs/ (one
 # log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
@@ -37,7 +37,7 @@ if [ -n "${RL20_TINY:-}" ]; then
 else
   tiny=() shape=(--prompt-len 256 --new-tokens 256) lengths=${RL20_LENGTHS:-"128 512 256 1024"} rows=(128 256)
 fi
-show() { grep -E "^(RESULT|SKIP|DECODE |\\$|\\|)|rror|Traceback|wrote" | cut -c1-500; }
+show() { grep -E "^(RESULT|SKIP|DECODE |DECODE_PROFILE|\\$|\\|)|rror|Traceback|wrote" | cut -c1-500; }
 
 # Most telling first (a short call stops at the budget): the length table, then the early-stopping runs, then the
 # decoding step against the floor.
@@ -58,4 +58,4 @@ log "3/3 decoding step vs bandwidth floor"
 
 log "done"
 for f in "$out"/rl20_varied.md "$out"/rl20_lengths.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
-grep -h "^DECODE " "$out/logs/decode.log"
+grep -hE "^DECODE( |_PROFILE)" "$out/logs/decode.log"

@@ -259,7 +259,7 @@ def profile_decode(args) -> list[dict]:
     steps): `sample` as the trainer calls it, with CUDA graphs (and without, unless --no-eager); the step time is
     (whole call - a 2-token call) / (new tokens - 2), so neither the prefill nor the first step's graph capture is
     in it; beside it the bandwidth floor.
-    Then --profile-tokens steps under torch.profiler (first --decode-rows only): CUDA time per kernel."""
+    Then --profile-tokens steps under torch.profiler (first --decode-rows only): GPU time per step by kernel."""
     from vftrain.models import apply_liger, liger_applies
     from vftrain.sampling import tokens
     from vftrain.sampling.tokens import sample
@@ -314,14 +314,31 @@ def profile_decode(args) -> list[dict]:
 
 
 def print_profile(model, prompts, kw, steps: int, cuda: bool) -> None:
+    """GPU time per decoding step by kernel: a profiled call of `steps` + 2 new tokens less one of 2 (the prefill and
+    the first step's capture cancel), divided by `steps`. CPU: operator self time instead (a dry run)."""
     from torch.profiler import ProfilerActivity, profile
 
     from vftrain.sampling.tokens import sample
 
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-        sample(model, prompts, max_new_tokens=steps, **kw)
-    print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=25,
-                                    max_name_column_width=70), flush=True)
+    def kernels(new_tokens: int) -> dict[str, tuple[float, int]]:
+        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+            sample(model, prompts, max_new_tokens=new_tokens, **kw)
+        out = {}
+        for e in prof.key_averages():
+            us = getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total
+            if us > 0 and (not cuda or e.device_type.name == "CUDA"):
+                out[e.key] = (us, e.count)
+        return out
+
+    short, long = kernels(2), kernels(steps + 2)
+    per_step = {k: ((us - short.get(k, (0, 0))[0]) / steps, (n - short.get(k, (0, 0))[1]) / steps)
+                for k, (us, n) in long.items()}
+    rows = sorted(per_step.items(), key=lambda kv: -kv[1][0])
+    total_us, total_n = sum(us for us, _ in per_step.values()), sum(n for _, n in per_step.values())
+    print(f"DECODE_PROFILE {steps} steps: {total_us:.0f} us of {'GPU' if cuda else 'CPU'} time and "
+          f"{total_n:.0f} kernels per step", flush=True)
+    for name, (us, n) in rows[:25]:
+        print(f"DECODE_PROFILE {us:8.1f} us {n:6.1f} x  {name[:100]}", flush=True)
 
 
 def measure(args) -> dict:
