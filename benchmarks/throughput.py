@@ -90,12 +90,17 @@ class Meter:
         self.max_tokens = 0  # the largest micro-batch seen (padded: rows x longest), from shapes on the host
 
     def see(self, step, inputs):
-        self.max_tokens = max(self.max_tokens, inputs["input_ids"].numel())
+        parts = inputs.get("micro_batches") or [inputs]  # a slot split by micro_batch_tokens: each part is a forward
+        self.max_tokens = max([self.max_tokens] + [p["input_ids"].numel() for p in parts])
         if step < self.warmup:
             return
         if self.t0 is None:
             sync()
             self.t0 = time.perf_counter()
+        for part in parts:
+            self._count(part)
+
+    def _count(self, inputs):
         mask = inputs.get("attention_mask")
         if mask is not None and mask.dim() == 2:  # padded rows
             lens = mask.sum(-1)

@@ -56,9 +56,10 @@ def _held(optimizer, params):
 
 def test_the_fused_step_is_the_foreach_step(fused, monkeypatch):
     """float32 moments (master_weights = "kahan"): five steps, the moments of both forms agree to float32 rounding
-    and the held weights p + c to their own precision, ~16 bits (the kernel computes the bias corrections as
-    exp(step x log beta): a last-bit difference in w can round p the other way, and c, itself a bf16, then holds
-    the rest with another rounding error)."""
+    and the held weights p + c to their own precision, ~16 bits (both forms take the same bias corrections, but
+    the GPU's division and square root differ from torch's in the last bit: a last-bit difference in w can round p
+    the other way, and c, itself a bf16, then holds the rest with another rounding error). Failed on the H200 while
+    the kernel computed 1 - beta2^step as 1 - exp(step x log beta2) with the GPU's approximate exp."""
     kernel_params, foreach_params = _params(), _params()
     kernel = _run(kernel_params, torch.float32, 5)
     assert _kernel_ran(kernel)

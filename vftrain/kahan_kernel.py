@@ -14,8 +14,6 @@ dependency.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -43,12 +41,12 @@ def _nearest_bf16(x):
 
 
 @triton.jit
-def _kahan_adamw(p_ptr, c_ptr, g_ptr, m_ptr, v_ptr, step_ptr, keep_ptr, n, lr, beta1, beta2, log_beta1, log_beta2,
-                 eps, weight_decay, seed, HAS_C: tl.constexpr, BF16_MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
+def _kahan_adamw(p_ptr, c_ptr, g_ptr, m_ptr, v_ptr, bc1_ptr, bc2_ptr, keep_ptr, n, lr, beta1, beta2, eps,
+                 weight_decay, seed, HAS_C: tl.constexpr, BF16_MOMENTS: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n
     keep = tl.load(keep_ptr)
-    step = tl.load(step_ptr)
+    bc1, bc2 = tl.load(bc1_ptr), tl.load(bc2_ptr)
     w = tl.load(p_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_C:
         w += tl.load(c_ptr + offsets, mask=mask).to(tl.float32)
@@ -60,8 +58,8 @@ def _kahan_adamw(p_ptr, c_ptr, g_ptr, m_ptr, v_ptr, step_ptr, keep_ptr, n, lr, b
     m = m + (1 - beta1) * keep * (g - m)
     v = v + (1 - beta2) * keep * (g * g - v)
     w = w * (1 - lr * weight_decay * keep)
-    denom = tl.sqrt(v) / tl.sqrt(1 - tl.exp(step * log_beta2)) + eps
-    w = w - (lr * keep / (1 - tl.exp(step * log_beta1))) * m / denom
+    denom = tl.sqrt(v) / bc2 + eps
+    w = w - (lr * keep / bc1) * m / denom
     if BF16_MOMENTS:
         b0, b1, _, _ = tl.randint4x(seed, offsets)
         m = _stochastic_bf16(m, b0)
@@ -76,13 +74,15 @@ def _kahan_adamw(p_ptr, c_ptr, g_ptr, m_ptr, v_ptr, step_ptr, keep_ptr, n, lr, b
         tl.store(p_ptr + offsets, w, mask=write)
 
 
-def step(p: torch.Tensor, state: dict, keep: torch.Tensor, group: dict, seed: int) -> None:
-    """One AdamW step of contiguous `p` (its `.grad` contiguous too) and its `state` (step already counted)."""
+def step(p: torch.Tensor, state: dict, keep: torch.Tensor, group: dict, seed: int, bc1: torch.Tensor,
+         bc2: torch.Tensor) -> None:
+    """One AdamW step of contiguous `p` (its `.grad` contiguous too) and its `state` (step already counted), with
+    its bias corrections (`optim._bias_corrections`: 0-d float32 tensors on the device)."""
     beta1, beta2 = group["betas"]
     c = state.get("compensation")
     m, v = state["exp_avg"], state["exp_avg_sq"]
     n = p.numel()
     _kahan_adamw[(triton.cdiv(n, BLOCK),)](
-        p, c if c is not None else p, p.grad, m, v, state["step"], keep, n, float(group["lr"]), beta1, beta2,
-        math.log(beta1), math.log(beta2), group["eps"], group["weight_decay"], seed, HAS_C=c is not None,
-        BF16_MOMENTS=m.dtype == torch.bfloat16, BLOCK=BLOCK)
+        p, c if c is not None else p, p.grad, m, v, bc1, bc2, keep, n, float(group["lr"]), beta1, beta2,
+        group["eps"], group["weight_decay"], seed, HAS_C=c is not None, BF16_MOMENTS=m.dtype == torch.bfloat16,
+        BLOCK=BLOCK)

@@ -187,38 +187,42 @@ class CompensatedAdamW(torch.optim.Optimizer):
             keep = torch.ones((), device=params[0].device) if self.found_inf is None else 1 - self.found_inf.to(
                 params[0].device).reshape(())
             torch._foreach_add_([s["step"] for s in states], keep)
-            done = self._fused_steps(group, params, states, indices, keep)
+            corrections = list(zip(*_bias_corrections(states, group)))
+            done = self._fused_steps(group, params, states, indices, keep, corrections)
             rest = [i for i in range(len(params)) if i not in done]
             for segment in _segments([params[i] for i in rest]):
-                self._update(group, [(params[rest[j]], states[rest[j]], a, b) for j, a, b in segment], keep)
+                self._update(group, [(params[rest[j]], states[rest[j]], a, b) for j, a, b in segment], keep,
+                             [corrections[rest[j]] for j, _, _ in segment])
         return loss
 
-    def _fused_steps(self, group, params, states, indices, keep) -> set[int]:
+    def _fused_steps(self, group, params, states, indices, keep, corrections) -> set[int]:
         """Step the parameters the fused kernel takes; returns their positions in `params`. A kernel that fails to
         build or launch (a Triton or GPU it was not tried on) leaves the rest of this run to the foreach form, with
         a warning: each parameter is still updated exactly once."""
         done = set()
-        for j, (p, state, i) in enumerate(zip(params, states, indices)):
-            if not self._fusable(p):
-                continue
-            from vftrain import kahan_kernel  # triton: imported where a step runs on it only
+        fusable = [j for j, p in enumerate(params) if self._fusable(p)]
+        if not fusable:
+            return done
+        from vftrain import kahan_kernel  # triton: imported where a step runs on it only
 
-            try:
-                kahan_kernel.step(p, state, keep, group, (self.rounding_steps * 1_000_003 + i) % 2**31)
-            except Exception as error:  # noqa: BLE001 - any build or launch failure: the foreach form still works
-                self.FUSED_DEVICES = ()
-                log.warning("compensated AdamW: the fused step failed (%s); using the foreach step",
-                            str(error).splitlines()[0] if str(error) else type(error).__name__)
-                break
-            done.add(j)
+        try:
+            for j in fusable:
+                seed = (self.rounding_steps * 1_000_003 + indices[j]) % 2**31
+                kahan_kernel.step(params[j], states[j], keep, group, seed, *corrections[j])
+                done.add(j)
+        except Exception as error:  # noqa: BLE001 - any build or launch failure: the foreach form still works
+            self.FUSED_DEVICES = ()
+            log.warning("compensated AdamW: the fused step failed (%s); using the foreach step",
+                        str(error).splitlines()[0] if str(error) else type(error).__name__)
         return done
 
     def _fusable(self, p: torch.Tensor) -> bool:
         return (p.device.type in self.FUSED_DEVICES and p.dtype in (torch.bfloat16, torch.float32)
                 and p.is_contiguous() and p.grad.is_contiguous())
 
-    def _update(self, group, pieces, keep: torch.Tensor) -> None:
-        """AdamW on one segment: (parameter, state, start, end) slices of the flattened tensors."""
+    def _update(self, group, pieces, keep: torch.Tensor, corrections) -> None:
+        """AdamW on one segment: (parameter, state, start, end) slices of the flattened tensors, with each piece's
+        parameter's `_bias_corrections`."""
         beta1, beta2 = group["betas"]
         device = pieces[0][0].device
 
@@ -241,15 +245,15 @@ class CompensatedAdamW(torch.optim.Optimizer):
         m, _ = _gather(m_parts)
         v, _ = _gather(v_parts)
         # Bias corrections per element from each parameter's own step count (exact where counts differ).
-        step = torch.stack([s["step"] for _, s, _, _ in pieces]).repeat_interleave(
-            torch.tensor([t.numel() for t in p_parts], device=device), output_size=w.numel())
+        counts = torch.tensor([t.numel() for t in p_parts], device=device)
+        bc1, bc2 = (torch.stack(bc).repeat_interleave(counts, output_size=w.numel()) for bc in zip(*corrections))
         m.lerp_(g, (1 - beta1) * keep)
         v.lerp_(g.square_(), (1 - beta2) * keep)
         del g
         w.mul_(1 - group["lr"] * group["weight_decay"] * keep)
-        denom = v.sqrt().div_((1 - beta2 ** step).sqrt_()).add_(group["eps"])
-        w.addcdiv_(m * (group["lr"] * keep / (1 - beta1 ** step)), denom, value=-1)
-        del denom, step
+        denom = v.sqrt().div_(bc2).add_(group["eps"])
+        w.addcdiv_(m * (group["lr"] * keep / bc1), denom, value=-1)
+        del denom, bc1, bc2
         rounding = self._generator(device) if self.moments_dtype == torch.bfloat16 else None
         _scatter(m_parts, m, rounding)
         _scatter(v_parts, v, rounding)
@@ -303,6 +307,22 @@ def _scatter(parts: list[torch.Tensor], flat: torch.Tensor, rounding: torch.Gene
         flat = stochastic_round_bf16(flat, rounding)
     views = [v.view(p.shape) for v, p in zip(flat.split([p.numel() for p in parts]), parts)]
     torch._foreach_copy_(parts, views)
+
+
+def _bias_corrections(states: list[dict], group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per parameter, on the device: 1 - beta1^step and sqrt(1 - beta2^step) from its float32 step count, as
+    torch's fused AdamW computes them (`_foreach_pow`). Shared by both forms of the step, and not computed in the
+    fused kernel: its exp is the GPU's approximate one, and 1 - exp(step x log beta2) at step 1 (1 - 0.999) lost
+    ~1e-4 of its value to that error (the H200: the first steps' updates differed from the foreach form's).
+    Written into the state by neither: a resume recomputes them from the saved step counts."""
+    beta1, beta2 = group["betas"]
+    steps = [s["step"] for s in states]
+    bc1, bc2 = torch._foreach_pow(beta1, steps), torch._foreach_pow(beta2, steps)
+    for bc in (bc1, bc2):
+        torch._foreach_neg_(bc)
+        torch._foreach_add_(bc, 1)
+    torch._foreach_sqrt_(bc2)
+    return bc1, bc2
 
 
 def _segments(params: list[torch.Tensor]) -> list[list[tuple[int, int, int]]]:
