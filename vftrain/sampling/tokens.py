@@ -187,12 +187,25 @@ def _draw(probs: torch.Tensor, alive, rows: int, generator: torch.Generator) -> 
 _COMPACT_EVERY = 16
 
 
+def batch_bucket(rows: int) -> int:
+    """The decoding batch size kept for `rows` live rows: the next power of two. Each new batch shape costs kernel
+    selection (cuDNN attention plans, cuBLAS heuristics, Triton variants) and a graph capture; compacting to the
+    exact live count gives every RL step new shapes, since completions stop at random (the suspected cause of the
+    H200's 6.3 s of decoding per step for rollouts that stopped early against 1.0 s for full-length ones,
+    benchmarks/RESULTS.md; not re-measured since). With powers of two a process sees at most log2(rows) + 1 batch
+    shapes; the rows that fill a bucket are stopped ones, which sample nothing."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 def _compact(forward: "_Forward", alive, done: torch.Tensor, step_ids: torch.Tensor, step_pos: torch.Tensor):
-    """(alive, step_ids, step_pos) after dropping the stopped rows from the decoding batch where they are at least
-    half of it; unchanged otherwise."""
-    live = (~done[alive]).nonzero()[:, 0]  # positions within the batch
-    if live.numel() == 0 or 2 * live.numel() > step_ids.shape[0]:
+    """(alive, step_ids, step_pos) after dropping stopped rows from the decoding batch where at least half of it
+    has stopped, down to `batch_bucket` of the live rows (stopped rows fill the rest); unchanged otherwise."""
+    finished = done[alive]
+    live = (~finished).nonzero()[:, 0]  # positions within the batch
+    keep = batch_bucket(live.numel())
+    if live.numel() == 0 or keep >= step_ids.shape[0]:
         return alive, step_ids, step_pos
+    live = torch.cat([live, finished.nonzero()[:keep - live.numel(), 0]]).sort().values
     forward.select(live)
     rows = torch.arange(done.shape[0], device=done.device)[alive]
     return rows[live], step_ids[live], step_pos[live]
