@@ -14,7 +14,7 @@ import vftrain as vf
 from conftest import TINY, addition_rows, small_config
 from vftrain.errors import ConfigError
 from test_optim import _train as train_adamw
-from vftrain.optim import CompensatedAdamW
+from vftrain.optim import CompensatedAdamW, master_weights, use_float32_master_weights
 
 MODES = ("kahan", "kahan-bf16")
 
@@ -163,3 +163,55 @@ def test_command_line_reads_the_mode():
     from vftrain.cli.args import parse_argv
 
     assert parse_argv(["--sft.master_weights", "kahan-bf16"], "sft", {}).table == {"master_weights": "kahan-bf16"}
+
+
+def _trained(optimizer_for, steps=3, lr=1e-3):
+    """A bf16 parameter stepped `steps` times by `optimizer_for(params, lr)`; (parameter, optimizer)."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(4096, generator=gen) * 0.02).to(torch.bfloat16))
+    optimizer = optimizer_for([p], lr)
+    for _ in range(steps):
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        optimizer.step()
+    return p, optimizer
+
+
+def _float32_masters(params, lr):
+    return use_float32_master_weights(torch.optim.AdamW(params, lr=lr))
+
+
+def test_compensated_resume_of_a_float32_master_checkpoint_keeps_the_weights_and_updates():
+    """A run begun with master_weights = true (the default before 'kahan-bf16') resumed as 'kahan-bf16': the
+    checkpoint's float32 weights become p + c, and the next update is the float32 run's. Before, the bf16 weight had
+    no compensation after the load and was stepped as pure bf16: an update of lr 1e-6 rounded away."""
+    p, optimizer = _trained(_float32_masters)
+    (_, master), = master_weights(optimizer)
+    state = optimizer.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())  # the checkpoint's model weights (bf16)
+    resumed = CompensatedAdamW([q], lr=1e-6, moments=torch.bfloat16)
+    resumed.load_state_dict(state)
+    compensation = resumed.state[q]["compensation"]
+    assert ((q.float() + compensation.float() - master).abs() <= master.abs() * 2**-15 + 1e-12).all()
+    assert resumed.state[q]["exp_avg"].dtype == torch.bfloat16
+    for opt in (optimizer, resumed):  # the next step at a late-schedule learning rate, in both runs
+        opt.param_groups[0]["lr"] = 1e-6
+    p.grad = q.grad = torch.ones_like(q)
+    optimizer.step()
+    resumed.step()
+    held = q.float() + resumed.state[q]["compensation"].float()
+    # p + c holds ~16 bits (1e-7: weights near zero); pure bf16 (before) was off by up to half a bf16 step, ~1e-4
+    assert ((held - master).abs() <= master.abs() * 2**-15 + 1e-7).all()
+
+
+def test_float32_master_resume_of_a_compensated_checkpoint_starts_from_the_held_weights():
+    """The other way: a 'kahan-bf16' checkpoint resumed with master_weights = true starts the float32 masters at
+    p + c (not at p, which drops what c held), and no compensation is left in the optimizer's state."""
+    p, optimizer = _trained(lambda params, lr: CompensatedAdamW(params, lr=lr, moments=torch.bfloat16))
+    held = p.detach().float() + optimizer.state[p]["compensation"].float()
+    state = optimizer.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    resumed = _float32_masters([q], 1e-3)
+    resumed.load_state_dict(state)
+    (_, master), = master_weights(resumed)
+    assert torch.equal(master, held)
+    assert all("compensation" not in s for s in resumed.state.values())

@@ -66,14 +66,16 @@ class TrainerConfig(TrainingArguments):
                                   "Ampere or newer, fp16/bf16; needs packing; no soft-capping, sinks, chunked "
                                   "attention or attention dropout), 'flex_attention', or any name registered in "
                                   "transformers.AttentionInterface.")
-    master_weights: bool | str = _f(True, "How the optimizer keeps the updates of bf16/fp16 trainable weights: true: "
-                                    "float32 copies (mixed precision); 'kahan': no copy, a 16-bit compensation "
-                                    "buffer holding each weight's rounding error (AdamW only; 2 bytes per "
-                                    "parameter less than true); 'kahan-bf16': the same with bf16 Adam moments, "
-                                    "stochastically rounded (6 bytes less); false: pure bf16 AdamW, which rounds "
-                                    "most updates away at fine-tuning learning rates (8 bytes less; "
-                                    "benchmarks/RESULTS.md, Precision). FSDP2 and DeepSpeed keep float32 master "
-                                    "weights themselves.", (True, False, "kahan", "kahan-bf16"))
+    master_weights: bool | str | None = _f(None, "How the optimizer keeps the updates of bf16/fp16 trainable "
+                                           "weights: true: float32 copies (mixed precision); 'kahan': no copy, a "
+                                           "16-bit compensation buffer holding each weight's rounding error (AdamW "
+                                           "only; 2 bytes per parameter less than true); 'kahan-bf16': the same with "
+                                           "bf16 Adam moments, stochastically rounded (6 bytes less); false: pure "
+                                           "bf16 AdamW, which rounds most updates away at fine-tuning learning rates "
+                                           "(8 bytes less; benchmarks/RESULTS.md, Precision). Unset: 'kahan-bf16' "
+                                           "with torch's AdamW (the default optim; faster and smaller than true on "
+                                           "the GPU, updates kept within ~1%), else true. FSDP2 and DeepSpeed keep "
+                                           "float32 master weights themselves.", (True, False, "kahan", "kahan-bf16"))
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
                                    "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
@@ -263,6 +265,9 @@ class TrainerConfig(TrainingArguments):
             raise ConfigError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
         self.accelerator_config = _non_blocking_copies(self.accelerator_config)
         super().__post_init__()
+        if self.master_weights is None:  # the compensated AdamW replaces torch's AdamW only
+            adamw = getattr(self.optim, "value", self.optim) in ("adamw_torch", "adamw_torch_fused")
+            self.master_weights = "kahan-bf16" if adamw and not (self.fsdp or self.deepspeed) else True
         if launch_world_size() > 1 and self.parallel_mode.value != "distributed":
             raise ConfigError(f"launched with WORLD_SIZE={launch_world_size()} but the training arguments set up "
                               "no process group; set ddp_backend (nccl on GPUs, gloo on CPUs)")
@@ -310,7 +315,8 @@ class TrainerConfig(TrainingArguments):
         for f in dataclasses.fields(self):
             choices = f.metadata.get("vf_choices") or _TRANSFORMERS_CHOICES.get(f.name)
             value = getattr(self, f.name)
-            if choices and getattr(value, "value", value) not in choices:
+            unset = value is None and f.default is None  # decided later (see the field's help)
+            if choices and not unset and getattr(value, "value", value) not in choices:
                 raise ConfigError(f"{f.name} = {value!r} is not allowed; choose one of "
                                   + ", ".join(repr(c) for c in choices))
         for name in ("batch_size", "micro_batch_size", "max_seq_len", "lora_rank", "num_samples", "max_new_tokens"):

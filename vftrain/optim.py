@@ -81,8 +81,13 @@ def use_float32_master_weights(optimizer: torch.optim.Optimizer) -> torch.optim.
     @torch.no_grad()
     def load(opt, state_dict):
         saved = state_dict.pop(_KEY, None)
-        if saved is None:  # a checkpoint from a run without master weights: start them from the loaded model
-            saved = [p.detach() for p, _ in pairs]
+        if saved is None:  # a checkpoint without master weights: start them from the loaded model, plus the
+            # compensation of a checkpoint of master_weights = 'kahan' / 'kahan-bf16' (p + c is the weight it held)
+            ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+            masters = [p for g in opt.param_groups for p in g["params"]]
+            held = {id(m): state_dict["state"].get(i, {}).pop("compensation", None) for i, m in zip(ids, masters)}
+            saved = [p.detach().float() + (held[id(m)].to(p.device).float() if held.get(id(m)) is not None else 0)
+                     for p, m in pairs]
         if len(saved) != len(pairs):
             raise ValueError(f"checkpoint has {len(saved)} float32 master weights, this model {len(pairs)}")
         for (p, m), value in zip(pairs, saved):
@@ -279,6 +284,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         """torch's load casts every floating state to its parameter's dtype: float32 moments of a bf16 parameter
         would come back rounded to bf16. They are put back in the dtype they were saved in."""
         state_dict = dict(state_dict)
+        masters = state_dict.pop(_KEY, None)  # a checkpoint of master_weights = true: the float32 weights it held
         rng = state_dict.pop("rounding_rng", None)
         self.rounding_steps = state_dict.pop("rounding_steps", 0)
         saved = [state_dict["state"].get(i) for g in state_dict["param_groups"] for i in g["params"]]
@@ -291,6 +297,25 @@ class CompensatedAdamW(torch.optim.Optimizer):
             for key, value in (values or {}).items():
                 if torch.is_tensor(value) and key != "step":
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
+        self._adopt(params, masters)
+
+    @torch.no_grad()
+    def _adopt(self, params: list[torch.Tensor], masters: list[torch.Tensor] | None) -> None:
+        """A checkpoint of another master_weights mode (a run resumed after the default changed): float32 master
+        weights become p + c, moments take this mode's dtype, and a 16-bit weight without a compensation gets one
+        (without it the step would treat it as a float32 weight: pure bf16 updates, rounded away)."""
+        low = [p for p in params if p.dtype in LOW_PRECISION]
+        if masters is not None and len(masters) != len(low):
+            raise ValueError(f"checkpoint has {len(masters)} float32 master weights, this model {len(low)}")
+        for i, p in enumerate(low):
+            state = self.state.get(p)
+            if not state or "compensation" in state:
+                continue
+            w = masters[i].to(p.device, torch.float32) if masters is not None else p.float()
+            p.copy_(w)
+            state["compensation"] = (w - p.float()).to(p.dtype)
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].to(self.moments_dtype)
 
 
 def _gather(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
