@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21 in one device call (one H200, ~9 minutes): peak memory and speed at equal tokens per micro-batch for
-# vftrain at its defaults, with each master_weights mode (kahan, kahan-bf16, false) and TRL (BFD packing + liger),
+# vftrain at its defaults (master_weights 'kahan-bf16'), with lean_mlp, with each other master_weights mode (true,
+# kahan, false) and TRL (BFD packing + liger),
 # on the Qwen2.5-0.5B shape (standard rows) and the 1.3B Llama-style shape (long rows, <= 4096 tokens); then a
 # Qwen2.5-7B-shape LoRA (rank 8) at 4k and 16k tokens per micro-batch at the defaults beside plain peft +
 # transformers' Trainer at the same tokens. Every vftrain run prints vftrain.memory's estimate beside its measured
@@ -52,19 +53,18 @@ B="--arch llama1.3b --mix long --seq 16384 --micro-batch-tokens 20480 --default"
 H100="--card-gib 79.2"  # the issue's 80 GB card (H100 80GB HBM3: 79.2 GiB usable), emulated on the H200
 # Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, the 0.5B shape, then the 7B
 # LoRA as on an 80 GB card, then a 7B full fine-tune there (must stop before training with a one-line error).
-run 13b_default 170 $vf $B --trl
-for mode in kahan-bf16 kahan false; do
+run 13b_default 170 $vf $B --trl  # master_weights unset: 'kahan-bf16' (with torch's AdamW)
+run 13b_lean 90 $vf $B --lean-mlp  # the 0.85x-of-TRL candidate
+for mode in true kahan false; do
   run "13b_$mode" 90 $vf $B --master-weights $mode
 done
 run 05b_default 150 $vf $A --trl
-run 05b_kahan-bf16 80 $vf $A --master-weights kahan-bf16
+run 05b_true 80 $vf $A --master-weights true
 for t in 4096 16384; do
-  run "7b_lora_${t}_80g" 120 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4)) $H100
-  [ -z "$tiny" ] && run "7b_peft_$t" 120 python3 benchmarks/trl_anchor.py hf_padded qwen7b --lora 8 --tokens $t $S
+  run "7b_lora_${t}_80g" 150 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4)) $H100
+  [ -z "$tiny" ] && run "7b_peft_$t" 150 python3 benchmarks/trl_anchor.py hf_padded qwen7b --lora 8 --tokens $t $S
 done
 run 7b_full_80g 90 $vf --arch qwen7b --default --seq 4096 $H100
-run 13b_kahan-bf16_lean 90 $vf $B --master-weights kahan-bf16 --lean-mlp
-run 05b_kahan 80 $vf $A --master-weights kahan
 echo "elapsed ${SECONDS}s"
 python3 - "$out/results.jsonl" <<'PY' | tee "$out/memory21.md"
 import json, sys

@@ -11,6 +11,8 @@
 # log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
 #   RL20_BUDGET=seconds for everything (530), RL20_LENGTHS="128 512 ..." the sweep's lengths in order,
+#   RL20_ARCHS="qwen1.5b" the sweep's shapes (both: the whole table needs about three calls; TRL alone takes ~210 s
+#   at 0.5B and ~335 s at 1.5B for 1024 + 1024),
 #   RL20_TINY=1: a CPU dry run of the same steps (tiny model, short lengths).
 set -uo pipefail
 start=$(date +%s)
@@ -37,13 +39,14 @@ if [ -n "${RL20_TINY:-}" ]; then
 else
   tiny=() shape=(--prompt-len 256 --new-tokens 256) lengths=${RL20_LENGTHS:-"128 512 256 1024"} rows=(128 256)
 fi
+archs=${RL20_ARCHS:-"qwen0.5b qwen1.5b"}
 show() { grep -E "^(RESULT|SKIP|DECODE |DECODE_PROFILE|\\$|\\|)|rror|Traceback|wrote" | cut -c1-500; }
 
 # Most telling first (a short call stops at the budget): the length table, then the early-stopping runs, then the
 # decoding step against the floor.
 log "1/3 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch qwen0.5b qwen1.5b --runs vftrain trl --lengths $lengths \
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch $archs --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
   --log-dir "$runs" 2>&1 | tee "$out/logs/lengths.log" | show
 

@@ -66,16 +66,13 @@ class TrainerConfig(TrainingArguments):
                                   "Ampere or newer, fp16/bf16; needs packing; no soft-capping, sinks, chunked "
                                   "attention or attention dropout), 'flex_attention', or any name registered in "
                                   "transformers.AttentionInterface.")
-    master_weights: bool | str | None = _f(None, "How the optimizer keeps the updates of bf16/fp16 trainable "
-                                           "weights: true: float32 copies (mixed precision); 'kahan': no copy, a "
-                                           "16-bit compensation buffer holding each weight's rounding error (AdamW "
-                                           "only; 2 bytes per parameter less than true); 'kahan-bf16': the same with "
-                                           "bf16 Adam moments, stochastically rounded (6 bytes less); false: pure "
-                                           "bf16 AdamW, which rounds most updates away at fine-tuning learning rates "
-                                           "(8 bytes less; benchmarks/RESULTS.md, Precision). Unset: 'kahan-bf16' "
-                                           "with torch's AdamW (the default optim; faster and smaller than true on "
-                                           "the GPU, updates kept within ~1%), else true. FSDP2 and DeepSpeed keep "
-                                           "float32 master weights themselves.", (True, False, "kahan", "kahan-bf16"))
+    master_weights: bool | str | None = _f(None, "How AdamW keeps the updates of bf16/fp16 trainable weights: true: "
+        "float32 copies; 'kahan': a 16-bit buffer holding each weight's rounding error instead (2 bytes per parameter "
+        "less); 'kahan-bf16': that and bf16 moments, stochastically rounded (6 bytes less); false: pure bf16, which "
+        "rounds most updates away at fine-tuning learning rates (8 bytes less). Unset: 'kahan-bf16' with torch's "
+        "AdamW (the default optim: faster than true on the GPU, updates kept within ~1%), else true "
+        "(benchmarks/RESULTS.md). FSDP2 and DeepSpeed keep float32 masters themselves.",
+        (True, False, "kahan", "kahan-bf16"))
     trust_remote_code: bool = _f(False, "Allow model code from the hub repository to run (only for models you trust).")
     chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
                                    "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
