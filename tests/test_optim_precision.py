@@ -159,6 +159,19 @@ def test_bad_master_weights_value_is_one_line(tmp_path):
         trainer.train()
 
 
+def test_unset_mode_is_kahan_bf16_where_the_optimizer_is_torchs_adamw(tmp_path):
+    """Left unset, master_weights is the compensated bf16 AdamW with the default optim, and float32 masters where
+    the compensated step cannot replace the optimizer; a bf16 run with another optimizer trains instead of
+    stopping on the default."""
+    assert small_config(tmp_path).master_weights == "kahan-bf16"
+    assert small_config(tmp_path, optim="adamw_torch").master_weights == "kahan-bf16"
+    args = small_config(tmp_path, dtype="bfloat16", optim="sgd", max_steps=1)
+    assert args.master_weights is True
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)), args=args)
+    trainer.train()
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.SGD)
+
+
 def test_command_line_reads_the_mode():
     from vftrain.cli.args import parse_argv
 
