@@ -228,3 +228,26 @@ def test_sft_estimates_the_largest_micro_batch_its_data_makes(tmp_path, monkeypa
     trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
     trainer.train()
     assert len(seen) == 3 and max(seen) == planned
+
+
+# Qwen2.5-7B's shape (issue 21's runs), on the meta device: nothing is allocated, the estimate reads shapes only.
+SEVEN_B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False)
+H100_80GB = int(79.2 * GIB)  # what an 80 GB H100 lets a process allocate
+
+
+def test_the_issues_7b_runs_on_an_80gb_card():
+    """At the defaults (liger, varlen, 'kahan-bf16') on an 80 GB card: the 7B LoRA fits at 4k tokens per
+    micro-batch as it is, needs both lean paths at 16k and gets them before the first step, and a 7B full
+    fine-tune stops with one line naming LoRA or FSDP (even one row with both lean paths does not fit)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **SEVEN_B), dtype=torch.bfloat16)
+    auto = ("lean_mlp", "gradient_checkpointing")
+    lora = Plan(tokens=4096, use_lora=True, lora_rank=8, liger=True, varlen=True, master_weights="kahan-bf16")
+    assert memory.fit(model, lora, H100_80GB, auto) == {"lean_mlp": False, "gradient_checkpointing": False}
+    assert memory.fit(model, dataclasses.replace(lora, tokens=16384), H100_80GB, auto) == {
+        "lean_mlp": True, "gradient_checkpointing": True}
+    full = dataclasses.replace(lora, use_lora=False)
+    with pytest.raises(ConfigError, match=r"^the run needs about [\d.]+ GiB .*even one row does not fit: set use_lora "
+                                          r"= true, or shard the model with fsdp = true$"):
+        memory.fit(model, full, H100_80GB, auto)
