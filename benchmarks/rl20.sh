@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Issue 20's measurements in one device call of at most ~9 minutes on one H200 (benchmarks/rl_throughput.py):
-#   1. the length sweep: 0.5B and 1.5B, prompt = completion = 128, 512, 256, 1024 tokens in that order, vftrain vs
+#   1. --varied at the 0.5B shape, 256 + 256: completions that stop early (stop token at ~1/64 per step; mean 132
+#      tokens on the H200), vftrain vs TRL;
+#   2. the length sweep: 0.5B and 1.5B, prompt = completion = 128, 512, 256, 1024 tokens in that order, vftrain vs
 #      TRL, 3 steps (1 warm-up) of 16 prompts x 8 rollouts; runs that would end past the budget less RL20_RESERVE
 #      seconds (120) are skipped and listed as such (--deadline);
-#   2. --varied at the 0.5B shape, 256 + 256: completions that stop early (mean ~64 tokens), vftrain vs TRL;
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
 #      step (CUDA-graph decoder) beside the bandwidth floor, and the GPU time per step by kernel (first shape), with the
 #      time left.
@@ -42,18 +43,19 @@ fi
 archs=${RL20_ARCHS:-"qwen0.5b qwen1.5b"}
 show() { grep -E "^(RESULT|SKIP|DECODE |DECODE_PROFILE|\\$|\\|)|rror|Traceback|wrote" | cut -c1-500; }
 
-# Most telling first (a short call stops at the budget): the length table, then the early-stopping runs, then the
-# decoding step against the floor.
-log "1/3 lengths $lengths, $(left) s left"
+# First the early-stopping runs (short; they check that decoding rollouts that stop early is not slower than full
+# ones, as it was before the compaction kept power-of-two batches), then the length table (a short call stops at the
+# budget), then the decoding step against the floor.
+log "1/3 completions that stop early (--varied), $(left) s left"
+[ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
+  --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
+  | tee "$out/logs/varied.log" | show
+
+log "2/3 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch $archs --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
   --log-dir "$runs" 2>&1 | tee "$out/logs/lengths.log" | show
-
-log "2/3 completions that stop early (--varied)"
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
-  --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
-  | tee "$out/logs/varied.log" | show
 
 log "3/3 decoding step vs bandwidth floor"
 [ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
