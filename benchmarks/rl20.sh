@@ -7,7 +7,7 @@
 #      seconds (120) are skipped and listed as such (--deadline);
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
 #      step (CUDA-graph decoder) beside the bandwidth floor, and the GPU time per step by kernel (first shape), with the
-#      time left.
+#      time left; 4. the same at 128 rows with liger's fused RoPE kernel (--fused-rope).
 # Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), $OUT/logs/ (one
 # log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
@@ -46,21 +46,28 @@ show() { grep -E "^(RESULT|SKIP|DECODE |DECODE_PROFILE|\\$|\\|)|rror|Traceback|w
 # First the early-stopping runs (short; they check that decoding rollouts that stop early is not slower than full
 # ones, as it was before the compaction kept power-of-two batches), then the length table (a short call stops at the
 # budget), then the decoding step against the floor.
-log "1/3 completions that stop early (--varied), $(left) s left"
+log "1/4 completions that stop early (--varied), $(left) s left"
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
   --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 
-log "2/3 lengths $lengths, $(left) s left"
+log "2/4 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
 [ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch $archs --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
   --log-dir "$runs" 2>&1 | tee "$out/logs/lengths.log" | show
 
-log "3/3 decoding step vs bandwidth floor"
+log "3/4 decoding step vs bandwidth floor"
 [ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
   --decode-rows "${rows[@]}" --no-eager --profile-tokens 16 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
 
+if [ -z "${RL20_TINY:-}" ]; then  # liger's RoPE kernel is Triton: the GPU only (TRITON_INTERPRET=1 on the CPU is slow)
+  log "4/4 the same with liger's fused RoPE (what fusing it would save)"
+  [ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench --profile-decode --fused-rope --arch qwen0.5b qwen1.5b \
+    "${shape[@]}" --decode-rows 128 --no-eager --profile-tokens 16 --out "$out/rl20_rope" 2>&1 \
+    | tee "$out/logs/decode_rope.log" | show
+fi
+
 log "done"
 for f in "$out"/rl20_varied.md "$out"/rl20_lengths.md; do [ -f "$f" ] && { echo; cat "$f"; }; done
-grep -hE "^DECODE( |_PROFILE)" "$out/logs/decode.log"
+grep -hE "^DECODE( |_PROFILE)" "$out"/logs/decode*.log

@@ -265,6 +265,11 @@ def profile_decode(args) -> list[dict]:
     from vftrain.sampling.tokens import sample
 
     cuda = torch.cuda.is_available() and not args.tiny
+    if args.fused_rope:  # what fusing RoPE would save: transformers' rotate-half RoPE is ~10 small kernels per layer
+        from liger_kernel.transformers.rope import liger_rotary_pos_emb
+        from transformers.models.qwen2 import modeling_qwen2
+
+        modeling_qwen2.apply_rotary_pos_emb = liger_rotary_pos_emb  # this benchmark process only
     bandwidth = copy_bandwidth() if cuda else None
     if bandwidth:
         print(f"DECODE copy bandwidth {bandwidth / 1e12:.2f} TB/s (device-to-device, bytes read + written)")
@@ -293,14 +298,15 @@ def profile_decode(args) -> list[dict]:
                 step_ms = (whole - prefill) / max(args.new_tokens - 2, 1) * 1e3
                 out = dict(arch=label(args, arch), rows=len(prompts) * args.group, graphs=graphs,
                            capture_failed=tokens._Forward.warned,  # decoding fell back to eager (logged once)
-                           liger=liger,
+                           liger=liger, fused_rope=args.fused_rope,
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, step_ms=round(step_ms, 3),
                            prefill_s=round(prefill, 3), weights_gb=round(weights / 1e9, 3), kv_gb=round(kv / 1e9, 3),
                            floor_ms=round(floor_ms, 3) if floor_ms else None,
                            x_floor=round(step_ms / floor_ms, 1) if floor_ms else None)
                 floor = (f"floor {floor_ms:.2f} ms ({out['weights_gb']} GB weights + {out['kv_gb']} GB filled KV "
                          f"cache at {bandwidth / 1e12:.2f} TB/s): {out['x_floor']}x" if floor_ms else "floor n/a")
-                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (liger: {liger}, capture failed: "
+                print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (liger: {liger}, fused RoPE: "
+                      f"{args.fused_rope}, capture failed: "
                       f"{out['capture_failed']}): {step_ms:.2f} ms per step "
                       f"(prefill + first step {prefill:.3f} s not included) | {floor}", flush=True)
                 print("DECODE_RESULT " + json.dumps(out), flush=True)
@@ -486,6 +492,9 @@ def main():
     ap.add_argument("--decode-rows", nargs="+", type=int, default=[128], help="rows decoded together "
                     "(--profile-decode; --group completions of rows / --group prompts)")
     ap.add_argument("--no-eager", action="store_true", help="--profile-decode: time the CUDA-graph decoder only")
+    ap.add_argument("--fused-rope", action="store_true", help="--profile-decode: liger-kernel's RoPE kernel in place "
+                    "of transformers' apply_rotary_pos_emb (swapped in this benchmark process only; Triton: a GPU, or "
+                    "TRITON_INTERPRET=1), to measure what fusing RoPE would save")
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
                     "(default unset: RLConfig's token budget)")
