@@ -295,8 +295,9 @@ class VFTrainer(Trainer):
         if fresh and self.args.master_weights and not self.sharded and needs_master_weights(
                 p for group in optimizer.param_groups for p in group["params"]):
             if self.args.fp16:  # fp16 autocast's GradScaler unscales the model's gradients, not the masters'
-                raise ConfigError("fp16 = true with bfloat16 weights and master_weights = true cannot train: the "
-                                  "loss scaler never sees the float32 master weights (clipping sees scaled "
+                mode = "true" if self.args.master_weights is True else repr(self.args.master_weights)
+                raise ConfigError(f"fp16 = true with bfloat16 weights and master_weights = {mode} cannot train: "
+                                  "the loss scaler never sees the optimizer's own weights (clipping sees scaled "
                                   "gradients, its step fails); use bf16 = true, dtype = 'float32' with fp16 = true, "
                                   "or master_weights = false")
             if self.args.master_weights in KAHAN_MODES:
