@@ -1,5 +1,5 @@
 """What the SFT and RL trainers share: a `transformers.Trainer` with vftrain's model loading, guards, logging,
-float32 master weights, fused output head, atomic checkpoints and exports.
+master weights (float32 or compensated bf16), fused output head, atomic checkpoints and exports.
 
 `SFTTrainer` (`sft/trainer.py`) and `RLTrainer` (`rl/trainer.py`) subclass `VFTrainer` and add only their data
 (rows vs rollouts) and their loss (cross-entropy vs policy gradient); everything a run does around them lives here
