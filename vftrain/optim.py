@@ -86,7 +86,7 @@ def use_float32_master_weights(optimizer: torch.optim.Optimizer) -> torch.optim.
             ids = [i for g in state_dict["param_groups"] for i in g["params"]]
             masters = [p for g in opt.param_groups for p in g["params"]]
             held = {id(m): state_dict["state"].get(i, {}).pop("compensation", None) for i, m in zip(ids, masters)}
-            saved = [p.detach().float() + (held[id(m)].to(p.device).float() if held.get(id(m)) is not None else 0)
+            saved = [p.detach().float() + (0 if held[id(m)] is None else held[id(m)].to(p.device).float())
                      for p, m in pairs]
         if len(saved) != len(pairs):
             raise ValueError(f"checkpoint has {len(saved)} float32 master weights, this model {len(pairs)}")

@@ -201,11 +201,12 @@ def _compact(forward: "_Forward", alive, done: torch.Tensor, step_ids: torch.Ten
     """(alive, step_ids, step_pos) after dropping stopped rows from the decoding batch where at least half of it
     has stopped, down to `batch_bucket` of the live rows (stopped rows fill the rest); unchanged otherwise."""
     finished = done[alive]
-    live = (~finished).nonzero()[:, 0]  # positions within the batch
-    keep = batch_bucket(live.numel())
-    if live.numel() == 0 or keep >= step_ids.shape[0]:
+    running = int((~finished).sum())  # the one host read of the check
+    keep = batch_bucket(running)
+    if running == 0 or keep >= step_ids.shape[0]:
         return alive, step_ids, step_pos
-    live = torch.cat([live, finished.nonzero()[:keep - live.numel(), 0]]).sort().values
+    # positions within the batch: the running rows, then stopped ones up to `keep`, in batch order
+    live = torch.argsort(finished.to(torch.int8), stable=True)[:keep].sort().values
     forward.select(live)
     rows = torch.arange(done.shape[0], device=done.device)[alive]
     return rows[live], step_ids[live], step_pos[live]
