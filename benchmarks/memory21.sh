@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21 in one device call (one H200, ~9 minutes): peak memory and speed at equal tokens per micro-batch for
 # vftrain at its defaults (master_weights 'kahan-bf16'), with lean_mlp, with each other master_weights mode (true,
-# kahan, false) and TRL (BFD packing + liger),
+# kahan, false; with MODES=1) and TRL (BFD packing + liger),
 # on the Qwen2.5-0.5B shape (standard rows) and the 1.3B Llama-style shape (long rows, <= 4096 tokens); then a
 # Qwen2.5-7B-shape LoRA (rank 8) at 4k and 16k tokens per micro-batch at the defaults beside plain peft +
 # transformers' Trainer at the same tokens. Every vftrain run prints vftrain.memory's estimate beside its measured
@@ -55,11 +55,11 @@ H100="--card-gib 79.2"  # the issue's 80 GB card (H100 80GB HBM3: 79.2 GiB usabl
 # LoRA as on an 80 GB card, then a 7B full fine-tune there (must stop before training with a one-line error).
 run 13b_default 170 $vf $B --trl  # master_weights unset: 'kahan-bf16' (with torch's AdamW)
 run 13b_lean 90 $vf $B --lean-mlp  # the 0.85x-of-TRL candidate
-for mode in true kahan false; do
+[ -n "${MODES:-}" ] && for mode in true kahan false; do  # measured in session 28 (RESULTS.md); MODES=1 again
   run "13b_$mode" 90 $vf $B --master-weights $mode
 done
 run 05b_default 150 $vf $A --trl
-run 05b_true 80 $vf $A --master-weights true
+[ -n "${MODES:-}" ] && run 05b_true 80 $vf $A --master-weights true
 for t in 4096 16384; do
   run "7b_lora_${t}_80g" 150 $vf --arch qwen7b --lora --default --seq $t --micro-batch-tokens $((t * 5 / 4)) $H100
   [ -z "$tiny" ] && run "7b_peft_$t" 150 python3 benchmarks/trl_anchor.py hf_padded qwen7b --lora 8 --tokens $t $S

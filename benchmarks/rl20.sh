@@ -7,13 +7,15 @@
 #      seconds (120) are skipped and listed as such (--deadline);
 #   3. --profile-decode at the Qwen2.5-0.5B and -1.5B shapes, 128 and 256 rows, 256 + 256 tokens: ms per decoding
 #      step (CUDA-graph decoder) beside the bandwidth floor, and the GPU time per step by kernel (first shape), with the
-#      time left; 4. the same at 128 rows with liger's fused RoPE kernel (--fused-rope).
+#      time left; 4. the same at 128 rows with liger's fused RoPE kernel (--fused-rope); 5. with each decoding
+#      step's forward compiled by torch.compile inside the CUDA graph (--compile-decode; 128 rows).
 # Every run prints its GPU-memory breakdown. Results: $OUT/rl20_*.md (tables), .jsonl (every figure), $OUT/logs/ (one
 # log per phase; each run's own log in $RL20_RUN_LOGS, /tmp/rl20_runs: the device returns at most 8 files).
 # usage (repo root, the wheels in .whl/ as for benchmarks/device.sh):   bash benchmarks/rl20.sh
 #   RL20_BUDGET=seconds for everything (530), RL20_LENGTHS="128 512 ..." the sweep's lengths in order,
 #   RL20_ARCHS="qwen1.5b" the sweep's shapes (both: the whole table needs about three calls; TRL alone takes ~210 s
 #   at 0.5B and ~335 s at 1.5B for 1024 + 1024),
+#   RL20_PHASES="varied lengths decode rope compile" the phases to run (all by default),
 #   RL20_TINY=1: a CPU dry run of the same steps (tiny model, short lengths).
 set -uo pipefail
 start=$(date +%s)
@@ -46,27 +48,34 @@ show() { grep -E "^(RESULT|SKIP|DECODE |DECODE_PROFILE|\\$|\\|)|rror|Traceback|w
 # First the early-stopping runs (short; they check that decoding rollouts that stop early is not slower than full
 # ones, as it was before the compaction kept power-of-two batches), then the length table (a short call stops at the
 # budget), then the decoding step against the floor.
-log "1/4 completions that stop early (--varied), $(left) s left"
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
+phases=" ${RL20_PHASES:-varied lengths decode rope compile} "
+on() { [[ "$phases" == *" $1 "* ]] && [ "$(left)" -gt "$2" ]; }
+
+log "1/5 completions that stop early (--varied), $(left) s left"
+on varied 60 && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
   --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 
-log "2/4 lengths $lengths, $(left) s left"
+log "2/5 lengths $lengths, $(left) s left"
 # shellcheck disable=SC2086  # the lengths are separate words
-[ "$(left)" -gt 60 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch $archs --runs vftrain trl --lengths $lengths \
+on lengths 60 && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --arch $archs --runs vftrain trl --lengths $lengths \
   --steps 3 --warmup 1 --timeout 300 --deadline $(( $(left) - ${RL20_RESERVE:-120} )) --out "$out/rl20_lengths" \
   --log-dir "$runs" 2>&1 | tee "$out/logs/lengths.log" | show
 
-log "3/4 decoding step vs bandwidth floor"
-[ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
+log "3/5 decoding step vs bandwidth floor"
+on decode 40 && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --arch qwen0.5b qwen1.5b "${shape[@]}" \
   --decode-rows "${rows[@]}" --no-eager --profile-tokens 16 --out "$out/rl20" 2>&1 | tee "$out/logs/decode.log" | show
 
 if [ -z "${RL20_TINY:-}" ]; then  # liger's RoPE kernel is Triton: the GPU only (TRITON_INTERPRET=1 on the CPU is slow)
-  log "4/4 the same with liger's fused RoPE (what fusing it would save)"
-  [ "$(left)" -gt 40 ] && timeout $(( $(left) - 5 )) $bench --profile-decode --fused-rope --arch qwen0.5b qwen1.5b \
+  log "4/5 the same with liger's fused RoPE (what fusing it would save)"
+  on rope 40 && timeout $(( $(left) - 5 )) $bench --profile-decode --fused-rope --arch qwen0.5b qwen1.5b \
     "${shape[@]}" --decode-rows 128 --no-eager --profile-tokens 16 --out "$out/rl20_rope" 2>&1 \
     | tee "$out/logs/decode_rope.log" | show
 fi
+log "5/5 the same with each decoding step's forward compiled (torch.compile inside the CUDA graph)"
+on compile 60 && timeout $(( $(left) - 5 )) $bench "${tiny[@]}" --profile-decode --compile-decode --arch qwen0.5b qwen1.5b \
+  "${shape[@]}" --decode-rows "${rows[0]}" --no-eager --profile-tokens 16 --out "$out/rl20_compile" 2>&1 \
+  | tee "$out/logs/decode_compile.log" | show
 
 log "done"
 for f in "$out"/rl20_varied.md "$out"/rl20_lengths.md; do [ -f "$f" ] && { echo; cat "$f"; }; done

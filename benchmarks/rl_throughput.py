@@ -12,12 +12,12 @@ What runs, for each framework in its own process (the same inputs for all):
   --stop-prob (default 4 / --new-tokens: completions stop early, roughly geometric, mean ~ --new-tokens / 4);
 - reward: the share of the completion's words ending in "7" (graded, so groups have nonzero advantages).
 Runs:
-- vftrain: RLTrainer at RLConfig's defaults (embedded rollouts, attn_implementation auto, master weights, liger
+- vftrain: RLTrainer at RLConfig's defaults (embedded rollouts, attn_implementation auto, master_weights unset, liger
   where installed, token-budgeted micro-batches); only batch sizes and lengths are set.
 - vftrain-eager: the same, rollouts decoded without CUDA graphs (`sample(graphs=False)`: transformers' dynamic
   cache, one eager forward per token), to show what the graphs buy.
 - vftrain-no-master: the same as vftrain with master_weights = false (pure bf16 AdamW, as TRL trains), to show
-  what the float32 master weights cost in memory.
+  what the default's master copies (or compensation) cost in memory.
 - trl: GRPOConfig(use_vllm=False: transformers' generate; beta 0; its default loss, "dapo"), bf16, micro-batch 8
   rollouts, gradient accumulation up to the step's rollouts (one generate call per step, as vftrain);
   gradient_checkpointing=False (TRL defaults it to True, which only slows the train phase).
@@ -207,7 +207,8 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
         output_dir=tempfile.mkdtemp(prefix="vftrain_rl_bench_"), max_steps=args.steps, batch_size=args.prompts * args.group,
         rollouts_per_example=args.group, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
         max_seq_len=args.prompt_len + args.new_tokens, temperature=1.0, save_strategy="no", report_to="none",
-        disable_tqdm=True, seed=0, master_weights=master, micro_batch_tokens=args.micro_batch_tokens)
+        disable_tqdm=True, seed=0, master_weights=None if master else False,  # None: RLConfig's default
+        micro_batch_tokens=args.micro_batch_tokens)
     if not graphs:
         rl_trainer.sample = lambda *a, **k: sample(*a, **k, **sample_kwargs(False))
     trainer = vf.RLTrainer(model=model, train_dataset=Dataset.from_list(rows), args=config, reward_funcs=[reward],
@@ -270,6 +271,8 @@ def profile_decode(args) -> list[dict]:
         from transformers.models.qwen2 import modeling_qwen2
 
         modeling_qwen2.apply_rotary_pos_emb = liger_rotary_pos_emb  # this benchmark process only
+    if args.compile_decode:
+        compile_decoding()
     bandwidth = copy_bandwidth() if cuda else None
     if bandwidth:
         print(f"DECODE copy bandwidth {bandwidth / 1e12:.2f} TB/s (device-to-device, bytes read + written)")
@@ -284,7 +287,9 @@ def profile_decode(args) -> list[dict]:
             prompts = [torch.randint(len(SPECIAL), vocab, (args.prompt_len,), generator=gen).tolist()
                        for _ in range(max(1, rows // args.group))]
             kw = dict(n=args.group, temperature=1.0, top_p=1.0, stop_ids={STOP_ID}, pad_id=0, seed=0)
-            sample(model, prompts, max_new_tokens=8, **kw)  # warm-up (graph capture)
+            warmup = timed(sample, model, prompts, max_new_tokens=8, **kw)  # graph capture (and compilation)
+            print(f"DECODE {label(args, arch)} rows={rows}: first call {warmup:.1f} s (captures"
+                  f"{', compilation' if args.compile_decode else ''})", flush=True)
             weights, kv = decode_bytes(model, len(prompts) * args.group, args.prompt_len, args.new_tokens)
             floor_ms = (weights + kv) / bandwidth * 1e3 if bandwidth else None
             for graphs in (True,) if args.no_eager else (True, False):
@@ -298,7 +303,8 @@ def profile_decode(args) -> list[dict]:
                 step_ms = (whole - prefill) / max(args.new_tokens - 2, 1) * 1e3
                 out = dict(arch=label(args, arch), rows=len(prompts) * args.group, graphs=graphs,
                            capture_failed=tokens._Forward.warned,  # decoding fell back to eager (logged once)
-                           liger=liger, fused_rope=args.fused_rope,
+                           liger=liger, fused_rope=args.fused_rope, compiled=args.compile_decode,
+                           first_call_s=round(warmup, 1),
                            prompt_len=args.prompt_len, new_tokens=args.new_tokens, step_ms=round(step_ms, 3),
                            prefill_s=round(prefill, 3), weights_gb=round(weights / 1e9, 3), kv_gb=round(kv / 1e9, 3),
                            floor_ms=round(floor_ms, 3) if floor_ms else None,
@@ -306,7 +312,7 @@ def profile_decode(args) -> list[dict]:
                 floor = (f"floor {floor_ms:.2f} ms ({out['weights_gb']} GB weights + {out['kv_gb']} GB filled KV "
                          f"cache at {bandwidth / 1e12:.2f} TB/s): {out['x_floor']}x" if floor_ms else "floor n/a")
                 print(f"DECODE {out['arch']} rows={out['rows']} graphs={graphs} (liger: {liger}, fused RoPE: "
-                      f"{args.fused_rope}, capture failed: "
+                      f"{args.fused_rope}, compiled: {args.compile_decode}, capture failed: "
                       f"{out['capture_failed']}): {step_ms:.2f} ms per step "
                       f"(prefill + first step {prefill:.3f} s not included) | {floor}", flush=True)
                 print("DECODE_RESULT " + json.dumps(out), flush=True)
@@ -317,6 +323,32 @@ def profile_decode(args) -> list[dict]:
         if cuda:
             torch.cuda.empty_cache()
     return results
+
+
+def compile_decoding() -> None:
+    """--compile-decode: each decoding step's forward (one token per row over the static cache) through
+    torch.compile, inside the decoder's CUDA graph: inductor fuses the elementwise kernels around the GEMMs (RoPE,
+    cache writes, residual adds; ~35 kernels per layer eagerly). This benchmark process only, to measure what it
+    saves before the decoder takes it. One function for every call, so the compiled graphs are reused across calls;
+    a new width of read cache columns (`attention.decode_columns`, a Python int) or batch size compiles again."""
+    from vftrain.sampling import tokens
+
+    eager = tokens._Forward._run
+
+    def step(model, cache, ids, positions, mask):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{tokens._CACHE: cache},
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    compiled = torch.compile(step)
+    torch._dynamo.config.recompile_limit = 64  # widths x batch sizes
+
+    def run(self, ids, positions, mask):
+        if not self.static or ids.shape[1] > 1:  # the prompt's forward stays eager
+            return eager(self, ids, positions, mask)
+        return compiled(self.model, self.cache, ids, positions, mask)
+
+    tokens._Forward._run = run
 
 
 def print_profile(model, prompts, kw, steps: int, cuda: bool) -> None:
@@ -495,6 +527,8 @@ def main():
     ap.add_argument("--fused-rope", action="store_true", help="--profile-decode: liger-kernel's RoPE kernel in place "
                     "of transformers' apply_rotary_pos_emb (swapped in this benchmark process only; Triton: a GPU, or "
                     "TRITON_INTERPRET=1), to measure what fusing RoPE would save")
+    ap.add_argument("--compile-decode", action="store_true", help="--profile-decode: each decoding step's forward "
+                    "through torch.compile inside the CUDA graph (this benchmark process only), to measure it")
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
                     "(default unset: RLConfig's token budget)")
