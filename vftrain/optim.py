@@ -282,7 +282,10 @@ class CompensatedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load casts every floating state to its parameter's dtype: float32 moments of a bf16 parameter
-        would come back rounded to bf16. They are put back in the dtype they were saved in."""
+        would come back rounded to bf16. They are put back in the dtype they were saved in, on the parameter's
+        device, the step counts too: torch leaves a non-fused AdamW's counts where the file was read to (the CPU,
+        for transformers' resume), and the step's bias corrections come from them (a GPU resume crashed at its
+        first step, tests/test_cli.py on the H200)."""
         state_dict = dict(state_dict)
         masters = state_dict.pop(_KEY, None)  # a checkpoint of master_weights = true: the float32 weights it held
         rng = state_dict.pop("rounding_rng", None)
@@ -295,8 +298,8 @@ class CompensatedAdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for p, values in zip(params, saved):
             for key, value in (values or {}).items():
-                if torch.is_tensor(value) and key != "step":
-                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype)
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else value.dtype)
         self._adopt(params, masters)
 
     @torch.no_grad()
