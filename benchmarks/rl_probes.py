@@ -149,3 +149,42 @@ def timed(fn, *args, **kwargs) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+class DecodeCounts:
+    """What the embedded decoder's steps cost beyond graph replays, counted by patching `tokens._Forward` in this
+    benchmark process: graphs built (each: an eager warm-up step and a capture; `build_s`, the host waiting for the
+    GPU before and after each), captures that failed (`failed`: the rest of that call decodes eagerly),
+    steps decoded eagerly after such a failure (`eager_steps`), and compactions of stopped rows (`compactions`).
+    Read it to tell a slow early-stopping decode's cause (RESULTS.md: 4.6 s per step against 1.0 s at full length)."""
+
+    def __init__(self):
+        from vftrain.sampling import tokens
+
+        counts = self.counts = dict(builds=0, build_s=0.0, failed=0, eager_steps=0, compactions=0)
+        call, select = tokens._Forward.__call__, tokens._Forward.select
+
+        def counted_call(fwd, ids, positions, length):
+            decoding = fwd.static and ids.shape[1] == 1 and fwd.mask.is_cuda
+            if not decoding or fwd.columns(length) in fwd.graphs:
+                return call(fwd, ids, positions, length)
+            if not fwd.capture:
+                counts["eager_steps"] += 1
+                return call(fwd, ids, positions, length)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            out = call(fwd, ids, positions, length)
+            torch.cuda.synchronize()
+            counts["builds"] += 1
+            counts["build_s"] += time.perf_counter() - start
+            counts["failed"] += not fwd.capture
+            return out
+
+        def counted_select(fwd, live):
+            counts["compactions"] += 1
+            return select(fwd, live)
+
+        tokens._Forward.__call__, tokens._Forward.select = counted_call, counted_select
+
+    def per_step(self, steps: int) -> dict:
+        return {k: round(v / max(steps, 1), 3) for k, v in self.counts.items()}

@@ -60,7 +60,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
-from rl_probes import GIB, Memory, copy_bandwidth, decode_bytes, make_stopping, timed  # noqa: E402
+from rl_probes import GIB, DecodeCounts, Memory, copy_bandwidth, decode_bytes, make_stopping, timed  # noqa: E402
 from trl_anchor import ARCHS, VOCAB  # noqa: E402  (benchmarks/ is sys.path[0])
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -389,8 +389,10 @@ def measure(args) -> dict:
     if args.child == "trl":
         extra = run_trl(args, model, tok, rows, clock, cuda)
     else:
+        decode = DecodeCounts()
         extra = run_vftrain(args, model, tok, rows, clock, graphs=args.child != "vftrain-eager",
                             master=args.child != "vftrain-no-master")
+        extra["decode_per_step"] = decode.per_step(args.steps)  # every step's, warm-up included
     timed_steps = [s for s in clock.steps if s["step"] > args.warmup]
     if not timed_steps:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
