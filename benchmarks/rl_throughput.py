@@ -389,10 +389,13 @@ def measure(args) -> dict:
     if args.child == "trl":
         extra = run_trl(args, model, tok, rows, clock, cuda)
     else:
+        if args.compile_decode:
+            compile_decoding()
         decode = DecodeCounts()
         extra = run_vftrain(args, model, tok, rows, clock, graphs=args.child != "vftrain-eager",
                             master=args.child != "vftrain-no-master")
         extra["decode_per_step"] = decode.per_step(args.steps)  # every step's, warm-up included
+        extra["compiled_decode"] = args.compile_decode
     timed_steps = [s for s in clock.steps if s["step"] > args.warmup]
     if not timed_steps:
         raise SystemExit(f"no step was timed: --steps {args.steps} must exceed --warmup {args.warmup}")
@@ -529,8 +532,9 @@ def main():
     ap.add_argument("--fused-rope", action="store_true", help="--profile-decode: liger-kernel's RoPE kernel in place "
                     "of transformers' apply_rotary_pos_emb (swapped in this benchmark process only; Triton: a GPU, or "
                     "TRITON_INTERPRET=1), to measure what fusing RoPE would save")
-    ap.add_argument("--compile-decode", action="store_true", help="--profile-decode: each decoding step's forward "
-                    "through torch.compile inside the CUDA graph (this benchmark process only), to measure it")
+    ap.add_argument("--compile-decode", action="store_true", help="each decoding step's forward through "
+                    "torch.compile inside the CUDA graph (this benchmark process only; --profile-decode and vftrain's "
+                    "RL runs), to measure it")
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
                     "(default unset: RLConfig's token budget)")
@@ -569,7 +573,8 @@ def main():
                str(args.group), "--prompt-len", str(prompt_len), "--new-tokens", str(new_tokens),
                "--vocab", str(args.vocab)] + (["--tiny"] if args.tiny else []) + (["--varied"] if args.varied else []) \
             + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else []) \
-            + (["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else [])
+            + (["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []) \
+            + (["--compile-decode"] if args.compile_decode else [])
         start = time.monotonic()
         result, log = run(cmd, int(min(args.timeout, left)))
         done.append((arch, prompt_len + new_tokens, name, time.monotonic() - start))
