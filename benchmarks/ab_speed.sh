@@ -26,6 +26,10 @@ if [ -d .whl ] && command -v nvidia-smi >/dev/null; then  # the device has no da
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 fi
+# Older throughput.py timed train()'s end too (the curves' plot: matplotlib's import, 0.3-0.5 s): matplotlib made
+# unimportable for every tree, so each window holds its steps alone (vftrain skips the plot without matplotlib).
+noplot=$(mktemp -d)
+mkdir -p "$noplot/matplotlib" && echo 'raise ImportError("matplotlib left out by ab_speed.sh")' > "$noplot/matplotlib/__init__.py"
 trees=(. .ab/*/)
 : > "$out/ab_speed.jsonl"
 for round in $(seq "$rounds"); do
@@ -35,7 +39,7 @@ for round in $(seq "$rounds"); do
     extra=(); [ "$tree" = . ] && extra=(--master-weights true)
     rm -rf /tmp/vftrain_bench_out
     log="$out/run_${name}_${round}.log"
-    (cd "$tree" && PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 timeout 150 python3 benchmarks/throughput.py \
+    (cd "$tree" && PYTHONPATH=$noplot:/tmp/site:$PWD PYTHONUNBUFFERED=1 timeout 150 python3 benchmarks/throughput.py \
       --arch "${AB_ARCH:-qwen0.5b}" --seq 16384 --default --steps 12 --warmup 4 --breakdown "${extra[@]}" \
       ${AB_ARGS:-} > "$log.tmp" 2>&1)
     mv "$log.tmp" "$log"
