@@ -72,12 +72,23 @@ def sampling_logits(logits: torch.Tensor, temperature: float, top_p: float) -> t
     tokens whose probability reaches `top_p` kept (the rest -inf; at least one token always kept)."""
     x = logits.float() / temperature
     if top_p < 1.0:
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        probs = sorted_x.softmax(dim=-1)
-        # A token is dropped when the tokens before it already reach top_p (so the first one always stays).
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+        x.masked_fill_(outside_nucleus(x, top_p), float("-inf"))
     return x
+
+
+def outside_nucleus(x: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool [rows, vocab]: the tokens of `x` (float32 logits / temperature) outside the smallest set whose
+    probability reaches `top_p` (`sampling_logits`' rule; the most probable token always stays in). Each [rows, vocab]
+    intermediate is freed as soon as it is used (the trainer runs this over 512-1,024 rows of a 152k vocabulary)."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    probs = sorted_x.softmax(dim=-1)
+    del sorted_x
+    # A token is dropped when the tokens before it already reach top_p (so the first one always stays).
+    before = probs.cumsum(dim=-1).sub_(probs)
+    del probs
+    drop_sorted = before >= top_p
+    del before
+    return drop_sorted.scatter(-1, order, drop_sorted)
 
 
 @torch.no_grad()
