@@ -20,9 +20,9 @@ from vftrain.sampling.tokens import outside_nucleus
 # Rows of logits alive (in float32) at once: 2048 x 152k vocabulary = 1.2 GB.
 CHUNK = 2048
 # The per-token losses (RL) keep more [rows, vocab] buffers per chunk (float32 logits, probabilities made into the
-# gradient, the bf16 gradient): ~10 bytes per logit (4,096 rows x 152k vocabulary on the CPU, peak RSS over the call:
-# 3.9 GB at 2048 rows, 1.8 GB at 1024; 7.2 and 3.6 GB before `_token_chunk` worked in place). They are held at the
-# end of the forward, with every layer's activations: half of CHUNK.
+# gradient, the bf16 gradient): ~10 bytes per logit at top_p 1, ~22 at top_p < 1 in half-size chunks (peak RSS of a
+# fresh process over one chunk, tests/test_rl_loss.py; ~20 and ~34 before they worked in place). They are held at
+# the end of the forward, with every layer's activations: half of CHUNK.
 TOKEN_CHUNK = 1024
 
 
@@ -223,7 +223,7 @@ def _token_chunk(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
     # The entropy of the policy, truncated or not: the distribution rollouts are drawn from and that is trained
     # (x is finite everywhere, so a dropped token's probability 0 adds 0). x is not needed after it.
     entropy = lse - x.mul_(probs).sum(-1)
-    del x
+    del x, z  # the loop's last z is x
     grad = None
     for g, (_, _, p) in zip(grads, dists):
         if g is not None:
