@@ -63,6 +63,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None
 
 
+def _scaled(grad_w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, rows: int = 8192) -> torch.Tensor:
+    """`(grad_w * scale).to(dtype)` a block of rows at a time: the backward starts with every activation held, and
+    a whole float32 product of the head's size (0.6 GB at a 152k x 1024 head) would add to that peak."""
+    if grad_w.dtype == dtype:
+        return grad_w * scale
+    out = torch.empty(grad_w.shape, dtype=dtype, device=grad_w.device)
+    for s in range(0, grad_w.shape[0], rows):
+        out[s:s + rows] = grad_w[s:s + rows] * scale
+    return out
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Cross-entropy of `hidden @ weight.T` without ever holding more than one chunk of logits."""
 
@@ -83,7 +94,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             correct += c_
             grad_h[s:s + chunk] = g @ weight
             if need_w:
-                grad_w += (g.T @ h).to(wide)
+                grad_w.add_(g.T @ h)  # upcast inside the add: no float32 copy of the product
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
         ctx.mark_non_differentiable(correct)
@@ -93,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_loss.to(grad_h.dtype)
-        return grad_h * scale, (grad_w * grad_loss).to(grad_h.dtype) if ctx.need_w else None, None, None
+        return grad_h * scale, _scaled(grad_w, grad_loss, grad_h.dtype) if ctx.need_w else None, None, None
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK):
@@ -255,7 +266,7 @@ class _LinearTokenLoss(torch.autograd.Function):
             columns.append(c)
             grad_h[s:s + chunk] = g @ weight
             if need_w:
-                grad_w += (g.T @ h).to(wide)
+                grad_w.add_(g.T @ h)  # upcast inside the add: no float32 copy of the product
         ctx.save_for_backward(grad_h, grad_w if need_w else torch.empty(0))
         ctx.need_w = need_w
         stats = torch.cat(columns)
@@ -265,7 +276,7 @@ class _LinearTokenLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss.to(grad_h.dtype), (grad_w * grad_loss).to(grad_h.dtype) if ctx.need_w else None,
+        return (grad_h * grad_loss.to(grad_h.dtype), _scaled(grad_w, grad_loss, grad_h.dtype) if ctx.need_w else None,
                 None, None, None, None, None)
 
 
