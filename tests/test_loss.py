@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from vftrain.loss import cross_entropy_sum, select_trained
 
@@ -80,7 +82,7 @@ def test_linear_cross_entropy_matches_logits_path(weight_grad):
     assert int(correct) == int(((hidden @ weight.T).argmax(-1) == labels).sum())
 
 
-class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+class _LiveBytes(TorchDispatchMode):
     """The peak of tensor storage bytes created inside the block and still alive: what a GPU's allocator would hold
     (on the CPU, peak RSS also counts the fp32 copies oneDNN makes for bf16 matmuls, which a GPU does not)."""
 
@@ -93,7 +95,7 @@ class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
         import weakref
 
         out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
+        for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
