@@ -21,11 +21,7 @@ fi
 rounds=${2:-3}
 out=$(realpath -m "${OUT:-/tmp/ab_speed}")
 mkdir -p "$out"
-if [ -d .whl ] && command -v nvidia-smi >/dev/null; then  # the device has no datasets/trl/liger; not here
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
+. benchmarks/wheels.sh && install_wheels || exit 1
 # Older throughput.py timed train()'s end too (the curves' plot: matplotlib's import, 0.3-0.5 s): matplotlib made
 # unimportable for every tree, so each window holds its steps alone (vftrain skips the plot without matplotlib).
 noplot=$(mktemp -d)

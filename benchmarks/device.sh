@@ -3,9 +3,7 @@
 # liger-kernel; nothing there can be downloaded), check the fast paths, then the benchmark given as args.
 # usage: bash benchmarks/device.sh [throughput.py args...]   (writes logs and tables under $OUT)
 set -uo pipefail
-rm -rf /tmp/site  # a warm machine keeps the last install; --target --upgrade would not replace it
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+. benchmarks/wheels.sh && install_wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -5,9 +5,7 @@
 # usage (GPU machine, wheels in .whl/ as device.sh says): bash benchmarks/fast_default.sh
 # Writes $OUT/gpu_check.log, $OUT/bench.log (every RESULT line) and $OUT/tables.md.
 set -uo pipefail
-rm -rf /tmp/site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
+. benchmarks/wheels.sh && install_wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/out}
 mkdir -p "$out"

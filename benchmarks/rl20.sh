@@ -25,11 +25,7 @@ runs=${RL20_RUN_LOGS:-/tmp/rl20_runs}
 mkdir -p "$out/logs" "$runs"
 log() { echo "[rl20 +$(( $(date +%s) - start )) s] $*"; }
 left() { echo $(( budget - ($(date +%s) - start) )); }
-if [ -d .whl ] && [ -z "${RL20_TINY:-}" ]; then  # datasets, trl, liger-kernel: nothing can be downloaded on the device
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-fi
+. benchmarks/wheels.sh && install_wheels || exit 1
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python3 -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__)" \

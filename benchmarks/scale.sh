@@ -11,10 +11,9 @@
 #   bash benchmarks/scale.sh resume7b # 7B FSDP2: checkpoint at step 2 (sharded resume state), resume to step 4
 # Every run's log and metrics land under $OUT. WHL names the wheel folder (default .whl).
 set -uo pipefail
-rm -rf /tmp/site
 whl=${WHL:-.whl}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  "$whl"/*.whl $(ls "$whl"/ds/*.whl 2>/dev/null) || exit 1
+# shellcheck disable=SC2046  # the DeepSpeed wheels, where carried, are separate words
+. benchmarks/wheels.sh && install_wheels $(ls "$whl"/ds/*.whl 2>/dev/null) || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 out=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

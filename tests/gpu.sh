@@ -14,12 +14,7 @@ set -uo pipefail
 out=${OUT:-/tmp/gpu-tests}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
-if compgen -G ".whl/*.whl" >/dev/null; then
-  rm -rf /tmp/site  # a warm machine keeps the last install; --target --upgrade would not replace it
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
+. benchmarks/wheels.sh && install_wheels || exit 1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 python3 - <<'EOF'
 from importlib import metadata
