@@ -11,6 +11,9 @@
 #     --platform manylinux2014_x86_64 -d .whl trl==1.16.0):
 #   bash benchmarks/memory21.sh          # writes $OUT/results.jsonl, $OUT/bench.log, $OUT/memory21.md
 #   bash benchmarks/memory21.sh --tiny   # CPU check of this script: vftrain runs only, tiny model, 3 steps
+#   LEAN_AB=2 bash benchmarks/memory21.sh  # instead: lean_mlp on/off at the defaults, interleaved, 2 rounds per shape,
+#                                          # TRL once per shape ($OUT/lean_ab.md: medians; ~7 min): whether the
+#                                          # memory-lean MLP costs speed anywhere before it becomes the default
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -19,10 +22,7 @@ tiny=""
 if [ "${1:-}" = "--tiny" ]; then
   tiny="--tiny"
 else
-  rm -rf /tmp/site
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-    .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  . benchmarks/wheels.sh && install_wheels || exit 1
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -51,6 +51,30 @@ vf="python3 benchmarks/throughput.py $S $tiny"
 A="--arch qwen0.5b --seq 16384 --micro-batch-tokens 20480 --default"
 B="--arch llama1.3b --mix long --seq 16384 --micro-batch-tokens 20480 --default"
 H100="--card-gib 79.2"  # the issue's 80 GB card (H100 80GB HBM3: 79.2 GiB usable), emulated on the H200
+if [ -n "${LEAN_AB:-}" ]; then  # lean_mlp on and off at the defaults, interleaved, LEAN_AB rounds; TRL once per shape
+  for round in $(seq "$LEAN_AB"); do
+    for s in 05b 13b; do
+      shape=$A; [ $s = 13b ] && shape=$B
+      run "${s}_off_$round" 150 $vf $shape
+      run "${s}_lean_$round" 150 $vf $shape --lean-mlp
+    done
+  done
+  [ -z "$tiny" ] && { run 05b_trl 150 $vf $A --trl --no-vftrain; run 13b_trl 170 $vf $B --trl --no-vftrain; }
+  python3 - "$out/results.jsonl" <<'PY' | tee "$out/lean_ab.md"
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print("| shape | setting | runs | real tok/s (median; all) | peak GiB |")
+print("|---|---|---|---|---|")
+for s in ("05b", "13b"):
+    for setting in ("off", "lean", "trl"):
+        mine = [r for r in rows if r["tag"].startswith(f"{s}_{setting}") and r.get("real_tok_s")]
+        if mine:
+            speeds = [r["real_tok_s"] for r in mine]
+            print(f"| {s} | {setting} | {len(mine)} | {statistics.median(speeds):,.0f} ({', '.join(f'{x:,}' for x in speeds)})"
+                  f" | {max(r.get('peak_mem_gib') or 0 for r in mine)} |")
+PY
+  exit 0
+fi
 # Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, the 0.5B shape, then the 7B
 # LoRA as on an 80 GB card, then a 7B full fine-tune there (must stop before training with a one-line error).
 run 13b_default 170 $vf $B --trl  # master_weights unset: 'kahan-bf16' (with torch's AdamW)
