@@ -1,5 +1,5 @@
 """Probes for benchmarks/rl_throughput.py (issue 20): GPU memory at an RL step's phase boundaries, the decoding step's
-bandwidth floor, and a random model made to stop early.
+bandwidth floor, a random model made to stop early, and the decoder's own costs.
 
 - `Memory`: `torch.cuda.memory_allocated` at each phase boundary (model built, trainer built, rollout / generate
   start and end, step end) with the peak inside each phase; `breakdown` turns them into weights, master copies,
@@ -9,6 +9,8 @@ bandwidth floor, and a random model made to stop early.
   once; the floor is those bytes over the card's device-to-device copy bandwidth, measured here.
 - `make_stopping`: raise the stop token's output row so that a random model samples it with a set probability per
   step (completion lengths roughly geometric), the same weights for every framework.
+- `DecodeCounts`: what the embedded decoder spends beyond graph replays (graphs built, failed captures, eager steps,
+  compactions); `compile_decoding`: each decoding step's forward through torch.compile (--compile-decode).
 """
 from __future__ import annotations
 
@@ -188,3 +190,29 @@ class DecodeCounts:
 
     def per_step(self, steps: int) -> dict:
         return {k: round(v / max(steps, 1), 3) for k, v in self.counts.items()}
+
+
+def compile_decoding() -> None:
+    """--compile-decode: each decoding step's forward (one token per row over the static cache) through
+    torch.compile, inside the decoder's CUDA graph: inductor fuses the elementwise kernels around the GEMMs (RoPE,
+    cache writes, residual adds; ~35 kernels per layer eagerly). This benchmark process only, to measure what it
+    saves before the decoder takes it. One function for every call, so the compiled graphs are reused across calls;
+    a new width of read cache columns (`attention.decode_columns`, a Python int) or batch size compiles again."""
+    from vftrain.sampling import tokens
+
+    eager = tokens._Forward._run
+
+    def step(model, cache, ids, positions, mask):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{tokens._CACHE: cache},
+                    use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].float()
+
+    compiled = torch.compile(step)
+    torch._dynamo.config.recompile_limit = 64  # widths x batch sizes
+
+    def run(self, ids, positions, mask):
+        if not self.static or ids.shape[1] > 1:  # the prompt's forward stays eager
+            return eager(self, ids, positions, mask)
+        return compiled(self.model, self.cache, ids, positions, mask)
+
+    tokens._Forward._run = run

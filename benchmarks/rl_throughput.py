@@ -60,7 +60,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
-from rl_probes import GIB, DecodeCounts, Memory, copy_bandwidth, decode_bytes, make_stopping, timed  # noqa: E402
+from rl_probes import (GIB, DecodeCounts, Memory, compile_decoding, copy_bandwidth, decode_bytes,  # noqa: E402
+                       make_stopping, timed)
 from trl_anchor import ARCHS, VOCAB  # noqa: E402  (benchmarks/ is sys.path[0])
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -323,32 +324,6 @@ def profile_decode(args) -> list[dict]:
         if cuda:
             torch.cuda.empty_cache()
     return results
-
-
-def compile_decoding() -> None:
-    """--compile-decode: each decoding step's forward (one token per row over the static cache) through
-    torch.compile, inside the decoder's CUDA graph: inductor fuses the elementwise kernels around the GEMMs (RoPE,
-    cache writes, residual adds; ~35 kernels per layer eagerly). This benchmark process only, to measure what it
-    saves before the decoder takes it. One function for every call, so the compiled graphs are reused across calls;
-    a new width of read cache columns (`attention.decode_columns`, a Python int) or batch size compiles again."""
-    from vftrain.sampling import tokens
-
-    eager = tokens._Forward._run
-
-    def step(model, cache, ids, positions, mask):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **{tokens._CACHE: cache},
-                    use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].float()
-
-    compiled = torch.compile(step)
-    torch._dynamo.config.recompile_limit = 64  # widths x batch sizes
-
-    def run(self, ids, positions, mask):
-        if not self.static or ids.shape[1] > 1:  # the prompt's forward stays eager
-            return eager(self, ids, positions, mask)
-        return compiled(self.model, self.cache, ids, positions, mask)
-
-    tokens._Forward._run = run
 
 
 def print_profile(model, prompts, kw, steps: int, cuda: bool) -> None:
