@@ -72,6 +72,37 @@ def main():
         out = plain.generate(input_ids=torch.tensor([ids] * args.rows, device=device), max_new_tokens=1, do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=STOP_ID)
     print(f"generate  {float((out[:, -1] == STOP_ID).float().mean()):.4f} (of {args.rows})", flush=True)
+    calibrate(args, model, plain, ids, device)
+
+
+def calibrate(args, model, plain, ids, device):
+    """Whole completions: a sampler that draws from the model stops, summed over its rows, as often as the model's
+    stop probabilities along those rows add up to (each row stops at most once; the sum of p(stop) over the steps it
+    took is that count's expectation). Judged by the plain model's forward; a sampler off it shows here."""
+    from vftrain.sampling.tokens import sample
+
+    rows = min(args.rows, 256)
+    drawn = sample(model, [ids], n=rows, max_new_tokens=args.new_tokens, temperature=1.0, top_p=1.0,
+                   stop_ids={STOP_ID}, pad_id=0, seed=1)[0]
+    with torch.no_grad():
+        out = plain.generate(input_ids=torch.tensor([ids] * rows, device=device), max_new_tokens=args.new_tokens,
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0,
+                             eos_token_id=STOP_ID)[:, len(ids):].tolist()
+    cut = [c[:c.index(STOP_ID) + 1] if STOP_ID in c else c for c in out]
+    for name, completions in (("sample", [list(s.completion_ids) for s in drawn]), ("generate", cut)):
+        stops = sum(c[-1] == STOP_ID for c in completions)
+        expected = 0.0
+        for i in range(0, rows, 32):
+            batch = [ids + c for c in completions[i:i + 32]]
+            width = max(map(len, batch))
+            x = torch.tensor([b + [0] * (width - len(b)) for b in batch], device=device)
+            with torch.no_grad():
+                p = plain(input_ids=x).logits.float().softmax(-1)[..., STOP_ID]
+            for j, c in enumerate(completions[i:i + 32]):
+                expected += float(p[j, len(ids) - 1:len(ids) - 1 + len(c)].sum())
+        mean = sum(map(len, completions)) / rows
+        print(f"{name:9s} whole completions: mean length {mean:.1f}, stops {stops} of {rows}, "
+              f"expected from the model {expected:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -264,6 +264,12 @@ class _Forward:
             layer.batch_size = live.numel()
         self.ids, self.positions = self.ids[live], self.positions[live]
         self.graphs.clear()
+        # A new pool for the smaller batch's graphs: the dropped graphs were the old pool's only users, and the
+        # allocator refuses a capture into a pool that no graph uses while tensors it made (the last step's logits)
+        # are still alive ("it->second->use_count > 0" INTERNAL ASSERT in capture_begin: on the H200 every capture
+        # after the first compaction failed and the rest of each call decoded eagerly, ~4x slower per step).
+        # The old pool's memory is released once those tensors are freed.
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def columns(self, length: int) -> int:
         return min(-(-length // self.WIDTH_STEP) * self.WIDTH_STEP, self.mask.shape[1])
