@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 21 in one device call (one H200, ~9 minutes): peak memory and speed at equal tokens per micro-batch for
-# vftrain at its defaults (master_weights 'kahan-bf16'), with lean_mlp, with each other master_weights mode (true,
+# vftrain at its defaults (master_weights 'kahan-bf16', lean_mlp on), without lean_mlp, with each other master_weights mode (true,
 # kahan, false; with MODES=1) and TRL (BFD packing + liger),
 # on the Qwen2.5-0.5B shape (standard rows) and the 1.3B Llama-style shape (long rows, <= 4096 tokens); then a
 # Qwen2.5-7B-shape LoRA (rank 8) at 4k and 16k tokens per micro-batch at the defaults beside plain peft +
@@ -12,8 +12,8 @@
 #   bash benchmarks/memory21.sh          # writes $OUT/results.jsonl, $OUT/bench.log, $OUT/memory21.md
 #   bash benchmarks/memory21.sh --tiny   # CPU check of this script: vftrain runs only, tiny model, 3 steps
 #   LEAN_AB=2 bash benchmarks/memory21.sh  # instead: lean_mlp on/off at the defaults, interleaved, 2 rounds per shape,
-#                                          # TRL once per shape ($OUT/lean_ab.md: medians; ~7 min): whether the
-#                                          # memory-lean MLP costs speed anywhere before it becomes the default
+#                                          # TRL once per shape ($OUT/lean_ab.md: medians; ~7 min): what the
+#                                          # memory-lean MLP (the default since session 30) costs or saves
 set -uo pipefail
 out=${OUT:-/tmp/out}
 mkdir -p "$out"
@@ -55,7 +55,7 @@ if [ -n "${LEAN_AB:-}" ]; then  # lean_mlp on and off at the defaults, interleav
   for round in $(seq "$LEAN_AB"); do
     for s in 05b 13b; do
       shape=$A; [ $s = 13b ] && shape=$B
-      run "${s}_off_$round" 150 $vf $shape
+      run "${s}_off_$round" 150 $vf $shape --no-lean-mlp
       run "${s}_lean_$round" 150 $vf $shape --lean-mlp
     done
   done
@@ -77,8 +77,8 @@ PY
 fi
 # Most telling first (a short call stops at DEADLINE): the 1.3B long-row shape's modes, the 0.5B shape, then the 7B
 # LoRA as on an 80 GB card, then a 7B full fine-tune there (must stop before training with a one-line error).
-run 13b_default 170 $vf $B --trl  # master_weights unset: 'kahan-bf16' (with torch's AdamW)
-run 13b_lean 90 $vf $B --lean-mlp  # the 0.85x-of-TRL candidate
+run 13b_default 170 $vf $B --trl  # master_weights unset: 'kahan-bf16' (with torch's AdamW), lean_mlp on
+run 13b_no_lean 90 $vf $B --no-lean-mlp  # the default before session 30
 [ -n "${MODES:-}" ] && for mode in true kahan false; do  # measured in session 28 (RESULTS.md); MODES=1 again
   run "13b_$mode" 90 $vf $B --master-weights $mode
 done

@@ -181,8 +181,8 @@ def measure(args):
         speed["master_weights"] = {"true": True, "false": False}.get(args.master_weights, args.master_weights)
     if args.micro_batch_tokens:
         speed["micro_batch_tokens"] = args.micro_batch_tokens
-    if args.lean_mlp:  # also with --default
-        speed["lean_mlp"] = True
+    if args.lean_mlp or args.no_lean_mlp:  # also with --default
+        speed["lean_mlp"] = bool(args.lean_mlp)
     if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
         speed["accelerator_config"] = {"non_blocking": False}
     config = vf.SFTConfig(
@@ -460,7 +460,7 @@ def main():
                     "process) and load it with transformers' from_pretrained (rank 0)")
     ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
-    ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false")
+    ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false (also with --default)")
     ap.add_argument("--lean-mlp", action="store_true", help="vftrain: lean_mlp = true (also with --default)")
     ap.add_argument("--card-gib", type=float, default=0, help="vftrain on CUDA: act as a GPU of this many GiB "
                     "(allocator cap, and the size vftrain's memory planning sees), e.g. 79.2 for an 80 GB H100")

@@ -89,23 +89,30 @@ def _needs(model, plan) -> int:
     return total(estimate(model, plan))
 
 
-def test_fit_turns_on_lean_mlp_then_checkpointing(model, caplog):
+def test_fit_keeps_lean_mlp_on_and_turns_on_checkpointing_where_needed(model, caplog):
+    """A full-weight run gets lean_mlp by default (no slower on the GPU, less memory); checkpointing only where
+    the estimate does not fit without it (logged); fields the user set are kept; a LoRA run gets lean_mlp only
+    where it is needed."""
     plan = Plan(tokens=16384, liger=True, varlen=True)
     auto = ("lean_mlp", "gradient_checkpointing")
-    roomy = int(_needs(model, plan) / memory.FIT_SHARE) + GIB
-    assert memory.fit(model, plan, roomy, auto) == {"lean_mlp": False, "gradient_checkpointing": False}
     lean = _needs(model, dataclasses.replace(plan, lean_mlp=True))
+    assert lean < _needs(model, plan)
     with caplog.at_level(logging.INFO, logger="vftrain"):
         assert memory.fit(model, plan, int(lean / memory.FIT_SHARE) + 1, auto) == {
             "lean_mlp": True, "gradient_checkpointing": False}
-    assert "lean_mlp set to true" in caplog.text and "16,384 tokens per micro-batch" in caplog.text
+    assert "set to true" not in caplog.text  # the default, not a memory decision
     both = _needs(model, dataclasses.replace(plan, lean_mlp=True, gradient_checkpointing=True))
-    assert memory.fit(model, plan, int(both / memory.FIT_SHARE) + 1, auto) == {
-        "lean_mlp": True, "gradient_checkpointing": True}
+    with caplog.at_level(logging.INFO, logger="vftrain"):
+        assert memory.fit(model, plan, int(both / memory.FIT_SHARE) + 1, auto) == {
+            "lean_mlp": True, "gradient_checkpointing": True}
+    assert "memory: gradient_checkpointing set to true" in caplog.text and "16,384 tokens per micro-batch" in caplog.text
     # lean_mlp set false by the user stays false: checkpointing alone is tried
     ckpt = _needs(model, dataclasses.replace(plan, gradient_checkpointing=True))
     assert memory.fit(model, plan, int(ckpt / memory.FIT_SHARE) + 1, ("gradient_checkpointing",)) == {
         "gradient_checkpointing": True}
+    lora = dataclasses.replace(plan, use_lora=True, lora_rank=8)
+    assert memory.fit(model, lora, int(_needs(model, lora) / memory.FIT_SHARE) + GIB, auto) == {
+        "lean_mlp": False, "gradient_checkpointing": False}
 
 
 def test_a_run_that_cannot_fit_names_the_tokens_that_do(model):
@@ -135,7 +142,7 @@ def test_default_run_on_a_small_card_turns_on_the_lean_paths(tmp_path, monkeypat
         _trainer(tmp_path / "a")
     monkeypatch.setattr(memory, "card_bytes", lambda device=None: 64 * GIB)
     roomy = _trainer(tmp_path / "b")
-    assert roomy.args.lean_mlp is False and roomy.args.gradient_checkpointing is False
+    assert roomy.args.lean_mlp is True and roomy.args.gradient_checkpointing is False  # lean_mlp: the default
 
     def small(device=None):  # fits only with both lean paths
         return small.budget
@@ -223,7 +230,7 @@ def test_sft_estimates_the_largest_micro_batch_its_data_makes(tmp_path, monkeypa
     assert _needs(model, memory.plan_of(args, model)) > budget * memory.FIT_SHARE  # the bound would not fit
     monkeypatch.setattr(memory, "card_bytes", lambda device=None: budget)
     trainer = _trainer(tmp_path / "b", **cfg)
-    assert trainer.args.lean_mlp is False and trainer.args.gradient_checkpointing is False
+    assert trainer.args.lean_mlp is True and trainer.args.gradient_checkpointing is False
     seen = []
     trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].numel()), with_kwargs=True)
     trainer.train()

@@ -83,9 +83,10 @@ class TrainerConfig(TrainingArguments):
                                 "model type supported (0.5B: -20% peak memory, up to +18% speed; "
                                 "benchmarks/RESULTS.md); true requires all three.")
     lean_mlp: bool | None = _f(None, "Recompute SwiGLU's gate*up product in the backward instead of saving it "
-                               "(exact): intermediate_size x 2 bytes less per token per layer (-12% peak at 1.3B, -17% "
-                               "at 1.5B; speed -9% at 0.5B, +25% at 1.3B, benchmarks/RESULTS.md). Default (unset): off, "
-                               "unless the run's estimated peak memory does not fit the GPU (vftrain/memory.py).")
+                               "(exact): intermediate_size x 2 bytes less per token per layer (-16% peak at 0.5B, -12% "
+                               "at 1.3B, speed unchanged; benchmarks/RESULTS.md). Default (unset): on in a full-weight "
+                               "run on one GPU; in a LoRA run where its estimated peak would not fit the GPU; off on "
+                               "the CPU and sharded (vftrain/memory.py).")
     # ---- LoRA
     use_lora: bool = _f(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_rank: int = _f(8, "LoRA rank r.")

@@ -5,7 +5,8 @@ largest micro-batch): weights, gradients, the optimizer's state by `master_weigh
 activations each decoder layer keeps for its backward per token (by attention kernel, liger-kernel, lean_mlp and
 gradient checkpointing) and the fused output head's chunk. `fit` compares it with the card's memory: where it does
 not fit, the lean paths the user left unset (`lean_mlp`, then `gradient_checkpointing`) are turned on, in that order
-(the cheapest in speed first: lean_mlp cost ~9% on a 0.5B shape, checkpointing ~25%; benchmarks/RESULTS.md); where
+(the cheapest in speed first: lean_mlp costs nothing measurable, checkpointing ~25%; benchmarks/RESULTS.md; lean_mlp
+is on anyway in a full-weight run); where
 even that does not fit, the run stops before training with the setting that fits. Sharded runs (FSDP, DeepSpeed)
 are not estimated. The GPU measurement beside each estimate: benchmarks/memory21.sh.
 """
@@ -198,15 +199,19 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, boo
     bytes: off where the run fits without them, else turned on in that order until it fits (logged, one line).
     Raises ConfigError naming what fits when even that does not."""
     limit = budget * FIT_SHARE
-    chosen = {name: False for name in unset}
+    # lean_mlp is on by default for full-weight runs on one GPU: no slower at 0.5B and 1.3B, 4 GiB less at both
+    # (benchmarks/RESULTS.md, "lean_mlp by default"). A LoRA-wrapped down projection keeps the stock forward.
+    chosen = {name: name == "lean_mlp" and not plan.use_lora for name in unset}
+    plan = dataclasses.replace(plan, **{name: True for name, on in chosen.items() if on})
     parts = estimate(model, plan)
+    turned = []
     for name in ("lean_mlp", "gradient_checkpointing"):
-        if total(parts) <= limit or name not in unset:
+        if total(parts) <= limit or name not in unset or chosen[name]:
             continue
         chosen[name] = True
+        turned.append(name)
         plan = dataclasses.replace(plan, **{name: True})
         parts = estimate(model, plan)
-    turned = [k for k, v in chosen.items() if v]
     if turned and total(parts) <= limit:
         log.info("memory: %s set to true: the run's estimated peak without it is above %.0f%% of this GPU's "
                  "%.1f GiB at %s tokens per micro-batch (now %s)", " and ".join(turned), FIT_SHARE * 100,

@@ -115,9 +115,9 @@ class VFTrainer(Trainer):
         return model
 
     def _fit_memory(self, model, args: TrainerConfig) -> None:
-        """lean_mlp and gradient_checkpointing left unset: on where the run's estimated peak would not fit the GPU
-        (in that order), else off; a run that cannot fit stops here, before training (vftrain/memory.py). Sharded
-        runs and CPU runs turn them off without an estimate."""
+        """lean_mlp and gradient_checkpointing left unset: lean_mlp on in a full-weight run, each on where the run's
+        estimated peak would not fit the GPU (in that order), else off; a run that cannot fit stops here, before
+        training (vftrain/memory.py). Sharded runs and CPU runs turn them off without an estimate."""
         auto = getattr(args, "memory_auto", ())
         budget = None if args.fsdp or args.deepspeed or not auto else memory.card_bytes(args.device)
         chosen = dict.fromkeys(auto, False)
