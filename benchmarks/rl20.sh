@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 20's measurements in one device call of at most ~9 minutes on one H200 (benchmarks/rl_throughput.py):
-#   1. --varied at the 0.5B shape, 256 + 256: completions that stop early (stop token at ~1/64 per step; mean 132
+#   1. --varied at the 0.5B shape (RL20_VARIED_ARCHS), 256 + 256: completions that stop early (stop token at ~1/64 per step; mean 132
 #      tokens on the H200), vftrain vs TRL;
 #   2. the length sweep: 0.5B and 1.5B, prompt = completion = 128, 512, 256, 1024 tokens in that order, vftrain vs
 #      TRL, 3 steps (1 warm-up) of 16 prompts x 8 rollouts; runs that would end past the budget less RL20_RESERVE
@@ -16,6 +16,7 @@
 #   RL20_ARCHS="qwen1.5b" the sweep's shapes (both: the whole table needs about three calls; TRL alone takes ~210 s
 #   at 0.5B and ~335 s at 1.5B for 1024 + 1024),
 #   RL20_PHASES="varied lengths decode rope compile" the phases to run (all by default),
+#   RL20_VARIED_ARCHS="qwen0.5b qwen1.5b" the shapes of the early-stopping runs (0.5B by default),
 #   RL20_TINY=1: a CPU dry run of the same steps (tiny model, short lengths).
 set -uo pipefail
 start=$(date +%s)
@@ -48,7 +49,8 @@ phases=" ${RL20_PHASES:-varied lengths decode rope compile} "
 on() { [[ "$phases" == *" $1 "* ]] && [ "$(left)" -gt "$2" ]; }
 
 log "1/5 completions that stop early (--varied), $(left) s left"
-on varied 60 && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch qwen0.5b --runs vftrain trl "${shape[@]}" --steps 3 \
+# shellcheck disable=SC2086  # the shapes are separate words
+on varied 60 && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch ${RL20_VARIED_ARCHS:-qwen0.5b} --runs vftrain trl "${shape[@]}" --steps 3 \
   --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 

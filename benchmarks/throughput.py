@@ -12,7 +12,8 @@ completion lengths log-normal, at most 2048 tokens, loss on the completion only.
 How it is measured: steps before --warmup are not timed. A training_step hook counts every micro-batch on the
 device, without a host sync: real tokens (packed: the whole [1, T] input_ids; padded: attention_mask), trained
 tokens (labels != -100) and the sum of squared row lengths (sum over tokens of 2 * position_id + 1). CUDA is
-synchronized when the window opens (first micro-batch of step --warmup) and when train() returns.
+synchronized when the window opens (first micro-batch of step --warmup) and after the last step (not at train()'s
+return: the run summary and plot after it are not training).
 MFU = (6 x matmul params x real tokens + 6 x layers x hidden x sum(len^2)) / time / bf16 matmul peak measured
 on this GPU (trl_anchor.matmul_peak); matmul params = all parameters less the embedding lookup, the lm head
 counted once (tied or not). LoRA runs report the same full-fine-tune formula, labelled by "mfu_formula".
