@@ -115,6 +115,24 @@ def test_fit_keeps_lean_mlp_on_and_turns_on_checkpointing_where_needed(model, ca
         "lean_mlp": False, "gradient_checkpointing": False}
 
 
+def test_lean_mlp_stays_off_where_it_changes_nothing(model):
+    """A model without SwiGLU MLPs (GELU here): the lean forward leaves them as they are, so the estimate does not
+    count on it and fit neither sets it by default nor tries it before checkpointing."""
+    from vftrain.mlp import has_swiglu
+
+    gelu = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", hidden_act="gelu", **SHAPE),
+                                            dtype=torch.bfloat16)
+    assert has_swiglu(model) and not has_swiglu(gelu)
+    plan = Plan(tokens=16384, liger=True, varlen=True, swiglu=False)
+    assert _needs(gelu, dataclasses.replace(plan, lean_mlp=True)) == _needs(gelu, plan)
+    auto = ("lean_mlp", "gradient_checkpointing")
+    assert memory.fit(gelu, plan, int(_needs(gelu, plan) / memory.FIT_SHARE) + 1, auto) == {
+        "lean_mlp": False, "gradient_checkpointing": False}
+    ckpt = _needs(gelu, dataclasses.replace(plan, gradient_checkpointing=True))
+    assert memory.fit(gelu, plan, int(ckpt / memory.FIT_SHARE) + 1, auto) == {
+        "lean_mlp": False, "gradient_checkpointing": True}
+
+
 def test_a_run_that_cannot_fit_names_the_tokens_that_do(model):
     plan = Plan(tokens=16384, liger=True, varlen=True)
     at_4k = _needs(model, dataclasses.replace(plan, tokens=4096, lean_mlp=True, gradient_checkpointing=True))

@@ -20,6 +20,7 @@ import torch
 
 from vftrain import attention
 from vftrain.errors import ConfigError
+from vftrain.mlp import has_swiglu
 from vftrain.optim import KAHAN_MODES, LOW_PRECISION
 
 log = logging.getLogger("vftrain")
@@ -62,6 +63,7 @@ class Plan:
     use_lora: bool = False
     lora_rank: int = 8
     lean_mlp: bool = False
+    swiglu: bool = True  # the model's MLPs are SwiGLU ones, which lean_mlp patches (others keep their forward)
     gradient_checkpointing: bool = False
     every_n_layers: int = 1
     liger: bool = False
@@ -101,7 +103,7 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
     norms = 2 * (2 if plan.liger else 4) * shape.hidden
     kv = shape.heads if plan.varlen else shape.kv_heads
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim
-    lean = plan.lean_mlp and not plan.use_lora  # a LoRA-wrapped down projection keeps the stock forward
+    lean = plan.lean_mlp and plan.swiglu and not plan.use_lora  # a LoRA-wrapped down projection keeps the stock forward
     mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
     # LoRA: peft casts each adapted layer's input to the adapters' float32 and autocast back to bf16 for the
     # matmul, so every adapter keeps its own copy: q, k, v and gate, up no longer share one, o_proj's is new.
@@ -186,7 +188,7 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
     liger = uses_liger(model)
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights,
-                use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
+                use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp), swiglu=has_swiglu(model),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
                 act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4,
@@ -196,17 +198,18 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
 
 def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, bool]:
     """The values of the unset fields among ('lean_mlp', 'gradient_checkpointing') that make `plan` fit `budget`
-    bytes: off where the run fits without them, else turned on in that order until it fits (logged, one line).
-    Raises ConfigError naming what fits when even that does not."""
+    bytes: lean_mlp on where it applies (SwiGLU MLPs, full weights); the rest off where the run fits without them,
+    else turned on in that order until it fits (logged, one line). Raises ConfigError naming what fits when even
+    that does not."""
     limit = budget * FIT_SHARE
     # lean_mlp is on by default for full-weight runs on one GPU: no slower at 0.5B and 1.3B, 4 GiB less at both
     # (benchmarks/RESULTS.md, "lean_mlp by default"). A LoRA-wrapped down projection keeps the stock forward.
-    chosen = {name: name == "lean_mlp" and not plan.use_lora for name in unset}
+    chosen = {name: name == "lean_mlp" and plan.swiglu and not plan.use_lora for name in unset}
     plan = dataclasses.replace(plan, **{name: True for name, on in chosen.items() if on})
     parts = estimate(model, plan)
     turned = []
     for name in ("lean_mlp", "gradient_checkpointing"):
-        if total(parts) <= limit or name not in unset or chosen[name]:
+        if total(parts) <= limit or name not in unset or chosen[name] or (name == "lean_mlp" and not plan.swiglu):
             continue
         chosen[name] = True
         turned.append(name)

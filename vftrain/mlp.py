@@ -66,6 +66,11 @@ def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     return _SiluMulDown.apply(self.gate_proj(x), self.up_proj(x), down.weight)
 
 
+def has_swiglu(model: torch.nn.Module) -> bool:
+    """Whether `model` has MLPs the lean forward applies to."""
+    return any(_is_swiglu(module) for module in model.modules())
+
+
 def use_lean_mlp(model: torch.nn.Module) -> int:
     """Give every SwiGLU MLP of `model` the lean forward; returns how many modules were patched."""
     count = 0
