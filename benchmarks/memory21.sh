@@ -33,7 +33,6 @@ run() {  # run TAG LIMIT_S COMMAND...: RESULT lines (tagged) to results.jsonl, t
   local tag=$1 limit=$2; shift 2
   if [ "$SECONDS" -ge "$DEADLINE" ]; then echo "=== $tag: skipped at ${SECONDS}s (deadline)"; return; fi
   echo "=== $tag (${SECONDS}s): $*" | tee -a "$out/bench.log"
-  rm -rf /tmp/vftrain_bench_out  # throughput.py's output_dir: a previous run's metrics there refuse a new run
   timeout "$limit" "$@" > "/tmp/run_$tag.log" 2>&1
   local rc=$?
   cat "/tmp/run_$tag.log" >> "$out/bench.log"

@@ -27,12 +27,15 @@ Several GPUs: run one measuring process per GPU under torchrun, e.g. (benchmarks
        torchrun --nproc_per_node 2 benchmarks/throughput.py --child qwen1.5b --ga 4 --engine fsdp ...
 """
 import argparse
+import atexit
 import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -186,8 +189,12 @@ def measure(args):
         speed["lean_mlp"] = bool(args.lean_mlp)
     if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
         speed["accelerator_config"] = {"non_blocking": False}
+    output_dir = args.metrics_dir
+    if output_dir is None:  # a folder of its own, removed at exit: a run's metrics left there would refuse the next
+        output_dir = tempfile.mkdtemp(prefix="vftrain_bench_")
+        atexit.register(shutil.rmtree, output_dir, ignore_errors=True)
     config = vf.SFTConfig(
-        output_dir=args.metrics_dir or "/tmp/vftrain_bench_out", max_steps=args.steps,
+        output_dir=output_dir, max_steps=args.steps,
         batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
         max_seq_len=max(args.seq, MIXES[args.mix]["max_len"]), bf16=None if args.default else cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
         else 10, save_strategy="steps" if args.save_steps or args.save_at else "no",
