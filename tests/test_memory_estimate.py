@@ -105,7 +105,8 @@ def test_fit_keeps_lean_mlp_on_and_turns_on_checkpointing_where_needed(model, ca
     with caplog.at_level(logging.INFO, logger="vftrain"):
         assert memory.fit(model, plan, int(both / memory.FIT_SHARE) + 1, auto) == {
             "lean_mlp": True, "gradient_checkpointing": True}
-    assert "memory: gradient_checkpointing set to true" in caplog.text and "16,384 tokens per micro-batch" in caplog.text
+    assert "memory: gradient_checkpointing set to true" in caplog.text
+    assert "16,384 tokens per micro-batch" in caplog.text
     # lean_mlp set false by the user stays false: checkpointing alone is tried
     ckpt = _needs(model, dataclasses.replace(plan, gradient_checkpointing=True))
     assert memory.fit(model, plan, int(ckpt / memory.FIT_SHARE) + 1, ("gradient_checkpointing",)) == {

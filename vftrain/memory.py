@@ -103,7 +103,7 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
     norms = 2 * (2 if plan.liger else 4) * shape.hidden
     kv = shape.heads if plan.varlen else shape.kv_heads
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim
-    lean = plan.lean_mlp and plan.swiglu and not plan.use_lora  # a LoRA-wrapped down projection keeps the stock forward
+    lean = plan.lean_mlp and plan.swiglu and not plan.use_lora  # a LoRA-wrapped down projection keeps its forward
     mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
     # LoRA: peft casts each adapted layer's input to the adapters' float32 and autocast back to bf16 for the
     # matmul, so every adapter keeps its own copy: q, k, v and gate, up no longer share one, o_proj's is new.
@@ -188,7 +188,8 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
     liger = uses_liger(model)
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights,
-                use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp), swiglu=has_swiglu(model),
+                use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
+                swiglu=has_swiglu(model),
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
                 act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4,
