@@ -8,7 +8,10 @@ token as the first completion token, four ways (vftrain's trainer agrees with it
   liger      the same after vftrain's `apply_liger` (what RLTrainer samples and trains with on a GPU);
   sample     the share of stop tokens among the first tokens of vftrain's `sample` (the RL sampler), liger on;
   generate   the same share from transformers' `generate` (what TRL's GRPOTrainer calls), on an unpatched copy.
-A framework whose number stands apart computes another function of the same weights.
+A framework whose number stands apart computes another function of the same weights. Then whole completions
+(`calibrate`): each sampler's stops against the sum of the model's stop probabilities along its own rows.
+Answer (H200, session 30, RESULTS.md "Graph capture after compaction"): all four agree and both samplers are
+calibrated; the RL runs' lengths part after the first update (training moves the policies differently).
 
 usage (repo root; GPU, the wheels as rl_throughput needs):  python benchmarks/stop_probe.py [--arch qwen0.5b] [--rows 2048]
        python benchmarks/stop_probe.py --tiny      # CPU: no liger, float32
