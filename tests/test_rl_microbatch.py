@@ -68,7 +68,7 @@ def test_default_budget_on_two_processes(tmp_path):
                           str(29300 + os.getpid() % 1000), __file__, str(tmp_path / "two"),
                           json.dumps(dict(micro_batch_size=None, micro_batch_tokens=64))],
                          env=worker_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.returncode == 0, run.stderr[-6000:]  # the rank's message precedes torchrun's report
     assert json.loads((tmp_path / "two" / "split.json").read_text()) == [2, 4]
     _assert_same_update(_delta(tmp_path / "one" / "weights.pt"), _delta(tmp_path / "two" / "weights.pt"))
 
