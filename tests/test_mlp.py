@@ -88,3 +88,22 @@ def test_without_autograd_the_module_forward_runs(monkeypatch):
     lean(input_ids=ids).logits.sum().backward()
     assert len(calls) == lean.config.num_hidden_layers
 
+
+
+def test_rl_update_is_the_stock_one(tmp_path):
+    """RL with lean_mlp (the default on a GPU): rollouts sampled without autograd, the loss with it; the SGD update
+    equals the stock MLP's."""
+    from rl_worker import one_sgd_step
+
+    from vftrain import mlp
+
+    updates = {}
+    for lean in (False, True):
+        trainer = one_sgd_step(str(tmp_path / str(lean)), lean_mlp=lean)
+        patched = [m for m in trainer.model.modules() if getattr(m.forward, "__func__", None) is mlp._lean_forward]
+        assert bool(patched) == lean
+        updates[lean] = torch.load(tmp_path / str(lean) / "weights.pt")
+    base = {n: p.detach() for n, p in AutoModelForCausalLM.from_pretrained(TINY).named_parameters()}
+    assert max(float((updates[False][n] - base[n]).abs().max()) for n in base) > 1e-3  # the step moved the weights
+    for name, weight in updates[True].items():
+        torch.testing.assert_close(weight, updates[False][name], rtol=1e-5, atol=1e-7, msg=name)
