@@ -17,6 +17,8 @@
 #   at 0.5B and ~335 s at 1.5B for 1024 + 1024),
 #   RL20_PHASES="varied lengths decode rope compile" the phases to run (all by default),
 #   RL20_VARIED_ARCHS="qwen0.5b qwen1.5b" the shapes of the early-stopping runs (0.5B by default),
+#   RL20_VARIED_LR=1e-12: both frameworks' learning rate in those runs (default: each one's own; a tiny one keeps the
+#   completion lengths the model's, which training otherwise moves apart: RESULTS.md, session 30),
 #   RL20_TINY=1: a CPU dry run of the same steps (tiny model, short lengths).
 set -uo pipefail
 start=$(date +%s)
@@ -50,7 +52,7 @@ on() { [[ "$phases" == *" $1 "* ]] && [ "$(left)" -gt "$2" ]; }
 
 log "1/5 completions that stop early (--varied), $(left) s left"
 # shellcheck disable=SC2086  # the shapes are separate words
-on varied 60 && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied --arch ${RL20_VARIED_ARCHS:-qwen0.5b} --runs vftrain trl "${shape[@]}" --steps 3 \
+on varied 60 && timeout $(( $(left) - 10 )) $bench "${tiny[@]}" --varied ${RL20_VARIED_LR:+--lr $RL20_VARIED_LR} --arch ${RL20_VARIED_ARCHS:-qwen0.5b} --runs vftrain trl "${shape[@]}" --steps 3 \
   --warmup 1 --timeout 150 --deadline $(( $(left) - 40 )) --out "$out/rl20_varied" --log-dir "$runs" 2>&1 \
   | tee "$out/logs/varied.log" | show
 

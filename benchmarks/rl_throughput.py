@@ -209,7 +209,7 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
         rollouts_per_example=args.group, max_prompt_len=args.prompt_len, max_new_tokens=args.new_tokens,
         max_seq_len=args.prompt_len + args.new_tokens, temperature=1.0, save_strategy="no", report_to="none",
         disable_tqdm=True, seed=0, master_weights=None if master else False,  # None: RLConfig's default
-        micro_batch_tokens=args.micro_batch_tokens)
+        micro_batch_tokens=args.micro_batch_tokens, **({"learning_rate": args.lr} if args.lr is not None else {}))
     if not graphs:
         rl_trainer.sample = lambda *a, **k: sample(*a, **k, **sample_kwargs(False))
     trainer = vf.RLTrainer(model=model, train_dataset=Dataset.from_list(rows), args=config, reward_funcs=[reward],
@@ -243,7 +243,7 @@ def run_trl(args, model, tok, rows, clock, cuda: bool):
         gradient_accumulation_steps=rollouts // micro, num_generations=args.group,
         max_completion_length=args.new_tokens, temperature=1.0, beta=0.0, use_vllm=False, bf16=cuda,
         use_cpu=not cuda, gradient_checkpointing=False, logging_steps=1, report_to="none", save_strategy="no",
-        disable_tqdm=True, seed=0)
+        disable_tqdm=True, seed=0, **({"learning_rate": args.lr} if args.lr is not None else {}))
     trainer = GRPOTrainer(model=model, reward_funcs=trl_reward, args=config, train_dataset=Dataset.from_list(rows),
                           processing_class=tok)
     trainer._generate_and_score_completions = clock.timed(
@@ -513,6 +513,10 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
                     "(default unset: RLConfig's token budget)")
+    ap.add_argument("--lr", type=float, default=None, help="learning rate of both frameworks (default: each "
+                    "one's own, vftrain 2e-6, TRL 1e-6). With --varied the policies' completion lengths part after the "
+                    "first update (RESULTS.md, session 30); a tiny rate (1e-12) keeps them the model's for a "
+                    "like-for-like step time")
     ap.add_argument("--log-dir", default=None, help="also write each run's full output to DIR/rl_RUN.log")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one run in this process
     args = ap.parse_args()
@@ -549,6 +553,7 @@ def main():
                "--vocab", str(args.vocab)] + (["--tiny"] if args.tiny else []) + (["--varied"] if args.varied else []) \
             + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else []) \
             + (["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []) \
+            + (["--lr", str(args.lr)] if args.lr is not None else []) \
             + (["--compile-decode"] if args.compile_decode else [])
         start = time.monotonic()
         result, log = run(cmd, int(min(args.timeout, left)))
