@@ -61,10 +61,10 @@ def _is_swiglu(module: torch.nn.Module) -> bool:
 
 def _lean_forward(self, x: torch.Tensor) -> torch.Tensor:
     down = self.down_proj
-    # Without autograd nothing is saved, so the module's own forward (liger's fused SwiGLU where patched: one kernel
-    # where this takes two) serves the sampler's decoding and the no-grad log-probability passes as before.
-    # A LoRA-wrapped down projection keeps it too.
-    if not torch.is_grad_enabled() or type(down) is not torch.nn.Linear or down.bias is not None:
+    # Also without autograd (RL's sampler), though nothing is saved there: the sampler's arithmetic is then the
+    # trainer's, op for op (liger's fused SwiGLU computes silu its own way, x * sigmoid(x) in float32, so its bf16
+    # product can differ by one ulp).
+    if type(down) is not torch.nn.Linear or down.bias is not None:  # e.g. a LoRA-wrapped down projection
         return type(self).forward(self, x)
     return _SiluMulDown.apply(self.gate_proj(x), self.up_proj(x), down.weight)
 
