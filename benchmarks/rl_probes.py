@@ -158,7 +158,8 @@ class DecodeCounts:
     benchmark process: graphs built (each: an eager warm-up step and a capture; `build_s`, the host waiting for the
     GPU before and after each), captures that failed (`failed`: the rest of that call decodes eagerly),
     steps decoded eagerly after such a failure (`eager_steps`), and compactions of stopped rows (`compactions`).
-    Read it to tell a slow early-stopping decode's cause (RESULTS.md: 4.6 s per step against 1.0 s at full length)."""
+    It told a slow early-stopping decode's cause: every capture after a compaction failed (RESULTS.md, session 30).
+    Averaged by `per_step` over every step, the warm-up's included."""
 
     def __init__(self):
         from vftrain.sampling import tokens

@@ -13,11 +13,13 @@ A framework whose number stands apart computes another function of the same weig
 Answer (H200, session 30, RESULTS.md "Graph capture after compaction"): all four agree and both samplers are
 calibrated; the RL runs' lengths part after the first update (training moves the policies differently).
 
-usage (repo root; GPU, the wheels as rl_throughput needs):  python benchmarks/stop_probe.py [--arch qwen0.5b] [--rows 2048]
+usage (repo root; GPU, the wheels as rl_throughput needs):
+       python benchmarks/stop_probe.py [--arch qwen0.5b] [--rows 2048]
        python benchmarks/stop_probe.py --tiny      # CPU: no liger, float32
 """
 import argparse
 import copy
+import math
 import os
 import sys
 
@@ -67,10 +69,10 @@ def main():
         print(f"liger     {last_position(model):.4f}", flush=True)
     drawn = sample(model, [ids], n=args.rows, max_new_tokens=1, temperature=1.0, top_p=1.0, stop_ids={STOP_ID},
                    pad_id=0, seed=0)[0]
-    share = sum(s.completion_ids[0] == STOP_ID for s in drawn) / len(drawn)
-    print(f"sample    {share:.4f} (of {len(drawn)}; the sampler's own logprob of the stop token "
-          f"{next((torch.tensor(s.logprobs[0]).exp().item() for s in drawn if s.completion_ids[0] == STOP_ID), float('nan')):.4f})",
-          flush=True)
+    stopped = [s for s in drawn if s.completion_ids[0] == STOP_ID]
+    own = math.exp(stopped[0].logprobs[0]) if stopped else float("nan")  # the sampler's probability of the stop
+    print(f"sample    {len(stopped) / len(drawn):.4f} (of {len(drawn)}; the sampler's own probability of the stop "
+          f"token {own:.4f})", flush=True)
     with torch.no_grad():
         out = plain.generate(input_ids=torch.tensor([ids] * args.rows, device=device), max_new_tokens=1, do_sample=True,
                              temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0, eos_token_id=STOP_ID)

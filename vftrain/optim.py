@@ -299,7 +299,8 @@ class CompensatedAdamW(torch.optim.Optimizer):
         for p, values in zip(params, saved):
             for key, value in (values or {}).items():
                 if torch.is_tensor(value):
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32 if key == "step" else value.dtype)
+                    dtype = torch.float32 if key == "step" else value.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype)
         self._adopt(params, masters)
 
     @torch.no_grad()

@@ -233,8 +233,8 @@ class _Forward:
     rounded up to `WIDTH_STEP`). On CUDA each such width is captured once as a graph over fixed input buffers (the
     first step of a width runs eagerly on a side stream first: kernel selection, Triton compilation, cuBLAS
     workspaces) and later steps fill the buffers and replay it; the graphs of one batch size share a memory pool,
-    since they run one after another (a compaction starts a new one: `select`). If capture fails (a forward that syncs with the host, e.g. data-dependent MoE routing), decoding
-    goes on eagerly with a warning."""
+    since they run one after another (a compaction starts a new one: `select`). If capture fails (a forward that
+    syncs with the host, e.g. data-dependent MoE routing), decoding goes on eagerly with a warning."""
 
     # Columns read per step are rounded up to this: a late step of a 512 + 512 decode reads ~1024 columns instead of
     # all of them from the start, at the cost of one graph capture per 256 columns.
