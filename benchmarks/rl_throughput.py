@@ -44,6 +44,7 @@ usage: python benchmarks/rl_throughput.py                      # Qwen2.5-0.5B sh
        python benchmarks/rl_throughput.py --runs vftrain trl --arch qwen0.5b qwen1.5b --lengths 128 256 512 1024
        python benchmarks/rl_throughput.py --runs vftrain trl --varied         # completions that stop early
        python benchmarks/rl_throughput.py --profile-decode --arch qwen0.5b qwen1.5b --decode-rows 128 256
+       python benchmarks/rl_throughput.py --runs vftrain --arch qwen1.5b --lengths 1024 --steps 2 --profile-train 1
        python benchmarks/rl_throughput.py --tiny [mode flags]  # CPU smoke test (2 layers, 64 wide, short lengths)
 """
 import argparse
@@ -63,6 +64,7 @@ sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be 
 from rl_probes import (GIB, DecodeCounts, Memory, compile_decoding, copy_bandwidth, decode_bytes,  # noqa: E402
                        make_stopping, timed)
 from trl_anchor import ARCHS, VOCAB  # noqa: E402  (benchmarks/ is sys.path[0])
+from step_probes import host_profile  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, tie_word_embeddings=True)
@@ -221,6 +223,8 @@ def run_vftrain(args, model, tok, rows, clock, graphs: bool, master: bool = True
     trainer._sample = clock.timed("generate", trainer._sample,
                                   tokens=lambda out: sum(len(s.completion_ids) for s in out))
     trainer.add_callback(clock.callback())
+    if args.profile_train:  # the train phase only: the callback opens after get_batch_samples, closes at step end
+        trainer.add_callback(host_profile(args.warmup, args.profile_train))
     clock.memory.mark("trainer")
     trainer.train()
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
@@ -250,6 +254,8 @@ def run_trl(args, model, tok, rows, clock, cuda: bool):
         "rollout", trainer._generate_and_score_completions, tokens=lambda out: int(out["completion_mask"].sum()))
     trainer._generate = clock.timed("generate", trainer._generate)
     trainer.add_callback(clock.callback())
+    if args.profile_train:  # the train phase only: the callback opens after get_batch_samples, closes at step end
+        trainer.add_callback(host_profile(args.warmup, args.profile_train))
     clock.memory.mark("trainer")
     trainer.train()
     return dict(loss_type=config.loss_type, micro_batch_size=micro, gradient_accumulation=rollouts // micro,
@@ -513,6 +519,8 @@ def main():
     ap.add_argument("--profile-tokens", type=int, default=32, help="decoding steps under the profiler (0: none)")
     ap.add_argument("--micro-batch-tokens", type=int, default=None, help="vftrain runs: RLConfig.micro_batch_tokens "
                     "(default unset: RLConfig's token budget)")
+    ap.add_argument("--profile-train", type=int, default=0, help="vftrain runs: torch.profiler over this many train "
+                    "phases after --warmup (host and GPU op tables, step_probes.host_profile); slows the steps it covers")
     ap.add_argument("--lr", type=float, default=None, help="learning rate of both frameworks (default: each "
                     "one's own, vftrain 2e-6, TRL 1e-6). With --varied the policies' completion lengths part after the "
                     "first update (RESULTS.md, session 30); a tiny rate (1e-12) keeps them the model's for a "
@@ -554,6 +562,7 @@ def main():
             + (["--stop-prob", str(args.stop_prob)] if args.stop_prob is not None else []) \
             + (["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []) \
             + (["--lr", str(args.lr)] if args.lr is not None else []) \
+            + (["--profile-train", str(args.profile_train)] if args.profile_train else []) \
             + (["--compile-decode"] if args.compile_decode else [])
         start = time.monotonic()
         result, log = run(cmd, int(min(args.timeout, left)))
@@ -565,6 +574,7 @@ def main():
         print("RESULT " + json.dumps({k: v for k, v in result.items() if k != "per_step"}), flush=True)
         results.append(result)
         if args.log_dir:
+            os.makedirs(args.log_dir, exist_ok=True)
             with open(os.path.join(args.log_dir, f"rl_{name}_{arch}_{prompt_len}_{new_tokens}.log"), "w") as fh:
                 fh.write(log)
     text = table(results)

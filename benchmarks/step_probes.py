@@ -77,7 +77,8 @@ def python_profile(start: int, steps: int):
 
 def host_profile(start: int, steps: int):
     """A callback running torch.profiler over `steps` steps after the warm-up: prints the ops with the most host
-    (self CPU) time and the GPU's busy time against the wall time, to show what the host does while the GPU waits."""
+    (self CPU) time and the GPU's busy time against the wall time, to show what the host does while the GPU waits,
+    then the ops with the most GPU time, to show what the GPU's step is made of."""
     from transformers import TrainerCallback
 
     class HostProfile(TrainerCallback):
@@ -111,6 +112,8 @@ def host_profile(start: int, steps: int):
             gpu = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
             print(f"PROFILE ms per step (both profilers on): wall {wall:.1f}, GPU busy {gpu:.1f}", flush=True)
             print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
+            print("PROFILE by GPU time", flush=True)  # what the GPU spends its step on (kernels, GEMM shapes)
+            print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70), flush=True)
             self.prof = None
 
     return HostProfile(start, steps)
