@@ -75,6 +75,16 @@ def python_profile(start: int, steps: int):
     return PythonProfile()
 
 
+def gpu_busy_ms(events) -> float:
+    """The GPU's busy time of a profile's key averages: its kernels' (and copies') own time, as the op table's "Self
+    CUDA time total" counts it. Summing every event's self device time counted each kernel twice, once under the op
+    that launched it (benchmarks/RESULTS.md, session 33)."""
+    from torch.autograd import DeviceType
+
+    return sum(e.self_device_time_total for e in events
+               if e.device_type == DeviceType.CUDA and not e.is_user_annotation) / 1e3
+
+
 def host_profile(start: int, steps: int):
     """A callback running torch.profiler over `steps` steps after the warm-up: prints the ops with the most host
     (self CPU) time and the GPU's busy time against the wall time, to show what the host does while the GPU waits,
@@ -109,7 +119,7 @@ def host_profile(start: int, steps: int):
             self.prof.__exit__(None, None, None)
             pstats.Stats(self.python).sort_stats("cumulative").print_stats(45)
             events = self.prof.key_averages()
-            gpu = sum(e.self_device_time_total for e in events) / 1e3 / self.steps
+            gpu = gpu_busy_ms(events) / self.steps
             print(f"PROFILE ms per step (both profilers on): wall {wall:.1f}, GPU busy {gpu:.1f}", flush=True)
             print(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70), flush=True)
             print("PROFILE by GPU time", flush=True)  # what the GPU spends its step on (kernels, GEMM shapes)

@@ -133,7 +133,7 @@ def measure(args):
                               TrainerCallback)
 
     import vftrain as vf
-    from vftrain.models import empty_from_config, liger_applies
+    from vftrain.models import adapter_dtype, empty_from_config, liger_applies
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
@@ -210,6 +210,10 @@ def measure(args):
         model.name_or_path = model.config.name_or_path = base
     if cuda and args.card_gib:
         cap_card(args.card_gib, device)
+    if args.lora_float32:  # this benchmark process only
+        import vftrain.trainer
+
+        vftrain.trainer.adapters_in_base_dtype = lambda model: None
     trainer = Measured(model=model, processing_class=tok, train_dataset=ds, args=config)
     if args.save_at:
         class SaveOnlyAt(TrainerCallback):  # save_steps = N alone would also save at N's multiples
@@ -244,6 +248,7 @@ def measure(args):
     out = dict(framework="vftrain", arch="tiny" if args.tiny else args.child, engine=args.engine, task=args.task,
                mix=args.mix, default=args.default, fp32_weights=args.fp32_weights,
                master_weights=config.master_weights, lr=args.lr, lora=args.lora,
+               adapter_dtype=str(adapter_dtype(trainer.model)).replace("torch.", "") if args.lora else None,
                attn=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation, gc=args.gc,
                liger=config.use_liger if config.use_liger is not None else liger_applies(model), compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
                mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
@@ -487,6 +492,8 @@ def main():
                     "bounds the memory estimate's tokens per micro-batch)")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
+    ap.add_argument("--lora-float32", action="store_true", help="with --lora: peft's float32 adapters on the bf16 "
+                    "model (vftrain before it kept them in bf16, models.adapters_in_base_dtype), to measure the change")
     ap.add_argument("--merge", action="store_true", help="with --lora: write the merged model after training and "
                     "load it with transformers")
     ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")
@@ -547,7 +554,7 @@ def main():
         cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),
                 "--sync-debug", str(args.sync_debug), "--pyprofile", str(args.pyprofile)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "lean_mlp", "tiny",
-                                                     "default", "breakdown", "blocking_copies")
+                                                     "default", "breakdown", "blocking_copies", "lora_float32")
                 if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
         if not args.no_vftrain:

@@ -26,8 +26,8 @@ from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, a
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (apply_lora, count_parameters, distinct_meta_pointers, export_merged,
-                            get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
+from vftrain.models import (adapters_in_base_dtype, apply_lora, count_parameters, distinct_meta_pointers,
+                            export_merged, get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
 
@@ -110,6 +110,8 @@ class VFTrainer(Trainer):
             model = apply_lora(model, args)
             # peft's default init (and "gaussian") sets B = 0: the adapted model equals the base until trained.
             self.fresh_adapter = model.peft_config[model.active_adapter].init_lora_weights in (True, "gaussian")
+        if args.use_lora and args.master_weights:
+            adapters_in_base_dtype(model)
         if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model

@@ -33,6 +33,7 @@ from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
 from vftrain.guards import any_process
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
+from vftrain.models import adapter_dtype
 from vftrain.rewards import resolve_rewards, score
 from vftrain.rl import rollouts as R
 from vftrain.rl.pipeline import PipelineCallback, RolloutPipeline
@@ -372,7 +373,8 @@ def copy_adapter(peft_model, name: str) -> None:
     active = peft_model.active_adapter
     reference = copy.deepcopy(peft_model.peft_config[active])
     reference.lora_dropout = 0.0
-    peft_model.add_adapter(name, reference)
+    # in the policy adapter's dtype: peft's float32 unless the run keeps it in the base's (adapters_in_base_dtype)
+    peft_model.add_adapter(name, reference, autocast_adapter_dtype=adapter_dtype(peft_model) == torch.float32)
     set_peft_model_state_dict(peft_model, get_peft_model_state_dict(peft_model, adapter_name=active),
                               adapter_name=name)
     for key, param in peft_model.named_parameters():
