@@ -133,7 +133,8 @@ def measure(args):
                               TrainerCallback)
 
     import vftrain as vf
-    from vftrain.models import adapter_dtype, empty_from_config, liger_applies
+    from vftrain.lora import adapter_dtype
+    from vftrain.models import empty_from_config, liger_applies
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
@@ -493,7 +494,7 @@ def main():
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
                     "metrics.jsonl (for loss-curve comparisons)")
     ap.add_argument("--lora-float32", action="store_true", help="with --lora: peft's float32 adapters on the bf16 "
-                    "model (vftrain before it kept them in bf16, models.adapters_in_base_dtype), to measure the change")
+                    "model (vftrain before it kept them in bf16, lora.adapters_in_base_dtype), to measure the change")
     ap.add_argument("--merge", action="store_true", help="with --lora: write the merged model after training and "
                     "load it with transformers")
     ap.add_argument("--save-steps", type=int, default=0, help="save a checkpoint every N steps (0: never)")

@@ -1,5 +1,5 @@
 """LoRA adapters on bf16 base weights train in bf16 where the optimizer keeps their updates
-(models.adapters_in_base_dtype): no float32 casts around every adapted linear, and the adapters' updates and loss
+(lora.adapters_in_base_dtype): no float32 casts around every adapted linear, and the adapters' updates and loss
 curve are those of peft's float32 adapters within the bf16 forward's noise; without master weights, and on float32
 base weights, they stay float32."""
 
@@ -14,7 +14,7 @@ import torch
 import vftrain as vf
 import vftrain.trainer as trainer_module
 from conftest import TINY, addition_rows, small_config
-from vftrain.models import adapter_dtype, adapters_in_base_dtype
+from vftrain.lora import adapter_dtype, adapters_in_base_dtype
 from vftrain.optim import CompensatedAdamW
 from vftrain.trainer import VFTrainer
 

@@ -386,28 +386,6 @@ def apply_lora(model: PreTrainedModel, args: TrainerConfig):
     return peft_model
 
 
-def adapters_in_base_dtype(peft_model) -> None:
-    """LoRA adapters on bf16 base weights kept in bf16, not in peft's float32 (`autocast_adapter_dtype`), for runs
-    whose optimizer keeps their updates (master_weights: compensated or float32 copies, or FSDP / DeepSpeed's own).
-
-    peft's float32 adapters make every adapted linear cast its input to float32 and add a float32 product to the
-    bf16 output: on the Qwen2.5-7B shape those casts, multiplies and adds were a third of the GPU's step
-    (benchmarks/RESULTS.md, "7B LoRA"). Their precision is kept by the optimizer, as for full-weight bf16 training
-    (the adapters' updates survive bf16 through the compensation; tests/test_lora_dtype.py)."""
-    import torch
-    from peft.tuners.lora import LoraLayer
-
-    for module in peft_model.modules():
-        if isinstance(module, LoraLayer) and module.get_base_layer().weight.dtype == torch.bfloat16:
-            for name in module.adapter_layer_names:
-                getattr(module, name).to(torch.bfloat16)
-
-
-def adapter_dtype(peft_model):
-    """The dtype of the active adapter's trainable weights (None when it has none)."""
-    return next((p.dtype for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad), None)
-
-
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

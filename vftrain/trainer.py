@@ -25,9 +25,10 @@ from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
+from vftrain.lora import adapters_in_base_dtype
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (adapters_in_base_dtype, apply_lora, count_parameters, distinct_meta_pointers,
-                            export_merged, get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
+from vftrain.models import (apply_lora, count_parameters, distinct_meta_pointers, export_merged,
+                            get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
 

@@ -32,8 +32,8 @@ from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
 from vftrain.errors import ConfigError
 from vftrain.guards import any_process
+from vftrain.lora import adapter_dtype
 from vftrain.loss import policy_token_loss, select_trained, token_loss_sum
-from vftrain.models import adapter_dtype
 from vftrain.rewards import resolve_rewards, score
 from vftrain.rl import rollouts as R
 from vftrain.rl.pipeline import PipelineCallback, RolloutPipeline
