@@ -441,9 +441,10 @@ def _non_blocking_copies(value):
     return value  # a JSON file or an AcceleratorConfig: the user's own
 
 
-# RL's default tokens per forward (micro_batch_size unset). At the 1.5B shape with 384 + 384 tokens (one H200,
-# benchmarks/RESULTS.md): 8k tokens train a step in 2.5 s at a 42.6 GiB peak (TRL's 31.0 + the float32 master
-# weights and moments), 16k in 2.1 s at 55.8 GiB, 4k in 4.7 s.
+# RL's default tokens per forward (micro_batch_size unset). One H200, 128 rollouts (benchmarks/RESULTS.md, sessions
+# 32-33): at 1.5B with 1024 + 1024 tokens 8k train a step in 6.10 s at a 30.3 GiB peak, 16k in 5.88 s at 43.3;
+# at 0.5B with 128 + 128, 8k in 0.44 s at 13.3 GiB, 4k in 1.06 s at 10.2 (there the host, not the GPU, sets the
+# pace of each forward).
 RL_MICRO_BATCH_TOKENS = 8192
 
 
