@@ -17,6 +17,7 @@ import torch
 import vftrain as vf
 from conftest import TINY
 from rl_worker import config
+from vftrain.guards import close_process_group
 from vftrain.sampling.tokens import Sample
 
 CALL = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><|im_end|>'
@@ -44,8 +45,7 @@ def main(out_dir: str, base_url: str | None = None) -> None:
     trainer._sample_groups = scripted
     trainer.train()
     print(json.dumps({"rank": cfg.process_index, "turns": turns}), flush=True)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()
     sys.stdout.flush()
     os._exit(0)  # as tests/cpu_fsdp.py: no interpreter teardown after a finished CPU FSDP2 run (a gloo thread)
 

@@ -13,6 +13,7 @@ from transformers import TrainerCallback
 
 import vftrain as vf
 from conftest import TINY, addition_rows
+from vftrain.guards import close_process_group
 
 
 def digits(completion: str, reference: str) -> float:
@@ -73,7 +74,7 @@ def main(out_dir: str, max_steps: int, kill_at: int, resume: bool, num_iteration
     torch.set_num_threads(1)
     if max_steps == 0:  # the split-invariance run
         one_sgd_step(out_dir, micro_batch_size=2)
-        return _finish()
+        return close_process_group()
     micro = 16 // int(os.environ.get("WORLD_SIZE", "1")) // 2
     cfg = config(out_dir, max_steps, num_iterations=num_iterations, micro_batch_size=micro, save_steps=save_steps)
     trainer = vf.RLTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=cfg,
@@ -81,13 +82,7 @@ def main(out_dir: str, max_steps: int, kill_at: int, resume: bool, num_iteration
     if kill_at:
         trainer.add_callback(KillAt(kill_at, signal.SIGKILL))
     trainer.train(resume_from_checkpoint=True if resume else None)
-    _finish()
-
-
-def _finish() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 if __name__ == "__main__":

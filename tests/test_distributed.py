@@ -168,6 +168,7 @@ sys.path.insert(0, {tests!r})
 import cpu_fsdp  # noqa: F401  (FSDP2 on CPU processes)
 import datasets, torch
 import vftrain as vf
+from vftrain.guards import close_process_group
 from conftest import TINY, addition_rows
 fsdp = {fsdp!r}
 cfg = vf.SFTConfig(output_dir={out!r}, max_steps=3, batch_size=8, micro_batch_size=4, max_seq_len=64, seed=0,
@@ -177,9 +178,7 @@ trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(add
 empty = all(p.is_meta for p in trainer.model.parameters())
 trainer.train()
 print("RANK", cfg.process_index, json.dumps(empty), flush=True)
-if torch.distributed.is_initialized():
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+close_process_group()
 """
 
 

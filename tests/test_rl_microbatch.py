@@ -18,6 +18,7 @@ import vftrain as vf
 from conftest import TINY, addition_rows, worker_env
 from rl_worker import config, digits, one_sgd_step, per_prompt_sampling
 from vftrain.errors import ConfigError
+from vftrain.guards import close_process_group
 
 
 @pytest.mark.parametrize("fields, micro, accumulation", [
@@ -95,5 +96,4 @@ if __name__ == "__main__":  # one process of test_default_budget_on_two_processe
     if trainer.args.should_save:
         split = [trainer.args.micro_batch_size, trainer.args.gradient_accumulation_steps]
         (Path(sys.argv[1]) / "split.json").write_text(json.dumps(split))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()

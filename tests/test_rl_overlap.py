@@ -21,6 +21,7 @@ import vftrain as vf
 from conftest import OLD_CPU_RESUME, OLD_CPU_RESUME_REASON, TINY, addition_rows, worker_env
 from rl_worker import config, digits
 from vftrain.errors import ConfigError, SamplerError
+from vftrain.guards import close_process_group
 from vftrain.sampling.tokens import seed_for
 from vftrain.serve import ModelHost, serve
 
@@ -281,5 +282,4 @@ if __name__ == "__main__":  # one process of test_two_processes_...: out_dir, se
                        learning_rate=3e-2, micro_batch_size=4, save_strategy="steps", save_steps=2,
                        run_name="overlap")
     trainer.train(resume_from_checkpoint=sys.argv[3] == "1" or None)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()

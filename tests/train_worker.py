@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 import vftrain as vf
 import vftrain.sft.trainer as trainer_module
 from conftest import TINY, addition_rows
-from vftrain.guards import NonFiniteLossError
+from vftrain.guards import NonFiniteLossError, close_process_group
 
 RANK = os.environ.get("RANK", "0")
 
@@ -142,9 +142,7 @@ def main() -> None:
     opts = parser.parse_args()
     {"train": train, "evaluate": evaluate, "run_name": run_name,
      "run_name_in_dir": lambda o: run_name(o, os.path.join(o.out_dir, "given"))}[opts.mode](opts)
-    if torch.distributed.is_initialized():  # as vf-sft does: gloo's threads can abort an exiting process
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()  # as vf-sft does (vftrain/guards.py)
 
 
 if __name__ == "__main__":

@@ -169,13 +169,9 @@ def interrupted(trainer, config, signum: int) -> int:
 
 
 def _close_process_group() -> None:
-    import torch
+    from vftrain.guards import close_process_group  # imports torch: not at `--help`
 
-    if torch.distributed.is_initialized():
-        # Left to interpreter exit, gloo's threads can abort the process ("terminate called without an active
-        # exception") after a successful run.
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
