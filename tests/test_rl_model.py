@@ -203,6 +203,12 @@ def test_kl_reference_of_an_adapter_folder_is_the_adapter(tmp_path, adapter_fold
     assert _step1_kl(tmp_path, adapter_folder, use_lora=use_lora) < 1e-7
 
 
+def test_kl_reference_of_an_adapter_folder_on_bf16_weights_is_the_adapter(tmp_path, adapter_folder):
+    """On bf16 weights the policy's adapter is bf16 (lora.adapters_in_base_dtype), and so is its frozen reference
+    copy: step-1 KL 0. A float32 copy (peft's add_adapter casts new adapters up) rounded differently: 2e-6."""
+    assert _step1_kl(tmp_path, adapter_folder, use_lora=True, dtype="bfloat16") < 1e-7
+
+
 def test_kl_reference_runs_padded_batches_where_varlen_exists(tmp_path, monkeypatch):
     """RL 11: packing = false where the varlen kernel exists (any CUDA torch >= 2.10): the reference used to load
     with varlen attention and fail at step 1 on the padded micro-batches; it runs as the policy does."""
