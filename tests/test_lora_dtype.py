@@ -102,3 +102,27 @@ def test_the_rl_reference_adapter_takes_the_policy_adapters_dtype():
         copy_adapter(model, "reference")
         dtypes = {p.dtype for n, p in model.named_parameters() if ".reference." in n}
         assert dtypes == {dtype} and adapter_dtype(model) == dtype
+
+
+def test_a_resumed_bf16_lora_run_is_the_uninterrupted_run(tmp_path):
+    """Resuming loads the checkpoint's adapter through peft's load_adapter, which cast it back to float32: the
+    resumed run then built torch's AdamW for the compensated one's saved state and stopped at its first step. The
+    adapters stay bf16, and 4 steps resumed at step 2 end on the uninterrupted run's weights exactly."""
+    import shutil
+
+    def run(folder, resume=None):
+        args = small_config(folder, dtype="bfloat16", use_lora=True, max_steps=4, learning_rate=1e-4,
+                            save_strategy="steps", save_steps=2, micro_batch_size=4)
+        trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(32)), args=args)
+        trainer.train(resume_from_checkpoint=resume)
+        assert adapter_dtype(trainer.model) == torch.bfloat16
+        assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), CompensatedAdamW)
+        return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+    uninterrupted = run(tmp_path / "a")
+    checkpoint = tmp_path / "b" / "out" / "checkpoint-2"
+    shutil.copytree(tmp_path / "a" / "out" / "checkpoint-2", checkpoint)
+    resumed = run(tmp_path / "b", resume=str(checkpoint))
+    assert resumed.keys() == uninterrupted.keys()
+    for name, weight in resumed.items():
+        assert torch.equal(weight, uninterrupted[name]), name

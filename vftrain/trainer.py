@@ -239,6 +239,12 @@ class VFTrainer(Trainer):
             self.start_run(self.resume_point())
         return super().evaluate(*args, **kwargs)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # peft's load_adapter (unsharded runs; FSDP loads its own shards) casts the adapters back to float32
+        if self.args.use_lora and self.args.master_weights and not self.sharded:
+            adapters_in_base_dtype(model if model is not None else self.model)
+
     def resume_point(self, value: str | bool | None = None) -> str | None:
         """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
         from vftrain.cli.args import resume_point
