@@ -254,8 +254,6 @@ def run_trl(args, model, tok, rows, clock, cuda: bool):
         "rollout", trainer._generate_and_score_completions, tokens=lambda out: int(out["completion_mask"].sum()))
     trainer._generate = clock.timed("generate", trainer._generate)
     trainer.add_callback(clock.callback())
-    if args.profile_train:  # the train phase only: the callback opens after get_batch_samples, closes at step end
-        trainer.add_callback(host_profile(args.warmup, args.profile_train))
     clock.memory.mark("trainer")
     trainer.train()
     return dict(loss_type=config.loss_type, micro_batch_size=micro, gradient_accumulation=rollouts // micro,

@@ -166,7 +166,7 @@ LOAD_WORKER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import cpu_fsdp  # noqa: F401  (FSDP2 on CPU processes)
-import datasets, torch
+import datasets
 import vftrain as vf
 from vftrain.guards import close_process_group
 from conftest import TINY, addition_rows

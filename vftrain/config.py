@@ -441,10 +441,9 @@ def _non_blocking_copies(value):
     return value  # a JSON file or an AcceleratorConfig: the user's own
 
 
-# RL's default tokens per forward (micro_batch_size unset). One H200, 128 rollouts (benchmarks/RESULTS.md, sessions
-# 32-33): at 1.5B with 1024 + 1024 tokens 8k train a step in 6.10 s at a 30.3 GiB peak, 16k in 5.88 s at 43.3;
-# at 0.5B with 128 + 128, 8k in 0.44 s at 13.3 GiB, 4k in 1.06 s at 10.2 (there the host, not the GPU, sets the
-# pace of each forward).
+# RL's default tokens per forward (micro_batch_size unset). One H200, 128 rollouts (benchmarks/RESULTS.md, session 33):
+# 1.5B, 1024 + 1024 tokens: 8k train a step in 6.10 s at a 30.3 GiB peak, 16k in 5.88 s at 43.3; 0.5B, 128 + 128:
+# 8k in 0.44 s at 13.3 GiB, 4k in 1.06 s at 10.2 (the host, not the GPU, paces each forward there).
 RL_MICRO_BATCH_TOKENS = 8192
 
 

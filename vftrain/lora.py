@@ -1,8 +1,44 @@
-"""LoRA adapters' dtype: kept in the bf16 base's dtype where the optimizer keeps their updates."""
+"""LoRA adapters beyond peft's own setup: an adapter folder's adapter trained on or merged, adapters attached through
+transformers refused, and the adapters' dtype (kept in the bf16 base's where the optimizer keeps their updates)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from vftrain.errors import ConfigError
+from vftrain.models import count_parameters
+
+log = logging.getLogger("vftrain")
+
+
+def refuse_attached_adapter(model) -> None:
+    """A transformers model with an adapter attached (`load_adapter`, or `from_pretrained` of an adapter folder)
+    has `peft_config` but is not a peft PeftModel: its adapter is frozen and vftrain's LoRA paths cannot see it."""
+    if isinstance(model, str) or not hasattr(model, "peft_config"):
+        return
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise ConfigError(f"model: a {type(model).__name__} with a LoRA adapter attached through transformers is "
+                          "not trainable here; pass the adapter folder's path as model, or "
+                          "PeftModel.from_pretrained(base, folder, is_trainable=True)")
+
+
+def continue_or_merge(model, use_lora: bool, folder: str):
+    """The PeftModel of a LoRA adapter folder given as `model`: with use_lora its adapter is trained on; without,
+    it is merged into the base model and all weights are trained."""
+    if use_lora:
+        trainable, total = count_parameters(model)
+        log.info("LoRA: continuing the adapter of %s (rank %s, as saved there; the lora_* settings are not used): "
+                 "%s trainable of %s parameters", folder, model.peft_config[model.active_adapter].r,
+                 f"{trainable:,}", f"{total:,}")
+        return model
+    model = model.merge_and_unload().requires_grad_(True)
+    log.info("%s holds a LoRA adapter and use_lora is false: merged it into its base model, training all %s "
+             "weights (use_lora = true trains the adapter on instead)", folder, f"{count_parameters(model)[1]:,}")
+    return model
 
 
 def adapters_in_base_dtype(peft_model) -> None:

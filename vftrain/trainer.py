@@ -25,42 +25,14 @@ from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
-from vftrain.lora import adapters_in_base_dtype
+from vftrain.lora import adapters_in_base_dtype, continue_or_merge, refuse_attached_adapter
 from vftrain.mlp import use_lean_mlp
-from vftrain.models import (apply_lora, count_parameters, distinct_meta_pointers, export_merged,
+from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
 
 log = logging.getLogger("vftrain")
-
-
-def refuse_attached_adapter(model) -> None:
-    """A transformers model with an adapter attached (`load_adapter`, or `from_pretrained` of an adapter folder)
-    has `peft_config` but is not a peft PeftModel: its adapter is frozen and vftrain's LoRA paths cannot see it."""
-    if isinstance(model, str) or not hasattr(model, "peft_config"):
-        return
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise ConfigError(f"model: a {type(model).__name__} with a LoRA adapter attached through transformers is "
-                          "not trainable here; pass the adapter folder's path as model, or "
-                          "PeftModel.from_pretrained(base, folder, is_trainable=True)")
-
-
-def continue_or_merge(model, use_lora: bool, folder: str):
-    """The PeftModel of a LoRA adapter folder given as `model`: with use_lora its adapter is trained on; without,
-    it is merged into the base model and all weights are trained."""
-    if use_lora:
-        trainable, total = count_parameters(model)
-        log.info("LoRA: continuing the adapter of %s (rank %s, as saved there; the lora_* settings are not used): "
-                 "%s trainable of %s parameters", folder, model.peft_config[model.active_adapter].r,
-                 f"{trainable:,}", f"{total:,}")
-        return model
-    model = model.merge_and_unload().requires_grad_(True)
-    log.info("%s holds a LoRA adapter and use_lora is false: merged it into its base model, training all %s "
-             "weights (use_lora = true trains the adapter on instead)", folder, f"{count_parameters(model)[1]:,}")
-    return model
 
 
 class VFTrainer(Trainer):
