@@ -28,10 +28,12 @@ def fused(monkeypatch):
 
 
 def _params(seed=0):
-    """bf16 weights: several blocks, a ragged tail, a tensor smaller than a block; and a float32 one (a norm kept
-    in float32: no compensation, its weight holds w itself)."""
+    """bf16 weights: several blocks, a ragged tail, a tensor smaller than a block, one of three chunks (a program's
+    share, kahan_kernel.CHUNK); and a float32 one (a norm kept in float32: no compensation, its weight holds w
+    itself). The bf16 ones step in one launch, the float32 one in another."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [((64, 48), torch.bfloat16), ((5000,), torch.bfloat16), ((3, 7), torch.bfloat16), ((300,), torch.float32)]
+    shapes = [((64, 48), torch.bfloat16), ((5000,), torch.bfloat16), ((3, 7), torch.bfloat16),
+              ((2 * 16384 + 77,), torch.bfloat16), ((300,), torch.float32)]
     return [(torch.randn(s, generator=gen) * 0.02).to(dtype).to(DEVICE).requires_grad_() for s, dtype in shapes]
 
 
@@ -39,9 +41,15 @@ def _run(params, moments, steps, grads_seed=1, optimizer=None, found_inf=None):
     optimizer = optimizer or CompensatedAdamW(params, lr=1e-3, weight_decay=0.1, moments=moments)
     optimizer.found_inf = found_inf
     gen = torch.Generator().manual_seed(grads_seed)
-    for _ in range(steps):
+    earlier = []  # gradients kept alive, so that a new one lands at a new address and the kernel's tables must follow
+    for step in range(steps):
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            if step % 2 and p.grad is not None:
+                p.grad.copy_(grad)  # where the last step's tables point
+            else:
+                earlier.append(p.grad)
+                p.grad = grad
         optimizer.step()
     return optimizer
 
@@ -73,6 +81,7 @@ def test_the_fused_step_is_the_foreach_step(fused, monkeypatch):
         assert ((a - b).abs() <= a.abs() * 2**-15 + 1e-7).all()  # 1e-7: weights crossing zero (updates ~2e-3)
         assert (a - b).abs().mean() < 1e-3 * (a - w0).abs().mean()  # far below the update itself
     for pa, pb in zip(kernel_params, foreach_params):
+        assert kernel.state[pa]["step"].item() == foreach.state[pb]["step"].item() == 5  # the kernel counts them
         for key in ("exp_avg", "exp_avg_sq"):
             expected = foreach.state[pb][key]
             torch.testing.assert_close(kernel.state[pa][key], expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
@@ -95,16 +104,18 @@ def test_bf16_moments_are_rounded_without_bias(fused):
 
 
 def test_a_skipped_step_changes_nothing(fused):
-    """found_inf = 1 (the NaN guard): NaN gradients reach neither the weights nor the moments."""
+    """found_inf = 1 (the NaN guard): NaN gradients reach neither the weights nor the moments, and the step is not
+    counted."""
     params = _params()
     optimizer = _run(params, torch.bfloat16, 2)
-    before = [t.clone() for p in params for t in (p.detach(), *optimizer.state[p].values()) if t.dim() > 0]
+    before = [t.clone() for p in params for t in (p.detach(), *optimizer.state[p].values())]
     for p in params:
         p.grad = torch.full_like(p, float("nan"))
     optimizer.found_inf = torch.ones((), device=DEVICE)
     optimizer.step()
     assert _kernel_ran(optimizer)
-    after = [t for p in params for t in (p.detach(), *optimizer.state[p].values()) if t.dim() > 0]
+    after = [t for p in params for t in (p.detach(), *optimizer.state[p].values())]
+    assert len(after) == 5 * len(params) - 1  # weights, step counts, moments, compensations (not the float32's)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
 
 
@@ -141,16 +152,16 @@ def test_a_resume_rounds_as_the_uninterrupted_run(fused):
 
 def test_a_kernel_that_fails_leaves_the_step_to_the_foreach_form(fused, monkeypatch, caplog):
     """A Triton or GPU the kernel was not tried on: a warning, and the foreach form updates every parameter once
-    (the first parameter's kernel runs, the second's fails: the same result as the foreach form throughout)."""
+    (the bf16 weights' launch runs, the float32 one's fails: the same result as the foreach form throughout)."""
     from vftrain import kahan_kernel
 
     real, calls = kahan_kernel.step, []
 
-    def second_fails(p, *args):
-        calls.append(p)
+    def second_fails(params, *args):
+        calls.append(params)
         if len(calls) == 2:
             raise RuntimeError("PTX compilation failed")
-        return real(p, *args)
+        return real(params, *args)
 
     monkeypatch.setattr(kahan_kernel, "step", second_fails)
     mixed_params, foreach_params = _params(), _params()

@@ -153,6 +153,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         # this count of steps and the parameter's index, the element).
         self.rounding = None
         self.rounding_steps = 0
+        self._tables: dict = {}  # the fused kernel's device tables, per launch (kahan_kernel._tables)
 
     @classmethod
     def replacing(cls, optimizer: torch.optim.Optimizer, moments: torch.dtype) -> "CompensatedAdamW":
@@ -191,30 +192,37 @@ class CompensatedAdamW(torch.optim.Optimizer):
             states = [self._state(p) for p in params]
             keep = torch.ones((), device=params[0].device) if self.found_inf is None else 1 - self.found_inf.to(
                 params[0].device).reshape(())
-            torch._foreach_add_([s["step"] for s in states], keep)
-            corrections = list(zip(*_bias_corrections(states, group)))
-            done = self._fused_steps(group, params, states, indices, keep, corrections)
+            done = self._fused_steps(group, params, states, indices, keep)  # their steps counted there
             rest = [i for i in range(len(params)) if i not in done]
+            if not rest:
+                continue
+            torch._foreach_add_([states[i]["step"] for i in rest], keep)
+            corrections = list(zip(*_bias_corrections([states[i] for i in rest], group)))
             for segment in _segments([params[i] for i in rest]):
                 self._update(group, [(params[rest[j]], states[rest[j]], a, b) for j, a, b in segment], keep,
-                             [corrections[rest[j]] for j, _, _ in segment])
+                             [corrections[j] for j, _, _ in segment])
         return loss
 
-    def _fused_steps(self, group, params, states, indices, keep, corrections) -> set[int]:
-        """Step the parameters the fused kernel takes; returns their positions in `params`. A kernel that fails to
-        build or launch (a Triton or GPU it was not tried on) leaves the rest of this run to the foreach form, with
-        a warning: each parameter is still updated exactly once."""
+    def _fused_steps(self, group, params, states, indices, keep) -> set[int]:
+        """Step the parameters the fused kernel takes, one launch per kind (kahan_kernel.kind); returns their
+        positions in `params`. A kernel that fails to build or launch (a Triton or GPU it was not tried on) leaves
+        the rest of this run to the foreach form, with a warning: each parameter is still updated exactly once."""
         done = set()
+        kinds: dict[tuple, list[int]] = {}
         fusable = [j for j, p in enumerate(params) if self._fusable(p)]
         if not fusable:
             return done
         from vftrain import kahan_kernel  # triton: imported where a step runs on it only
 
+        for j in fusable:
+            kinds.setdefault(kahan_kernel.kind(params[j], states[j]), []).append(j)
+        seed_base = self.rounding_steps * 1_000_003 % 2**31  # + the parameter's index, mod 2^31: its Philox seed
         try:
-            for j in fusable:
-                seed = (self.rounding_steps * 1_000_003 + indices[j]) % 2**31
-                kahan_kernel.step(params[j], states[j], keep, group, seed, *corrections[j])
-                done.add(j)
+            for kind, js in kinds.items():
+                tables = self._tables.setdefault((indices[js[0]], kind), {})
+                kahan_kernel.step([params[j] for j in js], [states[j] for j in js], [indices[j] for j in js], keep,
+                                  group, seed_base, tables)
+                done.update(js)
         except Exception as error:  # noqa: BLE001 - any build or launch failure: the foreach form still works
             self.FUSED_DEVICES = ()
             log.warning("compensated AdamW: the fused step failed (%s); using the foreach step",
@@ -340,10 +348,8 @@ def _scatter(parts: list[torch.Tensor], flat: torch.Tensor, rounding: torch.Gene
 
 def _bias_corrections(states: list[dict], group: dict) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per parameter, on the device: 1 - beta1^step and sqrt(1 - beta2^step) from its float32 step count, as
-    torch's fused AdamW computes them (`_foreach_pow`). Shared by both forms of the step, and not computed in the
-    fused kernel: its exp is the GPU's approximate one, and 1 - exp(step x log beta2) at step 1 (1 - 0.999) lost
-    ~1e-4 of its value to that error (the H200: the first steps' updates differed from the foreach form's).
-    Written into the state by neither: a resume recomputes them from the saved step counts."""
+    torch's fused AdamW computes them (`_foreach_pow`), for the foreach form (the fused kernel works them out in
+    double precision itself). Not written into the state: a resume recomputes them from the saved step counts."""
     beta1, beta2 = group["betas"]
     steps = [s["step"] for s in states]
     bc1, bc2 = torch._foreach_pow(beta1, steps), torch._foreach_pow(beta2, steps)
