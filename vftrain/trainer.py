@@ -31,6 +31,7 @@ from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
+from vftrain.walks import walk
 
 log = logging.getLogger("vftrain")
 
@@ -296,6 +297,7 @@ class VFTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One accumulation slot; a slot split by `micro_batch_tokens` runs its parts back to back, syncing
         gradients (DDP) only after the last part, and only when the Trainer would sync the slot."""
+        walk(model)  # transformers calls model.train() here on every micro-batch: a walk of every module
         parts = inputs.get("micro_batches")
         if parts is None:
             return super().training_step(model, inputs, num_items_in_batch)
@@ -308,6 +310,12 @@ class VFTrainer(Trainer):
             with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
                 loss = loss + super().training_step(model, part, num_items_in_batch)
         return loss
+
+    def _clip_grad_norm(self, model):
+        """transformers' clipping over the parameters listed once (vftrain/walks.py), not `model.parameters()`."""
+        if self.sharded or "_vf_walk" not in vars(model) or self._has_mixed_mesh_grads(model):
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(walk(model).parameters(), self.args.max_grad_norm)
 
     def floating_point_ops(self, inputs) -> int:
         """transformers' estimate for `total_flos` (6 x input tokens x non-embedding parameters), with the parameter
