@@ -297,7 +297,8 @@ class VFTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One accumulation slot; a slot split by `micro_batch_tokens` runs its parts back to back, syncing
         gradients (DDP) only after the last part, and only when the Trainer would sync the slot."""
-        walk(model)  # transformers calls model.train() here on every micro-batch: a walk of every module
+        if not self.sharded:  # FSDP and DeepSpeed wrappers keep their own train() / zero_grad()
+            walk(model)  # transformers calls model.train() here on every micro-batch: a walk of every module
         parts = inputs.get("micro_batches")
         if parts is None:
             return super().training_step(model, inputs, num_items_in_batch)
