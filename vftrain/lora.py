@@ -75,17 +75,22 @@ def lean_forwards(peft_model) -> int:
 
     count = 0
     for module in peft_model.modules():
-        if type(module) is Linear and type(module.base_layer) is torch.nn.Linear:
+        if type(module) is Linear and type(module.base_layer) is torch.nn.Linear and all(
+                hasattr(module, name) for name in _PEFT_STATE):  # a peft that keeps its state elsewhere: its own
             object.__setattr__(module, "forward", types.MethodType(forward, module))
             count += 1
     return count
 
 
+_PEFT_STATE = ("active_adapter", "_disable_adapters", "merged_adapters", "lora_variant", "scaling",
+               "_cast_input_dtype")  # what `forward` reads of peft's layer (peft 0.17-0.21)
+
+
 def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """peft's `lora.Linear.forward` for one active plain adapter (no dropout, variant, merge, per-row adapters or
     hooks on the layers it calls): the same operations in the same order, so the same result bit for bit
-    (tests/test_lora.py); anything else goes to peft's own. Named `forward` so that a pickled model comes back with
-    peft's."""
+    (tests/test_lora_forward.py); anything else goes to peft's own. Named `forward` so that a pickled model comes
+    back with peft's."""
     from peft.tuners.lora import Linear
 
     base, names = self.base_layer, self.active_adapter
