@@ -1,11 +1,9 @@
 """LoRA adapters beyond peft's own setup: an adapter folder's adapter trained on or merged, adapters attached through
-transformers refused, the adapters' dtype (kept in the bf16 base's where the optimizer keeps their updates), and
-peft's adapted linear layers run in fewer Python calls."""
+transformers refused, and the adapters' dtype (kept in the bf16 base's where the optimizer keeps their updates)."""
 
 from __future__ import annotations
 
 import logging
-import types
 
 import torch
 
@@ -62,47 +60,3 @@ def adapters_in_base_dtype(peft_model) -> None:
 def adapter_dtype(peft_model):
     """The dtype of the active adapter's trainable weights (None when it has none)."""
     return next((p.dtype for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad), None)
-
-
-def lean_forwards(peft_model) -> int:
-    """peft's LoRA linears over a plain `nn.Linear` run `forward` below (an instance attribute; the class and other
-    models are untouched); returns how many. Why: peft's forward calls four modules (base layer, dropout, A, B)
-    through `nn.Module.__call__` and checks its arguments and the adapter's state at each of the ~200 adapted
-    linears of a 7B model, on every forward, and a 7B LoRA step at 4k-token micro-batches waits for the host
-    (benchmarks/RESULTS.md, session 34): this forward saves 48 us of forward + backward per adapted linear on the
-    development CPU (benchmarks/module_walks.py)."""
-    from peft.tuners.lora import Linear
-
-    count = 0
-    for module in peft_model.modules():
-        if type(module) is Linear and type(module.base_layer) is torch.nn.Linear and all(
-                hasattr(module, name) for name in _PEFT_STATE):  # a peft that keeps its state elsewhere: its own
-            object.__setattr__(module, "forward", types.MethodType(forward, module))
-            count += 1
-    return count
-
-
-_PEFT_STATE = ("active_adapter", "_disable_adapters", "merged_adapters", "lora_variant", "scaling",
-               "_cast_input_dtype")  # what `forward` reads of peft's layer (peft 0.17-0.21)
-
-
-def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft's `lora.Linear.forward` for one active plain adapter (no dropout, variant, merge, per-row adapters or
-    hooks on the layers it calls): the same operations in the same order, so the same result bit for bit
-    (tests/test_lora_forward.py); anything else goes to peft's own. Named `forward` so that a pickled model comes
-    back with peft's."""
-    from peft.tuners.lora import Linear
-
-    base, names = self.base_layer, self.active_adapter
-    name = names if isinstance(names, str) else names[0] if len(names) == 1 else None
-    modules = self._modules
-    lora_a, lora_b, dropout = (modules[key]._modules.get(name) for key in ("lora_A", "lora_B", "lora_dropout"))
-    if (args or kwargs or self._disable_adapters or self.merged_adapters or lora_a is None
-            or type(dropout) is not torch.nn.Identity or name in self.lora_variant
-            or any(m._forward_hooks or m._forward_pre_hooks for m in (base, lora_a, lora_b))):
-        return Linear.forward(self, x, *args, **kwargs)
-    result = torch.nn.functional.linear(x, base.weight, base.bias)
-    x = self._cast_input_dtype(x, lora_a.weight.dtype)
-    lora = torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a.weight, lora_a.bias), lora_b.weight,
-                                      lora_b.bias)
-    return (result + lora * self.scaling[name]).to(result.dtype)

@@ -25,7 +25,7 @@ from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
 from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
-from vftrain.lora import adapters_in_base_dtype, continue_or_merge, lean_forwards, refuse_attached_adapter
+from vftrain.lora import adapters_in_base_dtype, continue_or_merge, refuse_attached_adapter
 from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
@@ -86,8 +86,6 @@ class VFTrainer(Trainer):
             self.fresh_adapter = model.peft_config[model.active_adapter].init_lora_weights in (True, "gaussian")
         if args.use_lora and args.master_weights:
             adapters_in_base_dtype(model)
-        if args.use_lora:
-            lean_forwards(model)
         if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         return model

@@ -2,45 +2,52 @@
 `model.zero_grad()` and gradient clipping over `model.parameters()` on every step (transformers' training loop).
 
 Why: each call walks the whole module tree in Python. A Qwen2.5-7B LoRA model has 2,333 modules and 731 parameters;
-on the development CPU `train()` took 6.6 ms, `zero_grad()` 2.7 ms and clipping 3.1 ms, and the H200's host spent
-~10 ms in each (benchmarks/RESULTS.md, session 34), on steps where the GPU already waits for the host. Here the
-modules and parameters are listed once and listed again whenever any module anywhere registers a submodule or a
-parameter (torch's global registration hooks: peft adding an adapter, a model being built). `train(mode)` changes
-nothing when every listed module is already in `mode`, which is the case on all but the first micro-batch after an
-`eval()`; otherwise it is the module's own `train`. So every result is the one the full walk gives.
+on the development CPU `train()` took 6.2 ms, `zero_grad()` 4.1 ms and clipping 5.0 ms, and the H200's host spent
+~20 ms in each (benchmarks/RESULTS.md, session 34), on steps where the GPU already waits for the host. Here the
+modules and parameters are listed once, and listed again whenever a module of the model registers a submodule or a
+parameter (torch's global registration hooks: peft adding an adapter, a layer replaced). Registrations into modules
+outside the model do not count: transformers' decoder forward slices its ModuleList of layers, which builds a new
+ModuleList and registers every layer into it, on every forward. `train(mode)` changes nothing when every listed
+module is already in `mode`, as on all but the first micro-batch after an `eval()`; otherwise it is the module's own
+`train`. So every result is the one the full walk gives (a module deleted from the model stays listed: its mode
+does not matter, and its gradient stays None).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch.nn.modules.module import register_module_module_registration_hook, \
     register_module_parameter_registration_hook
 
-_registrations = 0  # how many submodules and parameters have been registered on any module, in this process
+_walks: weakref.WeakSet = weakref.WeakSet()  # every ModuleWalk alive
 
 
-def _count(*_args) -> None:
-    global _registrations
-    _registrations += 1
+def _registered(parent: torch.nn.Module, *_args) -> None:
+    for listed in _walks:
+        if id(parent) in listed.ids:
+            listed.ids = set()  # listed again at its next use
 
 
-register_module_module_registration_hook(_count)
-register_module_parameter_registration_hook(_count)
+register_module_module_registration_hook(_registered)
+register_module_parameter_registration_hook(_registered)
 
 
 class ModuleWalk:
-    """`model`'s modules and parameters as lists, renewed after any registration."""
+    """`model`'s modules and parameters as lists, renewed after a registration into one of its modules."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.seen = -1
+        self.ids: set[int] = set()  # the listed modules' ids; empty: to be listed
         self.modules: list[torch.nn.Module] = []
         self.params: list[torch.nn.Parameter] = []
+        _walks.add(self)
 
     def _current(self) -> None:
-        if self.seen != _registrations:
+        if not self.ids:
             self.modules, self.params = list(self.model.modules()), list(self.model.parameters())
-            self.seen = _registrations
+            self.ids = {id(m) for m in self.modules}
 
     def train(self, mode: bool = True) -> torch.nn.Module:
         self._current()
