@@ -135,21 +135,19 @@ def step(params: list[torch.Tensor], states: list[dict], indices: list[int], kee
 
 
 def _tables(params, states, indices, device, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """The address table (int64, _ROW per tensor) and the (tensor, chunk) pairs (int32), from `cache` when every
-    tensor is where it was."""
+    """The address table (int64, _ROW per tensor) and the (tensor, chunk) pairs (int32): the ones in `cache` (this
+    launch's last) while every tensor is where it was, else new ones, kept there."""
     rows = []
     for p, s, index in zip(params, states, indices):
         c = s.get("compensation", p)
         rows.append((p.data_ptr(), c.data_ptr(), p.grad.data_ptr(), s["exp_avg"].data_ptr(),
                      s["exp_avg_sq"].data_ptr(), s["step"].data_ptr(), p.numel(), index))
-    key = tuple(rows)
-    if key not in cache:
-        cache.clear()  # one kind's tables per cache: the addresses of the last step are the ones to keep
+    if cache.get("rows") != rows:
         counts = [triton.cdiv(p.numel(), CHUNK) for p in params]
         chunks = [(t, i) for t, count in enumerate(counts) for i in range(count)]
-        cache[key] = (_upload(torch.tensor(rows, dtype=torch.int64), device),
-                      _upload(torch.tensor(chunks, dtype=torch.int32), device))
-    return cache[key]
+        cache.update(rows=rows, tables=(_upload(torch.tensor(rows, dtype=torch.int64), device),
+                                        _upload(torch.tensor(chunks, dtype=torch.int32), device)))
+    return cache["tables"]
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -153,7 +153,7 @@ class CompensatedAdamW(torch.optim.Optimizer):
         # this count of steps and the parameter's index, the element).
         self.rounding = None
         self.rounding_steps = 0
-        self._tables: dict = {}  # the fused kernel's device tables, per launch (kahan_kernel._tables)
+        self._tables: dict = {}  # per launch: its last device tables (kahan_kernel._tables)
 
     @classmethod
     def replacing(cls, optimizer: torch.optim.Optimizer, moments: torch.dtype) -> "CompensatedAdamW":
@@ -208,12 +208,12 @@ class CompensatedAdamW(torch.optim.Optimizer):
         positions in `params`. A kernel that fails to build or launch (a Triton or GPU it was not tried on) leaves
         the rest of this run to the foreach form, with a warning: each parameter is still updated exactly once."""
         done = set()
-        kinds: dict[tuple, list[int]] = {}
         fusable = [j for j, p in enumerate(params) if self._fusable(p)]
         if not fusable:
             return done
         from vftrain import kahan_kernel  # triton: imported where a step runs on it only
 
+        kinds: dict[tuple, list[int]] = {}
         for j in fusable:
             kinds.setdefault(kahan_kernel.kind(params[j], states[j]), []).append(j)
         seed_base = self.rounding_steps * 1_000_003 % 2**31  # + the parameter's index, mod 2^31: its Philox seed
