@@ -196,7 +196,9 @@ def measure(args):
         atexit.register(shutil.rmtree, output_dir, ignore_errors=True)
     config = vf.SFTConfig(
         output_dir=output_dir, max_steps=args.steps,
-        batch_size=mbs * world * args.ga, micro_batch_size=mbs, **engine,
+        batch_size=args.batch or mbs * world * args.ga,
+        # --batch with a budget and no --mbs: micro_batch_size left to vftrain (one slot per process, filled forwards)
+        micro_batch_size=None if args.batch and args.micro_batch_tokens and not args.mbs else mbs, **engine,
         max_seq_len=max(args.seq, MIXES[args.mix]["max_len"]), bf16=None if args.default else cuda, learning_rate=args.lr, logging_steps=1 if args.metrics_dir
         else 10, save_strategy="steps" if args.save_steps or args.save_at else "no",
         save_steps=args.save_at or args.save_steps or 500,
@@ -252,7 +254,8 @@ def measure(args):
                adapter_dtype=str(adapter_dtype(trainer.model)).replace("torch.", "") if args.lora else None,
                attn=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation, gc=args.gc,
                liger=config.use_liger if config.use_liger is not None else liger_applies(model), compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
-               mbs=mbs, seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
+               mbs=config.micro_batch_size, batch=config.batch_size, forwards_per_step=round(meter.micro_batches / max(
+                   args.steps - args.warmup, 1), 2), seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
                tokens_per_micro_batch=round(real / max(meter.micro_batches, 1)),
                real_tok_s=round(real / dt), trained_tok_s=round(trained / dt),
@@ -489,6 +492,8 @@ def main():
     ap.add_argument("--no-master", action="store_true", help="master_weights = false: pure bf16 AdamW")
     ap.add_argument("--master-weights", default=None, choices=("true", "false", "kahan", "kahan-bf16"),
                     help="master_weights = this (also with --default)")
+    ap.add_argument("--batch", type=int, default=0, help="rows per optimizer step, all processes (default: --mbs x "
+                    "processes x --ga); with --micro-batch-tokens and no --mbs, micro_batch_size is left unset")
     ap.add_argument("--micro-batch-tokens", type=int, default=0, help="micro_batch_tokens (also with --default; "
                     "bounds the memory estimate's tokens per micro-batch)")
     ap.add_argument("--metrics-dir", default=None, help="output_dir, with a loss line every step in its "
@@ -522,7 +527,7 @@ def main():
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one arch in-process
     args = ap.parse_args()
     if args.tiny:
-        args.steps, args.warmup, args.seq, args.mbs = 3, 1, TINY_LEN, args.mbs or 4
+        args.steps, args.warmup, args.seq, args.mbs = 3, 1, TINY_LEN, args.mbs or (None if args.batch else 4)
         args.arch = ["qwen0.5b"]  # only names the run; the tiny shape is used
 
     if args.child:
@@ -549,6 +554,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", arch, "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--seq", str(args.seq), "--attn", args.attn, "--mix", args.mix]
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
+        cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--master-weights", args.master_weights] if args.master_weights else []
         cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []
         cmd += ["--card-gib", str(args.card_gib)] if args.card_gib else []

@@ -289,3 +289,18 @@ def test_fsdp_writes_sharded_resume_state_unless_told(given, save_only_model, ex
     config = _fsdp_config_with_defaults(given, save_only_model)
     assert config.get("state_dict_type") == expected
     assert config["cpu_ram_efficient_loading"] is True
+
+
+@pytest.mark.parametrize("fields, micro, accumulation", [
+    (dict(), 8, 8),  # 64 rows per step in slots of 8
+    (dict(micro_batch_tokens=4096), 64, 1),  # one slot, packed into the fewest forwards of at most 4,096 tokens
+    (dict(micro_batch_tokens=4096, batch_size=32), 32, 1),
+    (dict(micro_batch_tokens=4096, micro_batch_size=4), 4, 16),  # an explicit micro_batch_size is honoured
+])
+def test_sft_micro_batch_under_a_token_budget(tmp_path, fields, micro, accumulation):
+    from vftrain.config_checks import filled_micro_batch
+
+    cfg = vf.SFTConfig(output_dir=str(tmp_path), **fields)
+    assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (micro, accumulation)
+    assert "micro_batch_size" not in cfg.given_fields or "micro_batch_size" in fields  # config.toml keeps "unset"
+    assert filled_micro_batch(True, 4096, 64, 2) == 32  # each process's share on two processes

@@ -30,7 +30,7 @@ def _dataset(tmp_path) -> str:
     return write_jsonl(tmp_path / "data.jsonl", [r for pair in zip(rows, [easy] * 128) for r in pair])
 
 
-def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False):
+def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False, timeout=600):
     env = worker_env()  # CPU processes over gloo, also where a GPU is
     port = str(29500 + os.getpid() % 1000)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -41,11 +41,11 @@ def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=Fa
                     port]
     program = [str(ROOT / "tests" / "cpu_fsdp.py")] if fsdp else ["-m", "vftrain.cli.sft"]
     return subprocess.run([*launcher, *program, *ARGS, *extra, "--dataset", data, "--sft.output_dir", str(out_dir)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _train(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False):
-    proc = _run(out_dir, processes, data, extra, fsdp, accelerate)
+def _train(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False, timeout=600):
+    proc = _run(out_dir, processes, data, extra, fsdp, accelerate, timeout)
     assert proc.returncode == 0, proc.stderr[-6000:]  # the rank's own message comes before torchrun's report
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r], proc.stdout
@@ -115,6 +115,37 @@ def test_fsdp2_matches_one_process_saves_and_resumes(tmp_path, reference):
     assert [r["step"] for r in resumed[-3:]] == [4, 5, 6]
     for a, b in zip(two[3:], resumed[-3:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+
+
+def test_fsdp2_runs_every_forward_when_a_budget_splits_the_ranks_unevenly(tmp_path):
+    """A token budget splits each rank's micro-batch into its own number of forwards; under FSDP2 every rank must
+    take part in every forward, so the rank with fewer repeats one weighed 0. Before, the run hung on the first
+    uneven step. The curve and the token counts are the 1-process run's."""
+    import datasets
+    import numpy as np
+
+    import vftrain as vf
+    from vftrain.data import tokenize_dataset
+    from vftrain.data.load import data_seed
+    from vftrain.data.pack import plan_epoch, split_by_tokens
+
+    rows = addition_rows(128)
+    for i, row in enumerate(rows):  # prompts of four lengths: the ranks' micro-batches split differently
+        row["prompt"][0]["content"] += " pad" * (0, 5, 20, 45)[i * 7 % 4]
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    budget = ("--sft.max_seq_len", "256", "--sft.micro_batch_tokens", "300")
+    config = vf.SFTConfig(output_dir=str(tmp_path / "plan"), batch_size=32, micro_batch_size=4, max_seq_len=256)
+    lengths = tokenize_dataset(datasets.load_dataset("json", data_files=data, split="train"),
+                               vf.get_model_and_tokenizer(TINY)[1], 256, "drop", None, "train", False)[0].lengths
+    plan = plan_epoch(lengths, 32, 8, True, data_seed(config), 0)
+    forwards = np.array([len(split_by_tokens([int(lengths[r]) for r in rows], 300)) for rows in plan[:32]])
+    # The premise: a step whose last micro-batch (where gradients are reduced) splits differently on the two ranks
+    assert (forwards.reshape(4, 8)[:, 6] != forwards.reshape(4, 8)[:, 7]).any()
+
+    one, _ = _train(tmp_path / "one", 1, data, budget)
+    two, _ = _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *budget), fsdp=True, timeout=300)
+    _assert_same_curve(one, two)
+    assert [r["tokens"] for r in two] == [r["tokens"] for r in one]  # the repeated forwards count nothing
 
 
 def _checkpointing(every: int) -> tuple[str, ...]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,14 +59,19 @@ def test_eval_loss_on_two_processes_counts_each_row_once(tmp_path):
 
 
 @pytest.mark.parametrize("lockstep", [False, True])
-def test_eval_batches_give_each_row_to_one_process(lockstep):
+@pytest.mark.parametrize("budget", [None, 20])
+def test_eval_batches_give_each_row_to_one_process(lockstep, budget):
     """Over any number of processes every row is counted exactly once; with sharded weights (lockstep) every
-    process runs as many forwards, the extra ones not counted."""
+    process runs as many forwards, the extra ones not counted; a token budget caps every micro-batch's tokens."""
     from vftrain.data.pack import eval_batches
 
+    lengths = np.array([10, 3, 12, 7] * (EVAL_ROWS // 4) + [5] * (EVAL_ROWS % 4))
     for world in (1, 2, 3, 5, 20):
-        shares = [eval_batches(EVAL_ROWS, 2, rank, world, lockstep) for rank in range(world)]
+        shares = [eval_batches(lengths, 3, rank, world, lockstep, budget) for rank in range(world)]
         counted = sorted(row for batches, n in shares for batch in batches[:n] for row in batch)
         assert counted == list(range(EVAL_ROWS)), world
+        assert max(len(b) for batches, _ in shares for b in batches) == (3 if budget is None else 2)
+        if budget is not None:
+            assert max(lengths[b].sum() for batches, _ in shares for b in batches) <= budget
         if lockstep:
             assert len({len(batches) for batches, _ in shares}) == 1

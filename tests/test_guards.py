@@ -132,3 +132,12 @@ def test_out_of_memory_saves_the_finished_steps_and_names_the_knobs(tmp_path, mo
                             args=small_config(tmp_path, max_steps=4, micro_batch_size=4))
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 4
+
+
+def test_out_of_memory_under_a_budget_names_the_budget_not_micro_batch_size(tmp_path):
+    """Under micro_batch_tokens a forward is sized by the budget (micro_batch_size may be a whole step's rows)."""
+    from vftrain.guards import oom_message
+
+    message = oom_message(vf.SFTConfig(output_dir=str(tmp_path), micro_batch_tokens=4096), step=2)
+    assert "lower micro_batch_tokens (now 4096)" in message and "micro_batch_size" not in message
+    assert "lower micro_batch_size (now 8" in oom_message(vf.SFTConfig(output_dir=str(tmp_path)), step=2)

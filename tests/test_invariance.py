@@ -47,6 +47,42 @@ def test_same_update_for_any_micro_batch_split(tmp_path, packing, split):
     assert max(float(g.abs().max()) for g in grads_a.values()) > 1e-3  # the step really moved the weights
 
 
+def test_a_budget_without_micro_batch_size_packs_the_fewest_forwards(tmp_path):
+    """micro_batch_tokens with micro_batch_size unset: each process's share of the step is one slot, packed into the
+    fewest forwards of at most the budget (best-fit decreasing over all its rows), where 4-row slots each split on
+    their own run more; the update is the one of a single unbudgeted forward."""
+    import datasets
+
+    import vftrain as vf
+    from vftrain.data.pack import split_by_tokens
+
+    rows = addition_rows(16)
+    for i, r in enumerate(rows):
+        r["completion"][0]["content"] = r["completion"][0]["content"] * (1 + i % 4)
+
+    class Counting(vf.SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.forwards = getattr(self, "forwards", 0) + len(inputs.get("micro_batches") or [inputs])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def step(name, **split):
+        cfg = small_config(tmp_path / name, max_steps=1, batch_size=16, optim="sgd", learning_rate=1.0,
+                           warmup_steps=0, max_grad_norm=0.0, **split)
+        trainer = Counting(model=TINY, train_dataset=datasets.Dataset.from_list(rows), args=cfg)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        return trainer, {n: before[n] - p.detach() for n, p in trainer.model.named_parameters()}
+
+    filled, grads = step("filled", micro_batch_size=None, micro_batch_tokens=96)
+    assert (filled.args.micro_batch_size, filled.args.gradient_accumulation_steps) == (16, 1)
+    assert filled.forwards == len(split_by_tokens(filled.train_rows.lengths.tolist(), 96))
+    four, _ = step("four", micro_batch_size=4, micro_batch_tokens=96)
+    assert four.forwards > filled.forwards
+    _, whole = step("whole", micro_batch_size=16)
+    for name in whole:
+        torch.testing.assert_close(grads[name], whole[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_packed_update_equals_padded_update(tmp_path):
     loss_a, grads_a = _one_step(tmp_path / "a", _rows(), micro_batch_size=2, packing=True)
     loss_b, grads_b = _one_step(tmp_path / "b", _rows(), micro_batch_size=2, packing=False)

@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
                                     _check_late_failures, _cuda, _fsdp_config_with_defaults, _integer, _jsonable,
-                                    _reporting_integrations, budgeted_micro_batch)
+                                    _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")
@@ -122,8 +122,11 @@ class TrainerConfig(TrainingArguments):
                                     "continues that run instead.")
     # ---- batch shape
     batch_size: int = _f(64, "Sequences per optimizer step, summed over all processes.")
-    micro_batch_size: int = _f(8, "Sequences per process per forward pass (with packing: on average; micro-batches "
-                               "are balanced by tokens).")
+    micro_batch_size: int | None = _f(None, "Sequences per process per forward pass (with packing: on average; "
+                                      "micro-batches are balanced by tokens). None: 8, or with micro_batch_tokens "
+                                      "this process's whole share of batch_size, packed into as few forwards of at "
+                                      "most micro_batch_tokens as fit (full forwards: a forward costs the host about "
+                                      "the same whatever its tokens).")
     max_seq_len: int = _f(2048, "Longest tokenized row, in tokens; longer rows follow `long_rows`.")
     packing: bool = _f(True, "Pack rows (RL: rollouts) into token-balanced micro-batches with attention kept inside "
                        "each row; False pads each micro-batch to its longest row (cheaper on CPU for short rows, "
@@ -308,7 +311,12 @@ class TrainerConfig(TrainingArguments):
         """Most tokens one row can have (what a micro-batch is sized by)."""
         return self.max_seq_len
 
+    def _default_micro_batch(self) -> int:
+        return filled_micro_batch(self.packing, self.micro_batch_tokens, self.batch_size, launch_world_size())
+
     def _validate_choices(self):
+        if self.micro_batch_size is None:  # resolved first: every later check and the accumulation read it
+            self.micro_batch_size = self._default_micro_batch()
         for f in dataclasses.fields(self):
             choices = f.metadata.get("vf_choices") or _TRANSFORMERS_CHOICES.get(f.name)
             value = getattr(self, f.name)
@@ -529,11 +537,9 @@ class RLConfig(TrainerConfig):
         """Most tokens one rollout can have: prompt and completion, or max_seq_len for multi-turn environments."""
         return self.max_seq_len if self.env else self.max_prompt_len + self.max_new_tokens
 
-    def _validate_choices(self):
-        if self.micro_batch_size is None:  # resolved first: every later check and the accumulation read it
-            self.micro_batch_size = budgeted_micro_batch(self.packing, self.longest_row(), self.micro_batch_tokens
-                                                         or RL_MICRO_BATCH_TOKENS, self.batch_size, launch_world_size())
-        super()._validate_choices()
+    def _default_micro_batch(self) -> int:
+        return budgeted_micro_batch(self.packing, self.longest_row(), self.micro_batch_tokens or RL_MICRO_BATCH_TOKENS,
+                                    self.batch_size, launch_world_size())
 
     def _validate_rl(self):
         world = launch_world_size()

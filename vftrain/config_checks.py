@@ -191,3 +191,17 @@ def budgeted_micro_batch(packing: bool, longest: int, budget: int, batch_size: i
     share = batch_size // world
     fit = max(1, budget // longest)
     return max((d for d in range(1, min(fit, share) + 1) if share % d == 0), default=1)
+
+
+def filled_micro_batch(packing: bool, budget: int | None, batch_size: int, world: int) -> int:
+    """SFT's default micro_batch_size: 8 rows, or under a token budget (packing) this process's whole share of the
+    step in one accumulation slot, which the collator packs into the fewest forwards of at most `budget` tokens
+    (`pack.split_by_tokens`). Slots of 8 rows, each split on its own, leave forwards part-empty: at 4,096 tokens a
+    step of 64 rows (the throughput benchmark's mix) ran 16 forwards of ~2.5k tokens where 10 of ~3.9k hold them,
+    and on an H200 a 7B LoRA forward cost about the same at either size (benchmarks/RESULTS.md, session 35).
+    Invalid numbers are left to the checks after this (1 here)."""
+    if not packing or budget is None:
+        return 8
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (budget, batch_size)):
+        return 1
+    return max(1, batch_size // world)

@@ -235,7 +235,9 @@ class OutOfMemory(VFTrainError):
 
 def oom_message(args, step: int, saved: str | None = None) -> str:
     """What to turn when optimizer step `step + 1` does not fit in GPU memory (and where the run was saved)."""
-    knobs = [f"lower micro_batch_size (now {args.micro_batch_size} rows per forward)"]
+    knobs = []
+    if not args.micro_batch_tokens:  # under a budget the budget, not micro_batch_size, sizes a forward
+        knobs.append(f"lower micro_batch_size (now {args.micro_batch_size} rows per forward)")
     if args.packing:
         knobs.append(f"lower micro_batch_tokens (now {args.micro_batch_tokens})" if args.micro_batch_tokens else
                      f"set micro_batch_tokens (a hard cap on tokens per forward, at least max_seq_len = "

@@ -31,12 +31,13 @@ from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
+from vftrain.sampling.held_out import HeldOutGenerations
 from vftrain.walks import walk
 
 log = logging.getLogger("vftrain")
 
 
-class VFTrainer(Trainer):
+class VFTrainer(HeldOutGenerations, Trainer):
     """Base of SFTTrainer and RLTrainer. Subclasses load their data, call `super().__init__` with the model from
     `_load_model`, then `_setup_run()`; they implement `compute_loss` and `get_batch_samples`."""
 
@@ -300,17 +301,46 @@ class VFTrainer(Trainer):
         if not self.sharded:  # FSDP and DeepSpeed wrappers keep their own train() / zero_grad()
             walk(model)  # transformers calls model.train() here on every micro-batch: a walk of every module
         parts = inputs.get("micro_batches")
-        if parts is None:
+        real, idle = parts or [inputs], 0
+        if self.sharded and self.args.micro_batch_tokens:
+            # Sharded weights: every process must run every forward (FSDP gathers each layer's weights from all
+            # of them), but a token budget splits each process's slot into its own number of forwards; a process
+            # with fewer repeats its last one, weighed 0. Before this a 2-process FSDP run hung on its first such
+            # slot (tests/test_distributed.py). Agreeing reads the count back: one host sync per slot, sharded runs
+            # only.
+            idle = self._most_forwards(len(real)) - len(real)
+        if parts is None and not idle:
             return super().training_step(model, inputs, num_items_in_batch)
+        runs = [(part, False) for part in real] + [(real[-1], True)] * idle
         # A slot the Trainer does not sync already runs inside no_sync; entering it again would turn syncing back
         # on at exit under FSDP2 (accelerate's FSDP2 no_sync does not restore the previous setting).
         sync_slot = self.accelerator.sync_gradients
         loss = 0.0
-        for i, part in enumerate(parts):
-            defer = sync_slot and i < len(parts) - 1
+        for i, (part, repeat) in enumerate(runs):
+            defer = sync_slot and i < len(runs) - 1
             with self.accelerator.no_sync(model) if defer else contextlib.nullcontext():
-                loss = loss + super().training_step(model, part, num_items_in_batch)
+                if repeat:
+                    self._idle_forward(model, part, num_items_in_batch)
+                else:
+                    loss = loss + super().training_step(model, part, num_items_in_batch)
         return loss
+
+    def _most_forwards(self, mine: int) -> int:
+        count = torch.tensor([mine], device=self.args.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        return int(count.item())
+
+    def _idle_forward(self, model, part: dict, num_items_in_batch) -> None:
+        """`part` (already trained in this slot) through the same training step again, so that the sharded
+        engine's gathers and reductions match the other processes' (RL's reference forward included), with its
+        loss multiplied by 0 and its metrics dropped: it adds zero gradients and nothing to the logs."""
+        stats, self.stats = self.stats, _Dropped()
+        self.compute_loss = lambda *args, **kwargs: type(self).compute_loss(self, *args, **kwargs) * 0
+        try:
+            super().training_step(model, part, num_items_in_batch)
+        finally:
+            self.stats = stats
+            del self.compute_loss
 
     def _clip_grad_norm(self, model):
         """transformers' clipping over the parameters listed once (vftrain/walks.py), not `model.parameters()`."""
@@ -507,83 +537,9 @@ class VFTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return merged
 
-    # ---- generation
-    def evaluate_generations(self, rows: list[dict] | None = None, max_new_tokens: int | None = None,
-                             save: bool = True) -> dict:
-        """Greedy completions for `rows` (raw rows; default: the first `eval_generation_rows` held-out rows, all of
-        them when it is 0), scored by exact match against their references: {"accuracy", "n", "examples" (the first
-        three), "generations", "path"}. RL also scores them with the run's reward functions and weights, as its
-        rollouts are ("reward", its mean; "reward_funcs", each function's mean; the rows read as RL reads them: the
-        reference is `answer`, `reference` or the completion), since a custom reward is what the run maximises; SFT
-        keeps exact match against the completion. With `save` the main process writes every generation to
-        `<output_dir>/held_out-step<N>.json` and logs `eval/held_out_accuracy` (and `eval/held_out_reward`) to
-        metrics.jsonl and report_to. With sharded weights every process must call this (they generate in
-        lockstep), and so must they before train() when `save` (the first write claims output_dir: `start_run`)."""
-        from vftrain.data.load import plain_row
-        from vftrain.logging import write_held_out
-        from vftrain.rewards import exact_match
-        from vftrain.sampling import prompt_and_reference
-        from vftrain.sampling.embedded import generate
 
-        if rows is None:
-            held = getattr(self, "raw_eval", None)
-            if held is None:
-                raise ConfigError("evaluate_generations() needs held-out rows: set eval_split or eval_size (or "
-                                  "pass eval_dataset), or pass rows")
-            count = min(self.args.eval_generation_rows or len(held), len(held))
-            rows = [plain_row(held[i], held.features) for i in range(count)]
-        if save and not self.run_started:
-            self.start_run(self.resume_point())
-        rewards = self._run_rewards()
-        pairs = [_prompt_and_answer(r) if rewards else prompt_and_reference(r) for r in rows]
-        model = self.accelerator.unwrap_model(self.model)
-        completions = generate(model, self.processing_class, [p for p, _ in pairs],
-                               max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
-        scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
-        result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "path": None,
-                  "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])],
-                  "generations": [{"prompt": p if isinstance(p, str) else p.messages, "completion": c,
-                                   "reference": ref, "exact_match": s}
-                                  for (p, ref), c, s in zip(pairs, completions, scores)]}
-        if rewards:
-            self._score_held_out(result, rewards, rows, pairs, completions)
-        if save:
-            if self.args.should_save:
-                result["path"] = write_held_out(self.args.output_dir, self.state.global_step, result)
-            reward = {"eval/held_out_reward": result["reward"]} if rewards else {}
-            self.log({"eval/held_out_accuracy": result["accuracy"], **reward, "eval/held_out_rows": result["n"]})
-        return result
+class _Dropped:
+    """Metrics that go nowhere: any `add*` call is accepted and forgotten (`VFTrainer._idle_forward`)."""
 
-    def _run_rewards(self) -> dict | None:
-        """RL's reward functions ({name: Reward}); None for SFT, and for an environment's run (its rewards score
-        episodes, not single completions)."""
-        from vftrain.rewards import Reward
-
-        funcs = getattr(self, "reward_funcs", None)
-        return funcs if funcs and all(isinstance(f, Reward) for f in funcs.values()) else None
-
-    def _score_held_out(self, result: dict, rewards: dict, rows, pairs, completions) -> None:
-        """Add the run's weighted reward ("reward") and each function's mean ("reward_funcs") to `result`, and
-        each generation's reward, scored with the inputs rollouts are scored with (`RLTrainer._scored_rollouts`)."""
-        from vftrain.rewards import reward_columns, score
-
-        encode = self.processing_class.encode
-        total, per_func = score(rewards, self.args.reward_weights, list(completions), [ref for _, ref in pairs],
-                                prompts=[p if isinstance(p, str) else p.messages for p, _ in pairs],
-                                rows=[reward_columns(r) for r in rows], trainer_state=self.state,
-                                completion_ids=[encode(c, add_special_tokens=False) for c in completions])
-        result["reward"] = float(total.mean()) if len(total) else 0.0
-        result["reward_funcs"] = {name: float(v.mean()) if len(v) else 0.0 for name, v in per_func.items()}
-        for generation, value in zip(result["generations"], total):
-            generation["reward"] = float(value)
-
-
-def _prompt_and_answer(row: dict):
-    """(prompt, reference) of an RL row as rollouts read it (`rl.rollouts.prompt_and_answer`): a `ChatPrompt` with
-    the row's tools, or a string."""
-    from vftrain.data.render import parse_tools
-    from vftrain.rl.rollouts import prompt_and_answer
-    from vftrain.sampling import ChatPrompt
-
-    prompt, reference, tools = prompt_and_answer(row)
-    return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), parse_tools(tools))), reference
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

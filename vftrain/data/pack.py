@@ -79,16 +79,24 @@ def plan_epoch(lengths: np.ndarray, batch_size: int, num_micro_batches: int, pac
     return plan
 
 
-def eval_batches(num_rows: int, micro_batch_size: int, rank: int, world_size: int,
-                 lockstep: bool) -> tuple[list[list[int]], int]:
-    """This process's evaluation micro-batches (runs of consecutive rows) and how many of the first ones count.
+def eval_batches(lengths: np.ndarray, micro_batch_size: int, rank: int, world_size: int, lockstep: bool,
+                 budget: int | None = None) -> tuple[list[list[int]], int]:
+    """This process's evaluation micro-batches (runs of consecutive rows: at most `micro_batch_size` rows and, where
+    set, `budget` tokens) and how many of the first ones count.
 
     Micro-batches go round-robin to the processes, each row to exactly one (accelerate's even-batch sharding would
     repeat rows so that every process gets as many, and the repeats would weigh in the eval loss). With
     `lockstep` (sharded weights: every process must take part in every forward) a process short of batches runs
     copies of the first one, which do not count.
     """
-    everything = [list(range(i, min(i + micro_batch_size, num_rows))) for i in range(0, num_rows, micro_batch_size)]
+    everything, run, tokens = [], [], 0
+    for i, n in enumerate(np.asarray(lengths).tolist()):
+        if run and (len(run) == micro_batch_size or (budget is not None and tokens + n > budget)):
+            everything.append(run)
+            run, tokens = [], 0
+        run.append(i)
+        tokens += n
+    everything += [run] if run else []
     mine = everything[rank::world_size]
     counted = len(mine)
     if lockstep and everything:

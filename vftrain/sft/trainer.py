@@ -110,8 +110,9 @@ class SFTTrainer(VFTrainer):
         """This process's share of the eval rows, each row on one process (`data.pack.eval_batches`). Not passed
         through accelerate, whose even-batch sharding repeats rows; `prediction_step` moves batches to the device."""
         rows = eval_dataset if eval_dataset is not None else self.eval_rows
-        batches, counted = eval_batches(len(rows), self.args.micro_batch_size, self.args.process_index,
-                                        self.args.world_size, lockstep=self.sharded)
+        batches, counted = eval_batches(rows.lengths, self.args.micro_batch_size, self.args.process_index,
+                                        self.args.world_size, lockstep=self.sharded,
+                                        budget=self.args.micro_batch_tokens)
         loader = self._loader(rows, batches, self.eval_collator)
         loader.counted = counted  # read by evaluation_loop: the micro-batches after these are lockstep copies
         return loader
