@@ -174,9 +174,14 @@ def test_default_run_on_a_small_card_turns_on_the_lean_paths(tmp_path, monkeypat
     monkeypatch.setattr(memory, "card_bytes", small)
     tight = _trainer(tmp_path / "c")
     assert tight.args.lean_mlp is True and tight.args.gradient_checkpointing is True
+    # as few layers checkpointed as fit: here layer 0 of 2 (layer 1 keeps its activations, and is not recomputed)
+    assert tight.args.gradient_checkpointing_kwargs == {"every_n_layers": 2}
     kept = _trainer(tmp_path / "d", lean_mlp=False, gradient_checkpointing=True)
     assert kept.args.lean_mlp is False and kept.args.gradient_checkpointing is True
     tight.train()  # and the chosen settings train
+    assert [layer.gradient_checkpointing for layer in tight.model.model.layers] == [True, False]
+    given = _trainer(tmp_path / "e", gradient_checkpointing_kwargs={"every_n_layers": 1})
+    assert given.args.gradient_checkpointing_kwargs == {"every_n_layers": 1}  # the user's choice is kept
 
 
 def test_cpu_run_needs_no_estimate(tmp_path):
@@ -271,8 +276,15 @@ def test_the_issues_7b_runs_on_an_80gb_card():
     auto = ("lean_mlp", "gradient_checkpointing")
     lora = Plan(tokens=4096, use_lora=True, lora_rank=8, liger=True, varlen=True, master_weights="kahan-bf16")
     assert memory.fit(model, lora, H100_80GB, auto) == {"lean_mlp": False, "gradient_checkpointing": False}
-    assert memory.fit(model, dataclasses.replace(lora, tokens=16384), H100_80GB, auto) == {
-        "lean_mlp": True, "gradient_checkpointing": True}
+    at_16k = dataclasses.replace(lora, tokens=16384)
+    assert memory.fit(model, at_16k, H100_80GB, auto) == {"lean_mlp": True, "gradient_checkpointing": True}
+    # Without a user's every_n_layers: as few checkpointed layers as fit (each one left out is not recomputed)
+    chosen = memory.fit(model, at_16k, H100_80GB, auto, sparse=True)
+    n = chosen.pop("every_n_layers")
+    assert chosen == {"lean_mlp": True, "gradient_checkpointing": True} and 1 < n < 28
+    lean = dataclasses.replace(at_16k, lean_mlp=True, gradient_checkpointing=True)
+    assert _needs(model, dataclasses.replace(lean, every_n_layers=n)) <= H100_80GB * memory.FIT_SHARE
+    assert _needs(model, dataclasses.replace(lean, every_n_layers=n + 1)) > H100_80GB * memory.FIT_SHARE
     full = dataclasses.replace(lora, use_lora=False)
     with pytest.raises(ConfigError, match=r"^the run needs about [\d.]+ GiB .*even one row does not fit: set use_lora "
                                           r"= true, or shard the model with fsdp = true$"):

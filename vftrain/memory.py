@@ -136,8 +136,10 @@ def estimate(model, plan: Plan) -> dict[str, int]:
                                     for p in trainable)}
     per_layer = layer_activation_elements(shape, plan)
     if plan.gradient_checkpointing:  # each checkpointed layer keeps its input; one layer is recomputed at a time
-        kept = shape.layers // plan.every_n_layers
-        layers = kept * shape.hidden + (shape.layers - kept + 1) * per_layer
+        kept = -(-shape.layers // plan.every_n_layers)  # transformers checkpoints layers 0, n, 2n, ...
+        # The peak: the forward's end, where the other layers hold all their activations; with every layer
+        # checkpointed, the first recompute in the backward (one layer's activations beside every input).
+        layers = kept * shape.hidden + max(shape.layers - kept, 1) * per_layer
     else:
         layers = shape.layers * per_layer
     # Outside the layers: the embedding output, the final norm (as a layer norm) and the trained hidden states.
@@ -197,11 +199,12 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
                 accumulates=(args.gradient_accumulation_steps or 1) > 1 or args.micro_batch_tokens is not None)
 
 
-def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, bool]:
+def fit(model, plan: Plan, budget: int, unset: tuple[str, ...], sparse: bool = False) -> dict[str, bool | int]:
     """The values of the unset fields among ('lean_mlp', 'gradient_checkpointing') that make `plan` fit `budget`
     bytes: lean_mlp on where it applies (SwiGLU MLPs, full weights); the rest off where the run fits without them,
-    else turned on in that order until it fits (logged, one line). Raises ConfigError naming what fits when even
-    that does not."""
+    else turned on in that order until it fits (logged, one line). With `sparse` (the user gave no every_n_layers)
+    checkpointing turned on here covers as few layers as fit ("every_n_layers" in the result, where above 1).
+    Raises ConfigError naming what fits when even that does not."""
     limit = budget * FIT_SHARE
     # lean_mlp is on by default for full-weight runs on one GPU: no slower at 0.5B and 1.3B, 4 GiB less at both
     # (benchmarks/RESULTS.md, "lean_mlp by default"). A LoRA-wrapped down projection keeps the stock forward.
@@ -215,6 +218,11 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, boo
         chosen[name] = True
         turned.append(name)
         plan = dataclasses.replace(plan, **{name: True})
+        if name == "gradient_checkpointing" and sparse:
+            plan = sparsest_checkpointing(model, plan, limit)
+            if plan.every_n_layers > 1:
+                chosen["every_n_layers"] = plan.every_n_layers
+                turned[-1] += f" (every {plan.every_n_layers} layers)"
         parts = estimate(model, plan)
     if turned and total(parts) <= limit:
         log.info("memory: %s set to true: the run's estimated peak without it is above %.0f%% of this GPU's "
@@ -223,6 +231,19 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...]) -> dict[str, boo
     if total(parts) > limit:
         raise ConfigError(_does_not_fit(model, plan, parts, budget))
     return chosen
+
+
+def sparsest_checkpointing(model, plan: Plan, limit: float) -> Plan:
+    """`plan` checkpointing every n-th layer for the largest n that fits `limit` (1 when none does): a layer not
+    checkpointed keeps its activations and is not recomputed. A LoRA backward is about one forward, so checkpointing
+    every layer adds about half a step (a 7B LoRA at 16k tokens per forward: 10.6k tok/s against 15.4k without it at
+    8k; benchmarks/RESULTS.md, session 35)."""
+    layers = Shape.of(model).layers
+    for n in range(layers, 1, -1):
+        sparse = dataclasses.replace(plan, every_n_layers=n)
+        if total(estimate(model, sparse)) <= limit:
+            return sparse
+    return dataclasses.replace(plan, every_n_layers=1)
 
 
 def _does_not_fit(model, plan: Plan, parts: dict[str, int], budget: int) -> str:

@@ -99,7 +99,14 @@ class VFTrainer(HeldOutGenerations, Trainer):
         budget = None if args.fsdp or args.deepspeed or not auto else memory.card_bytes(args.device)
         chosen = dict.fromkeys(auto, False)
         if budget is not None:
-            chosen = memory.fit(model, memory.plan_of(args, model, self._largest_forward(args)), budget, auto)
+            kwargs = args.gradient_checkpointing_kwargs or {}
+            chosen = memory.fit(model, memory.plan_of(args, model, self._largest_forward(args)), budget, auto,
+                                sparse="every_n_layers" not in kwargs)
+            if "every_n_layers" in chosen:  # read by transformers when it turns checkpointing on, in train()
+                kwargs = {**kwargs, "every_n_layers": chosen.pop("every_n_layers")}
+                for name in ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"):
+                    if hasattr(args, name):  # transformers >= 5.2x reads the new name
+                        setattr(args, name, kwargs)
         for name, value in chosen.items():
             setattr(args, name, value)
             if name == "gradient_checkpointing" and hasattr(args, "activation_checkpointing"):
