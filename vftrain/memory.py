@@ -6,7 +6,7 @@ activations each decoder layer keeps for its backward per token (by attention ke
 gradient checkpointing) and the fused output head's chunk. `fit` compares it with the card's memory: where it does
 not fit, the lean paths the user left unset (`lean_mlp`, then `gradient_checkpointing`) are turned on, in that order
 (the cheapest in speed first: lean_mlp costs nothing measurable, checkpointing ~25%; benchmarks/RESULTS.md; lean_mlp
-is on anyway in a full-weight run); where
+is on anyway in a full-weight run, and left off where it saves nothing), checkpointing as few layers as fit; where
 even that does not fit, the run stops before training with the setting that fits. Sharded runs (FSDP, DeepSpeed)
 are not estimated. The GPU measurement beside each estimate: benchmarks/memory21.sh.
 """
@@ -215,9 +215,12 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...], sparse: bool = F
     for name in ("lean_mlp", "gradient_checkpointing"):
         if total(parts) <= limit or name not in unset or chosen[name] or (name == "lean_mlp" and not plan.swiglu):
             continue
+        lean = dataclasses.replace(plan, **{name: True})
+        if total(estimate(model, lean)) == total(parts):  # lean_mlp in a LoRA run: adapted MLPs keep their forward
+            continue
         chosen[name] = True
         turned.append(name)
-        plan = dataclasses.replace(plan, **{name: True})
+        plan = lean
         if name == "gradient_checkpointing" and sparse:
             plan = sparsest_checkpointing(model, plan, limit)
             if plan.every_n_layers > 1:
