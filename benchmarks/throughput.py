@@ -231,6 +231,10 @@ def measure(args):
     trainer.add_callback(EndOfWindow())
     if args.breakdown:
         breakdown = Breakdown(trainer, meter)
+    if args.memory_points and cuda:  # after Breakdown: the probes wrap its timers
+        from memory_points import MemoryPoints
+
+        points = MemoryPoints(trainer)
     if args.profile:
         trainer.add_callback(host_profile(args.warmup, args.profile))
     if args.sync_debug:
@@ -266,6 +270,8 @@ def measure(args):
         plain = AutoModelForCausalLM.from_pretrained(merged)
         out.update(merged=merged, merged_params_m=round(sum(p.numel() for p in plain.parameters()) / 1e6, 2),
                    merged_finite=all(bool(torch.isfinite(p).all()) for p in plain.parameters()))
+    if args.memory_points and cuda:
+        out["memory_points_gib"] = points.report()
     if args.breakdown:
         out["breakdown_ms_per_step"] = breakdown.report(dt)
         if world > 1 and cuda:
@@ -516,6 +522,8 @@ def main():
                     "compile, lean_mlp, master weights, bf16); --attn/--vf-liger/--compile/... are ignored")
     ap.add_argument("--breakdown", action="store_true", help="also split each timed step's time into forward+backward, "
                     "the fused head's forward, grad clipping, the optimizer step and the rest (host work, idle)")
+    ap.add_argument("--memory-points", action="store_true", help="per forward: memory at its end and the slot's peak "
+                    "(benchmarks/memory_points.py; a host sync per forward)")
     ap.add_argument("--profile", type=int, default=0, help="profile N steps after the warm-up (torch.profiler): "
                     "host time per op, GPU busy time per step")
     ap.add_argument("--blocking-copies", action="store_true", help="copy micro-batches to the GPU with blocking "
@@ -561,7 +569,8 @@ def main():
         cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),
                 "--sync-debug", str(args.sync_debug), "--pyprofile", str(args.pyprofile)]
         cmd += [f"--{f.replace('_', '-')}" for f in ("lora", "gc", "vf_liger", "compile", "no_lean_mlp", "lean_mlp", "tiny",
-                                                     "default", "breakdown", "blocking_copies", "lora_float32")
+                                                     "default", "breakdown", "blocking_copies", "lora_float32",
+                                                     "memory_points")
                 if getattr(args, f)]
         vf_res = {"framework": "vftrain", "arch": arch, "error": "not run"}
         if not args.no_vftrain:

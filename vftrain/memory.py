@@ -69,6 +69,7 @@ class Plan:
     liger: bool = False
     varlen: bool = False
     act_bytes: int = 2  # bytes per activation element: 2 under bf16/fp16, 4 in float32
+    bf16_adapters: bool = False  # LoRA adapters kept in the bf16 weights' dtype (`lora.adapters_in_base_dtype`)
     accumulates: bool = True  # gradient accumulation over micro-batches: a step's gradients live through forwards
 
 
@@ -105,9 +106,12 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
     attention = (2 * shape.heads + 2 * kv) * shape.head_dim
     lean = plan.lean_mlp and plan.swiglu and not plan.use_lora  # a LoRA-wrapped down projection keeps its forward
     mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
-    # LoRA: peft casts each adapted layer's input to the adapters' float32 and autocast back to bf16 for the
-    # matmul, so every adapter keeps its own copy: q, k, v and gate, up no longer share one, o_proj's is new.
-    adapters = 3 * shape.hidden + shape.heads * shape.head_dim if plan.use_lora else 0
+    # float32 LoRA adapters on bf16 activations: peft casts each adapted layer's input to float32 and autocast back
+    # to bf16 for the matmul, so every adapter keeps its own copy (q, k, v and gate, up no longer share one, o_proj's
+    # is new). bf16 adapters read the input as it is (a 7B LoRA measured 32.8 GiB at a 4k forward's end against
+    # 35.9 estimated with the copies; benchmarks/RESULTS.md, session 35).
+    copies = plan.use_lora and not plan.bf16_adapters and plan.act_bytes == 2
+    adapters = 3 * shape.hidden + shape.heads * shape.head_dim if copies else 0
     return norms + attention + mlp + adapters
 
 
@@ -122,7 +126,9 @@ def estimate(model, plan: Plan) -> dict[str, int]:
     parts = {"weights": weights}
     if plan.use_lora:
         adapters = lora_parameters(model, plan.lora_rank)
-        parts["lora"] = adapters * (4 + 4 + 8)  # float32 adapters, their gradients and moments
+        # the adapters, their gradients and optimizer state: bf16 with the master_weights mode's state, else float32
+        per = 2 + 2 + optimizer_bytes_per_param(torch.bfloat16, plan.master_weights) if plan.bf16_adapters else 16
+        parts["lora"] = adapters * per
         step = {}
     else:
         trainable = [p for p in params if p.requires_grad]
@@ -135,13 +141,10 @@ def estimate(model, plan: Plan) -> dict[str, int]:
                 "step buffers": sum(p.numel() * step_bytes_per_param(p.dtype, plan.master_weights)
                                     for p in trainable)}
     per_layer = layer_activation_elements(shape, plan)
-    if plan.gradient_checkpointing:  # each checkpointed layer keeps its input; one layer is recomputed at a time
-        kept = -(-shape.layers // plan.every_n_layers)  # transformers checkpoints layers 0, n, 2n, ...
-        # The peak: the forward's end, where the other layers hold all their activations; with every layer
-        # checkpointed, the first recompute in the backward (one layer's activations beside every input).
-        layers = kept * shape.hidden + max(shape.layers - kept, 1) * per_layer
-    else:
-        layers = shape.layers * per_layer
+    # Each checkpointed layer keeps only its input (transformers checkpoints layers 0, n, 2n, ...); the others keep
+    # everything, to the forward's end.
+    kept = -(-shape.layers // plan.every_n_layers) if plan.gradient_checkpointing else 0
+    layers = kept * shape.hidden + (shape.layers - kept) * per_layer
     # Outside the layers: the embedding output, the final norm (as a layer norm) and the trained hidden states.
     parts["activations"] = plan.tokens * (layers + 5 * shape.hidden) * plan.act_bytes
     # The fused head: one chunk of logits in float32 (logits, softmax, their gradient: ~12 bytes per logit), the
@@ -149,6 +152,8 @@ def estimate(model, plan: Plan) -> dict[str, int]:
     chunk = min(HEAD_CHUNK, plan.tokens)
     accumulator = 0 if plan.use_lora else shape.vocab * shape.hidden * 4
     parts["head"] = 12 * chunk * shape.vocab + accumulator + plan.tokens * shape.hidden * 4
+    if kept:  # the backward recomputes one checkpointed layer at a time, once the head's buffers are freed
+        parts["head"] = max(parts["head"], plan.tokens * per_layer * plan.act_bytes)
     return step if total(step) > total(parts) else parts
 
 
@@ -195,6 +200,7 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
                 gradient_checkpointing=bool(args.gradient_checkpointing),
                 every_n_layers=int(kwargs.get("every_n_layers", 1)), liger=liger, varlen=varlen,
                 act_bytes=2 if (args.bf16 or args.fp16 or dtype in LOW_PRECISION) else 4,
+                bf16_adapters=bool(args.use_lora and args.master_weights and dtype == torch.bfloat16),
                 # a slot split by micro_batch_tokens runs its parts back to back: the first part's gradients live
                 accumulates=(args.gradient_accumulation_steps or 1) > 1 or args.micro_batch_tokens is not None)
 
@@ -252,9 +258,10 @@ def sparsest_checkpointing(model, plan: Plan, limit: float) -> Plan:
 def _does_not_fit(model, plan: Plan, parts: dict[str, int], budget: int) -> str:
     """One line: the estimate, the card, and the setting that fits (fewer tokens per micro-batch, else LoRA)."""
     limit = budget * FIT_SHARE
-    one_token = total(estimate(model, dataclasses.replace(plan, tokens=plan.tokens + 1024))) - total(parts)
-    fixed = total(parts) - one_token * plan.tokens / 1024
-    fits = int((limit - fixed) / one_token * 1024) // 1024 * 1024 if one_token > 0 else 0
+    # the largest multiple of 1,024 tokens that fits (not linear in tokens: the head's fixed buffers or a recomputed
+    # layer, whichever is larger)
+    fits = next((t for t in range((plan.tokens - 1) // 1024 * 1024, 0, -1024)
+                 if total(estimate(model, dataclasses.replace(plan, tokens=t))) <= limit), 0)
     said = (f"the run needs about {total(parts) / GIB:.1f} GiB at {plan.tokens:,} tokens per micro-batch "
             f"({describe(parts)}), more than {FIT_SHARE:.0%} of this GPU's {budget / GIB:.1f} GiB")
     if fits >= 1024:
