@@ -245,8 +245,8 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...], sparse: bool = F
 def sparsest_checkpointing(model, plan: Plan, limit: float) -> Plan:
     """`plan` checkpointing every n-th layer for the largest n that fits `limit` (1 when none does): a layer not
     checkpointed keeps its activations and is not recomputed. A LoRA backward is about one forward, so checkpointing
-    every layer adds about half a step (a 7B LoRA at 16k tokens per forward: 10.6k tok/s against 15.4k without it at
-    8k; benchmarks/RESULTS.md, session 35)."""
+    every layer adds about half a step (a 7B LoRA at 16k tokens per forward on an 80 GB card: 10.6k tok/s with every
+    layer checkpointed, 14.0k with every 3rd; benchmarks/RESULTS.md, session 35)."""
     layers = Shape.of(model).layers
     for n in range(layers, 1, -1):
         sparse = dataclasses.replace(plan, every_n_layers=n)
