@@ -21,7 +21,8 @@ from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
                                     _check_late_failures, _cuda, _fsdp_config_with_defaults, _integer, _jsonable,
-                                    _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
+                                    _non_blocking_copies, _reporting_integrations, budgeted_micro_batch,
+                                    filled_micro_batch)
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")
@@ -435,18 +436,6 @@ class SFTConfig(TrainerConfig):
         if (self.eval_split or self.eval_size) and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
             self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
         super().__post_init__()
-
-
-def _non_blocking_copies(value):
-    """accelerate's loader copies each micro-batch to the GPU from pinned memory without waiting (`non_blocking`),
-    unless the user's accelerator_config says otherwise. A blocking copy waits for every kernel already queued, so
-    the GPU then idles while the host launches the next step: on a Qwen2.5-0.5B shape that was ~5 syncs and about
-    a third of each step (benchmarks/RESULTS.md, "host syncs")."""
-    if value is None:
-        return {"non_blocking": True}
-    if isinstance(value, dict):
-        return {"non_blocking": True, **value}
-    return value  # a JSON file or an AcceleratorConfig: the user's own
 
 
 # RL's default tokens per forward (micro_batch_size unset). One H200, 128 rollouts (benchmarks/RESULTS.md, session 33):

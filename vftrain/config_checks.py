@@ -205,3 +205,15 @@ def filled_micro_batch(packing: bool, budget: int | None, batch_size: int, world
     if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (budget, batch_size)):
         return 1
     return max(1, batch_size // world)
+
+
+def _non_blocking_copies(value):
+    """accelerate's loader copies each micro-batch to the GPU from pinned memory without waiting (`non_blocking`),
+    unless the user's accelerator_config says otherwise. A blocking copy waits for every kernel already queued, so
+    the GPU then idles while the host launches the next step: on a Qwen2.5-0.5B shape that was ~5 syncs and about
+    a third of each step (benchmarks/RESULTS.md, "host syncs")."""
+    if value is None:
+        return {"non_blocking": True}
+    if isinstance(value, dict):
+        return {"non_blocking": True, **value}
+    return value  # a JSON file or an AcceleratorConfig: the user's own
