@@ -225,41 +225,9 @@ def test_the_estimate_sees_liger_where_vftrain_applied_it(model):
     assert total(estimate(patched, plan)) < total(estimate(patched, dataclasses.replace(plan, liger=False)))
 
 
-def test_a_layers_activations_are_what_autograd_keeps(model):
-    """The per-token count of transformers' own layer (SDPA, no liger) against the bytes autograd saves for the
-    backward of one decoder layer over 512 tokens (parameters and shared storages counted once): within 5%."""
-    tokens = 512
-    hidden = model.model.embed_tokens(torch.randint(0, 1000, (1, tokens)))
-    positions = torch.arange(tokens)[None]
-    rotary = model.model.rotary_emb(hidden, positions)
-    saved = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        model.model.layers[0](hidden, position_embeddings=rotary, position_ids=positions, attention_mask=None)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    kept = sum(n for ptr, n in saved.items() if ptr not in params)  # the layer's input included: its norm keeps it
-    counted = memory.layer_activation_elements(memory.Shape.of(model), Plan(tokens=tokens)) * 2 * tokens
-    assert counted == pytest.approx(kept, rel=0.05)
-
-
-def test_a_bf16_lora_layer_keeps_what_the_estimate_counts(model):
-    """bf16 LoRA adapters on a bf16 model (vftrain's default on bf16 weights) read each adapted layer's input as it
-    is: the layer's saved bytes match the plain layer's count, with no per-adapter input copies (float32 adapters'
-    casts make those, and the estimate counts them there); within 5%."""
-    import copy
-
-    from peft import LoraConfig, get_peft_model
-
-    from vftrain.lora import adapters_in_base_dtype
-
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules="all-linear"))
-    adapters_in_base_dtype(peft_model)
-    layer = peft_model.base_model.model.model.layers[0]
-    tokens = 512
+def _saved_bytes(model, layer, parameters, tokens: int) -> int:
+    """Bytes autograd saves for the backward of decoder `layer` over `tokens` tokens, `parameters` and shared
+    storages counted once (the layer's input included: its norm keeps it)."""
     hidden = model.model.embed_tokens(torch.randint(0, 1000, (1, tokens))).detach().requires_grad_()
     positions = torch.arange(tokens)[None]
     rotary = model.model.rotary_emb(hidden, positions)
@@ -271,8 +239,32 @@ def test_a_bf16_lora_layer_keeps_what_the_estimate_counts(model):
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
         layer(hidden, position_embeddings=rotary, position_ids=positions, attention_mask=None)
-    params = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
-    kept = sum(n for ptr, n in saved.items() if ptr not in params)  # the adapters' rank-8 outputs included
+    params = {p.untyped_storage().data_ptr() for p in parameters}
+    return sum(n for ptr, n in saved.items() if ptr not in params)
+
+
+def test_a_layers_activations_are_what_autograd_keeps(model):
+    """The per-token count of transformers' own layer (SDPA, no liger) against the bytes autograd saves for the
+    backward of one decoder layer over 512 tokens: within 5%."""
+    kept = _saved_bytes(model, model.model.layers[0], model.parameters(), 512)
+    counted = memory.layer_activation_elements(memory.Shape.of(model), Plan(tokens=512)) * 2 * 512
+    assert counted == pytest.approx(kept, rel=0.05)
+
+
+def test_a_bf16_lora_layer_keeps_what_the_estimate_counts(model):
+    """bf16 LoRA adapters on a bf16 model (vftrain's default on bf16 weights) read each adapted layer's input as it
+    is: the layer's saved bytes (the adapters' rank-8 outputs included) match the plain layer's count, with no
+    per-adapter input copies (float32 adapters' casts make those, and the estimate counts them there); within 5%."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from vftrain.lora import adapters_in_base_dtype
+
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, target_modules="all-linear"))
+    adapters_in_base_dtype(peft_model)
+    tokens = 512
+    kept = _saved_bytes(model, peft_model.base_model.model.model.layers[0], peft_model.parameters(), tokens)
     plan = Plan(tokens=tokens, use_lora=True, lora_rank=8, bf16_adapters=True)
     assert memory.layer_activation_elements(memory.Shape.of(model), plan) * 2 * tokens == pytest.approx(kept, rel=0.05)
     float32 = dataclasses.replace(plan, bf16_adapters=False)
