@@ -36,9 +36,11 @@ def _direct_token_mean(rows) -> float:
 def test_eval_loss_is_the_token_mean_for_any_micro_batch_size(tmp_path):
     eval_rows = datasets.Dataset.from_list(addition_rows(EVAL_ROWS, start=500))
     metrics = {}
-    for size in (1, 4, 8):
+    # micro_batch_size unset under a 64-token budget: eval micro-batches of up to 8 rows and 64 tokens
+    for size, split in ((1, {}), (4, {}), (8, {}), ("budget", dict(micro_batch_tokens=64))):
+        micro = dict(micro_batch_size=None if split else size, **split)
         trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
-                                eval_dataset=eval_rows, args=small_config(tmp_path / str(size), micro_batch_size=size))
+                                eval_dataset=eval_rows, args=small_config(tmp_path / str(size), **micro))
         metrics[size] = trainer.evaluate()  # each in its own folder: evaluate() claims it (one run per folder)
     direct = _direct_token_mean(trainer.eval_rows)
     for size, m in metrics.items():
