@@ -201,16 +201,19 @@ def test_toolsets_with_per_task_state_are_refused(tmp_path, envs):
         _trainer(tmp_path, env="vf-per-task")
 
 
-def test_fsdp2_env_where_one_process_runs_more_turns_finishes(tmp_path, envs):
+@pytest.mark.parametrize("budget", [None, "128"], ids=["rows", "token-budget"])
+def test_fsdp2_env_where_one_process_runs_more_turns_finishes(tmp_path, envs, budget):
     """2 CPU processes under FSDP2, the embedded sampler (its forwards gather weights from both processes): only
     rank 0's episodes call the tool, so only rank 0 has a second turn to sample. Every process must still make the
     same sampler calls; they did not (gloo aborts on the mismatched collectives, NCCL hangs: the timeout turns a hang
-    into a failure)."""
+    into a failure). With a 128-token budget rank 0's longer episodes train in more forwards than rank 1's, which
+    repeats one (VFTrainer.training_step)."""
     env = worker_env(envs)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29800 + os.getpid() % 1000)]
     try:
-        proc = subprocess.run([*launcher, str(ROOT / "tests" / "rl_env_worker.py"), str(tmp_path / "out")], env=env,
+        proc = subprocess.run([*launcher, str(ROOT / "tests" / "rl_env_worker.py"), str(tmp_path / "out"),
+                               *(["", budget] if budget else [])], env=env,
                               capture_output=True, text=True, timeout=240, start_new_session=True)
     except subprocess.TimeoutExpired:
         pytest.fail("the 2-process run hung (processes made different sampler calls)")
