@@ -126,3 +126,25 @@ def test_a_resumed_bf16_lora_run_is_the_uninterrupted_run(tmp_path):
     assert resumed.keys() == uninterrupted.keys()
     for name, weight in resumed.items():
         assert torch.equal(weight, uninterrupted[name]), name
+
+
+def test_the_best_adapter_loaded_at_the_end_stays_bf16(tmp_path):
+    """load_best_model_at_end loads the best checkpoint's adapter through peft's load_adapter, which cast it to
+    float32: the run's last evaluations, generations and saved adapter then ran in float32. It comes back bf16, with
+    the best checkpoint's weights."""
+    from safetensors.torch import load_file
+
+    args = small_config(tmp_path, dtype="bfloat16", use_lora=True, max_steps=4, learning_rate=1e-4, micro_batch_size=4,
+                        save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2, eval_size=8,
+                        load_best_model_at_end=True)
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=args)
+    trainer.train()
+    assert adapter_dtype(trainer.model) == torch.bfloat16
+    best = load_file(f"{trainer.state.best_model_checkpoint}/adapter_model.safetensors")
+    weights = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert len(best) == len(weights)
+    for name, saved in best.items():
+        loaded = next(w for n, w in weights.items() if n.replace(".default", "").endswith(name.split("base_model.")[-1]))
+        assert torch.equal(loaded, saved.to(loaded.dtype)), name
+    trainer.save_model()
+    assert {t.dtype for t in load_file(str(tmp_path / "out" / "adapter_model.safetensors")).values()} == {torch.bfloat16}

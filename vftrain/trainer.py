@@ -222,9 +222,16 @@ class VFTrainer(HeldOutGenerations, Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._adapters_back_in_base_dtype(model if model is not None else self.model)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()  # load_best_model_at_end
+        self._adapters_back_in_base_dtype(self.model)
+
+    def _adapters_back_in_base_dtype(self, model) -> None:
         # peft's load_adapter (unsharded runs; FSDP loads its own shards) casts the adapters back to float32
         if self.args.use_lora and self.args.master_weights and not self.sharded:
-            adapters_in_base_dtype(model if model is not None else self.model)
+            adapters_in_base_dtype(model)
 
     def resume_point(self, value: str | bool | None = None) -> str | None:
         """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
