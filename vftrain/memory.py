@@ -108,8 +108,8 @@ def layer_activation_elements(shape: Shape, plan: Plan) -> int:
     mlp = (2 if lean else 3 if plan.liger else 4) * shape.intermediate
     # float32 LoRA adapters on bf16 activations: peft casts each adapted layer's input to float32 and autocast back
     # to bf16 for the matmul, so every adapter keeps its own copy (q, k, v and gate, up no longer share one, o_proj's
-    # is new). bf16 adapters read the input as it is (a 7B LoRA measured 32.8 GiB at a 4k forward's end against
-    # 35.9 estimated with the copies; benchmarks/RESULTS.md, session 35).
+    # is new). bf16 adapters read the input as it is (a 7B LoRA measured 32.8 GiB at a 4k forward's end: 36.0
+    # estimated with the copies, 32.8 without; benchmarks/RESULTS.md, session 35).
     copies = plan.use_lora and not plan.bf16_adapters and plan.act_bytes == 2
     adapters = 3 * shape.hidden + shape.heads * shape.head_dim if copies else 0
     return norms + attention + mlp + adapters
