@@ -304,3 +304,15 @@ def test_sft_micro_batch_under_a_token_budget(tmp_path, fields, micro, accumulat
     assert (cfg.micro_batch_size, cfg.gradient_accumulation_steps) == (micro, accumulation)
     assert "micro_batch_size" not in cfg.given_fields or "micro_batch_size" in fields  # config.toml keeps "unset"
     assert filled_micro_batch(True, 4096, 64, 2) == 32  # each process's share on two processes
+
+
+def test_a_budgeted_batch_that_does_not_split_over_the_processes_names_world_size(tmp_path, monkeypatch):
+    """micro_batch_size unset under micro_batch_tokens: each process takes an equal share, so batch_size needs only
+    divide by the processes (not by a micro_batch_size the user never set)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"^batch_size = 65 is not divisible by world_size \(2\): under "
+                                          r"micro_batch_tokens each process packs an equal share of the step; "
+                                          r"choose a multiple of 2$"):
+        vf.SFTConfig(output_dir=str(tmp_path), batch_size=65, micro_batch_tokens=4096)
+    with pytest.raises(ConfigError, match=r"not divisible by micro_batch_size \(4\) x world_size \(2\)"):
+        vf.SFTConfig(output_dir=str(tmp_path), batch_size=66, micro_batch_tokens=4096, micro_batch_size=4)

@@ -361,6 +361,10 @@ class TrainerConfig(TrainingArguments):
         world = launch_world_size()
         self._translate_trl_batch(world)
         per_step = self.micro_batch_size * world
+        if self.batch_size % world and self.micro_batch_tokens and "micro_batch_size" not in self.given_fields:
+            raise ConfigError(f"batch_size = {self.batch_size} is not divisible by world_size ({world}): under "
+                              "micro_batch_tokens each process packs an equal share of the step; choose a multiple "
+                              f"of {world}")
         if self.batch_size % per_step:
             raise ConfigError(
                 f"batch_size = {self.batch_size} is not divisible by micro_batch_size ({self.micro_batch_size}) "
