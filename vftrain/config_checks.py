@@ -178,6 +178,10 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def _positive_ints(*values) -> bool:
+    return all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in values)
+
+
 def budgeted_micro_batch(packing: bool, longest: int, budget: int, batch_size: int, world: int) -> int:
     """RL's default micro_batch_size, sized in tokens rather than a fixed 8 rollouts (~4k tokens at 256 + 256, where
     the train phase ran at half SFT's speed; issue 20): as many rollouts as fit `budget` tokens (RL_MICRO_BATCH_TOKENS,
@@ -186,7 +190,7 @@ def budgeted_micro_batch(packing: bool, longest: int, budget: int, batch_size: i
     rule); 8 without packing. Invalid numbers are left to the checks after this (1 here)."""
     if not packing:
         return 8
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (longest, budget, batch_size)):
+    if not _positive_ints(longest, budget, batch_size):
         return 1
     share = batch_size // world
     fit = max(1, budget // longest)
@@ -202,7 +206,7 @@ def filled_micro_batch(packing: bool, budget: int | None, batch_size: int, world
     Invalid numbers are left to the checks after this (1 here)."""
     if not packing or budget is None:
         return 8
-    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in (budget, batch_size)):
+    if not _positive_ints(budget, batch_size):
         return 1
     return max(1, batch_size // world)
 

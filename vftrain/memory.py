@@ -222,17 +222,18 @@ def fit(model, plan: Plan, budget: int, unset: tuple[str, ...], sparse: bool = F
         if total(parts) <= limit or name not in unset or chosen[name] or (name == "lean_mlp" and not plan.swiglu):
             continue
         lean = dataclasses.replace(plan, **{name: True})
-        if total(estimate(model, lean)) == total(parts):  # lean_mlp in a LoRA run: adapted MLPs keep their forward
+        lean_parts = estimate(model, lean)
+        if total(lean_parts) == total(parts):  # lean_mlp in a LoRA run: adapted MLPs keep their forward
             continue
         chosen[name] = True
         turned.append(name)
-        plan = lean
+        plan, parts = lean, lean_parts
         if name == "gradient_checkpointing" and sparse:
             plan = sparsest_checkpointing(model, plan, limit)
             if plan.every_n_layers > 1:
                 chosen["every_n_layers"] = plan.every_n_layers
                 turned[-1] += f" (every {plan.every_n_layers} layers)"
-        parts = estimate(model, plan)
+                parts = estimate(model, plan)
     if turned and total(parts) <= limit:
         log.info("memory: %s set to true: the run's estimated peak without it is above %.0f%% of this GPU's "
                  "%.1f GiB at %s tokens per micro-batch (now %s)", " and ".join(turned), FIT_SHARE * 100,
