@@ -134,7 +134,8 @@ def measure(args):
 
     import vftrain as vf
     from vftrain.lora import adapter_dtype
-    from vftrain.models import empty_from_config, liger_applies
+    from vftrain.memory import uses_liger
+    from vftrain.models import empty_from_config
 
     cuda = torch.cuda.is_available() and not args.tiny
     shape, vocab = (TINY, TINY_VOCAB) if args.tiny else (ARCHS[args.child], VOCAB)
@@ -186,6 +187,8 @@ def measure(args):
         speed["master_weights"] = {"true": True, "false": False}.get(args.master_weights, args.master_weights)
     if args.micro_batch_tokens:
         speed["micro_batch_tokens"] = args.micro_batch_tokens
+    if args.compile_layers:  # also with --default
+        speed["compile_layers"] = args.compile_layers == "true"
     if args.lean_mlp or args.no_lean_mlp:  # also with --default
         speed["lean_mlp"] = bool(args.lean_mlp)
     if args.blocking_copies:  # the loader's copies to the GPU as before vftrain made them non-blocking
@@ -257,7 +260,7 @@ def measure(args):
                master_weights=config.master_weights, lr=args.lr, lora=args.lora,
                adapter_dtype=str(adapter_dtype(trainer.model)).replace("torch.", "") if args.lora else None,
                attn=trainer.accelerator.unwrap_model(trainer.model).config._attn_implementation, gc=args.gc,
-               liger=config.use_liger if config.use_liger is not None else liger_applies(model), compile=config.torch_compile, lean_mlp=config.lean_mlp, ga=args.ga,
+               liger=uses_liger(trainer.model), compile=config.torch_compile, compile_layers=config.compile_layers, lean_mlp=config.lean_mlp, ga=args.ga,
                mbs=config.micro_batch_size, batch=config.batch_size, forwards_per_step=round(meter.micro_batches / max(
                    args.steps - args.warmup, 1), 2), seq=args.seq, gpu=torch.cuda.get_device_name() if cuda
                else "cpu", steps_timed=args.steps - args.warmup, seconds=round(dt, 3),
@@ -483,6 +486,8 @@ def main():
                     "process) and load it with transformers' from_pretrained (rank 0)")
     ap.add_argument("--vf-liger", action="store_true", help="patch vftrain's model with liger-kernel as well")
     ap.add_argument("--compile", action="store_true", help="vftrain: torch_compile = true")
+    ap.add_argument("--compile-layers", default=None, choices=("true", "false"), help="vftrain: compile_layers "
+                    "(also with --default; unset: vftrain's default)")
     ap.add_argument("--no-lean-mlp", action="store_true", help="vftrain: lean_mlp = false (also with --default)")
     ap.add_argument("--lean-mlp", action="store_true", help="vftrain: lean_mlp = true (also with --default)")
     ap.add_argument("--card-gib", type=float, default=0, help="vftrain on CUDA: act as a GPU of this many GiB "
@@ -564,6 +569,7 @@ def main():
         cmd += ["--mbs", str(args.mbs)] if args.mbs else []
         cmd += ["--batch", str(args.batch)] if args.batch else []
         cmd += ["--master-weights", args.master_weights] if args.master_weights else []
+        cmd += ["--compile-layers", args.compile_layers] if args.compile_layers else []
         cmd += ["--micro-batch-tokens", str(args.micro_batch_tokens)] if args.micro_batch_tokens else []
         cmd += ["--card-gib", str(args.card_gib)] if args.card_gib else []
         cmd += ["--ga", str(args.ga), "--gc-every", str(args.gc_every), "--profile", str(args.profile),

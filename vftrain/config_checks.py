@@ -5,6 +5,7 @@ holds the fields; this module the rules they are checked by."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 from typing import Any
@@ -150,6 +151,37 @@ def weights_from_rank0(args) -> bool:
     config = (args.fsdp_config or {}) if args.fsdp else {}
     value = config.get("cpu_ram_efficient_loading", config.get("fsdp_cpu_ram_efficient_loading", False))
     return str(value).lower() == "true"
+
+
+def _check_deepspeed(config) -> None:
+    if not config.deepspeed:
+        return
+    if config.micro_batch_tokens:
+        raise ConfigError("micro_batch_tokens is not supported with deepspeed (its engine counts every forward as an "
+                          "accumulation step); use fsdp, or leave micro_batch_tokens unset")
+    if config.nan_policy == "skip":
+        raise ConfigError("nan_policy = 'skip' cannot skip a step under deepspeed: its engine applies the update "
+                          "inside the backward, before vftrain sees the step's loss, so training would go on with "
+                          "non-finite weights; use nan_policy = 'stop' (the default), or fsdp")
+    if not _cuda():
+        raise ConfigError("deepspeed runs only on GPUs here (accelerate has no DeepSpeed CPU path); on CPU processes "
+                          "use plain data parallel (leave deepspeed unset)")
+    if importlib.util.find_spec("deepspeed") is None:
+        # transformers would fail deep in its DeepSpeed setup and leave a half-built global config behind
+        raise ConfigError("deepspeed is set but the deepspeed package is not installed: pip install deepspeed")
+
+
+def _check_compile_layers(config) -> None:
+    """compile_layers = true with a setting it cannot run beside (the model-dependent checks are
+    models.layers_compiled's)."""
+    if not config.compile_layers:
+        return
+    clash = [f"{name} = true" for name in ("use_cpu", "use_liger", "torch_compile") if getattr(config, name)]
+    clash += [name for name in ("fsdp", "deepspeed") if getattr(config, name)]
+    if clash:
+        raise ConfigError(f"compile_layers = true cannot run with {' and '.join(clash)} (the CPU: compiled for "
+                          "CUDA; liger: its Triton kernels do not trace; torch_compile: compiles the whole model; "
+                          "fsdp/deepspeed: their sharding hooks are not compiled here); set compile_layers = false")
 
 
 def _cuda() -> bool:

@@ -52,6 +52,7 @@ def get_model_and_tokenizer(
     packing: bool = True,
     trust_remote_code: bool = False,
     use_liger: bool | None = None,
+    compile_layers: bool | None = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     load_weights: bool = True,
     chat_template: str | None = None,
@@ -65,7 +66,9 @@ def get_model_and_tokenizer(
     CPU for a name or folder); `dtype = "auto"`, `attn_implementation = "auto"` and `use_liger = None` follow it.
     `attn_implementation = "auto"` trains packed rows (`packing`) with "varlen" where it applies
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
-    it can run (`liger_applies`). `chat_template` (a file path or template text) replaces the tokenizer's.
+    it can run (`liger_applies`) and the caller will not compile the decoder layers: `compile_layers` true, or None
+    where `vftrain.compile.compile_applies` (liger's Triton kernels do not trace inside torch.compile, whose own
+    fusions replace them). `chat_template` (a file path or template text) replaces the tokenizer's.
     `load_weights = False` (a hub name or folder only) builds the model with empty
     (meta-device) parameters and real buffers, for FSDP ranks that receive their shards from rank 0.
     """
@@ -80,7 +83,8 @@ def get_model_and_tokenizer(
     if isinstance(model, str):
         if is_adapter_folder(model):
             return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
-                                       trust_remote_code=trust_remote_code, use_liger=use_liger, tokenizer=tokenizer,
+                                       trust_remote_code=trust_remote_code, use_liger=use_liger,
+                                       compile_layers=compile_layers, tokenizer=tokenizer,
                                        load_weights=load_weights, chat_template=chat_template, device=device)
         refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
@@ -95,10 +99,12 @@ def get_model_and_tokenizer(
     chosen = attention.choose(model_obj, attn_implementation, packing, device)
     if chosen is not None and chosen != getattr(model_obj.config, "_attn_implementation", None):
         model_obj.set_attn_implementation(chosen)
-    liger = liger_applies(model_obj, device) if use_liger is None else use_liger
+    compiled = layers_compiled(model_obj, device, compile_layers, use_liger)
+    liger = (liger_applies(model_obj, device) and not compiled) if use_liger is None else use_liger
     if liger:
         apply_liger(model_obj, device)
-    log.info("attention: %s; liger kernels: %s", model_obj.config._attn_implementation, "on" if liger else "off")
+    log.info("attention: %s; liger kernels: %s; compiled layers: %s", model_obj.config._attn_implementation,
+             "on" if liger else "off", "on" if compiled else "off")
     if tokenizer is None:
         if not source:
             raise ConfigError("model was passed as an object without a name_or_path: pass processing_class=tokenizer")
@@ -276,6 +282,30 @@ def liger_applies(model, device=None) -> bool:
     except ImportError:
         return False
     return getattr(model.config, "model_type", None) in MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def layers_compiled(model, device, compile_layers: bool | None, use_liger: bool | None = None) -> bool:
+    """What `compile_layers` (true, false, or None: where `compile_applies`) means for `model` on `device`; true
+    where it cannot run is a ConfigError."""
+    from vftrain.compile import compile_applies, decoder_layers
+    from vftrain.memory import uses_liger
+
+    device = run_device(model, device)
+    if compile_layers is None:
+        return use_liger is not True and not uses_liger(model) and compile_applies(model, device)
+    if not compile_layers:
+        return False
+    if device.type != "cuda":
+        raise ConfigError("compile_layers = true compiles for a CUDA GPU, but the model runs on the CPU (use_cpu = "
+                          "true, or no GPU); set compile_layers = false")
+    if use_liger or uses_liger(model):
+        raise ConfigError("compile_layers = true with liger-kernel's kernels in the model (use_liger = true, or a "
+                          "model patched before): its Triton kernels do not compile inside torch.compile, which "
+                          "fuses the same operations itself; set one of them false")
+    if not decoder_layers(model):
+        raise ConfigError(f"compile_layers = true, but this model ({model.config.model_type}) has no transformers "
+                          "decoder layers (GradientCheckpointingLayer) to compile; set compile_layers = false")
+    return True
 
 
 def read_chat_template(value: str) -> str:

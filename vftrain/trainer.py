@@ -18,6 +18,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback, Tra
 from transformers.trainer_utils import TrainOutput
 
 from vftrain import attention, checkpoint, memory
+from vftrain.compile import CompiledLayers
 from vftrain.config import TrainerConfig
 from vftrain.config_checks import weights_from_rank0
 from vftrain.data.load import held_out_lines, raw_splits
@@ -29,7 +30,7 @@ from vftrain.lora import adapters_in_base_dtype, continue_or_merge, refuse_attac
 from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
-                            keep_gathered_through_backward, plain_output_head, save_merged)
+                            keep_gathered_through_backward, layers_compiled, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
 from vftrain.sampling.held_out import HeldOutGenerations
 from vftrain.walks import walk
@@ -59,10 +60,16 @@ class VFTrainer(HeldOutGenerations, Trainer):
         # FSDP with cpu_ram_efficient_loading (vftrain's default): rank 0 reads the weights and sends each process
         # its shards (accelerate's fsdp2_prepare_model), so the others need not hold a copy of the model.
         load_weights = not weights_from_rank0(args) or args.process_index == 0
+        compile_layers = args.compile_layers
+        self.compile_asked = compile_layers is True
+        if compile_layers is None and (args.fsdp or args.deepspeed or args.torch_compile):
+            compile_layers = False  # sharding hooks are not compiled here; torch_compile compiles the whole model
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
-            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, tokenizer=tokenizer,
-            load_weights=load_weights, chat_template=args.chat_template, device=args.device)
+            trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, compile_layers=compile_layers,
+            tokenizer=tokenizer, load_weights=load_weights, chat_template=args.chat_template, device=args.device)
+        # as the loader decided it (the same rule on the same model); saved with the resolved config
+        args.compile_layers = layers_compiled(model, args.device, compile_layers, args.use_liger)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.
         self.weights_dtype = next(model.parameters()).dtype
         if args.packing and not attention.keeps_rows_apart(model):
@@ -89,7 +96,19 @@ class VFTrainer(HeldOutGenerations, Trainer):
             adapters_in_base_dtype(model)
         if args.use_lora and args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        # an explicit compile_layers = true fails loudly where torch.compile does; left unset, it falls back to eager
+        self.compiled_layers = CompiledLayers(model, strict=self.compile_asked) if args.compile_layers else None
         return model
+
+    def compiled(self):
+        """The decoder layers run compiled inside the block (`compile_layers`); elsewhere they are eager."""
+        return self.compiled_layers.active() if self.compiled_layers else contextlib.nullcontext()
+
+    def compute_loss_context_manager(self):
+        """transformers' (autocast) with the compiled layers: every training and evaluation forward."""
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.compiled())
+        return stack
 
     def _fit_memory(self, model, args: TrainerConfig) -> None:
         """lean_mlp and gradient_checkpointing left unset: lean_mlp on in a full-weight run, each on where the run's
@@ -311,7 +330,12 @@ class VFTrainer(HeldOutGenerations, Trainer):
     # ---- one accumulation slot
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One accumulation slot; a slot split by `micro_batch_tokens` runs its parts back to back, syncing
-        gradients (DDP) only after the last part, and only when the Trainer would sync the slot."""
+        gradients (DDP) only after the last part, and only when the Trainer would sync the slot. The compiled
+        layers (if any) cover the backward too: checkpointed layers recompute their forward there."""
+        with self.compiled():
+            return self._training_slot(model, inputs, num_items_in_batch)
+
+    def _training_slot(self, model, inputs, num_items_in_batch=None):
         if not self.sharded:  # FSDP and DeepSpeed wrappers keep their own train() / zero_grad()
             walk(model)  # transformers calls model.train() here on every micro-batch: a walk of every module
         parts = inputs.get("micro_batches")

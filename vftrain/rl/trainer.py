@@ -132,11 +132,14 @@ class RLTrainer(VFTrainer):
             reference, _ = get_model_and_tokenizer(
                 self.model_source, dtype=self.args.dtype, attn_implementation=model.config._attn_implementation,
                 packing=self.args.packing, trust_remote_code=self.args.trust_remote_code,
-                use_liger=self.args.use_liger, tokenizer=self.processing_class,
-                device=self.args.device)
+                use_liger=self.args.use_liger, compile_layers=self.args.compile_layers,
+                tokenizer=self.processing_class, device=self.args.device)
         else:
             reference = copy.deepcopy(model)
-        return reference.to(self.args.device).eval().requires_grad_(False)
+        reference = reference.to(self.args.device).eval().requires_grad_(False)
+        if self.compiled_layers:
+            self.compiled_layers.include(reference)
+        return reference
 
     @contextlib.contextmanager
     def _as_reference(self, model):
