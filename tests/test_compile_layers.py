@@ -73,13 +73,18 @@ def test_a_layer_that_does_not_compile_runs_eagerly_unless_asked_for(caplog):
         model(input_ids=IDS)
 
 
-def test_training_and_evaluation_forwards_run_the_compiled_layers(tmp_path):
-    """The trainer's forwards, their backward and the evaluation loss run inside the compiled scope: the counting
-    backend sees frames, and the losses, eval loss and weights equal those of eager layers."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_and_evaluation_forwards_run_the_compiled_layers(tmp_path, checkpointing):
+    """The trainer's forwards, their backward (with checkpointing: the recomputed layers) and the evaluation loss
+    run inside the compiled scope: the counting backend sees frames, and the losses, eval loss and weights equal
+    those of eager layers."""
     rows = datasets.Dataset.from_list(addition_rows(24))
+    extra = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"every_n_layers": 2}) if checkpointing \
+        else {}
 
     def run(compiled: bool, folder: str):
-        config = small_config(tmp_path / folder, max_steps=3, eval_strategy="steps", eval_steps=3, learning_rate=1e-2)
+        config = small_config(tmp_path / folder, max_steps=3, eval_strategy="steps", eval_steps=3, learning_rate=1e-2,
+                              **extra)
         trainer = vf.SFTTrainer(model=TINY, train_dataset=rows, eval_dataset=rows.select(range(8)), args=config)
         counter = CompileCounter()
         if compiled:

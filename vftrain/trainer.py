@@ -62,8 +62,10 @@ class VFTrainer(HeldOutGenerations, Trainer):
         load_weights = not weights_from_rank0(args) or args.process_index == 0
         compile_layers = args.compile_layers
         self.compile_asked = compile_layers is True
-        if compile_layers is None and (args.fsdp or args.deepspeed or args.torch_compile):
-            compile_layers = False  # sharding hooks are not compiled here; torch_compile compiles the whole model
+        if compile_layers is None and (args.world_size > 1 or args.torch_compile):
+            # measured on one GPU only (several processes: asked for with compile_layers = true, not under fsdp or
+            # deepspeed, whose sharding hooks are not compiled here); torch_compile compiles the whole model
+            compile_layers = False
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, compile_layers=compile_layers,
