@@ -42,6 +42,8 @@ class VFTrainer(HeldOutGenerations, Trainer):
     """Base of SFTTrainer and RLTrainer. Subclasses load their data, call `super().__init__` with the model from
     `_load_model`, then `_setup_run()`; they implement `compute_loss` and `get_batch_samples`."""
 
+    layers_compiled_by_default = True  # `compile_layers` left unset: on where `compile.compile_applies`
+
     def _load_model(self, model, args: TrainerConfig, tokenizer, prepare: bool = True):
         """The model to train (loaded, patched, LoRA-wrapped) and its tokenizer. prepare = False stops after
         loading: the subclass calls `_prepare_model` once its data is ready (the memory estimate reads it)."""
@@ -62,7 +64,8 @@ class VFTrainer(HeldOutGenerations, Trainer):
         load_weights = not weights_from_rank0(args) or args.process_index == 0
         compile_layers = args.compile_layers
         self.compile_asked = compile_layers is True
-        if compile_layers is None and (args.world_size > 1 or args.torch_compile):
+        if compile_layers is None and (not self.layers_compiled_by_default or args.world_size > 1
+                                       or args.torch_compile):
             # measured on one GPU only (several processes: asked for with compile_layers = true, not under fsdp or
             # deepspeed, whose sharding hooks are not compiled here); torch_compile compiles the whole model
             compile_layers = False

@@ -59,6 +59,10 @@ class RLTrainer(VFTrainer):
     environment) pass neither: the environment gives both.
     """
 
+    # compile_layers unset stays off: rollouts decode with the eager layers, which would then lack liger's kernels
+    # (compiled layers replace them), and the RL step has not been measured with them
+    layers_compiled_by_default = False
+
     def __init__(self, model: Any = None, train_dataset: Any = None, args: RLConfig | None = None,
                  reward_funcs: Any = None, processing_class: Any = None, eval_dataset: Any = None, **kwargs):
         args = args if args is not None else RLConfig()
