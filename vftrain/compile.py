@@ -34,7 +34,8 @@ def cuda_compiled(fn: Callable) -> Callable:
 
     def run(*tensors):
         nonlocal compiled, failed
-        if failed or tensors[0].device.type != "cuda":
+        # inside a compiled region (compile_layers: the lean MLP's backward) the enclosing graph traces and fuses it
+        if failed or tensors[0].device.type != "cuda" or torch.compiler.is_compiling():
             return fn(*tensors)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)

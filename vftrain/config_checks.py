@@ -243,6 +243,17 @@ def filled_micro_batch(packing: bool, budget: int | None, batch_size: int, world
     return max(1, batch_size // world)
 
 
+def compiles_when_unset(args) -> bool:
+    """Whether `compile_layers` left unset may turn on for this run (the model decides the rest:
+    `compile.compile_applies`). Measured on one GPU only: several processes ask for it with compile_layers = true
+    (not under fsdp or deepspeed, whose sharding hooks are not compiled here); torch_compile compiles the whole model.
+    A full-weight run keeps lean_mlp (its default there) and eager layers: compiled with lean_mlp it was no faster at
+    0.5B (its optimizer step slowed 14 -> 61 ms), compiled without it +29% at +19% memory (benchmarks/RESULTS.md,
+    session 36)."""
+    full_weight_lean = not args.use_lora and args.lean_mlp is not False
+    return args.world_size == 1 and not args.torch_compile and not full_weight_lean
+
+
 def _non_blocking_copies(value):
     """accelerate's loader copies each micro-batch to the GPU from pinned memory without waiting (`non_blocking`),
     unless the user's accelerator_config says otherwise. A blocking copy waits for every kernel already queued, so

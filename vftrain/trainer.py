@@ -20,7 +20,7 @@ from transformers.trainer_utils import TrainOutput
 from vftrain import attention, checkpoint, memory
 from vftrain.compile import CompiledLayers
 from vftrain.config import TrainerConfig
-from vftrain.config_checks import weights_from_rank0
+from vftrain.config_checks import compiles_when_unset, weights_from_rank0
 from vftrain.data.load import held_out_lines, raw_splits
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
@@ -64,10 +64,7 @@ class VFTrainer(HeldOutGenerations, Trainer):
         load_weights = not weights_from_rank0(args) or args.process_index == 0
         compile_layers = args.compile_layers
         self.compile_asked = compile_layers is True
-        if compile_layers is None and (not self.layers_compiled_by_default or args.world_size > 1
-                                       or args.torch_compile):
-            # measured on one GPU only (several processes: asked for with compile_layers = true, not under fsdp or
-            # deepspeed, whose sharding hooks are not compiled here); torch_compile compiles the whole model
+        if compile_layers is None and (not self.layers_compiled_by_default or not compiles_when_unset(args)):
             compile_layers = False
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
