@@ -174,3 +174,26 @@ def test_a_kernel_that_fails_leaves_the_step_to_the_foreach_form(fused, monkeypa
         foreach = _run(foreach_params, torch.float32, 2)
     for a, b in zip(_held(mixed, mixed_params), _held(foreach, foreach_params)):
         assert ((a - b).abs() <= a.abs() * 2**-15 + 1e-7).all()
+
+
+def test_chunk_pairs_cover_every_chunk_of_every_tensor_in_order():
+    from vftrain.kahan_kernel import CHUNK, chunk_pairs
+
+    numels = [1, CHUNK, CHUNK + 1, 3 * CHUNK, 7]
+    expected = [(0, 0), (1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (4, 0)]
+    pairs = chunk_pairs(numels)
+    assert pairs.dtype == torch.int32 and pairs.tolist() == [list(p) for p in expected]
+
+
+def test_moved_gradients_keep_the_chunk_pairs_and_replace_the_address_table(fused):
+    """Gradients at new addresses (the tables rebuilt on every other step in `_run`) give the same update as the
+    foreach form (above); the (tensor, chunk) pairs, which depend on the sizes only, are built once."""
+    params = _params()
+    optimizer = _run(params, torch.bfloat16, 4)
+    assert _kernel_ran(optimizer)
+    caches = list(optimizer._tables.values())
+    built = [id(cache["chunks"]) for cache in caches]
+    tables = [id(cache["table"]) for cache in caches]
+    _run(params, torch.bfloat16, 1, grads_seed=2, optimizer=optimizer)  # step 0 of _run: new gradient tensors
+    assert [id(cache["chunks"]) for cache in caches] == built
+    assert [id(cache["table"]) for cache in caches] != tables

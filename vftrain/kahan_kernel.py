@@ -13,8 +13,9 @@ One launch steps every parameter of a kind (dtypes, compensation or not) through
 torch's fused AdamW does with its multi-tensor apply, and counts their steps and works out their bias corrections
 itself: a LoRA run has ~400 small adapter tensors, and a launch each (plus the per-tensor foreach ops of the step
 counts) cost 15-24 ms of host time per step on the H200 for ~0.2 ms of GPU work (benchmarks/RESULTS.md, 7B LoRA).
-Each program takes a CHUNK of one tensor; the table of (tensor, chunk) pairs and the address table are kept while
-the tensors stay where they are (the gradients usually come back to the same addresses), and rebuilt otherwise.
+Each program takes a CHUNK of one tensor; the address table is kept while the tensors stay where they are (the
+gradients usually come back to the same addresses) and rebuilt otherwise, the table of (tensor, chunk) pairs while
+their sizes do.
 Imported only where a step runs on CUDA tensors (or under TRITON_INTERPRET=1 in the tests): triton is a GPU
 dependency.
 """
@@ -143,11 +144,21 @@ def _tables(params, states, indices, device, cache: dict) -> tuple[torch.Tensor,
         rows.append((p.data_ptr(), c.data_ptr(), p.grad.data_ptr(), s["exp_avg"].data_ptr(),
                      s["exp_avg_sq"].data_ptr(), s["step"].data_ptr(), p.numel(), index))
     if cache.get("rows") != rows:
-        counts = [triton.cdiv(p.numel(), CHUNK) for p in params]
-        chunks = [(t, i) for t, count in enumerate(counts) for i in range(count)]
-        cache.update(rows=rows, tables=(_upload(torch.tensor(rows, dtype=torch.int64), device),
-                                        _upload(torch.tensor(chunks, dtype=torch.int32), device)))
-    return cache["tables"]
+        numels = [p.numel() for p in params]
+        if cache.get("numels") != numels:  # the pairs depend on the sizes only: kept when only addresses move
+            cache.update(numels=numels, chunks=_upload(chunk_pairs(numels), device))
+        cache.update(rows=rows, table=_upload(torch.tensor(rows, dtype=torch.int64), device))
+    return cache["table"], cache["chunks"]
+
+
+def chunk_pairs(numels: list[int]) -> torch.Tensor:
+    """(tensor, chunk) int32 pairs: every CHUNK of every tensor, in order. Built with tensor ops: a 0.5B model has
+    ~30k of them, and a Python list of them took 16-33 ms a rebuild (on steps where the gradients had moved)."""
+    counts = torch.tensor([triton.cdiv(n, CHUNK) for n in numels], dtype=torch.int64)
+    starts = torch.cumsum(counts, 0) - counts
+    tensor = torch.repeat_interleave(torch.arange(len(numels)), counts)
+    chunk = torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)
+    return torch.stack([tensor, chunk], 1).to(torch.int32)
 
 
 def _upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
