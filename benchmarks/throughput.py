@@ -28,7 +28,6 @@ Several GPUs: run one measuring process per GPU under torchrun, e.g. (benchmarks
 """
 import argparse
 import atexit
-import dataclasses
 import importlib.util
 import json
 import os
@@ -42,6 +41,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # the repo root: vftrain need not be installed on the GPU machine
+from memory_points import cap_card, memory_estimate  # noqa: E402
 from step_probes import Breakdown, host_profile, python_profile, sync, sync_report  # noqa: E402
 from trl_anchor import ARCHS, MIXES, VOCAB, make_rows, matmul_peak  # noqa: E402  (benchmarks/ is sys.path[0])
 
@@ -290,31 +290,6 @@ def measure(args):
             torch.distributed.all_gather_object(peaks, out["peak_mem_gib"])
             out["peak_mem_gib_per_rank"] = peaks
     return out, trainer
-
-
-def cap_card(gib: float, device: torch.device) -> None:
-    """Make this GPU act as one of `gib` GiB: the caching allocator refuses more (an OOM, as on the smaller card) and
-    vftrain's memory planning (`memory.card_bytes`, read before the first step) sees that size."""
-    from vftrain import memory
-
-    cap, full = int(gib * 2**30), torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / full), device)
-    real = memory.card_bytes
-    memory.card_bytes = lambda dev=None: min(real(dev), cap)
-
-
-def memory_estimate(trainer, tokens: int) -> dict:
-    """vftrain.memory's estimate of this run's peak at its largest micro-batch, to set beside the measured one."""
-    from vftrain import memory
-
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    plan = memory.plan_of(trainer.args, model)
-    # at the largest micro-batch the run formed; micro_batch_tokens is set here only to bound the estimate (1.25x the
-    # aimed tokens, rarely splitting a slot), so gradients accumulate only with gradient accumulation
-    plan = dataclasses.replace(plan, tokens=tokens, accumulates=trainer.args.gradient_accumulation_steps > 1)
-    parts = memory.estimate(model, plan)
-    return dict(memory_estimate_gib=round(memory.total(parts) / 2**30, 2),
-                memory_estimate_parts_gib={k: round(v / 2**30, 2) for k, v in parts.items()})
 
 
 CHECKPOINT_SECONDS = {}
