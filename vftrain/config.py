@@ -20,9 +20,9 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
-                                    _check_compile_layers, _check_deepspeed, _check_late_failures, _cuda, _fsdp_config_with_defaults, _integer, _jsonable,
-                                    _non_blocking_copies, _reporting_integrations, budgeted_micro_batch,
-                                    filled_micro_batch)
+                                    _check_compile_layers, _check_deepspeed, _check_late_failures, _cuda,
+                                    _fsdp_config_with_defaults, _integer, _jsonable, _non_blocking_copies,
+                                    _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")

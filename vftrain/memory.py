@@ -193,7 +193,7 @@ def plan_of(args, model, tokens: int | None = None) -> Plan:
     kwargs = args.gradient_checkpointing_kwargs or {}
     dtype = next(model.parameters()).dtype
     # compiled layers: inductor fuses the norms and SwiGLU as liger does (the 7B LoRA's peak measured alike)
-    liger = uses_liger(model) or bool(getattr(args, "compile_layers", False))
+    liger = uses_liger(model) or bool(args.compile_layers)
     varlen = getattr(model.config, "_attn_implementation", None) == attention.NAME
     return Plan(tokens=tokens or tokens_per_micro_batch(args), master_weights=args.master_weights,
                 use_lora=args.use_lora, lora_rank=args.lora_rank, lean_mlp=bool(args.lean_mlp),
