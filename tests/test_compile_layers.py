@@ -55,21 +55,36 @@ def _broken_backend(gm, example_inputs):
     raise RuntimeError("no code generator here")
 
 
-def test_a_layer_that_does_not_compile_runs_eagerly_unless_asked_for(caplog):
-    """Left unset, a compile failure warns once and the layers run eagerly (same logits); an explicit
-    compile_layers = true (strict) raises it."""
+def _backward_fails(gm, example_inputs):
+    """Traces and runs the forward as is; generating the backward's code fails."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=lambda fw, _: fw, bw_compiler=_broken_backend)(gm, example_inputs)
+
+
+@pytest.mark.parametrize("backend", [_broken_backend, _backward_fails], ids=["forward", "backward"])
+def test_a_layer_that_does_not_compile_runs_eagerly_unless_asked_for(caplog, backend):
+    """Left unset, a compile failure warns once and the layers run eagerly (same logits and gradients), also where
+    only the backward fails to compile (torch would otherwise raise that at the first backward, past the
+    fallback); an explicit compile_layers = true (strict) raises it at the forward."""
     torch._dynamo.reset()
     model = _tiny_model()
     eager = model(input_ids=IDS).logits
-    layers = CompiledLayers(model, backend=_broken_backend)
+    eager.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    layers = CompiledLayers(model, backend=backend)
     with caplog.at_level(logging.WARNING, logger="vftrain"), layers.active():
         out = model(input_ids=IDS).logits
+        out.sum().backward()
         model(input_ids=IDS)
     assert caplog.text.count("compile_layers: torch.compile failed") == 1
     torch.testing.assert_close(out, eager)
+    for p, grad in zip(model.parameters(), eager_grads):
+        torch.testing.assert_close(p.grad, grad)
     torch._dynamo.reset()
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed), CompiledLayers(
-            model, strict=True, backend=_broken_backend).active():
+            model, strict=True, backend=backend).active():
         model(input_ids=IDS)
 
 

@@ -70,8 +70,8 @@ def compile_applies(model, device: torch.device) -> bool:
 class CompiledLayers:
     """Each decoder layer of the models given, compiled (as `nn.Module.compile` would) but run compiled only inside
     `active()`: generation and decoding (KV caches, CUDA graphs of their own) keep the eager layers. Unless
-    `strict`, a layer torch.compile cannot compile (an error while tracing or generating code, before anything
-    runs) makes every layer eager from then on, with a warning."""
+    `strict`, a layer torch.compile cannot compile (an error while tracing or generating code for its forward or
+    its backward, before anything runs) makes every layer eager from then on, with a warning."""
 
     def __init__(self, *models, strict: bool = False, **compile_kwargs):
         self.compile_kwargs = {"dynamic": True, **compile_kwargs}
@@ -90,7 +90,10 @@ class CompiledLayers:
         def run(*args, **kwargs):
             if not self.failed:
                 try:
-                    return compiled(*args, **kwargs)
+                    # AOTAutograd otherwise compiles the backward lazily, or tries at the forward and on failure only
+                    # logs it: the error would then surface at the first backward, after the fallback's chance.
+                    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                        return compiled(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as exc:
                     if self.strict:
                         raise
