@@ -20,12 +20,19 @@ import logging
 from typing import Callable
 
 import torch
+import torch._functorch.config
 
 log = logging.getLogger("vftrain")
 
 # Below this many parameters `compile_layers` stays off unless asked for: compiling takes ~20-60 s at the first
 # forward (and again for a new model shape), more than a small model's run saves (benchmarks/RESULTS.md, session 36).
 COMPILE_FROM_PARAMETERS = 100_000_000
+
+# AOTAutograd otherwise compiles a backward lazily, or tries at the forward and on failure only logs it: the error
+# would then surface at the first backward, past CompiledLayers' fallback. The flag is absent before torch 2.7 or so
+# (2.6 lacks it, 2.11 has it); there the backward stays lazy.
+_BACKWARD_AT_FORWARD = ({"force_non_lazy_backward_lowering": True}
+                        if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering") else {})
 
 
 def cuda_compiled(fn: Callable) -> Callable:
@@ -90,9 +97,7 @@ class CompiledLayers:
         def run(*args, **kwargs):
             if not self.failed:
                 try:
-                    # AOTAutograd otherwise compiles the backward lazily, or tries at the forward and on failure only
-                    # logs it: the error would then surface at the first backward, after the fallback's chance.
-                    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                    with torch._functorch.config.patch(_BACKWARD_AT_FORWARD):
                         return compiled(*args, **kwargs)
                 except torch._dynamo.exc.TorchDynamoException as exc:
                     if self.strict:
