@@ -11,7 +11,7 @@ import os
 import datasets
 
 import vftrain as vf
-from conftest import TINY, addition_rows, small_config
+from conftest import TINY, addition_rows, small_config, tiny_tokenizer
 import vftrain.sampling.embedded  # noqa: F401  (vf.sampling.embedded below)
 from vftrain.sampling.callback import SampleCallback
 
@@ -102,3 +102,30 @@ def test_server_down_is_logged_and_skipped(tmp_path, caplog):
         trainer.train()
     assert trainer.state.global_step == 2
     assert any("sampling at step 2 skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_greedy_generation_ignores_the_checkpoints_sampling_defaults():
+    """A checkpoint's generation_config (Qwen ships repetition_penalty 1.05 and top_k 20; here harsher, plus a
+    minimum length and beams) does not reach held-out or sample generations: greedy completions are the argmax of
+    each step's logits, and the model keeps its config (saved checkpoints carry it on)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vftrain.data.render import stop_token_ids
+    from vftrain.sampling.embedded import encode_prompt, generate_ids
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(TINY), tiny_tokenizer()
+    hostile = dict(repetition_penalty=5.0, top_k=3, min_new_tokens=6, no_repeat_ngram_size=2, num_beams=2)
+    model.generation_config.update(**hostile)
+    stops = stop_token_ids(tokenizer)
+    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in addition_rows(6)]
+    got = generate_ids(model, prompts, 8, stops, tokenizer.pad_token_id)
+    for prompt, sample in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] in stops:
+                    break
+        assert sample.completion_ids == ids[len(prompt):]
+    assert {k: getattr(model.generation_config, k) for k in hostile} == hostile

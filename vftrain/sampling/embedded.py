@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from vftrain.attention import for_generation
@@ -46,7 +48,9 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids,
                  logprobs: bool = False) -> list[Sample]:
     """One completion per prompt (token ids) through `model.generate`: greedy at temperature 0, else sampled.
 
-    Each completion ends with its stop token ("stop") or after `max_new_tokens` ("length"). `logprobs`: also
+    Each completion ends with its stop token ("stop") or after `max_new_tokens` ("length"), chosen as asked and
+    nothing else: the checkpoint's generation_config (Qwen: top_k 20, repetition_penalty 1.05) does not apply
+    (`_asked_only`). `logprobs`: also
     the log-probability of each token under the scores it was chosen from (the logits after generate's
     processors, as vLLM's processed logprobs of a greedy request); otherwise `Sample.logprobs` is empty.
     RL sampling with the sampler's own logprobs is `vftrain.sampling.tokens.sample`.
@@ -57,7 +61,7 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids,
     stops = set(stop_ids)
     out: list[Sample] = []
     try:
-        with for_generation(model):
+        with for_generation(model), _asked_only(model):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 width = max(len(ids) for ids in chunk)
@@ -82,3 +86,26 @@ def generate_ids(model, prompts: list[list[int]], max_new_tokens: int, stop_ids,
     finally:
         model.train(was_training)
     return out
+
+
+@contextlib.contextmanager
+def _asked_only(model):
+    """`model.generate` with a plain generation config: transformers fills every field a call leaves unset from the
+    model's `generation_config` (`GenerationMixin._prepare_generation_config`), so a checkpoint's repetition penalty
+    (which also penalises the prompt's end-of-turn token), top-k, beam count or minimum length would reach greedy
+    held-out generations and samples, which then neither are greedy nor match vLLM's (pinned neutral:
+    `openai_backend.NEUTRAL_SAMPLING`). The config is swapped on the transformers model that runs `generate` (under
+    a peft wrapper too) and restored after; saved checkpoints keep theirs."""
+    from transformers import GenerationConfig, GenerationMixin
+
+    target = next((m for m in model.modules() if isinstance(m, GenerationMixin)), None)
+    if target is None:
+        yield
+        return
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(
+        **{k: getattr(saved, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    try:
+        yield
+    finally:
+        target.generation_config = saved
