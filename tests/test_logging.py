@@ -8,7 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vftrain.logging import RichProgressCallback, curve_panels, plot_curves, setup_console_logging
+from vftrain.logging import (MetricsFileCallback, RichProgressCallback, curve_panels, plot_curves, read_metrics,
+                             setup_console_logging)
 
 LOGS = {"loss": 2.25101, "eval_loss": 2.5, "token_accuracy": 0.44, "learning_rate": 3e-3, "grad_norm": 1.25,
         "tokens_per_second": 83050.0, "mfu": 0.361, "peak_memory_gib": 71.5}
@@ -66,3 +67,16 @@ def test_total_flos_is_transformers_estimate_over_every_forward(tmp_path):
     assert len(tokens) > 2  # the 64-token budget split the 8-row micro-batches
     expected = 6 * sum(tokens) * trainer.model.num_parameters(exclude_embeddings=True)
     assert trainer.state.total_flos == pytest.approx(expected, rel=1e-6)
+
+
+def test_metrics_file_is_strict_json_with_a_nan_loss(tmp_path):
+    """A skipped step's NaN loss was written as a bare NaN, which strict JSON readers (JavaScript, jq) reject."""
+    import json
+
+    args = SimpleNamespace(output_dir=str(tmp_path))
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3)
+    MetricsFileCallback().on_log(args, state, None, logs={"loss": float("nan"), "grad_norm": float("inf"), "lr": 1.0})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c}")) == \
+        {"step": 3, "loss": None, "grad_norm": None, "lr": 1.0}
+    assert read_metrics(str(tmp_path / "metrics.jsonl"))[0]["loss"] is None

@@ -219,6 +219,48 @@ def test_trl_shaped_reward_gets_the_batch_and_the_rows_columns(tmp_path):
     assert step["reward"] == pytest.approx(sum(r["reward"] for r in rollouts) / 8) and step["reward"] >= 0.5
 
 
+# ---- 7b. None / NaN: the function does not score that completion (TRL's rule), for either shape
+def test_a_function_that_does_not_score_a_completion_adds_nothing_and_is_averaged_over_the_rest(tmp_path, caplog):
+    """A pair-shaped function returning None (a traceback before) or NaN (before: every advantage of its group NaN,
+    then "the loss became NaN") and a TRL-shaped one returning None (before: counted as 0 in its logged mean) add
+    nothing to the reward; each function's mean and pass rate are over the completions it scored; rollouts.jsonl
+    says null; a completion no function scores gets 0, with a warning; the run trains on."""
+    import math
+
+    def odd_only(completion: str, reference: str):  # scores every other call
+        odd_only.calls += 1
+        return 2.0 if odd_only.calls % 2 else (None if odd_only.calls % 4 else math.nan)
+    odd_only.calls = 0
+
+    def trl_half(prompts, completions, **kwargs):
+        return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+    trainer = _rl(tmp_path, [odd_only, trl_half], reward_weights=[1.0, 3.0], max_steps=2)
+    with caplog.at_level("WARNING", logger="vftrain"):
+        trainer.train()
+    steps = [r for r in _logged(tmp_path / "out") if "reward" in r]
+    rollouts = _rollouts(tmp_path / "out")
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in _logged(tmp_path / "out") if "loss" in r)
+    for step in steps:
+        assert (step["reward/odd_only"], step["pass_rate/odd_only"]) == (2.0, 1.0)
+        assert (step["reward/trl_half"], step["pass_rate/trl_half"]) == (1.0, 1.0)
+    for i, r in enumerate(rollouts[:8]):
+        mine = r["rewards"]
+        assert mine["trl_half"] == (None if i % 2 else 1.0) and mine["odd_only"] == (2.0 if i % 2 == 0 else None)
+        assert r["reward"] == (5.0 if i % 2 == 0 else 0.0)
+    assert "4 of 8 completions were scored by no reward function (odd_only, trl_half" in caplog.text
+
+
+def test_a_reward_that_is_no_number_is_a_one_line_error_naming_the_function():
+    from vftrain.rewards import score
+
+    def says(completion: str, reference: str):
+        return "yes"
+
+    with pytest.raises(ConfigError, match=r"reward function 'says' returned 'yes' \(str\); a reward is a number"):
+        score(resolve_rewards([says]), None, ["a"], ["b"])
+
+
 # ---- 8. sample panels of tool conversations
 WEATHER = {"prompt": [{"role": "user", "content": "Weather in Roma?"}],
            "completion": [{"role": "assistant", "content": "",

@@ -25,7 +25,7 @@ import vftrain as vf
 from conftest import ROOT, addition_rows, small_config
 from rl_worker import config as rl_config
 from rl_worker import digits
-from vftrain.errors import SamplerError
+from vftrain.errors import ConfigError, SamplerError
 from vftrain.lora import adapter_dtype
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING, OpenAIBackend
 from vftrain.serve import ModelHost, serve
@@ -195,6 +195,16 @@ def test_a_push_that_did_not_land_stops_the_run(server, checkpoint, tmp_path, mo
     with pytest.raises(SamplerError, match="does not serve the weights of step 1.*stale rollouts"):
         trainer.train()
     assert sorted(_records(tmp_path / "out")) == [1]  # step 1 trained on step 0's weights, as served
+
+
+def test_a_server_context_shorter_than_the_longest_rollout_is_refused(vllm_url, checkpoint, tmp_path):
+    """The module's vLLM has --max-model-len 128. It shortened each request's max_tokens to what that left after the
+    prompt, without an error: rollouts ended early, logged as cut by max_new_tokens. Now refused before a step."""
+    trainer = _rl(checkpoint, tmp_path / "out", vllm_url, max_steps=1, max_new_tokens=120, max_seq_len=144)
+    with pytest.raises(ConfigError, match=r"max_model_len 128, less than the longest rollout \(max_prompt_len 24 \+ "
+                                          r"max_new_tokens 120 = 144 tokens\).*--max-model-len 144 or more"):
+        trainer.train()
+    assert not (tmp_path / "out" / "rollouts.jsonl").exists()
 
 
 def test_sft_sample_panels_through_the_server(server, checkpoint, tmp_path, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -96,6 +97,9 @@ def trim_log(path: str, step: int) -> None:
 
 
 def _plain(value):
+    """A JSON value: NaN and infinity (a skipped step's loss) are null, which strict JSON readers accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
 
 

@@ -5,7 +5,10 @@
   arguments, as TRL calls it (`GRPOTrainer._calculate_rewards`): `prompts` (messages or strings),
   `completions` (`[{"role": "assistant", "content": text}]` for message prompts, else the text), `completion_ids`,
   `trainer_state`, and every other column of the rows (all but prompt / completion / messages) as one list each.
-  A None score (TRL: the function does not apply to that row) adds nothing to the reward, as in TRL's nansum.
+
+Either shape may return None (or NaN) for a completion: that function does not score it (TRL: it does not apply to
+that row). It then adds nothing to the reward, as in TRL's nansum; a completion no function scores gets reward 0,
+with a warning (TRL's rule). Each function's logged mean is over the completions it scored (`function_means`).
 
 `resolve_rewards` turns config entries ('exact_match', 'package.module:function', 'path/to/file.py:function') and
 callables into `Reward`s under unique names; `score` weighs them into the reward.
@@ -17,6 +20,8 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import logging
+import math
 import os
 import re
 import sys
@@ -25,6 +30,8 @@ from typing import Any, Callable
 import numpy as np
 
 from vftrain.errors import ConfigError
+
+log = logging.getLogger("vftrain")
 
 PAIR = "fn(completion: str, reference: str) -> float"
 TRL = "fn(prompts, completions, **kwargs) -> list[float]"
@@ -52,10 +59,10 @@ class Reward:
     def __call__(self, completions: list[str], references: list[str], prompts: list | None = None,
                  rows: list[dict] | None = None, completion_ids: list | None = None, trainer_state: Any = None
                  ) -> np.ndarray:
-        """One score per completion; `prompts`, `rows` (the other columns), `completion_ids` and `trainer_state`
-        are what a TRL-shaped function receives."""
+        """One score per completion (NaN: not scored, the function returned None or NaN); `prompts`, `rows` (the
+        other columns), `completion_ids` and `trainer_state` are what a TRL-shaped function receives."""
         if not self.batched:
-            return np.array([float(self.fn(c, r)) for c, r in zip(completions, references, strict=True)])
+            return np.array([self._number(self.fn(c, r)) for c, r in zip(completions, references, strict=True)])
         n, rows, prompts = len(completions), rows or [{}] * len(completions), prompts or [None] * len(completions)
         kwargs = {k: [row.get(k) for row in rows] for k in dict.fromkeys(k for row in rows for k in row)}
         kwargs.update(prompts=prompts, completion_ids=completion_ids, trainer_state=trainer_state,
@@ -68,7 +75,16 @@ class Reward:
         if len(out) != n:
             raise ConfigError(f"reward function {self.name!r} returned {len(out)} scores for {n} completions; a "
                               f"TRL-shaped {TRL} returns one per completion")
-        return np.array([0.0 if x is None else float(x) for x in out])
+        return np.array([self._number(x) for x in out])
+
+    def _number(self, value) -> float:
+        if value is None:
+            return math.nan
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"reward function {self.name!r} returned {value!r} ({type(value).__name__}); a reward "
+                              "is a number, or None where the function does not score the completion") from None
 
     def check_columns(self, columns) -> None:
         """A TRL-shaped function's required arguments must be columns of the rows (or what TRL passes)."""
@@ -105,12 +121,22 @@ def resolve_rewards(spec) -> dict[str, Reward]:
 
 def score(rewards: dict[str, Reward], weights: list[float] | None, completions: list[str], references: list[str],
           **inputs) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """(reward per completion [n], score per function {name: [n]}): reward = sum of weight x score. `inputs`: what
-    TRL-shaped functions also receive (`Reward.__call__`)."""
+    """(reward per completion [n], score per function {name: [n], NaN where it did not score}): reward = sum of
+    weight x score over the functions that scored the completion. `inputs`: what TRL-shaped functions also receive
+    (`Reward.__call__`)."""
     per_func = {name: reward(completions, references, **inputs) for name, reward in rewards.items()}
     weights = [1.0] * len(per_func) if weights is None else weights
-    total = sum((w * v for w, v in zip(weights, per_func.values(), strict=True)), np.zeros(len(completions)))
-    return np.asarray(total, dtype=np.float64), per_func
+    scores = np.array(list(per_func.values()), dtype=np.float64).reshape(len(per_func), len(completions))
+    unscored = int(np.isnan(scores).all(axis=0).sum())
+    if unscored:
+        log.warning("%d of %d completions were scored by no reward function (%s returned None or NaN); their reward "
+                    "is 0", unscored, len(completions), ", ".join(per_func))
+    return np.nansum(np.asarray(weights, dtype=np.float64).reshape(-1, 1) * scores, axis=0), per_func
+
+
+def function_means(per_func: dict[str, np.ndarray]) -> dict[str, float]:
+    """Each function's mean score over the completions it scored; a function that scored none is left out."""
+    return {name: float(np.nanmean(v)) for name, v in per_func.items() if len(v) and not np.isnan(v).all()}
 
 
 def _callable_name(fn) -> str:

@@ -17,7 +17,7 @@ from vftrain.data.pack import epoch_order
 from vftrain.data.load import plain_row
 from vftrain.data.render import RowError, lost_characters, parse_tools, render_prompt
 from vftrain.errors import DataError
-from vftrain.rewards import reward_columns
+from vftrain.rewards import function_means, reward_columns
 from vftrain.sampling.tokens import Sample
 
 log = logging.getLogger("vftrain")
@@ -157,9 +157,10 @@ def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray,
            "advantage_abs_mean": np.abs(advantages).mean(),
            "completion_len": lengths.mean(), "completion_len_max": int(lengths.max()),
            "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples]))}
-    for name, values in per_func.items():
-        out[f"reward/{name}"] = values.mean()
-        out[f"pass_rate/{name}"] = float((values >= 1.0).mean())
+    for name, mean in function_means(per_func).items():  # over the rollouts each function scored
+        scored = per_func[name][~np.isnan(per_func[name])]
+        out[f"reward/{name}"] = mean
+        out[f"pass_rate/{name}"] = float((scored >= 1.0).mean())
     return {k: float(v) for k, v in out.items()}
 
 
@@ -175,7 +176,8 @@ def rollout_records(step: int, prompts: list, texts: list[str], samples: list[Sa
         lines.append(json.dumps({"step": step, "prompt": prompt, "completion": text,
                                  **({"reference": references[i]} if references[i] else {}),
                                  "reward": float(rewards[i]),
-                                 "rewards": {k: float(v[i]) for k, v in per_func.items()},
+                                 "rewards": {k: None if np.isnan(v[i]) else float(v[i])  # None: not scored
+                                             for k, v in per_func.items()},
                                  "advantage": float(advantages[i]), "finish_reason": sample.finish_reason,
                                  **({"policy_step": policy_step} if policy_step is not None else {}),
                                  "completion_tokens": sampled_tokens(sample),

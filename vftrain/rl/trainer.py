@@ -289,7 +289,7 @@ class RLTrainer(VFTrainer):
         everything = gather_object(local) if self.args.world_size > 1 else local
         rewards = np.array([x[3] for x in everything])
         names = dict.fromkeys(k for x in everything for k in x[4])  # an environment's functions may vary by task
-        per_func = {k: np.array([x[4].get(k, 0.0) for x in everything]) for k in names}
+        per_func = {k: np.array([x[4].get(k, np.nan) for x in everything]) for k in names}  # NaN: not scored
         advantages = np.array([x[5] for x in everything])
         samples = [x[2] for x in everything]
         self.stats.add_rollouts(R.rollout_metrics(rewards, per_func, advantages, samples,

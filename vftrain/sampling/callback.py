@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.panel import Panel
 from transformers import TrainerCallback
 
-from vftrain.rewards import resolve_rewards, reward_columns, score
+from vftrain.rewards import function_means, resolve_rewards, reward_columns, score
 from vftrain.sampling import ChatPrompt, prompt_and_reference
 
 log = logging.getLogger("vftrain")
@@ -76,7 +76,7 @@ class SampleCallback(TrainerCallback):
         total, per_func = score(self.rewards, self.weights, list(completions), [ref for _, ref in self.pairs],
                                 prompts=prompts, rows=self.columns, trainer_state=self.trainer.state,
                                 completion_ids=[tokenizer.encode(c, add_special_tokens=False) for c in completions])
-        metrics = {f"eval/reward/{name}": float(values.mean()) for name, values in per_func.items()}
+        metrics = {f"eval/reward/{name}": mean for name, mean in function_means(per_func).items()}
         return {**metrics, "eval/reward": float(total.mean())}
 
     def _show(self, step: int, completions: list[str]) -> None:

@@ -65,7 +65,7 @@ class HeldOutGenerations:
     def _score_held_out(self, result: dict, rewards: dict, rows, pairs, completions) -> None:
         """Add the run's weighted reward ("reward") and each function's mean ("reward_funcs") to `result`, and
         each generation's reward, scored with the inputs rollouts are scored with (`RLTrainer._scored_rollouts`)."""
-        from vftrain.rewards import reward_columns, score
+        from vftrain.rewards import function_means, reward_columns, score
 
         encode = self.processing_class.encode
         total, per_func = score(rewards, self.args.reward_weights, list(completions), [ref for _, ref in pairs],
@@ -73,7 +73,7 @@ class HeldOutGenerations:
                                 rows=[reward_columns(r) for r in rows], trainer_state=self.state,
                                 completion_ids=[encode(c, add_special_tokens=False) for c in completions])
         result["reward"] = float(total.mean()) if len(total) else 0.0
-        result["reward_funcs"] = {name: float(v.mean()) if len(v) else 0.0 for name, v in per_func.items()}
+        result["reward_funcs"] = function_means(per_func)
         for generation, value in zip(result["generations"], total):
             generation["reward"] = float(value)
 

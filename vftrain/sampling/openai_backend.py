@@ -31,7 +31,7 @@ import threading
 import time
 
 from vftrain.data.render import stop_token_ids
-from vftrain.errors import SamplerError
+from vftrain.errors import ConfigError, SamplerError
 from vftrain.models import served_model
 from vftrain.sampling import Completion
 from vftrain.sampling.embedded import encode_prompt
@@ -62,8 +62,6 @@ class OpenAIBackend:
         try:
             import openai
         except ImportError:
-            from vftrain.errors import ConfigError
-
             raise ConfigError("sample_backend = 'openai' needs the openai client: pip install 'vftrain[serve]'") \
                 from None
         self.trainer = trainer
@@ -87,6 +85,7 @@ class OpenAIBackend:
         self.expected = None  # (step, the trainer's probe logprobs) of the weights saved last
         self.previous_expected = None  # the trainer's probe logprobs of the weights saved before those
         self.pushed_step: int | None = None
+        self.context_checked = False
 
     def __call__(self, prompts: list, step: int) -> list[str]:
         name = self.push_weights(step)
@@ -105,6 +104,7 @@ class OpenAIBackend:
         weights are served already (RL pushes before each round: `rl/pipeline.py`, whose rounds may run on a worker
         thread, which must take no part in the processes' collectives)."""
         name = self.push_weights(step, everyone=self.trainer.args.world_size > 1) if push else self._name(step)
+        self._check_context(name)
         body = {"model": name, "n": n, "max_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
                 "logprobs": 0, "extra_body": {**NEUTRAL_SAMPLING, "return_token_ids": True,
                                               "stop_token_ids": sorted(stop_ids)}}
@@ -117,6 +117,26 @@ class OpenAIBackend:
         """The part of a sampling round that the other processes run when the weights are sharded: their share
         of gathering the weights for the save."""
         self._save(step)
+
+    def _check_context(self, name: str) -> None:
+        """Once per process: the server's context holds the run's longest rollout. vLLM shortens a request's
+        max_tokens to what its context (`--max-model-len`) leaves after the prompt, without an error: rollouts
+        would end early and be counted as cut by max_new_tokens. vLLM's /v1/models says the length
+        (`max_model_len`); a server that does not is not checked."""
+        if self.context_checked:
+            return
+        listed = self._get("/models")
+        models = [m for m in (listed.get("data") if isinstance(listed, dict) else None) or [] if isinstance(m, dict)]
+        entry = next((m for m in models if m.get("id") == name), models[0] if models else {})
+        context, args = entry.get("max_model_len"), self.trainer.args
+        self.context_checked = True
+        if isinstance(context, int) and context < args.longest_row():
+            longest = "max_seq_len" if args.env else \
+                f"max_prompt_len {args.max_prompt_len} + max_new_tokens {args.max_new_tokens}"
+            raise ConfigError(f"{self.base_url} serves {name!r} with max_model_len {context}, less than the longest "
+                              f"rollout ({longest} = {args.longest_row()} tokens): vLLM would end rollouts early "
+                              f"without an error; start it with --max-model-len {args.longest_row()} or more "
+                              "(vllm_args with vllm_python), or lower max_new_tokens or max_prompt_len")
 
     # ---- weights
     def push_weights(self, step: int, everyone: bool = False) -> str:
@@ -262,7 +282,8 @@ class OpenAIBackend:
             was = "" if before is None else f", {before:.3g} from the previous push's"
             raise SamplerError(f"{self.base_url} does not serve the weights of step {step}: its logprobs of a "
                                f"probe text are {gap:.3g} nats (mean) from the trainer's{was}; the weight push did "
-                               "not land or the server restarted. Stopped rather than train on stale rollouts")
+                               "not land, the server restarted, or it still holds the weights an earlier "
+                               "full-weight run pushed (restart it). Stopped rather than train on stale rollouts")
 
     async def _probe(self, name: str, deadline: float):
         """The server's float logprobs of the probe text's tokens (vLLM's `prompt_logprobs`), as a tensor."""
