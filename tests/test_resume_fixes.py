@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 
 from transformers import TrainerCallback
 
@@ -180,7 +181,8 @@ def _rl(tmp_path, max_steps, **overrides):
 @pytest.mark.parametrize("kind", ["sft", "rl"])
 def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog, kind):
     make = (lambda **kw: _sft(tmp_path, **kw)) if kind == "sft" else (lambda **kw: _rl(tmp_path, 2, **kw))
-    make().train()
+    first = make()
+    first.train()
     run = tmp_path / "out"
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     again = make(resume_from_checkpoint="latest")
@@ -188,6 +190,9 @@ def test_resuming_a_finished_run_trains_nothing(tmp_path, caplog, kind):
     with caplog.at_level("INFO", logger="vftrain"):
         again.train()
     assert steps == [] and again.state.global_step == 2
+    # the checkpoint's weights, not the start's: a save_model() after train() saved the untrained model before
+    trained = first.model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in again.model.state_dict().items())
     assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert "checkpoint-2 is step 2 of 2: the run is finished, nothing to train" in caplog.text
 
@@ -203,6 +208,26 @@ def test_a_requeued_finished_cli_run_exits_0_and_rewrites_nothing(tmp_path, caps
     assert code == 0, err[-2000:]
     assert "the run is finished, nothing to train" in out + err and "held-out exact-match" not in out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()} == files
+
+
+def test_a_requeued_run_killed_after_its_last_checkpoint_saves_its_model(tmp_path, capsys):
+    """Killed after the last checkpoint but before the final save (a 7B save, a merge and held-out generation take
+    minutes): the requeue said "finished", exited 0 and left no model. Now it saves the checkpoint's weights and
+    runs the held-out generation."""
+    from safetensors.torch import load_file
+
+    run = tmp_path / "out"
+    latest = ("--sft.resume_from_checkpoint", "latest", "--sft.save_steps", "2", "--sft.eval_size", "8",
+              "--sft.eval_generation_rows", "2", "--sft.max_new_tokens", "2")
+    assert _cli(tmp_path, capsys, *latest)[0] == 0
+    for name in ("model.safetensors", "held_out-step2.json"):
+        (run / name).unlink()  # as if killed after checkpoint-2 was published
+    code, out, err = _cli(tmp_path, capsys, *latest)
+    assert code == 0, err[-2000:]
+    assert "has no final model: saving it from" in out + err and "held-out exact-match" in out
+    saved, final = load_file(run / "model.safetensors"), load_file(run / "checkpoint-2" / "model.safetensors")
+    assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
+    assert (run / "held_out-step2.json").exists() and _logged(run) == [1, 2]
 
 
 # ---- 7. a resumed RL run's rollouts.jsonl is trimmed with metrics.jsonl, before the first step

@@ -132,6 +132,12 @@ def finished(args, folder: str | None) -> bool:
     return True
 
 
+def has_final_model(run_dir: str) -> bool:
+    """Whether `run_dir` holds the model a finished run saves beside its checkpoints (weights or an adapter)."""
+    return os.path.isdir(run_dir) and any(name.endswith(_WEIGHTS) and name != "training_args.bin"
+                                          for name in os.listdir(run_dir))
+
+
 def run_outputs(run_dir: str) -> list[str]:
     """Names of the entries of `run_dir` that a run wrote (checkpoints, logs, plots, held-out generations, a model)."""
     if not os.path.isdir(run_dir):

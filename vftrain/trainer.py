@@ -218,12 +218,16 @@ class VFTrainer(HeldOutGenerations, Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
         reads neither): a checkpoint folder, or 'latest' (or True), the newest checkpoint in output_dir or a fresh
-        start when there is none, as vf-sft reads it. A checkpoint that ends the run trains nothing (logged). Out of
-        GPU memory, the finished steps are saved (one process)
-        and the error names the settings to change."""
+        start when there is none, as vf-sft reads it. A checkpoint that ends the run trains nothing (logged) and
+        loads its weights, so that `save_model()` saves those. Out of GPU memory, the finished steps are saved (one
+        process) and the error names the settings to change."""
         resume = self.resume_point(resume_from_checkpoint)
         if checkpoint.finished(self.args, resume):
+            if self.sharded:  # transformers loads sharded weights only into the engine its training loop builds
+                raise ConfigError(f"{resume} ends the run; with sharded weights (FSDP, DeepSpeed) train() cannot load "
+                                  f"them without training: its model folder is {resume} (from_pretrained loads it)")
             self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            self._load_from_checkpoint(resume)
             return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
         self.start_run(resume)
         self._warn_on_data_changes(resume)

@@ -113,13 +113,17 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
     if trainer_cls is None:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
-    from vftrain.checkpoint import check_output_dir, finished
+    from vftrain.checkpoint import check_output_dir, finished, has_final_model
 
     setup_console_logging()
     resume = resume_point(config)
-    if finished(config, resume):  # a requeued finished job: its model, merge and held-out generation stay as they are
-        _close_process_group()
-        return 0
+    if finished(config, resume):
+        if has_final_model(config.output_dir):  # a requeued finished job: its model, merge and held-out generation
+            _close_process_group()              # stay as they are
+            return 0
+        # killed after its last checkpoint, before the model was saved: the run is wrapped up from that checkpoint
+        logging.getLogger("vftrain").info("%s has no final model: saving it from %s, then what follows a run",
+                                          config.output_dir, resume)
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
     with launch(config, model) if launch is not None else contextlib.nullcontext():  # stopped on return and error
         return _train(model, config, trainer_cls, before, resume)
