@@ -230,6 +230,25 @@ def test_a_requeued_run_killed_after_its_last_checkpoint_saves_its_model(tmp_pat
     assert (run / "held_out-step2.json").exists() and _logged(run) == [1, 2]
 
 
+@pytest.mark.parametrize("first, then, change", [
+    ((), ("--sft.use_lora", "true"), "use_lora: False -> True"),
+    (("--sft.use_lora", "true"), ("--sft.use_lora", "false"), "use_lora: True -> False"),
+    (("--sft.use_lora", "true"), ("--sft.use_lora", "true", "--sft.lora_rank", "16"), "lora_rank: 8 -> 16"),
+])
+def test_a_resume_with_other_model_settings_is_one_line_error(tmp_path, capsys, first, then, change):
+    """Before: transformers' tracebacks (an optimizer group of another size, no checkpoint index, a size mismatch
+    of lora_A), after the model was loaded and the data tokenized. Now refused first, naming the change; the
+    API's train() refuses it too."""
+    assert _cli(tmp_path, capsys, "--sft.save_steps", "2", *first)[0] == 0
+    code, _, err = _cli(tmp_path, capsys, "--sft.resume_from_checkpoint", "latest", *then, steps=4)
+    assert code == 2 and _one_error_line(err)
+    assert f"checkpoint-2 was saved with other model settings than this run's ({change}); resume with" in err
+    lora = dict(zip(then[::2], then[1::2])).get("--sft.lora_rank")
+    args = small_config(tmp_path, max_steps=4, use_lora=then[1] == "true", **({"lora_rank": int(lora)} if lora else {}))
+    with pytest.raises(ConfigError, match="other model settings"):
+        vf.SFTTrainer(model=TINY, train_dataset=_rows(), args=args).train(resume_from_checkpoint="latest")
+
+
 # ---- 7. a resumed RL run's rollouts.jsonl is trimmed with metrics.jsonl, before the first step
 def test_resumed_rl_run_trims_rollouts_with_metrics_at_its_start(tmp_path):
     _rl(tmp_path, 2, save_steps=1).train()

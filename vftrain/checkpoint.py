@@ -36,6 +36,11 @@ DATA_FIELDS = ("dataset", "dataset_split", "batch_size", "max_seq_len", "long_ro
                "rollouts_per_example", "max_prompt_len")  # the last two: which prompts an RL step takes
 
 
+# Settings that decide which parameters train, and their shapes or scale: a resume must keep them (the lora_* ones
+# between two LoRA runs).
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_target_modules", "lora_modules_to_save", "lora_use_rslora")
+
+
 def staging_dir(run_dir: str) -> str:
     return os.path.join(run_dir, STAGING)
 
@@ -94,16 +99,36 @@ def gathered_state_dict(model, dtype, keep: bool) -> dict:
 def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
     """`what: saved -> now` for each setting that decides the training rows and differs from the checkpoint's
     resolved config (empty when the checkpoint has none)."""
-    path = os.path.join(checkpoint_dir, "vftrain_config.json")
-    if not os.path.exists(path):
-        return []
-    with open(path) as fh:
-        saved = json.load(fh).get("config", {})
-    changes = [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in DATA_FIELDS
-               if f in saved and saved[f] != config.get(f)]
+    saved = _saved_config(checkpoint_dir)
+    changes = _changes(saved, config, DATA_FIELDS)
     if _held_out(saved) != _held_out(config):
         changes.append(f"rows held out of training for samples: {_held_out(saved)} -> {_held_out(config)}")
     return changes
+
+
+def check_same_model(args, resume: str | None) -> None:
+    """Refuse (ConfigError) a resume whose settings make another set of trained parameters than the checkpoint's
+    (full weights vs LoRA, another rank or target modules, another scale): its weights and optimizer state would
+    not load (transformers' traceback) or would train another function."""
+    saved, now = (_saved_config(resume) if resume else {}), args.to_dict()
+    both_lora = saved.get("use_lora") and now.get("use_lora") and now.get("lora_config") is None
+    changes = _changes(saved, now, ("use_lora", *(LORA_FIELDS if both_lora else ())))
+    if changes:
+        raise ConfigError(f"{resume} was saved with other model settings than this run's ({'; '.join(changes)}); "
+                          "resume with the checkpoint's, or start a new run (another run_name or output_dir)")
+
+
+def _saved_config(checkpoint_dir: str) -> dict:
+    """The resolved config saved with a checkpoint (empty when it has none)."""
+    path = os.path.join(checkpoint_dir, "vftrain_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as fh:
+        return json.load(fh).get("config", {})
+
+
+def _changes(saved: dict, config: dict, fields) -> list[str]:
+    return [f"{f}: {saved[f]!r} -> {config.get(f)!r}" for f in fields if f in saved and saved[f] != config.get(f)]
 
 
 def _held_out(config: dict) -> int:
@@ -149,6 +174,7 @@ def run_outputs(run_dir: str) -> list[str]:
 def check_output_dir(args, resume) -> None:
     """Refuse (ConfigError) what would mix two runs in `args.output_dir`: a new run (`resume` None: no resume asked,
     or 'latest' with no checkpoint to continue) where another run left outputs, unless `overwrite_output_dir`."""
+    check_same_model(args, resume)
     run_dir, found = args.output_dir, run_outputs(args.output_dir)
     if not found or _continued_step(args, resume) is not None or args.overwrite_output_dir:
         return

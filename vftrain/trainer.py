@@ -229,6 +229,7 @@ class VFTrainer(HeldOutGenerations, Trainer):
             self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
             self._load_from_checkpoint(resume)
             return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
+        checkpoint.check_same_model(self.args, resume)
         self.start_run(resume)
         self._warn_on_data_changes(resume)
         if resume is not None:
