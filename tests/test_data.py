@@ -223,3 +223,28 @@ def test_split_conversations_are_reported_with_their_growth():
            f"+2 rows, +{report.split_tokens} tokens" in report.lines()
     kept, report = tokenize_dataset(_dataset([multi, single, multi]), tok, max_seq_len=256, split_turns=False)
     assert len(kept) == 1 and list(report.dropped.values()) == [(2, 0)]
+
+
+def test_tokenized_rows_made_for_transformers_trainer_train_what_their_labels_say():
+    """Rows padded for transformers' Trainer: `labels` -100 on the prompt and padding, `attention_mask` 0 on the
+    padding. Both columns were ignored: every token trained, the prompt and the padding too. Now the labels are the
+    mask, the padding is dropped, and labels that are not the row's own tokens, or holes inside the attention mask,
+    drop the row with their reason."""
+    from vftrain.data.render import Renderer
+
+    pad, ids = 0, [5, 6, 7, 8, 9]
+    good = {"input_ids": ids + [pad] * 3, "attention_mask": [1] * 5 + [0] * 3,
+            "labels": [-100, -100, 7, 8, 9] + [-100] * 3}
+    render = Renderer(tiny_tokenizer(), "tokenized")
+    assert render(good) == [{"input_ids": ids, "loss_mask": [0, 0, 1, 1, 1]}]
+    left = {"input_ids": [pad, pad] + ids, "attention_mask": [0, 0] + [1] * 5, "assistant_masks": [0, 0, 0, 1, 1, 1, 1]}
+    assert render(left) == [{"input_ids": ids, "loss_mask": [0, 1, 1, 1, 1]}]
+    shifted = {**good, "labels": [-100, 7, 8, 9, -100, -100, -100, -100]}
+    holes = {**good, "attention_mask": [1, 0, 1, 1, 1, 0, 0, 0]}
+    for bad, reason in ((shifted, "labels differ from input_ids"), (holes, "masks tokens inside the row")):
+        with pytest.raises(Exception, match=reason):
+            render(bad)
+    kept, report = tokenize_dataset(_dataset([good, good, shifted]), tiny_tokenizer(), max_seq_len=64)
+    assert len(kept) == 2 and list(report.dropped) == ["labels differ from input_ids where they train: give "
+                                                       "transformers' unshifted labels (input_ids, -100 where not "
+                                                       "trained), or a loss_mask"]

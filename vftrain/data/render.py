@@ -214,15 +214,38 @@ def _with_eos(ids: list[int], mask: list[int], eos: int | None) -> dict:
     return {"input_ids": ids, "loss_mask": mask}
 
 
+# Columns of a tokenized row that say which tokens train: vftrain's, TRL's (completion_mask; assistant_masks, from
+# apply_chat_template(return_assistant_tokens_mask=True)), and transformers' `labels` (-100: not trained).
+MASK_COLUMNS = ("loss_mask", "completion_mask", "assistant_masks", "labels")
+IGNORE_INDEX = -100  # transformers' label for a token that does not train (the cross-entropy's ignore_index)
+
+
 def _tokenized(row: dict) -> dict:
     ids = list(row["input_ids"])
-    mask = row.get("loss_mask")
-    if mask is None:
-        mask = row.get("completion_mask")
-    mask = [1] * len(ids) if mask is None else [int(bool(m)) for m in mask]
-    if len(mask) != len(ids):
-        raise RowError("loss_mask length differs from input_ids length")
-    return {"input_ids": ids, "loss_mask": mask}
+    column = next((c for c in MASK_COLUMNS if row.get(c) is not None), None)
+    values = [1] * len(ids) if column is None else list(row[column])
+    if len(values) != len(ids):
+        raise RowError(f"{column} length differs from input_ids length")
+    if column == "labels":
+        if any(v != IGNORE_INDEX and v != t for v, t in zip(values, ids)):
+            raise RowError("labels differ from input_ids where they train: give transformers' unshifted labels "
+                           f"(input_ids, {IGNORE_INDEX} where not trained), or a loss_mask")
+        values = [v != IGNORE_INDEX for v in values]
+    mask = [int(bool(m)) for m in values]
+    return _unpadded(ids, mask, row.get("attention_mask"))
+
+
+def _unpadded(ids: list[int], mask: list[int], attention) -> dict:
+    """The row without the padding its attention_mask marks (0s at either end: rows padded to one length for
+    transformers' Trainer); vftrain packs or pads rows itself."""
+    if attention is None or all(attention):
+        return {"input_ids": ids, "loss_mask": mask}
+    if len(attention) != len(ids):
+        raise RowError("attention_mask length differs from input_ids length")
+    kept = [i for i, a in enumerate(attention) if a]
+    if not kept or kept[-1] - kept[0] + 1 != len(kept):
+        raise RowError("attention_mask masks tokens inside the row, not only padding at its ends")
+    return {"input_ids": ids[kept[0]:kept[-1] + 1], "loss_mask": mask[kept[0]:kept[-1] + 1]}
 
 
 def as_messages(value: Any, column: str) -> list[dict]:
