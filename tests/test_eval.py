@@ -77,3 +77,15 @@ def test_eval_batches_give_each_row_to_one_process(lockstep, budget):
             assert max(lengths[b].sum() for batches, _ in shares for b in batches) <= budget
         if lockstep:
             assert len({len(batches) for batches, _ in shares}) == 1
+
+def test_eval_rows_dropped_are_reported_beside_the_train_rows(tmp_path, caplog):
+    """eval_loss is over the eval rows that fit: 3 of 5 here. The 2 dropped were never said (only the train rows'
+    report was logged), so the eval loss looked like the whole split's."""
+    long = {"prompt": [{"role": "user", "content": "x" * 80}], "completion": [{"role": "assistant", "content": "1"}]}
+    held = datasets.Dataset.from_list(addition_rows(3, start=50) + [long, long])
+    with caplog.at_level("INFO", logger="vftrain"):
+        trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)),
+                                eval_dataset=held, args=small_config(tmp_path))
+    assert len(trainer.eval_rows) == 3
+    assert "eval data: 3 rows kept from 5 dataset rows (prompt_completion format)" in caplog.text
+    assert "eval data: 2 rows dropped: longer than max_seq_len (64) (first: row 3)" in caplog.text

@@ -67,7 +67,10 @@ class SFTTrainer(VFTrainer):
                          **kwargs)
         self.eval_collator = Collator(tokenizer.pad_token_id, args.packing)  # no backward: no token cap
         lines = self.train_report.lines() + self._held_out_lines(len(sample_rows)) + self._epoch_lines()
-        self._setup_run(StepStats(), [f"train data: {line}" for line in lines])
+        # eval_loss is over the kept eval rows: the rows dropped (too long, no trained token) are said as for training
+        evaluated = self.eval_report.lines() if self.eval_report is not None else []
+        self._setup_run(StepStats(), [f"train data: {line}" for line in lines] + [f"eval data: {line}"
+                                                                                   for line in evaluated])
         if sample_rows:
             self.add_callback(SampleCallback(self, sample_rows, make_backend(self)))
 
