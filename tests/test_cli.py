@@ -58,6 +58,10 @@ GOOD = f'model = "{TINY}"\ndataset = "{ADDITION}"\n'
      "batch_size = 10 is not divisible by micro_batch_size (4) x world_size (1)"),
     (GOOD + "[sft]\nlong_rows = 'skip'\n", [], "long_rows = 'skip' is not allowed; choose one of 'drop'"),
     (GOOD + "modle = 'x'\n", [], "unknown top-level key 'modle'"),
+    (GOOD + "[SFT]\nmax_steps = 1\n", [], "unknown top-level key 'SFT' (did you mean [sft]?)"),
+    # transformers refuses it in Trainer.__init__ with a traceback; named before the data is tokenized
+    (GOOD + "[sft]\neval_strategy = 'epoch'\n", [], "eval_strategy = 'epoch' needs held-out rows to evaluate: "
+                                                    "set eval_split"),
     (f'dataset = "{ADDITION}"\n', [], "no model: set `model = ...`"),
     (f'model = "{TINY}"\n', [], "no dataset: set `dataset = ...`"),
     ('model = "./no/such/model"\n' + f'dataset = "{ADDITION}"\n', [], "model path './no/such/model' does not exist"),

@@ -154,6 +154,36 @@ def test_eval_split_turns_on_eval_loss(tmp_path):
     assert str(vf.SFTConfig(output_dir=str(tmp_path), eval_split="test").eval_strategy.value) == "steps"
 
 
+@pytest.mark.parametrize("optim,module,package", [("adamw_8bit", "bitsandbytes", "bitsandbytes"),
+                                                  ("paged_lion_8bit", "bitsandbytes", "bitsandbytes"),
+                                                  ("schedule_free_adamw", "schedulefree", "schedulefree"),
+                                                  ("stable_adamw", "optimi", "torch-optimi")])
+def test_an_optim_whose_package_is_missing_names_it(tmp_path, monkeypatch, optim, module, package):
+    """transformers looks for the package only when it builds the optimizer (an ImportError traceback after the
+    model and data are loaded); named at config time with what to install, as a missing report_to package is."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else find_spec(name, *a))
+    with pytest.raises(ConfigError, match=rf"^optim = '{optim}' needs the {module} package, which is not "
+                                          rf"installed: pip install {package}$"):
+        vf.SFTConfig(output_dir=str(tmp_path), optim=optim)
+
+
+def test_rl_refuses_an_eval_strategy(tmp_path):
+    """RL computes no eval loss: transformers would refuse the missing eval set in Trainer.__init__."""
+    with pytest.raises(ConfigError, match="^eval_strategy = 'steps' is not supported by RL"):
+        vf.RLConfig(output_dir=str(tmp_path), eval_strategy="steps")
+
+
+@pytest.mark.parametrize("given, expected", [("q_proj", ["q_proj"]), ("self_attn.q_proj", ["self_attn.q_proj"]),
+                                             ("all-linear", "all-linear"), (r".*\.(q|v)_proj", r".*\.(q|v)_proj")])
+def test_one_plain_target_module_name_means_that_module(tmp_path, given, expected):
+    """peft reads a string as a regular expression over whole dotted names ('q_proj' would match nothing); a plain
+    name is read as the one-name list it means, other strings are left to peft."""
+    assert vf.SFTConfig(output_dir=str(tmp_path), lora_target_modules=given).lora_target_modules == expected
+
+
 @pytest.mark.parametrize("given, expected", [(None, True), ({}, True), ({"non_blocking": False}, False),
                                              ({"even_batches": True}, True)])
 def test_batches_are_copied_to_the_gpu_without_waiting_unless_told(tmp_path, given, expected):

@@ -33,6 +33,23 @@ def test_load_single_files(tmp_path, ext):
     assert loaded["text"] == [r["text"] for r in rows]
 
 
+def test_a_saved_dataset_folder_is_one_split(tmp_path):
+    """datasets.load_dataset refuses a Dataset's save_to_disk folder ("use load_from_disk"); it loads as the train
+    split, and held-out rows are cut from it as from a file."""
+    import datasets
+
+    import vftrain as vf
+    from vftrain.data.load import raw_splits
+
+    path = str(tmp_path / "saved")
+    datasets.Dataset.from_list(addition_rows(10)).save_to_disk(path)
+    assert load_rows(path, "train")["prompt"] == [r["prompt"] for r in addition_rows(10)]
+    train, held_out = raw_splits(None, None, vf.SFTConfig(output_dir=str(tmp_path / "out"), dataset=path, eval_size=2))
+    assert (len(train), len(held_out)) == (8, 2)
+    with pytest.raises(DataError, match="holds one split, 'train', not 'test': cut held-out rows from it"):
+        load_rows(path, "test")
+
+
 def test_missing_path_and_bad_extension(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"), "train")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 from safetensors import safe_open
 
 from conftest import TINY, addition_rows, small_config
+from vftrain.errors import ConfigError
 
 
 def _trainer(tmp_path, **overrides):
@@ -98,3 +100,26 @@ def test_seed_fixes_the_adapters_initial_weights(tmp_path):
     first, again, other = lora_a(1), lora_a(1), lora_a(2)
     assert first and all(torch.equal(first[n], again[n]) for n in first)
     assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
+@pytest.mark.parametrize("targets", ["q_proj", r".*\.(q|v)_proj"])
+def test_one_module_name_or_a_regex_targets_modules(tmp_path, targets):
+    """A plain name is that module (peft would read 'q_proj' as a regular expression matching no whole name)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = _trainer(tmp_path, lora_target_modules=targets).model
+    adapted = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+    assert adapted == ({"q_proj"} if targets == "q_proj" else {"q_proj", "v_proj"})
+
+
+@pytest.mark.parametrize("targets,message", [
+    (["nonexistent"], "lora_target_modules = ['nonexistent'] matches no module of the model; its linear modules are "
+                      "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    ("q_proj|v_proj", "lora_target_modules = 'q_proj|v_proj' matches no module of the model; its linear modules are "
+                      "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (a regular expression "
+                      "must match a whole dotted name such as 'model.layers.0.self_attn.q_proj')"),
+])
+def test_targets_matching_nothing_name_the_linear_modules(tmp_path, targets, message):
+    with pytest.raises(ConfigError) as info:
+        _trainer(tmp_path, lora_target_modules=targets)
+    assert str(info.value) == message

@@ -20,7 +20,8 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
-                                    _check_compile_layers, _check_deepspeed, _check_late_failures, _cuda,
+                                    _check_compile_layers, _check_deepspeed, _check_late_failures,
+                                    _check_lora_modules, _cuda,
                                     _fsdp_config_with_defaults, _integer, _jsonable, _non_blocking_copies,
                                     _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
 from vftrain.errors import ConfigError
@@ -103,8 +104,9 @@ class TrainerConfig(TrainingArguments):
     lora_alpha: float = _f(16.0, "LoRA scaling numerator alpha (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
     lora_target_modules: str | list[str] = _f("all-linear", "Modules that get adapters: 'all-linear' (every "
-                                              "linear layer but the output head) or a list of module names such as "
-                                              "['q_proj', 'v_proj'].")
+                                              "linear layer but the output head), a list of module names such as "
+                                              "['q_proj', 'v_proj'] (one name alone: that module), or a regular "
+                                              "expression that peft matches against whole dotted module names.")
     lora_modules_to_save: list[str] | None = _f(None, "Modules trained in full and saved beside the adapter, e.g. "
                                                 "['lm_head'] (none: no module).")
     lora_use_rslora: bool = _f(False, "Use rank-stabilised LoRA scaling alpha / sqrt(r) (Kalajdzievski 2023).")
@@ -218,7 +220,7 @@ class TrainerConfig(TrainingArguments):
         if self.max_grad_norm is None:  # transformers compares it with 0 at every step
             self.max_grad_norm = 0.0
         self._validate_choices()
-        self._validate_lora_modules()
+        _check_lora_modules(self)
         if self.chat_template is not None:
             from vftrain.models import read_chat_template
 
@@ -341,19 +343,6 @@ class TrainerConfig(TrainingArguments):
         if self.micro_batch_tokens is not None and self.micro_batch_tokens < self.max_seq_len:
             raise ConfigError(f"micro_batch_tokens = {self.micro_batch_tokens} must be at least max_seq_len "
                               f"({self.max_seq_len}), or every row could not fit a forward pass")
-
-    def _validate_lora_modules(self):
-        """peft reads a string of modules_to_save character by character (every module whose name ends in one
-        of its letters is trained in full), and target_modules as a regular expression."""
-        names = self.lora_modules_to_save
-        if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
-            raise ConfigError(f"lora_modules_to_save = {names!r} must be a list of module names such as ['lm_head'], "
-                              "or unset (none)")
-        target = self.lora_target_modules
-        if not isinstance(target, str) and not (isinstance(target, (list, tuple)) and target
-                                                and all(isinstance(n, str) for n in target)):
-            raise ConfigError(f"lora_target_modules = {target!r} must be 'all-linear' or a list of module names "
-                              "such as ['q_proj', 'v_proj']")
 
     def _validate_batch(self):
         world = launch_world_size()
@@ -544,6 +533,10 @@ class RLConfig(TrainerConfig):
         if ahead and self.rl_backend != "openai":
             raise ConfigError(f"num_batches_ahead = {ahead} needs rl_backend = 'openai': the embedded sampler is "
                               "the model being trained, which cannot sample while it trains; set it to 0")
+        strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+        if strategy != "no":  # RLTrainer gives transformers no eval set, which it refuses in Trainer.__init__
+            raise ConfigError(f"eval_strategy = {strategy!r} is not supported by RL, which computes no eval loss "
+                              "(eval_generation_rows scores the held-out rows); leave eval_strategy = 'no'")
         if self.rollouts_per_example < 2:
             raise ConfigError("rollouts_per_example = 1 gives every group a zero advantage (the group mean is its "
                               "only reward); use at least 2")

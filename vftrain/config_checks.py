@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import re
 from typing import Any
 
 from transformers import TrainingArguments
@@ -98,6 +99,24 @@ _INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vft
                          "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
                          "dagshub": "dagshub", "dvclive": "dvclive", "codecarbon": "codecarbon",
                          "swanlab": "swanlab", "azure_ml": "azureml-core", "kubeflow": "kubeflow"}
+# What to install for each optim whose package transformers looks for only when it builds the optimizer, after the
+# model is loaded and the data tokenized (transformers/trainer_optimizer.py): (import name, pip install ..., optims).
+_OPTIM_PACKAGES = (
+    ("bitsandbytes", "bitsandbytes", ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
+                                      "ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
+                                      "lion_32bit", "lion_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb",
+                                      "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")),
+    ("galore_torch", "galore-torch", ("galore_adamw", "galore_adamw_8bit", "galore_adafactor",
+                                      "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
+                                      "galore_adafactor_layerwise")),
+    ("apollo_torch", "apollo-torch", ("apollo_adamw", "apollo_adamw_layerwise")),
+    ("lomo_optim", "lomo-optim", ("lomo", "adalomo")),
+    ("grokadamw", "grokadamw", ("grokadamw",)),
+    ("torchao", "torchao", ("adamw_torch_4bit", "adamw_torch_8bit")),
+    ("schedulefree", "schedulefree", ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd")),
+    ("optimi", "torch-optimi", ("stable_adamw",)),
+    ("torchdistx", "git+https://github.com/pytorch/torchdistx", ("adamw_anyprecision",)),
+)
 # Schedules whose transformers function needs exactly one of min_lr / min_lr_rate, and fails on the first step
 # without (optimization.py: get_cosine_with_min_lr_schedule_with_warmup).
 _MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
@@ -120,6 +139,30 @@ def _check_late_failures(config) -> None:
         if name in _INTEGRATION_PACKAGES and name not in available:
             raise ConfigError(f"report_to = {config.report_to!r}: {name!r} needs its package, which is not "
                               f"installed: pip install {_INTEGRATION_PACKAGES[name]}")
+    optim = getattr(config.optim, "value", config.optim)
+    for module, package, optims in _OPTIM_PACKAGES:
+        if optim in optims and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"optim = {optim!r} needs the {module} package, which is not installed: "
+                              f"pip install {package}")
+
+
+def _check_lora_modules(config) -> None:
+    """peft reads a string of modules_to_save character by character (every module whose name ends in one of its
+    letters is trained in full), and a string of target_modules as a regular expression that must match a module's
+    whole dotted name: `q_proj`, the natural command-line spelling of one module, matches none (a list entry matches
+    a name or its last dotted parts). A plain name is therefore read as that one-entry list; a string with other
+    characters stays the regular expression peft reads."""
+    names = config.lora_modules_to_save
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise ConfigError(f"lora_modules_to_save = {names!r} must be a list of module names such as ['lm_head'], "
+                          "or unset (none)")
+    target = config.lora_target_modules
+    if not isinstance(target, str) and not (isinstance(target, (list, tuple)) and target
+                                            and all(isinstance(n, str) for n in target)):
+        raise ConfigError(f"lora_target_modules = {target!r} must be 'all-linear', a list of module names such as "
+                          "['q_proj', 'v_proj'], or a regular expression matching whole module names")
+    if isinstance(target, str) and re.fullmatch(r"[\w.]+", target):
+        config.lora_target_modules = [target]
 
 
 def _fsdp_config_with_defaults(config: Any, save_only_model: bool = False) -> dict:

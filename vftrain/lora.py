@@ -1,5 +1,6 @@
 """LoRA adapters beyond peft's own setup: an adapter folder's adapter trained on or merged, adapters attached through
-transformers refused, and the adapters' dtype (kept in the bf16 base's where the optimizer keeps their updates)."""
+transformers refused, target modules that match nothing named, and the adapters' dtype (kept in the bf16 base's where
+the optimizer keeps their updates)."""
 
 from __future__ import annotations
 
@@ -60,3 +61,25 @@ def adapters_in_base_dtype(peft_model) -> None:
 def adapter_dtype(peft_model):
     """The dtype of the active adapter's trainable weights (None when it has none)."""
     return next((p.dtype for n, p in peft_model.named_parameters() if "lora_" in n and p.requires_grad), None)
+
+
+def refuse_unmatched_targets(model, lora_config, setting: str) -> None:
+    """Target modules that match no module of `model`, by peft's own rule (`check_target_module_exists`), named
+    here with the model's linear module names (what can take an adapter) instead of peft's
+    NoMatchingPeftModuleError traceback, which lists neither."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers.pytorch_utils import Conv1D
+
+    targets = lora_config.target_modules
+    if targets is None or (isinstance(targets, str) and targets.lower() == "all-linear"):  # peft's shorthand
+        return
+    # A match, or a module it matches but excludes (a falsy marker: one in modules_to_save), whose message is peft's.
+    if any(check_target_module_exists(lora_config, name) not in (None, False) for name, _ in model.named_modules()):
+        return
+    linear = [name for name, module in model.named_modules() if isinstance(module, (torch.nn.Linear, Conv1D))]
+    regex = isinstance(targets, str)
+    shown = targets if regex else sorted(targets)  # LoraConfig keeps a list as a set
+    raise ConfigError(f"{setting} = {shown!r} matches no module of the model; its linear modules are "
+                      f"{', '.join(sorted({name.rsplit('.', 1)[-1] for name in linear})) or 'none'}"
+                      + (f" (a regular expression must match a whole dotted name such as {linear[0]!r})"
+                         if regex and linear else ""))

@@ -407,8 +407,13 @@ def apply_lora(model: PreTrainedModel, args: TrainerConfig):
     """Wrap `model` with LoRA adapters; returns the peft model and logs the trainable-parameter count."""
     from peft import get_peft_model
 
+    from vftrain.lora import refuse_unmatched_targets  # lora.py imports this module
+
+    lora_config = lora_config_from(args)
+    refuse_unmatched_targets(model, lora_config, "lora_config.target_modules" if args.lora_config is not None
+                             else "lora_target_modules")
     with peft_quiet():
-        peft_model = get_peft_model(model, lora_config_from(args))
+        peft_model = get_peft_model(model, lora_config)
     config = peft_model.peft_config[peft_model.active_adapter]
     config.base_model_name_or_path = local_abspath(config.base_model_name_or_path)
     trainable, total = count_parameters(peft_model)

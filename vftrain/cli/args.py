@@ -124,16 +124,20 @@ def _unknown_top_level(keys: list[str], path: str | None, section: str) -> str:
 
     names = field_table(section)["names"]
     notes = []
+    allowed_names = [*TOP_LEVEL, section]
     for key in keys:
-        hint = difflib.get_close_matches(key, [*TOP_LEVEL, section], n=1)
+        # difflib's ratio is case-sensitive: [SFT] scores nothing against sft
+        hint = [n for n in allowed_names if n == key.lower()] or difflib.get_close_matches(key, allowed_names, n=1)
         if key in names:
             note = f"a field of the [{section}] table: move it below the [{section}] line"
         elif key in SECTIONS:
             note = f"the table of vf-{key}: run vf-{key}, or rename it [{section}]"
         elif key in TOP_LEVEL_NAMES:
             note = f"write {TOP_LEVEL_NAMES[key]} = ..."
+        elif hint:
+            note = f"did you mean [{section}]?" if hint[0] == section else f"did you mean {hint[0]!r}?"
         else:
-            note = f"did you mean {hint[0]!r}?" if hint else None
+            note = None
         notes.append(f"{key!r}" + (f" ({note})" if note else ""))
     allowed = f"allowed: {', '.join(TOP_LEVEL)} and the [{section}] table"
     if len(keys) == 1:

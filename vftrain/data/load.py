@@ -27,9 +27,10 @@ def load_rows(source: Any, split: str):
 
     `source` is a `Dataset` (returned as is), a `DatasetDict` (its `split`), a local file (jsonl, json, parquet,
     csv: it holds one split, 'train', as `datasets.load_dataset` names it), a local folder (split files found by
-    name, e.g. `train.jsonl`, `test.jsonl`), or a hub dataset name. A split the source does not have is a
-    DataError naming the ones it has (a file's only split once answered any name, so `eval_split = "test"` on one
-    file evaluated the training rows and called them held out).
+    name, e.g. `train.jsonl`, `test.jsonl`; a DatasetDict's `save_to_disk` folder; a Dataset's, as one file), or a
+    hub dataset name. A split the source does not have is a DataError naming the ones it has (a file's only split
+    once answered any name, so `eval_split = "test"` on one file evaluated the training rows and called them held
+    out).
     """
     import datasets
 
@@ -44,16 +45,24 @@ def load_rows(source: Any, split: str):
         if builder is None:
             raise DataError(f"dataset file {source!r} has an unsupported extension; use one of "
                             + ", ".join(_FILE_BUILDERS))
-        if split != FILE_SPLIT:
-            raise DataError(f"dataset file {source!r} holds one split, {FILE_SPLIT!r}, not {split!r}: cut held-out "
-                            "rows from it with eval_size (a fraction or a number of rows), or point dataset at a "
-                            f"folder holding {FILE_SPLIT}.jsonl and {split}.jsonl")
+        _only_train_split(f"dataset file {source!r}", split)
         return _load_file(source, builder, split)
+    if os.path.isfile(os.path.join(source, datasets.config.DATASET_STATE_JSON_FILENAME)):
+        # a Dataset's save_to_disk folder, which load_dataset refuses ("use load_from_disk"): one split, as a file
+        _only_train_split(f"dataset folder {source!r} (a saved Dataset)", split)
+        return datasets.load_from_disk(source)
     if os.path.isdir(source):
         return _pick_split(_load(source), split, f"folder {source!r}")
     if source.startswith((".", "/")) or source.endswith(tuple(_FILE_BUILDERS)):
         raise DataError(f"dataset path {source!r} does not exist")
     return _pick_split(_load(source), split, f"hub dataset {source!r}")
+
+
+def _only_train_split(what: str, split: str) -> None:
+    if split != FILE_SPLIT:
+        raise DataError(f"{what} holds one split, {FILE_SPLIT!r}, not {split!r}: cut held-out rows from it with "
+                        "eval_size (a fraction or a number of rows), or point dataset at a folder holding "
+                        f"{FILE_SPLIT}.jsonl and {split}.jsonl")
 
 
 def _load(*args, **kwargs):
@@ -165,6 +174,16 @@ def _raw(dataset, source, split, what):
 def raw_splits(train_dataset, eval_dataset, args):
     """(training rows, held-out rows or None): `eval_dataset`, else `eval_split` of `dataset`, else `eval_size`
     rows cut from the training rows. Shared by the trainers and `vf-sft --inspect`."""
+    raw_train, raw_eval = _splits(train_dataset, eval_dataset, args)
+    strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if raw_eval is None and strategy != "no":  # transformers' own refusal is a traceback in Trainer.__init__
+        raise ConfigError(f"eval_strategy = {strategy!r} needs held-out rows to evaluate: set eval_split (a split "
+                          "of dataset) or eval_size (rows cut from the training split), pass eval_dataset= "
+                          "(Python API), or set eval_strategy = 'no'")
+    return raw_train, raw_eval
+
+
+def _splits(train_dataset, eval_dataset, args):
     raw_train = _raw(train_dataset, args.dataset, args.dataset_split, "train")
     if eval_dataset is None and args.eval_split and not args.dataset:
         raise ConfigError(f"eval_split = {args.eval_split!r} names a split of dataset, which is not set; with "
