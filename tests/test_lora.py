@@ -123,3 +123,41 @@ def test_targets_matching_nothing_name_the_linear_modules(tmp_path, targets, mes
     with pytest.raises(ConfigError) as info:
         _trainer(tmp_path, lora_target_modules=targets)
     assert str(info.value) == message
+
+
+def test_trls_peft_config_argument_trains_that_adapter(tmp_path):
+    """TRL's `SFTTrainer(..., peft_config=LoraConfig(...))` / `GRPOTrainer(..., peft_config=...)`: a TypeError
+    from transformers' Trainer after the model was loaded and the data tokenized. Now that adapter trains, as
+    `lora_config` with use_lora does."""
+    import datasets
+    from peft import LoraConfig
+
+    import vftrain as vf
+    from rl_worker import config as rl_config
+
+    rows = datasets.Dataset.from_list(addition_rows(16))
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+    sft = vf.SFTTrainer(model=TINY, train_dataset=rows, args=small_config(tmp_path), peft_config=peft)
+    rl = vf.RLTrainer(model=TINY, train_dataset=rows, args=rl_config(str(tmp_path / "rl"), 1), peft_config=peft,
+                      reward_funcs=["exact_match"])
+    for trainer in (sft, rl):
+        config = trainer.model.peft_config["default"]
+        assert trainer.args.use_lora and config.r == 4 and set(config.target_modules) == {"q_proj"}
+        trained = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert trained and all("q_proj.lora_" in n for n in trained)
+    sft.train()
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("formatting_func", "SFTTrainer takes no formatting_func= \\(TRL's\\): rows are rendered with the chat template"),
+    ("data_collator", "takes no data_collator= \\(TRL's\\): rows are packed and collated by vftrain"),
+    ("compute_loss_func", "takes no compute_loss_func= \\(TRL's\\): the loss is vftrain's"),
+])
+def test_trl_arguments_done_another_way_are_one_line_errors(tmp_path, argument, message):
+    import datasets
+
+    import vftrain as vf
+
+    with pytest.raises(ConfigError, match=message):
+        vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)),
+                      args=small_config(tmp_path), **{argument: lambda *a: None})

@@ -146,6 +146,30 @@ def _check_late_failures(config) -> None:
                               f"pip install {package}")
 
 
+# Arguments of TRL's SFTTrainer / GRPOTrainer (and transformers' Trainer) that vftrain's trainers do another way:
+# refused in one line rather than a TypeError after loading, or, for compute_loss_func, ignored without a word.
+_TRL_ONLY = {
+    "formatting_func": "rows are rendered with the chat template; map them to prompt/completion, messages or text "
+                       "columns first (datasets.Dataset.map)",
+    "data_collator": "rows are packed and collated by vftrain (packing, micro_batch_tokens)",
+    "compute_loss_func": "the loss is vftrain's (vftrain/loss.py); subclass the trainer and override compute_loss",
+    "reward_processing_classes": "reward models are not supported; score with reward functions (reward_funcs)",
+}
+
+
+def trl_arguments(trainer: str, args, kwargs: dict) -> None:
+    """TRL's trainer arguments in `kwargs`: `peft_config` (a ready peft LoraConfig) taken as `lora_config` with
+    use_lora = true, as TRL trains it; those vftrain does another way refused, each in one line."""
+    for name, why in _TRL_ONLY.items():
+        if name in kwargs:
+            raise ConfigError(f"{trainer} takes no {name}= (TRL's): {why}")
+    peft_config = kwargs.pop("peft_config", None)
+    if peft_config is not None:
+        if args.lora_config is not None and args.lora_config is not peft_config:
+            raise ConfigError(f"{trainer}: peft_config= and lora_config are both set; give one")
+        args.lora_config, args.use_lora = peft_config, True
+
+
 def _check_lora_modules(config) -> None:
     """peft reads a string of modules_to_save character by character (every module whose name ends in one of its
     letters is trained in full), and a string of target_modules as a regular expression that must match a module's

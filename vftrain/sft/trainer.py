@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vftrain.config import SFTConfig
+from vftrain.config_checks import trl_arguments
 from vftrain.data import tokenize_dataset
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.load import data_seed
@@ -42,6 +43,7 @@ class SFTTrainer(VFTrainer):
     def __init__(self, model: Any = None, train_dataset: Any = None, args: SFTConfig | None = None,
                  processing_class: Any = None, eval_dataset: Any = None, **kwargs):
         args = args if args is not None else SFTConfig()
+        trl_arguments("SFTTrainer", args, kwargs)
         model, tokenizer = self._load_model(model, args, processing_class, prepare=False)
         raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
         sample_rows = []
