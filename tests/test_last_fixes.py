@@ -72,24 +72,30 @@ def test_latest_with_overwrite_output_dir_is_refused_at_config_time(tmp_path):
         SFTConfig(output_dir=str(tmp_path), overwrite_output_dir=True, resume_from_checkpoint="latest", report_to=[])
 
 
-def test_finished_rl_run_starts_no_vllm_server(tmp_path, capsys):
+@pytest.mark.parametrize("saved", [True, False], ids=["finished", "killed-before-its-final-save"])
+def test_finished_rl_run_starts_no_vllm_server(tmp_path, capsys, saved):
     """A requeued vf-rl job whose run reached max_steps exits 0 without starting vLLM (vllm_python here is a
-    script that leaves a mark when run)."""
+    script that leaves a mark when run); one killed after its last checkpoint, before its final save, saves the
+    model from that checkpoint, also without vLLM (nothing is sampled)."""
     from vftrain.cli.rl import main as rl_main
 
     run = tmp_path / "run"
-    (run / "checkpoint-2").mkdir(parents=True)
-    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 2}))
     mark = tmp_path / "vllm-started"
     python = tmp_path / "python"
     python.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
     python.chmod(0o755)
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "1+1", "answer": "2"}] * 8)
-    code = rl_main(["--model", TINY, "--dataset", data, "--rl.output_dir", str(run), "--rl.max_steps", "2",
-                    "--rl.resume_from_checkpoint", "latest", "--rl.vllm_python", str(python),
-                    "--rl.sample_base_url", "http://127.0.0.1:18731/v1", "--rl.rl_backend", "openai"])
+    common = ["--model", TINY, "--dataset", data, "--rl.output_dir", str(run), "--rl.max_steps", "2",
+              "--rl.batch_size", "8", "--rl.rollouts_per_example", "4", "--rl.micro_batch_size", "8",
+              "--rl.max_prompt_len", "24", "--rl.max_new_tokens", "4", "--rl.max_seq_len", "32",
+              "--rl.save_steps", "2", "--rl.use_cpu", "true"]
+    assert rl_main(common) == 0, capsys.readouterr().err
+    if not saved:
+        (run / "model.safetensors").unlink()
+    code = rl_main(common + ["--rl.resume_from_checkpoint", "latest", "--rl.vllm_python", str(python),
+                             "--rl.sample_base_url", "http://127.0.0.1:18731/v1", "--rl.rl_backend", "openai"])
     assert code == 0, capsys.readouterr().err
-    assert not mark.exists()
+    assert not mark.exists() and (run / "model.safetensors").exists()
 
 
 def _fake_python(tmp_path, cpu: bool) -> str:

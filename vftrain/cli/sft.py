@@ -117,7 +117,8 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
 
     setup_console_logging()
     resume = resume_point(config)
-    if finished(config, resume):
+    wrap_up = finished(config, resume)
+    if wrap_up:
         if has_final_model(config.output_dir):  # a requeued finished job: its model, merge and held-out generation
             _close_process_group()              # stay as they are
             return 0
@@ -125,7 +126,8 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
         logging.getLogger("vftrain").info("%s has no final model: saving it from %s, then what follows a run",
                                           config.output_dir, resume)
     check_output_dir(config, resume)  # before loading and tokenizing: a refused run fails at once
-    with launch(config, model) if launch is not None else contextlib.nullcontext():  # stopped on return and error
+    # stopped on return and error; a wrap-up samples nothing (held-out generations are the model's own)
+    with launch(config, model) if launch is not None and not wrap_up else contextlib.nullcontext():
         return _train(model, config, trainer_cls, before, resume)
 
 

@@ -122,10 +122,15 @@ class OpenAIBackend:
         """Once per process: the server's context holds the run's longest rollout. vLLM shortens a request's
         max_tokens to what its context (`--max-model-len`) leaves after the prompt, without an error: rollouts
         would end early and be counted as cut by max_new_tokens. vLLM's /v1/models says the length
-        (`max_model_len`); a server that does not is not checked."""
+        (`max_model_len`); a server that does not, or has no such route, is not checked."""
         if self.context_checked:
             return
-        listed = self._get("/models")
+        try:
+            listed = self._get("/models")
+        except SamplerError as exc:
+            if not _no_such_route(exc):
+                raise
+            listed = None
         models = [m for m in (listed.get("data") if isinstance(listed, dict) else None) or [] if isinstance(m, dict)]
         entry = next((m for m in models if m.get("id") == name), models[0] if models else {})
         context, args = entry.get("max_model_len"), self.trainer.args
@@ -193,7 +198,7 @@ class OpenAIBackend:
             self._get(self.root + "/is_paused")
             return "vllm"
         except SamplerError as exc:
-            if not any(f"HTTP {code}" in str(exc) for code in (404, 405, 501)):  # no such route
+            if not _no_such_route(exc):
                 raise
         return "vftrain"
 
@@ -402,6 +407,10 @@ async def _all(coroutines):
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _no_such_route(exc: SamplerError) -> bool:
+    return any(f"HTTP {code}" in str(exc) for code in (404, 405, 501))
 
 
 def _nothing_listening(exc: BaseException) -> bool:
