@@ -192,3 +192,24 @@ def test_cli_stopped_by_a_signal_keeps_its_checkpoint_and_exits_with_the_signal(
         in stderr
     assert not (out / "adapter_model.safetensors").exists() and not (out / "merged").exists()
     assert "held-out exact-match" not in stdout
+
+
+def test_the_best_checkpoint_is_loaded_on_every_process(tmp_path):
+    """load_best_model_at_end on 2 processes: rank 1 looked for the best checkpoint in the staging folder it was
+    written to (renamed by rank 0), failed to find it and kept the last weights, while rank 0 loaded the best ones;
+    the checkpoint's trainer_state.json named the staging folder too."""
+    import torch
+
+    out = tmp_path / "best"
+    proc = run_worker(out, max_steps=4, processes=2, mode="best")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    final = [torch.load(out / f"weights-{rank}.pt")["final"] for rank in (0, 1)]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    states = [json.loads((out / f"checkpoint-{s}" / "trainer_state.json").read_text()) for s in (1, 2, 3, 4)]
+    best = states[-1]["best_model_checkpoint"]
+    assert not best.endswith("checkpoint-4")  # the weights loaded are not the last step's
+    assert ".staging" not in best and Path(best).parent == out and all(".staging" not in json.dumps(s) for s in states)
+    from safetensors.torch import load_file
+
+    saved = load_file(Path(best) / "model.safetensors")
+    assert all(torch.equal(final[0][k], saved[k]) for k in saved if k in final[0])

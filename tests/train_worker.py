@@ -97,6 +97,18 @@ def train(opts) -> None:
         raise
 
 
+def best(opts) -> None:
+    """Evaluate and save every step and load the best checkpoint at the end (load_best_model_at_end); every process
+    writes its final weights (Snapshots). "Best" is the highest eval loss, an early step's, so that the loaded
+    weights differ from the last step's."""
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(opts.rows)),
+                            args=config(opts, eval_size=8, eval_strategy="steps", eval_steps=1, save_steps=1,
+                                        save_total_limit=None, load_best_model_at_end=True, learning_rate=3e-2,
+                                        metric_for_best_model="eval_loss", greater_is_better=True))
+    trainer.add_callback(Snapshots(opts.out_dir))
+    trainer.train()
+
+
 def evaluate(opts) -> None:
     """eval metrics of the untrained model on `opts.rows` held-out rows, written by rank 0 to <out>/eval.json."""
     trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(8)),
@@ -126,7 +138,8 @@ def run_name(opts, output_dir=None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out_dir")
-    parser.add_argument("--mode", choices=("train", "evaluate", "run_name", "run_name_in_dir"), default="train")
+    parser.add_argument("--mode", choices=("train", "evaluate", "best", "run_name", "run_name_in_dir"),
+                        default="train")
     parser.add_argument("--max-steps", type=int, default=7)
     parser.add_argument("--rows", type=int, default=24, help="training rows: 3 steps of 8 per epoch")
     parser.add_argument("--resume", action="store_true", help="resume_from_checkpoint latest")
@@ -140,7 +153,7 @@ def main() -> None:
     parser.add_argument("--snapshots", action="store_true", help="write weights-<rank>.pt")
     parser.add_argument("--micro-batch-size", type=int, default=4)
     opts = parser.parse_args()
-    {"train": train, "evaluate": evaluate, "run_name": run_name,
+    {"train": train, "evaluate": evaluate, "best": best, "run_name": run_name,
      "run_name_in_dir": lambda o: run_name(o, os.path.join(o.out_dir, "given"))}[opts.mode](opts)
     close_process_group()  # as vf-sft does (vftrain/guards.py)
 

@@ -533,11 +533,13 @@ class VFTrainer(HeldOutGenerations, Trainer):
         finally:
             self._staging_for = None
         self.accelerator.wait_for_everyone()
+        best = self.state.best_model_checkpoint  # transformers named it in the staging folder
+        if best:  # on every process: each loads it at the end (load_best_model_at_end)
+            self.state.best_model_checkpoint = best.replace(checkpoint.staging_dir(run_dir), run_dir)
         if self.args.should_save:
             checkpoint.publish(run_dir, folder)
-            if self.state.best_model_checkpoint:
-                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
-                    checkpoint.staging_dir(run_dir), run_dir)
+            if best:  # the checkpoint's own trainer_state.json too, which a resume reads
+                self.state.save_to_json(os.path.join(run_dir, folder, "trainer_state.json"))
             checkpoint.rotate(self, run_dir)
         self.accelerator.wait_for_everyone()
 
