@@ -150,8 +150,14 @@ def test_defaults_work_offline(monkeypatch):
     assert vf.SFTConfig(run_name="exp").output_dir == "outputs/exp"
 
 
-def test_eval_split_turns_on_eval_loss(tmp_path):
-    assert str(vf.SFTConfig(output_dir=str(tmp_path), eval_split="test").eval_strategy.value) == "steps"
+def test_eval_split_turns_on_eval_loss_unless_told_no(tmp_path):
+    """Held-out rows turn the eval loss on; an explicit eval_strategy = 'no' (only eval_generation_rows wanted) was
+    replaced by 'steps' as well, and every step ran an eval pass."""
+    def strategy(**kw) -> str:
+        return str(vf.SFTConfig(output_dir=str(tmp_path), **kw).eval_strategy.value)
+
+    assert strategy(eval_split="test") == strategy(eval_size=8) == "steps" and strategy() == "no"
+    assert strategy(eval_size=8, eval_strategy="no") == "no" and strategy(eval_size=8, eval_strategy="epoch") == "epoch"
 
 
 @pytest.mark.parametrize("optim,module,package", [("adamw_8bit", "bitsandbytes", "bitsandbytes"),

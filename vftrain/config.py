@@ -420,12 +420,15 @@ class SFTConfig(TrainerConfig):
                            "False drops those conversations instead.")
     dataset_num_proc: int | None = _f(None, "Processes for tokenizing the dataset (None: one, or up to 8 for "
                                       "20,000 rows and more).")
+    eval_strategy: str | None = _f(None, "When the eval loss is computed: 'no', 'steps' (every eval_steps, else "
+                                   "logging_steps) or 'epoch'; unset: 'steps' with held-out rows (eval_split, "
+                                   "eval_size), else 'no'.")
 
     def __post_init__(self):
         _check_bounds(self, (("dataset_num_proc", _integer(1), "an integer >= 1 (unset: automatic)"),
                              ("eval_generation_rows", _integer(0), "an integer >= 0 (0: skip)")))
-        if (self.eval_split or self.eval_size) and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "no":
-            self.eval_strategy = "steps"  # an eval split means an eval loss, every eval_steps (or logging_steps)
+        if self.eval_strategy is None:  # an explicit 'no' stays: held-out rows then serve eval_generation_rows only
+            self.eval_strategy = "steps" if self.eval_split or self.eval_size else "no"
         super().__post_init__()
 
 
