@@ -89,3 +89,23 @@ def test_eval_rows_dropped_are_reported_beside_the_train_rows(tmp_path, caplog):
     assert len(trainer.eval_rows) == 3
     assert "eval data: 3 rows kept from 5 dataset rows (prompt_completion format)" in caplog.text
     assert "eval data: 2 rows dropped: longer than max_seq_len (64) (first: row 3)" in caplog.text
+
+
+def test_evaluate_without_eval_rows_or_with_a_dataset_given_to_it(tmp_path):
+    """transformers' evaluate(eval_dataset=...) took a datasets.Dataset, which vftrain never tokenized
+    (AttributeError: no attribute 'lengths'), as with no eval rows at all; RL's evaluate() was transformers'
+    "requires an eval_dataset" traceback. Now a given dataset is tokenized as the eval split is, and the others
+    say what to do in one line."""
+    from rl_worker import config as rl_config
+    from vftrain.errors import ConfigError
+
+    train, held = datasets.Dataset.from_list(addition_rows(16)), datasets.Dataset.from_list(addition_rows(6, 50))
+    given = vf.SFTTrainer(model=TINY, train_dataset=train, args=small_config(tmp_path / "a"))
+    with pytest.raises(ConfigError, match=r"^evaluate\(\) needs held-out rows: set eval_split or eval_size"):
+        given.evaluate()
+    built = vf.SFTTrainer(model=TINY, train_dataset=train, eval_dataset=held, args=small_config(tmp_path / "b"))
+    assert given.evaluate(eval_dataset=held)["eval_loss"] == pytest.approx(built.evaluate()["eval_loss"], rel=1e-6)
+    rl = vf.RLTrainer(model=TINY, train_dataset=train, args=rl_config(str(tmp_path / "rl"), 1, eval_size=4),
+                      reward_funcs=["exact_match"])
+    with pytest.raises(ConfigError, match=r"^RLTrainer has no eval loss: evaluate_generations\(\)"):
+        rl.evaluate()

@@ -166,6 +166,10 @@ class RLTrainer(VFTrainer):
         finally:
             peft_model.set_adapter(active)  # also makes the trained adapter's weights require grad again
 
+    def evaluate(self, *args, **kwargs):
+        raise ConfigError("RLTrainer has no eval loss: evaluate_generations() scores greedy completions of the "
+                          "held-out rows with the run's reward functions")
+
     # ---- data: the Trainer's loop is driven by a loader of placeholders; rollouts are made per step
     def get_train_dataloader(self) -> DataLoader:
         per_epoch = R.steps_per_epoch(len(self.prompts.ids), self.prompts_per_step)

@@ -14,6 +14,7 @@ checkpointing, integrations). vftrain replaces three pieces:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from vftrain.config import SFTConfig
 from vftrain.config_checks import trl_arguments
-from vftrain.data import tokenize_dataset
+from vftrain.data import TokenizedRows, prepare_rows
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.load import data_seed
 from vftrain.data.pack import StepBatchSampler, eval_batches, plan_epoch, steps_per_epoch
@@ -32,6 +33,9 @@ from vftrain.metrics import EvalLoss, StepStats, row_counts
 from vftrain.sampling import held_out_samples, make_backend
 from vftrain.sampling.callback import SampleCallback
 from vftrain.trainer import VFTrainer
+
+log = logging.getLogger("vftrain")
+
 
 class SFTTrainer(VFTrainer):
     """Supervised fine-tuning on chat (or text, or pre-tokenized) rows.
@@ -51,14 +55,10 @@ class SFTTrainer(VFTrainer):
             sample_rows, raw_train = held_out_samples(raw_train, raw_eval, args.num_samples)
         # The main process tokenizes first and datasets caches it; the other ranks then read that cache.
         with args.main_process_first(desc="tokenizing"):
-            self.train_rows, self.train_report = tokenize_dataset(
-                raw_train, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "train",
-                args.split_turns)
+            self.train_rows, self.train_report = prepare_rows(raw_train, tokenizer, args, "train")
             self.eval_rows, self.eval_report = None, None
             if raw_eval is not None:
-                self.eval_rows, self.eval_report = tokenize_dataset(
-                    raw_eval, tokenizer, args.max_seq_len, args.long_rows, args.dataset_num_proc, "eval",
-                    args.split_turns)
+                self.eval_rows, self.eval_report = prepare_rows(raw_eval, tokenizer, args, "eval")
         if len(self.train_rows) < args.batch_size:
             raise ConfigError(f"batch_size = {args.batch_size} is larger than the {len(self.train_rows)} usable "
                               "training rows")
@@ -114,13 +114,25 @@ class SFTTrainer(VFTrainer):
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         """This process's share of the eval rows, each row on one process (`data.pack.eval_batches`). Not passed
         through accelerate, whose even-batch sharding repeats rows; `prediction_step` moves batches to the device."""
-        rows = eval_dataset if eval_dataset is not None else self.eval_rows
+        rows = self._eval_rows(eval_dataset)
         batches, counted = eval_batches(rows.lengths, self.args.micro_batch_size, self.args.process_index,
                                         self.args.world_size, lockstep=self.sharded,
                                         budget=self.args.micro_batch_tokens)
         loader = self._loader(rows, batches, self.eval_collator)
         loader.counted = counted  # read by evaluation_loop: the micro-batches after these are lockstep copies
         return loader
+
+    def _eval_rows(self, eval_dataset) -> TokenizedRows:
+        """The trainer's eval rows, or the `datasets.Dataset` given to evaluate(), tokenized as the eval split is."""
+        if isinstance(eval_dataset, TokenizedRows) or (eval_dataset is None and self.eval_rows is not None):
+            return eval_dataset if eval_dataset is not None else self.eval_rows
+        if eval_dataset is None:
+            raise ConfigError("evaluate() needs held-out rows: set eval_split or eval_size, or pass eval_dataset (to "
+                              "the trainer or to evaluate())")
+        rows, report = prepare_rows(eval_dataset, self.processing_class, self.args, "eval")
+        for line in report.lines():
+            log.info("eval data: %s", line)
+        return rows
 
     def _loader(self, rows, batch_sampler, collator) -> DataLoader:
         return DataLoader(rows, batch_sampler=batch_sampler, collate_fn=collator,
