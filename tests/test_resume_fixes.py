@@ -263,3 +263,15 @@ def test_resumed_rl_run_trims_rollouts_with_metrics_at_its_start(tmp_path):
         resumed.train(resume_from_checkpoint=str(run / "checkpoint-1"))
     rollouts = Counter(json.loads(line)["step"] for line in (run / "rollouts.jsonl").read_text().splitlines())
     assert rollouts == {1: 8} and set(_logged(run)) == {1}  # the two files agree: step 1, once
+
+
+def test_a_second_train_call_is_refused_not_started_over(tmp_path):
+    """train() twice on one trainer started over at step 1 in the same folder: checkpoint-2 replaced, the log
+    holding steps 1, 2, 1, 2. Continuing it with 'latest' and a larger max_steps works."""
+    trainer = _sft(tmp_path)
+    trainer.train()
+    with pytest.raises(ConfigError, match=r"^train\(\) already ran 2 steps on this trainer: continue with"):
+        trainer.train()
+    trainer.args.max_steps = 4
+    trainer.train(resume_from_checkpoint="latest")
+    assert trainer.state.global_step == 4 and _logged(tmp_path / "out") == [1, 2, 3, 4]

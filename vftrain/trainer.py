@@ -222,6 +222,10 @@ class VFTrainer(HeldOutGenerations, Trainer):
         loads its weights, so that `save_model()` saves those. Out of GPU memory, the finished steps are saved (one
         process) and the error names the settings to change."""
         resume = self.resume_point(resume_from_checkpoint)
+        if resume is None and self.state.global_step:  # transformers would start over, over this run's checkpoints
+            raise ConfigError(f"train() already ran {self.state.global_step} steps on this trainer: continue with "
+                              "train(resume_from_checkpoint='latest') and a larger max_steps, or build a new trainer "
+                              "for a new run (another run_name or output_dir)")
         if checkpoint.finished(self.args, resume):
             if self.sharded:  # transformers loads sharded weights only into the engine its training loop builds
                 raise ConfigError(f"{resume} ends the run; with sharded weights (FSDP, DeepSpeed) train() cannot load "
