@@ -265,3 +265,16 @@ def test_tokenized_rows_made_for_transformers_trainer_train_what_their_labels_sa
     assert len(kept) == 2 and list(report.dropped) == ["labels differ from input_ids where they train: give "
                                                        "transformers' unshifted labels (input_ids, -100 where not "
                                                        "trained), or a loss_mask"]
+
+
+def test_a_streaming_dataset_or_a_dict_of_datasets_is_named_in_one_line():
+    """Both were refused with the whole multi-line repr of the object, saying nothing of streaming."""
+    import datasets
+
+    stream = datasets.Dataset.from_list(addition_rows(4)).to_iterable_dataset()
+    with pytest.raises(DataError, match=r"^a streaming dataset \(IterableDataset\) is not supported: .*without "
+                                        r"streaming=True$"):
+        load_rows(stream, "train")
+    with pytest.raises(DataError, match=r"^dataset = dict is not a dataset name, path or datasets.Dataset \(one "
+                                        r"split: a dict of several is not taken\)$"):
+        load_rows({"a": datasets.Dataset.from_list(addition_rows(4)), "b": stream, "c": "x" * 80}, "train")

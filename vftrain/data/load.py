@@ -38,8 +38,13 @@ def load_rows(source: Any, split: str):
         return source
     if isinstance(source, datasets.DatasetDict):
         return _pick_split(source, split, "the DatasetDict")
+    if isinstance(source, (datasets.IterableDataset, datasets.IterableDatasetDict)):
+        raise DataError("a streaming dataset (IterableDataset) is not supported: vftrain tokenizes and plans the "
+                        "whole split before training; load it without streaming=True")
     if not isinstance(source, str) or not source:
-        raise DataError(f"dataset = {source!r} is not a dataset name, path or datasets.Dataset")
+        shown = repr(source) if len(repr(source)) < 80 and "\n" not in repr(source) else type(source).__name__
+        raise DataError(f"dataset = {shown} is not a dataset name, path or datasets.Dataset (one split: a dict of "
+                        "several is not taken)")
     if os.path.isfile(source):
         builder = _FILE_BUILDERS.get(os.path.splitext(source)[1].lower())
         if builder is None:
