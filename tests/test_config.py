@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import vftrain as vf
+from conftest import TINY, addition_rows
 from vftrain.config import TrainerConfig
 from vftrain.errors import ConfigError
 
@@ -352,3 +353,50 @@ def test_a_budgeted_batch_that_does_not_split_over_the_processes_names_world_siz
         vf.SFTConfig(output_dir=str(tmp_path), batch_size=65, micro_batch_tokens=4096)
     with pytest.raises(ConfigError, match=r"not divisible by micro_batch_size \(4\) x world_size \(2\)"):
         vf.SFTConfig(output_dir=str(tmp_path), batch_size=66, micro_batch_tokens=4096, micro_batch_size=4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 18, r"batch_size = 18 must be a multiple of rollouts_per_example \(4\)"),
+    ("rollouts_per_example", 3, r"must be a multiple of rollouts_per_example \(3\)"),
+    ("temperature", 0.0, r"temperature = 0.0 must be > 0"),
+    ("num_iterations", 0, r"num_iterations = 0 must be a positive integer"),
+    ("batch_size", 32, None),
+])
+def test_fields_set_after_the_config_was_built_are_checked_and_derived_again(tmp_path, field, value, message):
+    """Set after construction (transformers' scripts do), a field was neither checked nor spread to what derives
+    from it: batch_size = 18 trained 16 rollouts a step, temperature = 0 failed inside sampling, num_iterations = 0
+    divided by zero, batch_size = 32 doubled the micro-batches. The trainer now builds the config again, as if the
+    value had been given to RLConfig(...)."""
+    import datasets
+
+    from rl_worker import config as rl_config
+    from rl_worker import digits
+
+    config = rl_config(str(tmp_path / "rl"), 1)
+    setattr(config, field, value)
+    build = lambda: vf.RLTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=config,
+                                 reward_funcs=[digits])
+    if message:
+        with pytest.raises(ConfigError, match=message):
+            build()
+        return
+    args = build().args
+    assert (args.batch_size, args.micro_batch_size, args.gradient_accumulation_steps) == (32, 4, 8)
+
+
+def test_an_output_dir_or_run_name_set_afterwards_is_the_runs(tmp_path):
+    """An output_dir set after a config built without one: train(resume_from_checkpoint='latest') refused it
+    ("latest needs run_name or output_dir"); a run_name set afterwards left output_dir at the generated name's."""
+    import datasets
+
+    rows = datasets.Dataset.from_list(addition_rows(16))
+    config = vf.SFTConfig(max_steps=1, batch_size=8, micro_batch_size=8, max_seq_len=64, report_to=[], use_cpu=True)
+    generated = config.run_name
+    config.output_dir = str(tmp_path / "given")
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=rows, args=config)
+    assert trainer.args.run_name == generated and trainer.args.output_dir == str(tmp_path / "given")
+    trainer.train(resume_from_checkpoint="latest")
+    assert (tmp_path / "given" / "metrics.jsonl").exists()
+    named = vf.SFTConfig(max_steps=1, batch_size=8, micro_batch_size=8, max_seq_len=64, report_to=[], use_cpu=True)
+    named.run_name = "set-later"
+    assert vf.SFTTrainer(model=TINY, train_dataset=rows, args=named).args.output_dir == "outputs/set-later"

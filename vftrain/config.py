@@ -24,6 +24,7 @@ from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_support
                                     _check_lora_modules, _cuda,
                                     _fsdp_config_with_defaults, _integer, _jsonable, _non_blocking_copies,
                                     _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
+from vftrain.config_given import remember_given, remember_resolved
 from vftrain.errors import ConfigError
 
 log = logging.getLogger("vftrain")
@@ -210,10 +211,7 @@ class TrainerConfig(TrainingArguments):
                                       "training with a message instead.")
 
     def __post_init__(self):
-        # The fields given other values than their defaults, before any are derived: what config.toml writes.
-        self.given_fields = [f.name for f in dataclasses.fields(self) if f.init and getattr(self, f.name) != (
-            f.default_factory() if f.default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING
-            else f.default)]
+        remember_given(self)
         # Left unset: decided from the memory estimate once the model is loaded (VFTrainer._fit_memory).
         self.memory_auto = tuple(name for name in ("lean_mlp", "gradient_checkpointing") if getattr(self, name) is None
                                  and getattr(self, name.replace("gradient", "activation"), None) is None)
@@ -281,6 +279,7 @@ class TrainerConfig(TrainingArguments):
                         "--nproc_per_node %d (or accelerate launch --num_processes %d) in front of the command, e.g. "
                         "torchrun --nproc_per_node %d -m vftrain.cli.sft @ config.toml; CUDA_VISIBLE_DEVICES chooses "
                         "the GPU", gpus, gpus, gpus, gpus)
+        remember_resolved(self)
 
     @property
     def n_gpu(self) -> int:
@@ -425,6 +424,7 @@ class SFTConfig(TrainerConfig):
                                    "eval_size), else 'no'.")
 
     def __post_init__(self):
+        remember_given(self)
         _check_bounds(self, (("dataset_num_proc", _integer(1), "an integer >= 1 (unset: automatic)"),
                              ("eval_generation_rows", _integer(0), "an integer >= 0 (0: skip)")))
         if self.eval_strategy is None:  # an explicit 'no' stays: held-out rows then serve eval_generation_rows only
@@ -513,6 +513,7 @@ class RLConfig(TrainerConfig):
     save_steps: float = _f(50, "Save a checkpoint every N optimizer steps.")
 
     def __post_init__(self):
+        remember_given(self)
         self._validate_rl()
         super().__post_init__()
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from vftrain.config import RLConfig
 from vftrain.config_checks import trl_arguments
+from vftrain.config_given import rebuilt
 from vftrain.data.collate import Collator
 from vftrain.data.pack import split_step
 from vftrain.data.render import stop_token_ids
@@ -69,6 +70,7 @@ class RLTrainer(VFTrainer):
         args = args if args is not None else RLConfig()
         if not isinstance(args, RLConfig):
             raise ConfigError(f"RLTrainer needs an RLConfig, got {type(args).__name__}")
+        args = rebuilt(args)  # with the fields set since it was built
         trl_arguments("RLTrainer", args, kwargs)
         model, tokenizer = self._load_model(model, args, processing_class)
         disable_dropout(model)

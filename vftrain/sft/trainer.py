@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from vftrain.config import SFTConfig
 from vftrain.config_checks import trl_arguments
+from vftrain.config_given import rebuilt
 from vftrain.data import TokenizedRows, prepare_rows
 from vftrain.data.collate import IGNORE_INDEX, Collator
 from vftrain.data.load import data_seed
@@ -46,7 +47,7 @@ class SFTTrainer(VFTrainer):
 
     def __init__(self, model: Any = None, train_dataset: Any = None, args: SFTConfig | None = None,
                  processing_class: Any = None, eval_dataset: Any = None, **kwargs):
-        args = args if args is not None else SFTConfig()
+        args = rebuilt(args) if args is not None else SFTConfig()  # with the fields set since it was built
         trl_arguments("SFTTrainer", args, kwargs)
         model, tokenizer = self._load_model(model, args, processing_class, prepare=False)
         raw_train, raw_eval = self._raw_splits(train_dataset, eval_dataset, args)
