@@ -285,3 +285,31 @@ def test_panel_cut_by_max_new_tokens_says_so(tmp_path):
     sampler.console = Console(file=StringIO(), width=200)
     sampler.sample(1)
     assert "(truncated: max_new_tokens)" in sampler.console.file.getvalue()
+
+
+def test_a_reasoning_block_is_not_part_of_the_answer_scored(tmp_path, monkeypatch):
+    """Qwen3 writes `<think>...</think>` (empty without reasoning) as text tokens, which decoding keeps: exact match
+    and vftrain-shaped rewards compared it with the reference, so a right answer scored 0 (RL rewarded dropping the
+    block; held-out accuracy read 0%). They now score the answer after it; TRL-shaped functions get the text as
+    TRL gives it."""
+    from vftrain.rewards import answer_text, score
+
+    assert answer_text("<think>\n\n</think>\n\nok") == answer_text("carry the 1</think> ok") == "ok"
+    assert answer_text("no block") == "no block" and answer_text("<think>cut short") == "<think>cut short"
+    seen = []
+
+    def trl_raw(prompts, completions, **kwargs):
+        seen.extend(completions)
+        return [0.0] * len(completions)
+
+    total, per_func = score(resolve_rewards(["exact_match", trl_raw]), None, ["<think>\n</think>\n\n12", "13"],
+                            ["12", "12"], prompts=["a", "b"])
+    assert list(per_func["exact_match"]) == [1.0, 0.0] and seen == ["<think>\n</think>\n\n12", "13"]
+    import vftrain.sampling.embedded as embedded
+
+    monkeypatch.setattr(embedded, "generate", lambda model, tok, prompts, *a, **k: [
+        "<think>\n\n</think>\n\n" + p.messages[-1]["content"].replace("+", "") for p in prompts])
+    rows = [{"prompt": [{"role": "user", "content": "1+2"}], "completion": [{"role": "assistant", "content": "12"}]}]
+    trainer = vf.SFTTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(16)),
+                            args=small_config(tmp_path))
+    assert trainer.evaluate_generations(rows=rows, save=False)["accuracy"] == 1.0

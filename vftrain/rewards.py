@@ -1,9 +1,11 @@
 """Reward functions: they score SFT samples and RL rollouts. Two shapes are accepted, told apart by the signature:
 
-- vftrain's `fn(completion: str, reference: str) -> float`, called once per completion;
+- vftrain's `fn(completion: str, reference: str) -> float`, called once per completion with its answer
+  (`answer_text`: after a `<think>...</think>` reasoning block, which Qwen3 writes even when empty);
 - TRL's (GRPOTrainer) `fn(prompts, completions, **kwargs) -> list[float]`, called once per batch with keyword
   arguments, as TRL calls it (`GRPOTrainer._calculate_rewards`): `prompts` (messages or strings),
-  `completions` (`[{"role": "assistant", "content": text}]` for message prompts, else the text), `completion_ids`,
+  `completions` (`[{"role": "assistant", "content": text}]` for message prompts, else the text; as decoded,
+  reasoning block included, as TRL passes them), `completion_ids`,
   `trainer_state`, and every other column of the rows (all but prompt / completion / messages) as one list each.
 
 Either shape may return None (or NaN) for a completion: that function does not score it (TRL: it does not apply to
@@ -40,6 +42,14 @@ NOT_COLUMNS = ("prompt", "completion", "messages")  # row columns that are no ke
 # completion; `messages` is the prompt and reference of a messages row)
 
 
+def answer_text(completion: str) -> str:
+    """The answer of a decoded completion: the text after its reasoning block, or all of it without one. Qwen3 and
+    DeepSeek-R1 write `<think>...</think>` as text tokens, which decoding keeps: a Qwen3 model trained on
+    `<think>\n\n</think>\n\nok` answered "ok" and exact match scored it 0 (and RL rewarded dropping the block)."""
+    _, end, answer = completion.rpartition("</think>")
+    return answer.lstrip() if end else completion
+
+
 def exact_match(completion: str, reference: str) -> float:
     """1.0 when the completion equals the reference after stripping surrounding whitespace, else 0.0."""
     return float(completion.strip() == reference.strip())
@@ -62,7 +72,8 @@ class Reward:
         """One score per completion (NaN: not scored, the function returned None or NaN); `prompts`, `rows` (the
         other columns), `completion_ids` and `trainer_state` are what a TRL-shaped function receives."""
         if not self.batched:
-            return np.array([self._number(self.fn(c, r)) for c, r in zip(completions, references, strict=True)])
+            return np.array([self._number(self.fn(answer_text(c), r))
+                             for c, r in zip(completions, references, strict=True)])
         n, rows, prompts = len(completions), rows or [{}] * len(completions), prompts or [None] * len(completions)
         kwargs = {k: [row.get(k) for row in rows] for k in dict.fromkeys(k for row in rows for k in row)}
         kwargs.update(prompts=prompts, completion_ids=completion_ids, trainer_state=trainer_state,

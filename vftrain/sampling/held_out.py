@@ -21,7 +21,7 @@ class HeldOutGenerations:
         lockstep), and so must they before train() when `save` (the first write claims output_dir: `start_run`)."""
         from vftrain.data.load import plain_row
         from vftrain.logging import write_held_out
-        from vftrain.rewards import exact_match
+        from vftrain.rewards import answer_text, exact_match
         from vftrain.sampling import prompt_and_reference
         from vftrain.sampling.embedded import generate
 
@@ -39,7 +39,7 @@ class HeldOutGenerations:
         model = self.accelerator.unwrap_model(self.model)
         completions = generate(model, self.processing_class, [p for p, _ in pairs],
                                max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
-        scores = [exact_match(c, ref) for c, (_, ref) in zip(completions, pairs)]
+        scores = [exact_match(answer_text(c), ref) for c, (_, ref) in zip(completions, pairs)]
         result = {"accuracy": sum(scores) / max(len(scores), 1), "n": len(scores), "path": None,
                   "examples": [(p, c, ref) for (p, ref), c in zip(pairs[:3], completions[:3])],
                   "generations": [{"prompt": p if isinstance(p, str) else p.messages, "completion": c,
