@@ -331,3 +331,20 @@ def test_rollouts_file_keeps_every_rollout(tmp_path):
     for step in (1, 2):
         group = [x for x in lines if x["step"] == step][:4]
         assert sum(x["advantage"] for x in group) == pytest.approx(0, abs=1e-9)
+
+
+def test_question_rows_with_a_system_prompt_and_string_prompts_said(caplog):
+    """A `system_prompt` column beside `question` was dropped without a word; string `prompt`s are sampled as
+    plain text, as TRL does, which a chat model answers badly (0% from a 100% SFT model): now said at start."""
+    from vftrain.data.render import render_prompt
+    from vftrain.rl.rollouts import PromptSet
+
+    tokenizer = tiny_tokenizer()
+    rows = [{"question": "1+2", "system_prompt": "Add.", "answer": "3"}, {"question": "2+2", "answer": "4"}]
+    prompts = PromptSet.build(datasets.Dataset.from_list(rows), tokenizer, 64)
+    assert prompts.ids == [render_prompt(tokenizer, [{"role": "system", "content": "Add."},
+                                                     {"role": "user", "content": "1+2"}]),
+                           render_prompt(tokenizer, [{"role": "user", "content": "2+2"}])]
+    with caplog.at_level("WARNING", logger="vftrain"):
+        PromptSet.build(datasets.Dataset.from_list([{"prompt": "1+2", "answer": "3"}]), tokenizer, 64)
+    assert "1 prompts are strings: sampled as plain text, without the chat template (as TRL does)" in caplog.text

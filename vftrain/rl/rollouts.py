@@ -28,13 +28,15 @@ REFERENCE_COLUMNS = ("answer", "reference", "completion")
 
 def prompt_and_answer(row: dict):
     """(prompt: messages or string, reference answer: str, tools) of an RL row. The prompt is `prompt` (messages or
-    a string) or `question` (a string, asked as a user message); the reference is `answer`, `reference`, or the
-    last assistant message of `completion` (so an SFT dataset serves RL as is)."""
+    a string) or `question` (a string, asked as a user message, after a `system_prompt` column's system message);
+    the reference is `answer`, `reference`, or the last assistant message of `completion` (so an SFT dataset serves
+    RL as is)."""
     prompt = next((row[c] for c in PROMPT_COLUMNS if row.get(c) is not None), None)
     if prompt is None:
         raise DataError(f"RL rows need a prompt column ({' or '.join(PROMPT_COLUMNS)}); got {sorted(row)}")
     if "prompt" not in row or row.get("prompt") is None:
-        prompt = [{"role": "user", "content": prompt}]
+        system = [{"role": "system", "content": row["system_prompt"]}] if row.get("system_prompt") else []
+        prompt = [*system, {"role": "user", "content": prompt}]
     reference = next((row[c] for c in REFERENCE_COLUMNS if row.get(c) is not None), None)
     if isinstance(reference, list):  # completion messages: the last assistant turn
         answers = [m for m in reference if isinstance(m, dict) and m.get("role") == "assistant"]
@@ -89,6 +91,11 @@ class PromptSet:
             out.kept.append(i)
         if not out.ids:
             raise DataError("no prompt is left to train on: " + "; ".join(f"{n} {r}" for r, n in dropped.items()))
+        plain = sum(isinstance(p, str) for p in out.prompts)
+        if plain and getattr(tokenizer, "chat_template", None):
+            log.warning("%s prompts are strings: sampled as plain text, without the chat template (as TRL does), "
+                        "though this model has one; give a chat model `prompt` as a message list, or the text as "
+                        "`question`", f"{plain:,}")
         out.dropped = dropped
         if lost:
             log.warning("%s prompts lose characters that the tokenizer cannot encode: %r (first: prompt %d); the "
