@@ -1,4 +1,5 @@
-"""`python tests/cpu_fsdp.py ARGS` = `vf-sft ARGS` with FSDP allowed on CPU processes (gloo), for the tests.
+"""`python tests/cpu_fsdp.py ARGS` = `vf-sft ARGS` (`cpu_fsdp.py rl ARGS`: `vf-rl ARGS`) with FSDP allowed on CPU
+processes (gloo), for the tests.
 
 accelerate applies FSDP only on accelerators and otherwise falls back to DDP (vftrain then stops with an error);
 torch's FSDP2 itself runs on CPU. This shim marks the CPU process group as FSDP the way accelerate marks a GPU
@@ -31,9 +32,14 @@ if __name__ == "__main__":
     import logging
     import os
 
-    from vftrain.cli.sft import main
+    if sys.argv[1:2] == ["rl"]:
+        from vftrain.cli.rl import main
 
-    code = main(sys.argv[1:])
+        code = main(sys.argv[2:])
+    else:
+        from vftrain.cli.sft import main
+
+        code = main(sys.argv[1:])
     # After a finished run, the interpreter's own teardown aborted a CPU FSDP2 process once in about seven suite
     # runs ("terminate called without an active exception", SIGABRT, after the process group was destroyed): a gloo
     # thread outliving it. GPU runs use NCCL, not this shim; leave without the teardown, everything flushed.

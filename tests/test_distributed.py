@@ -240,14 +240,25 @@ def test_fsdp2_reads_the_weights_on_rank_0_only(tmp_path):
 
 
 def test_fsdp2_lora_merges_like_one_process(tmp_path):
-    """LoRA adapters sharded by FSDP2 are gathered and merged into a plain model folder equal to the 1-process one."""
+    """LoRA adapters sharded by FSDP2 are gathered and merged into a plain model folder equal to the 1-process one;
+    also when the run was killed after its last checkpoint, before its final save: the requeued job stopped with
+    "train() cannot load them without training" (sharded weights); it now loads the checkpoint's shards, saves and
+    merges."""
+    import shutil
+
     import torch
     from transformers import AutoModelForCausalLM
 
     data = _dataset(tmp_path)
     lora = ("--sft.use_lora", "true", "--sft.merge_lora", "true", "--sft.max_steps", "3")
     _train(tmp_path / "one", 1, data, lora)
-    _train(tmp_path / "fsdp", 2, data, ("--sft.fsdp", "true", *lora), fsdp=True)
+    saved = ("--sft.fsdp", "true", *lora, "--sft.save_strategy", "steps", "--sft.save_steps", "3")
+    _train(tmp_path / "fsdp", 2, data, saved, fsdp=True)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "merged"):  # as if killed after checkpoint-3
+        path = tmp_path / "fsdp" / name
+        path.unlink() if path.is_file() else shutil.rmtree(path)
+    proc = _run(tmp_path / "fsdp", 2, data, (*saved, "--sft.resume_from_checkpoint", "latest"), fsdp=True)
+    assert proc.returncode == 0 and "has no final model: saving it from" in proc.stdout + proc.stderr, proc.stderr
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     one, two = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "merged").eval() for run in ("one", "fsdp"))
     base = AutoModelForCausalLM.from_pretrained(TINY).eval()
@@ -261,6 +272,31 @@ def test_fsdp2_lora_merges_like_one_process(tmp_path):
     for run in ("one", "fsdp"):  # the final adapter as trained (float32 LoRA), no base config.json beside it
         assert {v.dtype for v in load_file(tmp_path / run / "adapter_model.safetensors").values()} == {torch.float32}
         assert not (tmp_path / run / "config.json").exists()
+
+
+def test_fsdp2_rl_measures_the_held_out_rows_before_training(tmp_path):
+    """vf-rl's held-out generation before RL ran before accelerate had sharded the weights: the processes other
+    than 0 (which alone reads them, cpu_ram_efficient_loading) failed on meta tensors. The FSDP2 run now prints both
+    measurements, and trains the losses of a run loading the weights on every process."""
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": r["prompt"], "answer": r["completion"][0]["content"]}
+                                              for r in addition_rows(64)])
+    args = ["rl", "--model", TINY, "--dataset", data, "--rl.max_steps", "2", "--rl.batch_size", "16",
+            "--rl.rollouts_per_example", "4", "--rl.micro_batch_size", "4", "--rl.max_prompt_len", "24",
+            "--rl.max_new_tokens", "4", "--rl.max_seq_len", "32", "--rl.eval_size", "8",
+            "--rl.eval_generation_rows", "8", "--rl.logging_steps", "1", "--rl.fsdp", "true", "--rl.save_strategy",
+            "no", "--rl.disable_tqdm", "true"]
+    losses = {}
+    for run, extra in (("default", []), ("every-rank", ["--rl.fsdp_config", "{cpu_ram_efficient_loading = false}"])):
+        port = str(29400 + os.getpid() % 1000)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               port, str(ROOT / "tests" / "cpu_fsdp.py"), *args, *extra, "--rl.output_dir",
+                               str(tmp_path / run)], cwd=ROOT, env=worker_env(), capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        assert proc.stdout.count("held-out exact-match accuracy before RL") == 1
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        losses[run] = [json.loads(line)["loss"] for line in lines if "loss" in json.loads(line)]
+    assert len(losses["default"]) == 2 and losses["default"] == pytest.approx(losses["every-rank"], abs=1e-6)
 
 
 def test_fsdp2_pushes_gathered_weights_to_an_openai_server(tmp_path, reference):

@@ -227,10 +227,11 @@ class VFTrainer(HeldOutGenerations, Trainer):
                               "train(resume_from_checkpoint='latest') and a larger max_steps, or build a new trainer "
                               "for a new run (another run_name or output_dir)")
         if checkpoint.finished(self.args, resume):
-            if self.sharded:  # transformers loads sharded weights only into the engine its training loop builds
-                raise ConfigError(f"{resume} ends the run; with sharded weights (FSDP, DeepSpeed) train() cannot load "
-                                  f"them without training: its model folder is {resume} (from_pretrained loads it)")
+            if self.is_deepspeed_enabled:  # transformers loads its weights only into the engine training builds
+                raise ConfigError(f"{resume} ends the run; under DeepSpeed train() cannot load its weights without "
+                                  f"training: its model folder is {resume} (from_pretrained loads it)")
             self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+            self._sharded_before_training()  # FSDP: sharded first, as the training loop does before it loads
             self._load_from_checkpoint(resume)
             return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
         checkpoint.check_same_model(self.args, resume)

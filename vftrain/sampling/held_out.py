@@ -36,6 +36,7 @@ class HeldOutGenerations:
             self.start_run(self.resume_point())
         rewards = self._run_rewards()
         pairs = [_prompt_and_answer(r) if rewards else prompt_and_reference(r) for r in rows]
+        self._sharded_before_training()
         model = self.accelerator.unwrap_model(self.model)
         completions = generate(model, self.processing_class, [p for p, _ in pairs],
                                max_new_tokens or self.args.max_new_tokens, synced=self.sharded)
@@ -53,6 +54,13 @@ class HeldOutGenerations:
             reward = {"eval/held_out_reward": result["reward"]} if rewards else {}
             self.log({"eval/held_out_accuracy": result["accuracy"], **reward, "eval/held_out_rows": result["n"]})
         return result
+
+    def _sharded_before_training(self) -> None:
+        """FSDP before train(): the weights are sharded by accelerate's prepare, which the training (or evaluation)
+        loop runs; until then only process 0 holds them (cpu_ram_efficient_loading, vftrain's default) and the
+        others failed to generate on meta tensors. Prepared here as transformers' evaluation loop prepares them."""
+        if self.is_fsdp_enabled and not self.accelerator._models:
+            self.model = self.accelerator.prepare(self.model)
 
     def _run_rewards(self) -> dict | None:
         """RL's reward functions ({name: Reward}); None for SFT, and for an environment's run (its rewards score
