@@ -286,3 +286,36 @@ def test_sample_prompts_are_the_training_prompts_with_the_rows_tools():
     assert reference == "6"
     assert encode_prompt(tok, prompt) == trained["input_ids"][: trained["loss_mask"].index(1)]
     assert '"name": "mul"' in tok.decode(encode_prompt(tok, prompt))
+
+
+def test_qwen3_non_thinking_mode_from_chat_template_kwargs(tmp_path):
+    """`chat_template_kwargs = {enable_thinking = false}`: Qwen3's non-thinking mode, whose generation prompt ends in
+    an empty think block, so the trained span is the answer alone, as inference with enable_thinking=False prompts
+    it. It was no setting at all (an unknown key). The variables travel with the saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    from vftrain.data.render import template_kwargs
+    from vftrain.models import use_template
+
+    tok = family_tokenizer("qwen2.5")
+    use_template(tok, str(TEMPLATES / "qwen3.jinja"), None)
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}
+
+    def trained(tokenizer) -> str:
+        [out] = Renderer(tokenizer, "prompt_completion")(row)
+        return tokenizer.decode([t for t, m in zip(out["input_ids"], out["loss_mask"]) if m])
+
+    thinking_prompt = tok.decode(render_prompt(tok, row["prompt"]))
+    assert trained(tok) == "<think>\n\n</think>\n\n4<|im_end|>" and thinking_prompt.endswith("assistant\n")
+    use_template(tok, None, {"enable_thinking": False})
+    assert trained(tok) == "4<|im_end|>"
+    assert tok.decode(render_prompt(tok, row["prompt"])) == thinking_prompt + "<think>\n\n</think>\n\n"
+    tok.save_pretrained(tmp_path / "tok")
+    assert template_kwargs(AutoTokenizer.from_pretrained(tmp_path / "tok")) == {"enable_thinking": False}
+
+
+def test_chat_template_kwargs_must_be_a_table(tmp_path):
+    import vftrain as vf
+
+    with pytest.raises(Exception, match=r"chat_template_kwargs = 'enable_thinking=false' must be a table"):
+        vf.SFTConfig(output_dir=str(tmp_path), chat_template_kwargs="enable_thinking=false")

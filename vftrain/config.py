@@ -21,7 +21,7 @@ from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
                                     _check_compile_layers, _check_deepspeed, _check_late_failures,
-                                    _check_lora_modules, _cuda,
+                                    _check_lora_modules, _check_template, _cuda,
                                     _fsdp_config_with_defaults, _integer, _jsonable, _non_blocking_copies,
                                     _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
 from vftrain.config_given import remember_given, remember_resolved
@@ -80,6 +80,10 @@ class TrainerConfig(TrainingArguments):
     chat_template: str | None = _f(None, "A chat template that replaces the tokenizer's for training, sampling and "
                                    "the saved tokenizer: the path of a Jinja file (e.g. the model family's "
                                    "tool-calling template) or the template text itself; None: the tokenizer's own.")
+    chat_template_kwargs: dict | None = _f(None, "Variables for the chat template wherever it renders (training rows, "
+                                           "rollout prompts, samples), e.g. {enable_thinking = false}: Qwen3's "
+                                           "non-thinking mode; saved with the tokenizer, so a run from the output "
+                                           "renders alike.")
     use_liger: bool | None = _f(None, "Patch the model with liger-kernel's fused Triton kernels (RMSNorm, SwiGLU; "
                                 "this model only, not its family process-wide). Default: on when training on a CUDA "
                                 "GPU (not with use_cpu) with liger-kernel installed (a dependency on Linux) and the "
@@ -219,10 +223,7 @@ class TrainerConfig(TrainingArguments):
             self.max_grad_norm = 0.0
         self._validate_choices()
         _check_lora_modules(self)
-        if self.chat_template is not None:
-            from vftrain.models import read_chat_template
-
-            read_chat_template(self.chat_template)  # a missing file is named now, not after the model loads
+        _check_template(self)
         if self.micro_batch_tokens is not None and not self.packing:
             raise ConfigError("micro_batch_tokens needs packing = true (padded micro-batches are sized in rows)")
         if self.attn_implementation == "varlen" and not self.packing:

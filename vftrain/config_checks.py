@@ -170,6 +170,18 @@ def trl_arguments(trainer: str, args, kwargs: dict) -> None:
         args.lora_config, args.use_lora = peft_config, True
 
 
+def _check_template(config) -> None:
+    """A missing chat_template file is named now, not after the model loads; chat_template_kwargs is a table."""
+    if config.chat_template is not None:
+        from vftrain.models import read_chat_template
+
+        read_chat_template(config.chat_template)
+    kwargs = config.chat_template_kwargs
+    if kwargs is not None and not (isinstance(kwargs, dict) and all(isinstance(k, str) for k in kwargs)):
+        raise ConfigError(f"chat_template_kwargs = {kwargs!r} must be a table of the template's variables, e.g. "
+                          "{enable_thinking = false}")
+
+
 def _check_lora_modules(config) -> None:
     """peft reads a string of modules_to_save character by character (every module whose name ends in one of its
     letters is trained in full), and a string of target_modules as a regular expression that must match a module's

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from vftrain.data.render import TEMPLATE_KWARGS
 from vftrain.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def get_model_and_tokenizer(
     tokenizer: PreTrainedTokenizerBase | None = None,
     load_weights: bool = True,
     chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
     device=None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return `(model, tokenizer)`.
@@ -68,7 +70,8 @@ def get_model_and_tokenizer(
     (`vftrain.attention.choose`), else with the model's own default. `use_liger = None` applies liger-kernel where
     it can run (`liger_applies`) and the caller will not compile the decoder layers: `compile_layers` true, or None
     where `vftrain.compile.compile_applies` (liger's Triton kernels do not trace inside torch.compile, whose own
-    fusions replace them). `chat_template` (a file path or template text) replaces the tokenizer's.
+    fusions replace them). `chat_template` (a file path or template text) replaces the tokenizer's, and
+    `chat_template_kwargs` are its variables (`use_template`).
     `load_weights = False` (a hub name or folder only) builds the model with empty
     (meta-device) parameters and real buffers, for FSDP ranks that receive their shards from rank 0.
     """
@@ -85,7 +88,8 @@ def get_model_and_tokenizer(
             return load_adapter_folder(model, dtype=dtype, attn_implementation=attn_implementation, packing=packing,
                                        trust_remote_code=trust_remote_code, use_liger=use_liger,
                                        compile_layers=compile_layers, tokenizer=tokenizer,
-                                       load_weights=load_weights, chat_template=chat_template, device=device)
+                                       load_weights=load_weights, chat_template=chat_template,
+                                       chat_template_kwargs=chat_template_kwargs, device=device)
         refuse_run_folder_without_model(model)
         load = AutoModelForCausalLM.from_pretrained if load_weights else empty_model
         try:
@@ -112,8 +116,7 @@ def get_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         except OSError as exc:
             raise load_error("tokenizer", source, exc) from None
-    if chat_template is not None:
-        tokenizer.chat_template = read_chat_template(chat_template)
+    use_template(tokenizer, chat_template, chat_template_kwargs)
     ensure_pad_token(tokenizer, model_obj)
     add_stop_tokens(model_obj, tokenizer)
     return model_obj, tokenizer
@@ -306,6 +309,16 @@ def layers_compiled(model, device, compile_layers: bool | None, use_liger: bool 
         raise ConfigError(f"compile_layers = true, but this model ({model.config.model_type}) has no transformers "
                           "decoder layers (GradientCheckpointingLayer) to compile; set compile_layers = false")
     return True
+
+
+def use_template(tokenizer, chat_template: str | None, variables: dict | None) -> None:
+    """The run's chat template and its variables on the tokenizer. The variables go into its init_kwargs, which
+    save_pretrained writes to tokenizer_config.json: a run from the saved tokenizer renders as this one trained
+    (`data.render.template_kwargs`)."""
+    if chat_template is not None:
+        tokenizer.chat_template = read_chat_template(chat_template)
+    if variables is not None:
+        tokenizer.init_kwargs[TEMPLATE_KWARGS] = dict(variables)
 
 
 def read_chat_template(value: str) -> str:

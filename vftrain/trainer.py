@@ -69,7 +69,8 @@ class VFTrainer(HeldOutGenerations, Trainer):
         model, tokenizer = get_model_and_tokenizer(
             model, dtype=args.dtype, attn_implementation=args.attn_implementation, packing=args.packing,
             trust_remote_code=args.trust_remote_code, use_liger=args.use_liger, compile_layers=compile_layers,
-            tokenizer=tokenizer, load_weights=load_weights, chat_template=args.chat_template, device=args.device)
+            tokenizer=tokenizer, load_weights=load_weights, chat_template=args.chat_template,
+            chat_template_kwargs=args.chat_template_kwargs, device=args.device)
         # as the loader decided it (the same rule on the same model); saved with the resolved config
         args.compile_layers = layers_compiled(model, args.device, compile_layers, args.use_liger)
         # The dtype checkpoints are written in: FSDP2 upcasts sharded weights to float32 for its mixed precision.

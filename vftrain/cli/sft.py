@@ -216,7 +216,7 @@ def inspect_setup(model: str, config, n_text: str, what: str):
     """(count, tokenizer) for `--inspect N`: N checked, the model's tokenizer loaded with a pad token."""
     from transformers import AutoTokenizer
 
-    from vftrain.models import ensure_pad_token, load_error, read_chat_template
+    from vftrain.models import ensure_pad_token, load_error, use_template
 
     try:
         n = int(n_text)
@@ -226,8 +226,7 @@ def inspect_setup(model: str, config, n_text: str, what: str):
         tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=config.trust_remote_code)
     except OSError as exc:
         raise load_error("tokenizer", model, exc) from None
-    if config.chat_template is not None:
-        tokenizer.chat_template = read_chat_template(config.chat_template)
+    use_template(tokenizer, config.chat_template, config.chat_template_kwargs)
     ensure_pad_token(tokenizer)
     return n, tokenizer
 

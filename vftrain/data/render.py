@@ -28,6 +28,8 @@ from typing import Any
 from vftrain.errors import DataError
 
 # End-of-turn tokens of common template families; the tokenizer's eos token is always included too.
+# The tokenizer_config.json key that keeps a run's chat_template_kwargs with its tokenizer (`models.use_template`).
+TEMPLATE_KWARGS = "vftrain_chat_template_kwargs"
 _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>",
                 "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
@@ -184,11 +186,17 @@ def render_chat(tokenizer, messages: list[dict], tools, generation_prompt: bool)
     """Token ids of `messages` through the chat template; RowError if the template rejects them."""
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                             add_generation_prompt=generation_prompt)
+                                             add_generation_prompt=generation_prompt, **template_kwargs(tokenizer))
     except Exception as exc:  # jinja raises TemplateError, templates raise their own exceptions
         raise RowError(f"chat template failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
     # Rendered chat text already holds the template's BOS and specials: adding them again would double BOS.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def template_kwargs(tokenizer) -> dict:
+    """The chat template's variables for this run (`chat_template_kwargs`, kept with the tokenizer:
+    `models.use_template`)."""
+    return dict(getattr(tokenizer, "init_kwargs", {}).get(TEMPLATE_KWARGS) or {})
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

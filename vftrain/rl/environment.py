@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from vftrain.data.render import stop_token_ids
+from vftrain.data.render import stop_token_ids, template_kwargs
 from vftrain.errors import ConfigError, DataError
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
@@ -321,8 +321,10 @@ def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: in
     prompt. Only this text is encoded; the sampled tokens before it, the stop token included, are kept as they are.
     The turn's end is the sampled stop token's text, or where the template does not write that one (a turn ended
     on eos, `<|endoftext|>`, under Qwen's template, which writes `<|im_end|>`) the last text of any of `stop_ids`."""
-    before = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False)
-    after = tokenizer.apply_chat_template(conversation + new, tools=tools, tokenize=False, add_generation_prompt=True)
+    variables = template_kwargs(tokenizer)
+    before = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, **variables)
+    after = tokenizer.apply_chat_template(conversation + new, tools=tools, tokenize=False, add_generation_prompt=True,
+                                          **variables)
     ends = {text: before.rfind(text) + len(text) for text in tokenizer.batch_decode([[i] for i in stop_ids])
             if text and text in before}
     end = ends.get(tokenizer.decode([stop_id])) or max(ends.values(), default=None)
