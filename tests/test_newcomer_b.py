@@ -196,7 +196,7 @@ def test_rl_prompts_that_lose_characters_are_warned_about(caplog):
     from conftest import tiny_tokenizer
     from vftrain.rl.rollouts import PromptSet
 
-    items = [([{"role": "user", "content": "Météo?"}], "x", None), ("Oslo?", "y", None)]
+    items = [([{"role": "user", "content": "Météo?"}], "x", None), ([{"role": "user", "content": "Oslo?"}], "y", None)]
     with caplog.at_level("WARNING", logger="vftrain"):
         PromptSet.from_prompts(items, tiny_tokenizer(), 64)
     assert [r.getMessage() for r in caplog.records] == [
