@@ -348,3 +348,17 @@ def test_question_rows_with_a_system_prompt_and_string_prompts_said(caplog):
     with caplog.at_level("WARNING", logger="vftrain"):
         PromptSet.build(datasets.Dataset.from_list([{"prompt": "1+2", "answer": "3"}]), tokenizer, 64)
     assert "1 prompts are strings: sampled as plain text, without the chat template (as TRL does)" in caplog.text
+
+
+@pytest.mark.parametrize("extra, prompts", [(["--rl.eval_size", "8"], 32),
+                                            (["--rl.sample_every_n_steps", "5", "--rl.num_samples", "4"], 36)])
+def test_vf_rl_inspect_shows_the_prompts_rl_trains_on(tmp_path, capsys, extra, prompts):
+    """--inspect read the whole split: with held-out rows cut from it (eval_size, or the sample panels' rows) it
+    counted and showed prompts RL never trains on."""
+    from conftest import write_jsonl
+    from vftrain.cli.rl import main as rl_main
+
+    data = write_jsonl(tmp_path / "d.jsonl", addition_rows(40))
+    assert rl_main(["--model", TINY, "--dataset", data, "--rl.output_dir", str(tmp_path / "out"), *extra,
+                    "--inspect", "1"]) == 0
+    assert f"{prompts} prompts; longest" in capsys.readouterr().out

@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 
 from vftrain.cli.args import import_beside_config, parse_argv
-from vftrain.cli.sft import inspect_setup, print_help, report_generation_accuracy, resolve, train
+from vftrain.cli.sft import inspect_setup, print_help, report_generation_accuracy, resolve, train, training_split
 from vftrain.errors import VFTrainError
 
 FLAGS = {"inspect": True, "help": False}
@@ -53,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def inspect(model: str, config, n_text: str) -> int:
-    from vftrain.data.load import load_rows
     from vftrain.rewards import resolve_rewards
     from vftrain.rl.rollouts import PromptSet
 
@@ -65,7 +64,7 @@ def inspect(model: str, config, n_text: str) -> int:
         prompts, rewards = env.prompts, env.reward_names
         tools = [f"tools: {', '.join(t.name for t in env.tools) or 'none'}"]
     else:
-        prompts = PromptSet.build(load_rows(config.dataset, config.dataset_split), tokenizer, config.max_prompt_len)
+        prompts = PromptSet.build(training_split(config)[0], tokenizer, config.max_prompt_len)  # as RL trains
         rewards, tools = resolve_rewards(config.reward_funcs), []  # import errors show here
     for line in prompts.lines() + ["reward functions: " + ", ".join(rewards)] + tools:
         print(line)

@@ -235,20 +235,29 @@ def inspect(model: str, config, n_text: str, as_json: bool) -> int:
     """The rows training will use: without those eval_size and the sample panels hold out (`SFTTrainer`'s split)."""
     from vftrain.cli.inspect import print_rows
     from vftrain.data import tokenize_dataset
+    from vftrain.data.load import held_out_lines
     from vftrain.logging import quiet_progress_bars
-    from vftrain.sampling import held_out_samples
-    from vftrain.data.load import held_out_lines, raw_splits
 
     quiet_progress_bars()
     n, tokenizer = inspect_setup(model, config, n_text, "rows")
-    raw_train, raw_eval = raw_splits(None, None, config)
-    sample_rows = []
-    if config.sample_every_n_steps:
-        sample_rows, raw_train = held_out_samples(raw_train, raw_eval, config.num_samples)
+    raw_train, raw_eval, sample_rows = training_split(config)
     rows, report = tokenize_dataset(raw_train, tokenizer, config.max_seq_len, config.long_rows,
                                     config.dataset_num_proc, "train", config.split_turns)
     print_rows(rows, report, tokenizer, n, as_json, held_out_lines(config, raw_eval, len(sample_rows)))
     return 0
+
+
+def training_split(config):
+    """(training rows, held-out rows or None, rows the sample panels hold out) of the config's dataset, split as the
+    trainers split it: what `--inspect` shows is what trains."""
+    from vftrain.data.load import raw_splits
+    from vftrain.sampling import held_out_samples
+
+    raw_train, raw_eval = raw_splits(None, None, config)
+    sample_rows = []
+    if config.sample_every_n_steps:
+        sample_rows, raw_train = held_out_samples(raw_train, raw_eval, config.num_samples)
+    return raw_train, raw_eval, sample_rows
 
 
 def print_help(section: str = "sft", usage: str = USAGE) -> None:
