@@ -243,3 +243,55 @@ def test_inspect_shows_the_environments_prompts(tmp_path):
         assert f"<|im_start|>user\n{row['prompt'][0]['content']}<|im_end|>\n<|im_start|>assistant\n" in proc.stdout
     assert rows[2]["prompt"][0]["content"] not in proc.stdout
     assert proc.stdout.startswith("256 prompts")
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_qwen3_tool_turns_continue_after_the_turn_as_sampled(thinking):
+    """Qwen3 renders a tool-call turn with an empty think block while it is the last message and without one once
+    the tool result follows: the conversation did not extend by appending, and every Qwen3 tool rollout stopped at
+    its first call. The sampled turn stays as sampled; the environment's tokens are the template's text after it."""
+    from conftest import TEMPLATES, family_tokenizer
+    from vftrain.data.render import stop_token_ids
+    from vftrain.models import use_template
+    from vftrain.rl.environment import env_tokens
+
+    tok = family_tokenizer("qwen2.5")
+    use_template(tok, str(TEMPLATES / "qwen3.jinja"), None if thinking else {"enable_thinking": False})
+    tools = [{"type": "function", "function": {"name": "add", "description": "add numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    call = {"role": "assistant", "content": "", "reasoning_content": "", "tool_calls": [
+        {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]}
+    conversation = [{"role": "user", "content": "2+3?"}, call]
+    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = env_tokens(tok, conversation, [{"role": "tool", "content": "5", "tool_call_id": "call_0"}], stop,
+                     sorted(stop_token_ids(tok)), tools)
+    prefill = "" if thinking else "<think>\n\n</think>\n\n"
+    assert tok.decode(ids) == ("\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n"
+                               "<|im_start|>assistant\n" + prefill)
+
+
+class _Qwen3Turns(ScriptedTurns):
+    """The scripted tool call and answer as a Qwen3 model trained by vf-sft writes them: after an empty think block."""
+
+    def __call__(self, prompts, n, turn):
+        text = ('<think>\n\n</think>\n\n<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
+                if turn == 0 else "<think>\n\n</think>\n\n5")
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.stop]
+        self.sampled.append(ids)
+        return [[Sample(list(p), list(ids), [-0.5] * len(ids), "stop") for _ in range(n)] for p in prompts]
+
+
+def test_a_qwen3_tool_rollout_is_played_and_scored_on_its_answer(tmp_path, envs):
+    """Through the environment's loop with Qwen3's template: it stopped at the first tool call (the template
+    renders the call turn otherwise once its result follows), and the answer kept its think block, so the
+    environment's reward read "<think>...</think>5" and scored 0."""
+    from conftest import TEMPLATES
+
+    trainer = _trainer(tmp_path, env="vf-sum-tools", max_seq_len=1600, max_prompt_len=1400, max_new_tokens=60,
+                       chat_template=str(TEMPLATES / "qwen3.jinja"))
+    script = _Qwen3Turns(trainer.processing_class)
+    out = trainer.env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=60)
+    assert out["rewards"].tolist() == [1.0, 1.0]
+    call, answer = script.sampled
+    ids = out["samples"][0].completion_ids
+    assert ids[:len(call)] == call and ids[-len(answer):] == answer

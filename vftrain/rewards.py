@@ -42,12 +42,18 @@ NOT_COLUMNS = ("prompt", "completion", "messages")  # row columns that are no ke
 # completion; `messages` is the prompt and reference of a messages row)
 
 
+def split_reasoning(completion: str) -> tuple[str | None, str]:
+    """(reasoning or None, answer) of a decoded completion: the text inside its `<think>...</think>` block (the
+    opening tag may be in the prompt: DeepSeek-R1's) and the text after it; (None, all of it) without one."""
+    head, end, answer = completion.rpartition("</think>")
+    return (head.split("<think>", 1)[-1].strip("\n"), answer.lstrip()) if end else (None, completion)
+
+
 def answer_text(completion: str) -> str:
-    """The answer of a decoded completion: the text after its reasoning block, or all of it without one. Qwen3 and
-    DeepSeek-R1 write `<think>...</think>` as text tokens, which decoding keeps: a Qwen3 model trained on
-    `<think>\n\n</think>\n\nok` answered "ok" and exact match scored it 0 (and RL rewarded dropping the block)."""
-    _, end, answer = completion.rpartition("</think>")
-    return answer.lstrip() if end else completion
+    """The answer of a decoded completion, after its reasoning block. Qwen3 and DeepSeek-R1 write `<think>...</think>`
+    as text tokens, which decoding keeps: a Qwen3 model trained on `<think>\n\n</think>\n\nok` answered "ok" and
+    exact match scored it 0 (and RL rewarded dropping the block)."""
+    return split_reasoning(completion)[1]
 
 
 def exact_match(completion: str, reference: str) -> float:

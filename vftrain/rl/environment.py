@@ -36,12 +36,14 @@ import os
 import re
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
 from vftrain.data.render import stop_token_ids, template_kwargs
 from vftrain.errors import ConfigError, DataError
+from vftrain.rewards import split_reasoning
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
 
@@ -184,7 +186,8 @@ class VerifiersEnv:
         vf = self.vf
         text = self.tokenizer.decode(sample.completion_ids, skip_special_tokens=True)
         content, calls = parse_tool_calls(text, vf)
-        message = vf.AssistantMessage(content=content, tool_calls=calls or None)
+        reasoning, content = split_reasoning(content)  # the environment's rewards read the answer (Qwen3's think)
+        message = vf.AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
         finish = "tool_calls" if calls and sample.finish_reason == "stop" else sample.finish_reason
         tokens = vf.TurnTokens(prompt_ids=run.ids, completion_ids=list(sample.completion_ids),
                                completion_logprobs=list(sample.logprobs))
@@ -320,24 +323,30 @@ def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: in
     template's text after its end of that turn (e.g. a newline), the environment's messages and the generation
     prompt. Only this text is encoded; the sampled tokens before it, the stop token included, are kept as they are.
     The turn's end is the sampled stop token's text, or where the template does not write that one (a turn ended
-    on eos, `<|endoftext|>`, under Qwen's template, which writes `<|im_end|>`) the last text of any of `stop_ids`."""
+    on eos, `<|endoftext|>`, under Qwen's template, which writes `<|im_end|>`) the last of any of `stop_ids`' texts.
+
+    The template may render the sampled turn itself otherwise once messages follow it (Qwen3 drops its empty
+    `<think>` block): the model keeps its turn as sampled, and the text after that turn's end is taken from the
+    longer rendering. What comes before the turn must render alike in both."""
     variables = template_kwargs(tokenizer)
-    before = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False, **variables)
-    after = tokenizer.apply_chat_template(conversation + new, tools=tools, tokenize=False, add_generation_prompt=True,
-                                          **variables)
-    ends = {text: before.rfind(text) + len(text) for text in tokenizer.batch_decode([[i] for i in stop_ids])
-            if text and text in before}
-    end = ends.get(tokenizer.decode([stop_id])) or max(ends.values(), default=None)
-    if not after.startswith(before) or end is None:
-        raise DataError("the chat template does not extend a conversation by appending (tool turns need one that "
-                        "does)")
-    scaffold = before[end:]
-    return tokenizer(scaffold + after[len(before):], add_special_tokens=False)["input_ids"]
+    render = partial(tokenizer.apply_chat_template, tools=tools, tokenize=False, **variables)
+    before, after = render(conversation), render(conversation + new, add_generation_prompt=True)
+    earlier = render(conversation[:-1]) if len(conversation) > 1 else ""
+    texts = [t for t in tokenizer.batch_decode([[i] for i in stop_ids]) if t and t in before[len(earlier):]]
+    stop = tokenizer.decode([stop_id])
+    stop = stop if stop in texts else max(texts, key=before.rfind, default=None)
+    turn_end = after.find(stop, len(earlier)) if stop is not None else -1
+    if not (before.startswith(earlier) and after.startswith(earlier)) or turn_end < 0:
+        raise DataError("the chat template renders the conversation before a sampled turn differently once tool "
+                        "results follow it (tool turns need one that does not)")
+    return tokenizer(after[turn_end + len(stop):], add_special_tokens=False)["input_ids"]
 
 
 def _wire(message) -> dict:
     """A verifiers message as a chat-template dict (content always a string, as simple templates expect)."""
     out = {"role": message.role, "content": message.content or ""}
+    if getattr(message, "reasoning_content", None) is not None:  # Qwen3's template renders it in its think block
+        out["reasoning_content"] = message.reasoning_content
     if getattr(message, "tool_calls", None):
         out["tool_calls"] = [{"id": c.id, "type": "function",
                               "function": {"name": c.name, "arguments": c.arguments}} for c in message.tool_calls]
