@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from vftrain.data.pack import split_by_tokens
-
-IGNORE_INDEX = -100  # shared by SFT and RL losses, and by transformers' own
+from vftrain.data.render import IGNORE_INDEX  # noqa: F401  (shared by SFT and RL losses, and by transformers' own)
 
 
 def shifted_labels(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:

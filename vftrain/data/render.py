@@ -27,9 +27,10 @@ from typing import Any
 
 from vftrain.errors import DataError
 
-# End-of-turn tokens of common template families; the tokenizer's eos token is always included too.
 # The tokenizer_config.json key that keeps a run's chat_template_kwargs with its tokenizer (`models.use_template`).
 TEMPLATE_KWARGS = "vftrain_chat_template_kwargs"
+IGNORE_INDEX = -100  # transformers' label of a token that does not train (its cross-entropy's ignore_index)
+# End-of-turn tokens of common template families; the tokenizer's eos token is always included too.
 _STOP_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "</s>", "<|endoftext|>",
                 "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 
@@ -225,7 +226,6 @@ def _with_eos(ids: list[int], mask: list[int], eos: int | None) -> dict:
 # Columns of a tokenized row that say which tokens train: vftrain's, TRL's (completion_mask; assistant_masks, from
 # apply_chat_template(return_assistant_tokens_mask=True)), and transformers' `labels` (-100: not trained).
 MASK_COLUMNS = ("loss_mask", "completion_mask", "assistant_masks", "labels")
-IGNORE_INDEX = -100  # transformers' label for a token that does not train (the cross-entropy's ignore_index)
 
 
 def _tokenized(row: dict) -> dict:
