@@ -11,9 +11,9 @@ likely tokens per step; chat: true, with `top_logprobs` N), `return_token_ids` (
 `prompt_token_ids` and `token_ids`; chat puts `prompt_token_ids` at the top level). Temperature > 0 samples
 through `vftrain.sampling.tokens.sample`, whose logprobs are those of the distribution drawn from (vLLM's
 `--logprobs-mode processed_logprobs`); temperature 0 decodes greedily. Requests run one at a time; `stream` is
-refused. Chat renders `tools` through the chat template and parses Hermes `<tool_call>{json}</tool_call>` blocks of
-the reply into `message.tool_calls` (finish_reason "tool_calls"), as `vllm serve --enable-auto-tool-choice
---tool-call-parser hermes` does. `--model` may be a LoRA adapter folder: its base model with the adapter, served
+refused. Chat renders `tools` through the chat template and parses the reply's tool calls into
+`message.tool_calls` (finish_reason "tool_calls"), as `vllm serve --enable-auto-tool-choice --tool-call-parser
+hermes` (or `llama3_json` for a Llama 3 template) does (`sampling/tool_calls.py`). `--model` may be a LoRA adapter folder: its base model with the adapter, served
 under the folder's name.
 
 With an API key (`--api-key`, or `VFTRAIN_API_KEY`; as `vllm serve --api-key` / `VLLM_API_KEY`) every request,
@@ -30,7 +30,6 @@ import hmac
 import ipaddress
 import json
 import os
-import re
 import sys
 import threading
 import time
@@ -42,12 +41,10 @@ from vftrain.sampling import ChatPrompt
 from vftrain.sampling.embedded import encode_prompt, generate_ids, pad_token_id
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING
 from vftrain.sampling.tokens import Sample, sample, sampling_logits
+from vftrain.sampling.tool_calls import dialect, parse_tool_calls
 
 COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (vLLM's too); chat defaults to the context left
 MAX_LOGPROBS = 20  # most top logprobs per token: vLLM's default --max-logprobs, OpenAI chat's top_logprobs limit
-# vLLM's hermes parser (entrypoints/openai/tool_parsers/hermes_tool_parser.py): closed blocks, or one left open at
-# the end of the reply.
-TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 
 
 class BadRequest(ValueError):
@@ -114,7 +111,7 @@ class ModelHost:
         """The response's view of a sample: decoded, cut at the first `stop` string, top logprobs added."""
         ids = s.completion_ids
         if p["parse_tools"]:
-            # vLLM's hermes parser keeps special tokens (a <tool_call> token may be one); the stop token is no text.
+            # vLLM's tool parsers keep special tokens (a <tool_call> token may be one); the stop token is no text.
             ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.stops else ids
         decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=not p["parse_tools"])  # noqa: E731
         choice = Choice(s, decode(len(ids)))
@@ -245,14 +242,15 @@ class ModelHost:
             out["prompt_token_ids"] = prompts[0]
         return out
 
-    @staticmethod
-    def _message(text: str, choice: dict, p: dict) -> dict:
-        """The assistant message; with tools, its Hermes tool calls parsed out (finish_reason "tool_calls")."""
-        calls = parse_tool_calls(text) if p["parse_tools"] else None
-        if calls is None:
+    def _message(self, text: str, choice: dict, p: dict) -> dict:
+        """The assistant message; with tools, its tool calls parsed out as vLLM's parser for the template's dialect
+        gives them (finish_reason "tool_calls"; arguments as a JSON string, ids "chatcmpl-tool-<hex>")."""
+        parsed = parse_tool_calls(text, dialect(self.tokenizer)) if p["parse_tools"] else None
+        if parsed is None:
             return {"role": "assistant", "content": text}
         choice["finish_reason"] = "tool_calls"
-        return {"role": "assistant", "content": calls[0], "tool_calls": calls[1]}
+        calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function", "function": c} for c in parsed[1]]
+        return {"role": "assistant", "content": parsed[0], "tool_calls": calls}
 
     def _logprobs(self, c: Choice, chat: bool, as_ids: bool) -> dict:
         name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: self.tokenizer.decode([t]))  # noqa: E731
@@ -312,23 +310,6 @@ class ModelHost:
                    if "lora_" not in k and ".modules_to_save." not in k}
             base.load_state_dict({k: fresh[plain] for k, plain in own.items()}, strict=False)
             self.own_adapter = None
-
-
-def parse_tool_calls(text: str) -> tuple[str | None, list[dict]] | None:
-    """(content before the first call or None, OpenAI tool calls) of a reply holding Hermes `<tool_call>{"name",
-    "arguments"}</tool_call>` blocks, as vLLM's hermes parser gives them (arguments as a JSON string, ids
-    "chatcmpl-tool-<hex>"); None when it holds none or one does not parse (the reply is then plain content)."""
-    if "<tool_call>" not in text:
-        return None
-    try:
-        calls = [json.loads(closed or open_) for closed, open_ in TOOL_CALL.findall(text)]
-        tool_calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function",
-                       "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                      for c in calls]
-    except (ValueError, KeyError, TypeError):
-        return None
-    content = text[:text.find("<tool_call>")]
-    return content or None, tool_calls
 
 
 def _is_ids(value: list) -> bool:

@@ -18,8 +18,9 @@ verifiers' own tool-calling chat loop does (`harnesses/utils/core.py::run_chat_l
 - no decode -> re-encode: turn k+1's prompt ids are turn k's prompt ids + its sampled ids + the template tokens of
   the environment's messages (tool results) and the next generation prompt, so a branch never forks.
 - tools: the task's and taskset's `Toolset`s, each registered on its own in-memory MCP server and called in process,
-  named as verifiers' harnesses name them (`<server_name>_<tool>`). Tool calls are read from Hermes / Qwen
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks.
+  named as verifiers' harnesses name them (`<server_name>_<tool>`). Tool calls are read from a reply as vLLM's
+  parser for the chat template's dialect reads them (`sampling/tool_calls.py`: Hermes / Qwen `<tool_call>` blocks,
+  Llama 3's JSON), so the policy learns the calls its server will run.
 - rewards: `Task.score(trace)` without a runtime; reward = sum of weight x score (`Trace.reward`), per function
   `trace.rewards[name].score`. Functions that need a runtime (a sandbox) are refused when the environment loads.
 - sharded weights (FSDP / ZeRO-3) with the embedded sampler: every sampler call is a collective, so all processes
@@ -32,23 +33,25 @@ import asyncio
 import dataclasses
 import inspect
 import json
+import logging
 import os
-import re
 import sys
 import time
 from functools import partial
 from typing import Any, Callable
 
 import numpy as np
+from jinja2 import TemplateError
 
-from vftrain.data.render import stop_token_ids, template_kwargs
+from vftrain.data.render import clean_message, stop_token_ids, template_kwargs
 from vftrain.errors import ConfigError, DataError
 from vftrain.rewards import split_reasoning
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
+from vftrain.sampling.tool_calls import dialect, parse_tool_calls
 
 INSTALL = "pip install 'vftrain[verifiers]'"
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
+log = logging.getLogger("vftrain")
 
 # sample_fn(prompt ids, n, turn) -> one list of n Samples per prompt (the trainer's backend)
 SampleFn = Callable[[list[list[int]], int, int], list[list[Sample]]]
@@ -90,7 +93,8 @@ class VerifiersEnv:
         if not env.taskset.bounded:
             raise ConfigError(f"env = {env_id!r} has an infinite taskset; bound it through env_args")
         self.tokenizer, self.max_turns = tokenizer, max_turns
-        self.stop_ids = sorted(stop_token_ids(tokenizer))
+        self.stop_ids, self.dialect = sorted(stop_token_ids(tokenizer)), dialect(tokenizer)
+        self.refusals: set[str] = set()
         per_task = _task_agnostic(type(env.taskset).task_type().toolsets(env.taskset.config.task))
         self.toolsets = [*env.taskset.toolsets(env.taskset.config), *per_task]
         self.loop = asyncio.new_event_loop()
@@ -185,8 +189,9 @@ class VerifiersEnv:
 
         vf = self.vf
         text = self.tokenizer.decode(sample.completion_ids, skip_special_tokens=True)
-        content, calls = parse_tool_calls(text, vf)
-        reasoning, content = split_reasoning(content)  # the environment's rewards read the answer (Qwen3's think)
+        content, calls = parse_tool_calls(text, self.dialect) or (text, [])
+        calls = [vf.ToolCall(id=f"call_{i}", **call) for i, call in enumerate(calls)]
+        reasoning, content = split_reasoning(content or "")  # the environment's rewards read the answer (Qwen3's think)
         message = vf.AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
         finish = "tool_calls" if calls and sample.finish_reason == "stop" else sample.finish_reason
         tokens = vf.TurnTokens(prompt_ids=run.ids, completion_ids=list(sample.completion_ids),
@@ -200,12 +205,23 @@ class VerifiersEnv:
             run.done = True
             return
         results = [vf.ToolMessage(tool_call_id=c.id, content=await self._call(c)) for c in calls]
-        tail = env_tokens(self.tokenizer, [_wire(m) for m in run.messages], [_wire(m) for m in results],
-                          sample.completion_ids[-1], self.stop_ids, self.schemas)
+        try:
+            tail = env_tokens(self.tokenizer, [_wire(m) for m in run.messages], [_wire(m) for m in results],
+                              sample.completion_ids[-1], self.stop_ids, self.schemas)
+        except TemplateError as exc:  # e.g. Llama 3's "only supports single tool-calls": vLLM answers such a turn 400
+            self._refused(str(exc))
+            run.done = True
+            return
         run.messages += results
         run.ids = run.ids + list(sample.completion_ids) + tail
         if len(run.ids) > longest_prompt:  # the next turn would not fit max_seq_len
             run.finish_reason, run.done = "length", True
+
+    def _refused(self, reason: str) -> None:
+        if reason not in self.refusals:
+            self.refusals.add(reason)
+            log.warning("the chat template refuses a sampled turn's tool calls (%s): such episodes end at that turn, "
+                        "scored as they stand", reason)
 
     async def _call(self, call) -> str:
         """A tool's result as text; an unknown tool, bad arguments or a failing tool answer with the error (the model
@@ -301,22 +317,6 @@ def _score(reward) -> float:
     return float(reward.score) if reward is not None else 0.0  # None: the function did not run (an error)
 
 
-def parse_tool_calls(text: str, vf) -> tuple[str, list]:
-    """(text without its tool-call blocks, verifiers ToolCalls) from Hermes / Qwen `<tool_call>` JSON blocks;
-    a block that is not JSON with a name stays text."""
-    calls, content = [], text
-    for i, match in enumerate(TOOL_CALL.finditer(text)):
-        try:
-            body = json.loads(match.group(1))
-            name, arguments = body["name"], body.get("arguments", {})
-        except (ValueError, KeyError, TypeError):
-            continue
-        arguments = arguments if isinstance(arguments, str) else json.dumps(arguments)
-        calls.append(vf.ToolCall(id=f"call_{i}", name=str(name), arguments=arguments))
-        content = content.replace(match.group(0), "")
-    return content.strip(), calls
-
-
 def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: int, stop_ids: list[int],
                tools=None) -> list[int]:
     """Token ids between a sampled turn's stop token `stop_id` and the next generation prompt's end: the chat
@@ -330,6 +330,7 @@ def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: in
     longer rendering. What comes before the turn must render alike in both."""
     variables = template_kwargs(tokenizer)
     render = partial(tokenizer.apply_chat_template, tools=tools, tokenize=False, **variables)
+    conversation, new = [clean_message(m) for m in conversation], [clean_message(m) for m in new]  # arguments dicts
     before, after = render(conversation), render(conversation + new, add_generation_prompt=True)
     earlier = render(conversation[:-1]) if len(conversation) > 1 else ""
     texts = [t for t in tokenizer.batch_decode([[i] for i in stop_ids]) if t and t in before[len(earlier):]]

@@ -1,0 +1,100 @@
+"""Tool calls read from sampled replies as vLLM's parser for the chat template's dialect reads them: Hermes / Qwen
+`<tool_call>` blocks, Llama 3's bare JSON calls. Llama 3.1 tool rollouts in a verifiers environment ended at the
+first turn: its calls (`{"name": ..., "parameters": ...}`, no tag) were read as the answer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TEMPLATES, family_tokenizer, tiny_tokenizer
+from test_rl_env import envs  # noqa: F401  (a fixture)
+from vftrain.sampling.tokens import Sample
+from vftrain.sampling.tool_calls import dialect, parse_tool_calls
+
+ADD = {"name": "add", "arguments": '{"a": 2, "b": 3}'}
+
+
+@pytest.mark.parametrize(("family", "style"), [("qwen2.5", "hermes"), ("qwen3", "hermes"),
+                                               ("llama3.1", "llama3_json"), ("tiny", "hermes")])
+def test_the_dialect_is_the_chat_templates(family, style):
+    tok = tiny_tokenizer()
+    if family != "tiny":
+        tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
+    assert dialect(tok) == style
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', ("Let me add.\n", [ADD])),
+    ('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><tool_call>{"name": "add", '
+     '"arguments": "{\\"a\\": 2, \\"b\\": 3}"}', (None, [ADD, ADD])),  # the last block left open; string arguments
+    ('<tool_call>{"name": "add", "arguments": {}}</tool_call><tool_call>{"name": </tool_call>', None),  # one bad: none
+    ('<tool_call>{"arguments": {}}</tool_call>', None),
+    ('{"name": "add", "arguments": {"a": 2, "b": 3}}', None),  # bare JSON is content to the hermes parser
+    ("5", None),
+])
+def test_hermes_replies(text, expected):
+    assert parse_tool_calls(text, "hermes") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"name": "add", "parameters": {"a": 2, "b": 3}}', (None, [ADD])),
+    ('<|python_tag|>{"name": "add", "arguments": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 2, "b": 3}}',
+     (None, [ADD, ADD])),
+    ('{"name": "add", "parameters": {"nested": {"x": "{"}}}', (None, [{"name": "add", "arguments": json.dumps(
+        {"nested": {"x": "{"}})}])),
+    ('{"name": "add"}', None),  # no arguments or parameters
+    ('The answer is {"value": 5}', None),
+    ("{5", None),
+    ("5", None),
+])
+def test_llama3_json_replies(text, expected):
+    assert parse_tool_calls(text, "llama3_json") == expected
+
+
+class _LlamaTurns:
+    """A Llama 3.1 policy in a tool environment: a bare JSON call ended by <|eot_id|>, then the answer."""
+
+    def __init__(self, tok, call: str):
+        self.tok, self.call, self.sampled = tok, call, []
+
+    def __call__(self, prompts, n, turn):
+        text = self.call if turn == 0 else "5"
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.convert_tokens_to_ids("<|eot_id|>")]
+        self.sampled.append(ids)
+        return [[Sample(list(p), list(ids), [-0.5] * len(ids), "stop") for _ in range(n)] for p in prompts]
+
+
+def _llama_env():
+    from vftrain.rl.environment import VerifiersEnv
+
+    tok = family_tokenizer("llama3.1")
+    return tok, VerifiersEnv("vf-sum-tools", None, tok, max_prompt_len=1400, max_turns=4)
+
+
+def test_a_llama31_tool_rollout_runs_its_call(envs):
+    tok, env = _llama_env()
+    script = _LlamaTurns(tok, '{"name": "add", "parameters": {"a": 2, "b": 3}}')
+    out = env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=60)
+    assert out["rewards"].tolist() == [1.0, 1.0]  # used_tool: the call ran
+    call, answer = script.sampled
+    sample = out["samples"][0]
+    ids = sample.completion_ids
+    assert ids[:len(call)] == call and ids[-len(answer):] == answer
+    assert tok.decode(ids[len(call):-len(answer)]) == ('<|start_header_id|>ipython<|end_header_id|>\n\n"5"<|eot_id|>'
+                                                       '<|start_header_id|>assistant<|end_header_id|>\n\n')
+    assert sum(sample.mask) == len(call) + len(answer)
+    assert out["texts"][0][0]["tool_calls"][0]["function"] == ADD
+
+
+def test_two_llama31_calls_in_one_turn_end_the_episode(envs, caplog):
+    """Llama 3.1's template refuses a turn with two calls ("This model only supports single tool-calls at once!"),
+    as vLLM does with a 400: the episode ends at that turn, with a warning, instead of the run."""
+    tok, env = _llama_env()
+    call = '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 1, "b": 1}}'
+    script = _LlamaTurns(tok, call)
+    with caplog.at_level("WARNING", logger="vftrain"):
+        out = env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=60)
+    assert len(script.sampled) == 1 and out["samples"][0].completion_ids == script.sampled[0]
+    assert "single tool-calls" in caplog.text
