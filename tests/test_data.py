@@ -67,6 +67,18 @@ def test_format_detection():
         detect_format(["question", "answer"])
 
 
+@pytest.mark.parametrize(("columns", "hint"), [(["conversations"], "ShareGPT's conversations: map each {from, value}"),
+                                               (["instruction", "input", "output"], "Alpaca's"),
+                                               (["question", "answer"], "RL's; for SFT map them to prompt"),
+                                               (["body"], None)])
+def test_other_projects_formats_are_named_with_their_mapping(columns, hint):
+    """ShareGPT and Alpaca rows (Axolotl's, LLaMA-Factory's) got only the list of accepted columns."""
+    with pytest.raises(DataError) as caught:
+        detect_format(columns)
+    message = str(caught.value)
+    assert "\n" not in message and (hint in message if hint else message.endswith("text"))
+
+
 def _dataset(rows):
     import datasets
 

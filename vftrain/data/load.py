@@ -18,6 +18,13 @@ FORMATS = {
     "messages": ("messages",),
     "text": ("text",),
 }
+# Other projects' formats, named with the mapping to ours (Axolotl / LLaMA-Factory datasets are often in them).
+_FOREIGN_FORMATS = (
+    (("conversations",), " (ShareGPT's conversations: map each {from, value} to {role, content} in a messages column, "
+                         "human -> user, gpt -> assistant)"),
+    (("instruction", "output"), " (Alpaca's: map instruction and input to prompt, output to completion)"),
+    (("question", "answer"), " (question / answer rows are RL's; for SFT map them to prompt and completion)"),
+)
 FILE_SPLIT = "train"  # the one split of a single file (datasets.load_dataset's name for data_files=path)
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -167,7 +174,8 @@ def detect_format(columns: list[str]) -> str:
         if all(c in columns for c in needed):
             return name
     accepted = "; ".join(" + ".join(cols) for cols in FORMATS.values())
-    raise DataError(f"dataset has columns {sorted(columns)} but none of the accepted formats: {accepted}")
+    hint = next((h for needed, h in _FOREIGN_FORMATS if all(c in columns for c in needed)), "")
+    raise DataError(f"dataset has columns {sorted(columns)} but none of the accepted formats: {accepted}{hint}")
 
 
 def _raw(dataset, source, split, what):
