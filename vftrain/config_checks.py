@@ -99,24 +99,6 @@ _INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vft
                          "mlflow": "mlflow", "comet_ml": "comet_ml", "neptune": "neptune", "clearml": "clearml",
                          "dagshub": "dagshub", "dvclive": "dvclive", "codecarbon": "codecarbon",
                          "swanlab": "swanlab", "azure_ml": "azureml-core", "kubeflow": "kubeflow"}
-# What to install for each optim whose package transformers looks for only when it builds the optimizer, after the
-# model is loaded and the data tokenized (transformers/trainer_optimizer.py): (import name, pip install ..., optims).
-_OPTIM_PACKAGES = (
-    ("bitsandbytes", "bitsandbytes", ("adamw_bnb_8bit", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit",
-                                      "ademamix", "ademamix_8bit", "paged_ademamix_32bit", "paged_ademamix_8bit",
-                                      "lion_32bit", "lion_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop_bnb",
-                                      "rmsprop_bnb_8bit", "rmsprop_bnb_32bit")),
-    ("galore_torch", "galore-torch", ("galore_adamw", "galore_adamw_8bit", "galore_adafactor",
-                                      "galore_adamw_layerwise", "galore_adamw_8bit_layerwise",
-                                      "galore_adafactor_layerwise")),
-    ("apollo_torch", "apollo-torch", ("apollo_adamw", "apollo_adamw_layerwise")),
-    ("lomo_optim", "lomo-optim", ("lomo", "adalomo")),
-    ("grokadamw", "grokadamw", ("grokadamw",)),
-    ("torchao", "torchao", ("adamw_torch_4bit", "adamw_torch_8bit")),
-    ("schedulefree", "schedulefree", ("schedule_free_radam", "schedule_free_adamw", "schedule_free_sgd")),
-    ("optimi", "torch-optimi", ("stable_adamw",)),
-    ("torchdistx", "git+https://github.com/pytorch/torchdistx", ("adamw_anyprecision",)),
-)
 # Schedules whose transformers function needs exactly one of min_lr / min_lr_rate, and fails on the first step
 # without (optimization.py: get_cosine_with_min_lr_schedule_with_warmup).
 _MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
@@ -139,11 +121,21 @@ def _check_late_failures(config) -> None:
         if name in _INTEGRATION_PACKAGES and name not in available:
             raise ConfigError(f"report_to = {config.report_to!r}: {name!r} needs its package, which is not "
                               f"installed: pip install {_INTEGRATION_PACKAGES[name]}")
-    optim = getattr(config.optim, "value", config.optim)
-    for module, package, optims in _OPTIM_PACKAGES:
-        if optim in optims and importlib.util.find_spec(module) is None:
-            raise ConfigError(f"optim = {optim!r} needs the {module} package, which is not installed: "
-                              f"pip install {package}")
+    _check_optim(config)
+
+
+def _check_optim(config) -> None:
+    """An optim whose package is missing or too old, or whose settings are incomplete (GaLore's
+    optim_target_modules), fails when transformers builds the optimizer, after the model is loaded and the data
+    tokenized: transformers' own lookup is run now, without the model, and its refusal named in one line."""
+    from transformers import Trainer
+
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(config)
+    except (ImportError, ValueError, TypeError, NotImplementedError) as exc:
+        if "model" not in str(exc):  # "pass a model": what GaLore, Apollo and LOMO need past these checks
+            raise ConfigError(f"optim = {getattr(config.optim, 'value', config.optim)!r}: "
+                              f"{str(exc).strip().splitlines()[0]}") from None
 
 
 # Arguments of TRL's SFTTrainer / GRPOTrainer (and transformers' Trainer) that vftrain's trainers do another way:
