@@ -139,7 +139,7 @@ def test_rl_held_out_reports_the_run_reward(tmp_path, capsys):
     assert record["reward"] == pytest.approx(0.5 * sum(lengths) / 4) and record["reward"] > 0
     assert [g["reward"] for g in record["generations"]] == [0.5 * n for n in lengths]
     before = next(line for line in stdout.splitlines() if "held-out exact-match accuracy before RL" in line)
-    assert f"reward {record['reward']:.3f} (reward_funcs: length_reward:length)" in before
+    assert f"reward {record['reward']:.3f} (length_reward:length {sum(lengths) / 4:.3f})" in before
 
 
 # ---- 1. vftrain.serve: model ids, stop strings, top logprobs, stream, tools (vLLM's hermes parser)

@@ -67,9 +67,9 @@ def test_prompt_columns_and_references():
         R.prompt_and_answer({"prompt": messages})
 
 
-def test_step_prompts_are_a_function_of_the_step():
-    first = [R.step_prompts(10, 4, seed=0, step=s) for s in range(4)]
-    assert [R.step_prompts(10, 4, seed=0, step=s).tolist() for s in range(4)] == [f.tolist() for f in first]
+def test_step_prompts_are_a_function_of_the_round():
+    first = [R.step_prompts(10, 4, seed=0, round_=s) for s in range(4)]
+    assert [R.step_prompts(10, 4, seed=0, round_=s).tolist() for s in range(4)] == [f.tolist() for f in first]
     assert len(set(first[0]) | set(first[1])) == 8  # one epoch (2 steps of 4) takes distinct prompts
     assert sorted(first[2].tolist() + first[3].tolist()) != sorted(first[0].tolist() + first[1].tolist()) or \
         first[2].tolist() != first[0].tolist()  # the next epoch reshuffles

@@ -49,6 +49,16 @@ def quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
+class LogAtSaves(TrainerCallback):
+    """Logs the steps since the last logging step whenever a checkpoint is saved: a run resumed from it starts a
+    new window, and the old one's metrics (every rollout's reward in RL) were lost."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_log = control.should_log or control.should_save
+
+    on_epoch_end = on_step_end
+
+
 class MetricsFileCallback(TrainerCallback):
     """Appends one JSON object per logging event (with `step`) to `<output_dir>/metrics.jsonl`, main process only.
 

@@ -25,7 +25,7 @@ from vftrain.data.load import held_out_lines, raw_splits
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
-from vftrain.logging import MetricsFileCallback, RichProgressCallback, RunSummaryCallback
+from vftrain.logging import LogAtSaves, MetricsFileCallback, RichProgressCallback, RunSummaryCallback
 from vftrain.lora import adapters_in_base_dtype, continue_or_merge, refuse_attached_adapter
 from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
@@ -162,10 +162,10 @@ class VFTrainer(HeldOutGenerations, Trainer):
             self.remove_callback(callback)
         agree = any_process(self.accelerator)  # the processes take the stop/skip decisions together
         self.nan_guard = NonFiniteLossGuard(self, agree)
-        # The NaN guard after the interrupt: a stop or save that the interrupt asks for sees the step's flag read.
+        # The NaN guard after the interrupt and LogAtSaves: a stop, save or log they ask for sees the step's flag read.
         self.interrupt = GracefulInterrupt(agree)
         for callback in (RichProgressCallback(), MetricsFileCallback(), RunSummaryCallback(), self.interrupt,
-                         self.nan_guard):
+                         LogAtSaves(), self.nan_guard):
             self.add_callback(callback)
         for line in report_lines:
             log.info("%s", line)

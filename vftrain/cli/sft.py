@@ -195,8 +195,9 @@ def report_generation_accuracy(trainer, config, when: str = "") -> float | None:
         last = prompt if isinstance(prompt, str) else prompt.messages[-1]["content"]
         print(f"  {last!r} -> {completion!r} (reference {reference!r})")
     where = f"split {config.eval_split!r}" if config.eval_split else f"eval_size = {config.eval_size!r}"
-    reward = f"; reward {result['reward']:.3f} (reward_funcs: {', '.join(result['reward_funcs'])})" \
-        if "reward" in result else ""
+    funcs = ", ".join(f"{name} {'scored none' if mean is None else f'{mean:.3f}'}"
+                      for name, mean in result.get("reward_funcs", {}).items())
+    reward = f"; reward {result['reward']:.3f} ({funcs})" if "reward" in result else ""
     print(f"held-out exact-match accuracy{when}: {result['accuracy']:.1%}{reward} ({result['n']} rows of {where}; "
           f"generations in {result['path']})", flush=True)
     return result["accuracy"]

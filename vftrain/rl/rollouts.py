@@ -113,23 +113,30 @@ def steps_per_epoch(num_prompts: int, prompts_per_step: int) -> int:
     return num_prompts // prompts_per_step
 
 
-def step_prompts(num_prompts: int, prompts_per_step: int, seed: int, step: int) -> np.ndarray:
-    """Indices of the prompts of optimizer step `step` (all processes): consecutive slices of a per-epoch shuffle.
-    A function of the step alone, so a resumed run takes exactly the prompts the original run would have."""
+def step_prompts(num_prompts: int, prompts_per_step: int, seed: int, round_: int) -> np.ndarray:
+    """Indices of the prompts of rollout round `round_` (all processes; the optimizer step with num_iterations = 1):
+    consecutive slices of a per-epoch shuffle. A function of the round alone, so a resumed run takes exactly the
+    prompts the original run would have."""
     per_epoch = steps_per_epoch(num_prompts, prompts_per_step)
-    epoch, k = divmod(step, per_epoch)
+    epoch, k = divmod(round_, per_epoch)
     return epoch_order(num_prompts, seed, epoch)[k * prompts_per_step:(k + 1) * prompts_per_step]
 
 
 def group_advantages(rewards: np.ndarray, group_size: int, scale: str = "none") -> np.ndarray:
     """Advantage of each rollout: its reward minus its group's mean (the group = the `group_size` consecutive
     rollouts of one prompt), divided by the group's std with scale = "group" (GRPO, Shao et al. 2024; "none" is
-    Dr. GRPO's unbiased form, Liu et al. 2025). A group whose rewards are all equal gets 0 everywhere."""
+    Dr. GRPO's unbiased form, Liu et al. 2025). A group whose rewards are all equal gets exactly 0 everywhere (its
+    mean is not exact in floating point: three rewards of 0.1 gave -1.4e-13, and a gradient)."""
     groups = rewards.reshape(-1, group_size)
     advantages = groups - groups.mean(axis=1, keepdims=True)
     if scale == "group":
         advantages = advantages / (groups.std(axis=1, keepdims=True) + 1e-4)  # TRL's epsilon
-    return advantages.reshape(-1)
+    return np.where(_flat(groups), 0.0, advantages).reshape(-1)
+
+
+def _flat(groups: np.ndarray) -> np.ndarray:
+    """Whether each group's rewards are all equal (np.std of equal values need not be 0)."""
+    return groups.max(axis=1, keepdims=True) == groups.min(axis=1, keepdims=True)
 
 
 def training_rows(samples: list[Sample], advantages: np.ndarray) -> list[tuple[np.ndarray, ...]]:
@@ -160,7 +167,7 @@ def rollout_metrics(rewards: np.ndarray, per_func: dict, advantages: np.ndarray,
     groups = rewards.reshape(-1, group_size)
     lengths = np.array([sampled_tokens(s) for s in samples])
     out = {"reward": rewards.mean(), "reward_std": rewards.std(),
-           "frac_reward_zero_std": float((groups.std(axis=1) == 0).mean()),
+           "frac_reward_zero_std": float(_flat(groups).mean()),
            "advantage_abs_mean": np.abs(advantages).mean(),
            "completion_len": lengths.mean(), "completion_len_max": int(lengths.max()),
            "truncated_frac": float(np.mean([s.finish_reason == "length" for s in samples]))}

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from vftrain.loss import POLICY_STATS, TOKEN_COLUMNS
 from vftrain.metrics import row_counts
+from vftrain.rl.rollouts import rollout_metrics
 
 _COL = {name: i for i, name in enumerate(TOKEN_COLUMNS + POLICY_STATS)}
 _SUMS = ("loss_sum", "completion_tokens", "entropy", "ratio", "masked", "clipped", "mismatch_kl", "kl", "tokens",
@@ -20,16 +22,21 @@ _SUMS = ("loss_sum", "completion_tokens", "entropy", "ratio", "masked", "clipped
 class RLStats:
     """Accumulates between logging steps; `pop(reduce)` -> (metrics, sum of squared row lengths) like StepStats."""
 
-    def __init__(self, kl: bool = False):
-        self.kl = kl  # log the KL to the reference (beta > 0)
+    def __init__(self, group_size: int, kl: bool = False):
+        self.group_size, self.kl = group_size, kl  # kl: log the KL to the reference (beta > 0)
         self._reset()
 
     def _reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.extremes: dict[str, torch.Tensor] = {}
-        self.rollouts: list[dict] = []
+        self.rollouts: list[tuple] = []  # each step's (rewards, rewards per function, advantages, samples)
+        self.per_step: list[dict] = []  # values averaged over the window's steps
         self.timing = {"generate": 0.0, "score": 0.0, "sync": 0.0}
         self.beside: dict[str, float] = {}  # seconds spent beside training (rollouts sampled ahead)
+        self.since = time.perf_counter()
+
+    def restart_clock(self) -> None:
+        """time/train counts from now (the first step's start)."""
         self.since = time.perf_counter()
 
     def add_tokens(self, loss_sum: torch.Tensor, stats: torch.Tensor, inputs: dict, labels: torch.Tensor) -> None:
@@ -51,9 +58,23 @@ class RLStats:
         current = self.extremes.get(key)
         self.extremes[key] = value if current is None else pick(current, value)
 
-    def add_rollouts(self, metrics: dict) -> None:
-        """One step's rollout statistics, already over all processes."""
-        self.rollouts.append(metrics)
+    def add_rollouts(self, rewards, per_func: dict, advantages, samples: list) -> None:
+        """One step's rollouts, already of all processes: the logged statistics are over every rollout of the
+        logging window (a mean of per-step means would weigh a step whose function scored one completion as much
+        as one where it scored all)."""
+        self.rollouts.append((rewards, per_func, advantages, samples))
+
+    def add_step_value(self, **values: float) -> None:
+        """Values of one step, logged as their mean over the window's steps."""
+        self.per_step.append(values)
+
+    def _rollout_metrics(self) -> dict:
+        rewards, per_func, advantages, samples = zip(*self.rollouts)
+        names = dict.fromkeys(k for step in per_func for k in step)  # an environment's functions may vary by task
+        pooled = {k: np.concatenate([step.get(k, np.full(len(r), np.nan)) for step, r in zip(per_func, rewards)])
+                  for k in names}
+        return rollout_metrics(np.concatenate(rewards), pooled, np.concatenate(advantages),
+                               [s for step in samples for s in step], self.group_size)
 
     def add_timing(self, beside: bool = False, **seconds: float) -> None:
         """Seconds the step spent outside training, or, `beside`, on another thread while it trained (logged under
@@ -65,9 +86,10 @@ class RLStats:
     def pop(self, reduce=lambda t, op="sum": t) -> tuple[dict, float]:
         out: dict = {}
         if self.rollouts:
-            for key in dict.fromkeys(k for r in self.rollouts for k in r):  # a step that reuses rollouts logs few
-                values = [r[key] for r in self.rollouts if key in r]
-                out[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+            out.update(self._rollout_metrics())
+        for key in dict.fromkeys(k for r in self.per_step for k in r):
+            values = [r[key] for r in self.per_step if key in r]
+            out[key] = sum(values) / len(values)
         attn_sq = 0.0
         if self.sums:
             keys = [k for k in _SUMS if k in self.sums]

@@ -111,8 +111,8 @@ class RLTrainer(VFTrainer):
         # before the sample callback: held-out samples from the same server wait for the round being sampled
         self.add_callback(PipelineCallback(self.pipeline, bool(sample_rows) and args.sample_backend == "openai"))
         self.reference = self._reference_model() if args.beta else None
-        self._setup_run(RLStats(kl=args.beta > 0), [f"train data: {line}" for line in
-                                                     self.prompts.lines() + self._held_out_lines(len(sample_rows))])
+        lines = self.prompts.lines() + self._held_out_lines(len(sample_rows))
+        self._setup_run(RLStats(args.rollouts_per_example, kl=args.beta > 0), [f"train data: {x}" for x in lines])
         if sample_rows:
             from vftrain.sampling import make_backend
             from vftrain.sampling.callback import SampleCallback
@@ -174,7 +174,8 @@ class RLTrainer(VFTrainer):
 
     # ---- data: the Trainer's loop is driven by a loader of placeholders; rollouts are made per step
     def get_train_dataloader(self) -> DataLoader:
-        per_epoch = R.steps_per_epoch(len(self.prompts.ids), self.prompts_per_step)
+        # an epoch passes every prompt once; each round of rollouts trains num_iterations steps (as TRL's sampler)
+        per_epoch = R.steps_per_epoch(len(self.prompts.ids), self.prompts_per_step) * self.args.num_iterations
         return DataLoader(range(per_epoch * self.args.gradient_accumulation_steps), batch_size=1)
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -190,6 +191,9 @@ class RLTrainer(VFTrainer):
                 break
         if not taken:
             return [], None
+        if self.throughput is None:  # the first step's clocks start with its rollouts, not at construction or resume
+            self._start_throughput(self.model)
+            self.stats.restart_clock()
         args, step = self.args, self.state.global_step
         start = step - step % args.num_iterations
         waited = self.pipeline.advance(step, self.state.max_steps)
@@ -200,7 +204,7 @@ class RLTrainer(VFTrainer):
             # updates between the weights that sampled the rollouts and those they train (min(step, k) + the
             # num_iterations reuse); an old checkpoint's cache has no version: its rollouts' own step
             version = self.rollout_cache.get("version", start)
-            self.stats.add_rollouts({"off_policy_steps": step - version})
+            self.stats.add_step_value(off_policy_steps=step - version)
         batches = [_on_device(batch, device) for batch in self.rollout_cache["batches"]]
         # filled on the device: torch.tensor(n, device=...) copies from the host and waits for the queued kernels
         count = torch.full((), self.rollout_cache["tokens"], dtype=torch.long, device=device)
@@ -231,8 +235,9 @@ class RLTrainer(VFTrainer):
         return {"batches": batches, "tokens": tokens, "version": made.version}
 
     def _my_prompts(self, step: int) -> np.ndarray:
-        """This process's share of step `step`'s prompts."""
-        indices = R.step_prompts(len(self.prompts.ids), self.prompts_per_step, self.args.seed, step)
+        """This process's share of the prompts of step `step`'s round (every num_iterations-th step makes one)."""
+        rounds = step // self.args.num_iterations
+        indices = R.step_prompts(len(self.prompts.ids), self.prompts_per_step, self.args.seed, rounds)
         return np.array_split(indices, self.args.world_size)[self.args.process_index]
 
     def _produce_round(self, step: int) -> tuple:
@@ -300,8 +305,7 @@ class RLTrainer(VFTrainer):
         per_func = {k: np.array([x[4].get(k, np.nan) for x in everything]) for k in names}  # NaN: not scored
         advantages = np.array([x[5] for x in everything])
         samples = [x[2] for x in everything]
-        self.stats.add_rollouts(R.rollout_metrics(rewards, per_func, advantages, samples,
-                                                  self.args.rollouts_per_example))
+        self.stats.add_rollouts(rewards, per_func, advantages, samples)
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             path = os.path.join(self.args.output_dir, "rollouts.jsonl")
@@ -340,7 +344,6 @@ class RLTrainer(VFTrainer):
         if num_items_in_batch is None:  # evaluation: a plain mean
             return loss_sum / max(targets.numel(), 1)
         self.nan_guard.see(loss_sum)
-        self._start_throughput(model)
         self.stats.add_tokens(loss_sum, stats, inputs, labels)
         loss = self.step_normaliser(loss_sum, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss

@@ -81,7 +81,8 @@ class HeldOutGenerations:
                                 rows=[reward_columns(r) for r in rows], trainer_state=self.state,
                                 completion_ids=[encode(c, add_special_tokens=False) for c in completions])
         result["reward"] = float(total.mean()) if len(total) else 0.0
-        result["reward_funcs"] = function_means(per_func)
+        means = function_means(per_func)
+        result["reward_funcs"] = {name: means.get(name) for name in per_func}  # None: it scored no completion
         for generation, value in zip(result["generations"], total):
             generation["reward"] = float(value)
 
