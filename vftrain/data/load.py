@@ -168,6 +168,26 @@ def _without_struct_nulls(value: Any, feature: Any) -> Any:
     return value
 
 
+def float_arguments(features) -> list[str]:
+    """Fields of tool-call `arguments` stored in struct columns as floats. Arrow gives a field one type over all
+    rows, so where one row has 10 and another 0.5 the 10 is read back as 10.0, and trains so (JSON files keep
+    numbers as written: datasets' `Json` feature)."""
+    found: list[str] = []
+
+    def walk(feature, path: str, in_arguments: bool) -> None:
+        if isinstance(feature, dict):
+            for key, inner in feature.items():
+                walk(inner, f"{path}.{key}", in_arguments or key == "arguments")
+        elif getattr(feature, "feature", None) is not None:
+            walk(feature.feature, path, in_arguments)
+        elif in_arguments and str(getattr(feature, "dtype", "")).startswith("float"):
+            found.append(path.split(".arguments.", 1)[-1])
+
+    for column, feature in (features or {}).items():
+        walk(feature, column, False)
+    return sorted(set(found))
+
+
 def detect_format(columns: list[str]) -> str:
     """Name of the row format that `columns` support, or a DataError listing what is accepted."""
     for name, needed in FORMATS.items():

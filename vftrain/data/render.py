@@ -84,7 +84,8 @@ class Renderer:
         turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and i >= train_from]
         if not turns:
             raise RowError("no assistant message to train on")
-        if all(_is_empty(messages[i]) for i in turns):
+        turns = [i for i in turns if not _is_empty(messages[i])]  # an empty turn is context: it would train a stop
+        if not turns:
             raise RowError("empty completion")
         spans = {i: self._turn(messages, i, tools) for i in turns}
         context = [m for k, m in enumerate(messages[:turns[-1]]) if k not in spans]
@@ -171,8 +172,12 @@ def _dropped_part(tokenizer, text: str, message: dict) -> str:
     if lost:
         return (f"the tokenizer cannot encode {''.join(sorted(lost))!r} in assistant text (it would be missing from "
                 "the trained tokens); replace those characters in the data or use a tokenizer that has them")
-    return ("chat template rewrites or drops part of an assistant message (e.g. strips <think> reasoning) in the "
-            "tokens it would train; set chat_template to a template that renders the turn as given")
+    reasoning = message.get("reasoning_content")
+    if isinstance(reasoning, str) and "".join(reasoning.split()) not in squeezed:
+        return ("chat template does not render the assistant's reasoning (reasoning_content) in the tokens it would "
+                "train; set chat_template to a template that renders it, or leave the reasoning out of the data")
+    return ("chat template rewrites or drops part of an assistant message (e.g. strips <think> reasoning from its "
+            "content) in the tokens it would train; set chat_template to a template that renders the turn as given")
 
 
 def render_prompt(tokenizer, prompt: str | list[dict], tools: list | None = None) -> list[int]:
@@ -257,8 +262,9 @@ def _unpadded(ids: list[int], mask: list[int], attention) -> dict:
 
 
 def as_messages(value: Any, column: str) -> list[dict]:
-    """`value` as a list of template-ready messages (a string is one user or assistant message)."""
-    if isinstance(value, str):
+    """`value` as a list of template-ready messages (a prompt or completion string is one user or assistant
+    message)."""
+    if isinstance(value, str) and column != "messages":
         role = "user" if column == "prompt" else "assistant"
         return [{"role": role, "content": value}]
     if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m for m in value):
@@ -266,10 +272,23 @@ def as_messages(value: Any, column: str) -> list[dict]:
     return [clean_message(m) for m in value]
 
 
+# Where messages keep reasoning besides `reasoning_content`: vLLM's responses (`reasoning`), gpt-oss (`thinking`).
+_REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+
+
 def clean_message(message: dict) -> dict:
-    """A copy of `message` as templates expect it: None-valued keys removed (templates test for presence:
-    "tool_calls" in message), JSON-string tool calls and arguments parsed (templates write them with `tojson`)."""
+    """A copy of `message` as templates expect it, prepared as vLLM prepares a conversation for its template
+    (renderers/chat_utils.py), so that training renders what serving will: None-valued keys removed (templates test
+    for presence: "tool_calls" in message) but a null content is "", text-only content parts joined by newlines,
+    reasoning under `thinking` / `reasoning` also as `reasoning_content` (transformers' order), JSON-string tool
+    calls and arguments parsed (templates write them with `tojson`; "" and null arguments are {}), an empty
+    tool_calls list dropped."""
     out = {k: v for k, v in message.items() if v is not None}
+    if "content" in message:
+        out["content"] = _text_parts(message["content"])
+    reasoning = next((message[k] for k in _REASONING_KEYS if message.get(k) is not None), None)
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
     calls = out.get("tool_calls")
     if isinstance(calls, str):
         try:
@@ -278,22 +297,48 @@ def clean_message(message: dict) -> dict:
             raise RowError("tool_calls is not valid JSON") from None
     if isinstance(calls, list):
         out["tool_calls"] = [_parsed_call(c) for c in calls]
+    if not out.get("tool_calls", True):
+        del out["tool_calls"]
     return out
 
 
+def _text_parts(content: Any) -> Any:
+    """OpenAI content parts that are all text as one string (vLLM joins them with newlines); else as given."""
+    if content is None:
+        return ""
+    if isinstance(content, list) and content and all(isinstance(p, dict) and p.get("type") == "text"
+                                                     and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    return content
+
+
 def _parsed_call(call: Any) -> Any:
-    fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+    """A tool call with its arguments as a dict, in OpenAI's form (`function`) or the flat one Qwen's template also
+    reads; a call without a name or with arguments that are not JSON is refused (it would train broken JSON)."""
+    if not isinstance(call, dict):
         return call
-    try:
-        return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
-    except json.JSONDecodeError:
-        return call
+    wrapped = isinstance(call.get("function"), dict)
+    fn = call["function"] if wrapped else call
+    if not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise RowError("a tool call has no function name")
+    arguments = fn.get("arguments")
+    if arguments is None or arguments == "":
+        arguments = {}
+    elif isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise RowError("tool call arguments are not valid JSON") from None
+    fn = {**fn, "arguments": arguments}
+    return {**call, "function": fn} if wrapped else fn
 
 
 def _is_empty(message: dict) -> bool:
-    content = message.get("content")
-    return not message.get("tool_calls") and (content is None or (isinstance(content, str) and not content.strip()))
+    """An assistant turn that says nothing: no tool calls, and no content or reasoning but whitespace."""
+    def blank(value) -> bool:
+        return value is None or (isinstance(value, str) and not value.strip())
+
+    return not message.get("tool_calls") and blank(message.get("content")) and blank(message.get("reasoning_content"))
 
 
 def _carries(text: str, message: dict, tokenizer) -> bool:

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from vftrain.data.load import detect_format, plain_row
+from vftrain.data.load import detect_format, float_arguments, plain_row
 from vftrain.data.render import Renderer, RowError
 from vftrain.errors import DataError
 
@@ -77,6 +77,11 @@ def tokenize_dataset(dataset, tokenizer, max_seq_len: int, long_rows: str = "dro
                      what: str = "train", split_turns: bool = True) -> tuple[TokenizedRows, DataReport]:
     """Render, tokenize and filter a `datasets.Dataset`; raise DataError if no row is left to train on."""
     fmt = detect_format(list(dataset.column_names))
+    floats = float_arguments(dataset.features)
+    if floats:
+        log.warning("%s data: tool-call arguments %s are stored as floats (a struct column: parquet, or a Dataset "
+                    "built in memory), so an integer written there trains as a float (10 -> 10.0); store arguments "
+                    "as JSON strings to keep them as written", what, ", ".join(floats))
     rendered = _render_all(dataset, Renderer(tokenizer, fmt, split_turns), num_proc, what)
     report = DataReport(format=fmt, rows_in=len(dataset))
     kept, sources, errors, lost = [], [], Counter(), []
