@@ -268,6 +268,32 @@ def test_serve_renders_tools_and_parses_hermes_tool_calls(served, tmp_path, monk
     assert plain.finish_reason == "stop" and plain.message.tool_calls is None and "<tool_call>" in plain.message.content
 
 
+def test_serve_parses_llama3_json_tool_calls_under_a_llama_template(served, tmp_path, monkeypatch):
+    """Under a template that writes Llama 3's calls, the reply's JSON objects are its calls (vLLM's llama3_json)."""
+    import shutil
+
+    from vftrain.serve import ModelHost
+    from vftrain.sampling.tokens import Sample
+
+    model = tmp_path / "tiny-llama-calls"
+    shutil.copytree(TINY, model)
+    template = (model / "chat_template.jinja").read_text()  # Llama 3's templates write '"parameters": ' for a call
+    (model / "chat_template.jinja").write_text('{#- a call renders as {"name": ..., "parameters": ...} -#}' + template)
+    client, _ = served(str(model))
+
+    def generate(self, prompt, p):
+        ids = self.tokenizer('{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+                             add_special_tokens=False)["input_ids"] + [min(self.stops)]
+        return [Sample(prompt, ids, [0.0] * len(ids), "stop")] * p["n"]
+
+    monkeypatch.setattr(ModelHost, "_generate", generate)
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    choice = client.chat.completions.create(model=str(model), messages=messages, tools=WEATHER).choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+
+
 def client_decode(model, ids) -> str:
     from transformers import AutoTokenizer
 

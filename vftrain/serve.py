@@ -13,8 +13,8 @@ through `vftrain.sampling.tokens.sample`, whose logprobs are those of the distri
 `--logprobs-mode processed_logprobs`); temperature 0 decodes greedily. Requests run one at a time; `stream` is
 refused. Chat renders `tools` through the chat template and parses the reply's tool calls into
 `message.tool_calls` (finish_reason "tool_calls"), as `vllm serve --enable-auto-tool-choice --tool-call-parser
-hermes` (or `llama3_json` for a Llama 3 template) does (`sampling/tool_calls.py`). `--model` may be a LoRA adapter folder: its base model with the adapter, served
-under the folder's name.
+hermes` (or `llama3_json` for a Llama 3 template) does (`sampling/tool_calls.py`). `--model` may be a LoRA
+adapter folder: its base model with the adapter, served under the folder's name.
 
 With an API key (`--api-key`, or `VFTRAIN_API_KEY`; as `vllm serve --api-key` / `VLLM_API_KEY`) every request,
 weight pushes included, needs `Authorization: Bearer KEY`. Written on the standard library's HTTP server so
