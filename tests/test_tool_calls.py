@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import TEMPLATES, family_tokenizer, tiny_tokenizer
+from conftest import TEMPLATES, TINY, family_tokenizer, tiny_tokenizer
 from test_rl_env import envs  # noqa: F401  (a fixture)
 from vftrain.sampling.tokens import Sample
 from vftrain.sampling.tool_calls import dialect, parse_tool_calls
@@ -25,20 +25,18 @@ def test_the_dialect_is_the_chat_templates(family, style):
     assert dialect(tok) == style
 
 
-@pytest.mark.parametrize(("text", "expected"), [
+HERMES_REPLIES = [
     ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', ("Let me add.\n", [ADD])),
     ('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><tool_call>{"name": "add", '
-     '"arguments": "{\\"a\\": 2, \\"b\\": 3}"}', (None, [ADD, ADD])),  # the last block left open; string arguments
+     '"arguments": {"a": 2, "b": 3}}', (None, [ADD, ADD])),  # the last block left open
+    ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 2}"}</tool_call>',  # a string: encoded again, as vLLM
+     (None, [{"name": "add", "arguments": json.dumps('{"a": 2}')}])),
     ('<tool_call>{"name": "add", "arguments": {}}</tool_call><tool_call>{"name": </tool_call>', None),  # one bad: none
     ('<tool_call>{"arguments": {}}</tool_call>', None),
     ('{"name": "add", "arguments": {"a": 2, "b": 3}}', None),  # bare JSON is content to the hermes parser
     ("5", None),
-])
-def test_hermes_replies(text, expected):
-    assert parse_tool_calls(text, "hermes") == expected
-
-
-@pytest.mark.parametrize(("text", "expected"), [
+]
+LLAMA_REPLIES = [
     ('{"name": "add", "parameters": {"a": 2, "b": 3}}', (None, [ADD])),
     ('<|python_tag|>{"name": "add", "arguments": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 2, "b": 3}}',
      (None, [ADD, ADD])),
@@ -48,9 +46,52 @@ def test_hermes_replies(text, expected):
     ('The answer is {"value": 5}', None),
     ("{5", None),
     ("5", None),
-])
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), HERMES_REPLIES)
+def test_hermes_replies(text, expected):
+    assert parse_tool_calls(text, "hermes") == expected
+
+
+@pytest.mark.parametrize(("text", "expected"), LLAMA_REPLIES)
 def test_llama3_json_replies(text, expected):
     assert parse_tool_calls(text, "llama3_json") == expected
+
+
+VLLM_PARSE = """
+import json, sys
+from transformers import AutoTokenizer
+from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
+from vllm.tool_parsers.llama_tool_parser import Llama3JsonToolParser
+
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+tok.add_special_tokens({"additional_special_tokens": ["<|python_tag|>"]})
+parsers = {"hermes": Hermes2ProToolParser(tok), "llama3_json": Llama3JsonToolParser(tok)}
+out = []
+for style, text in json.load(sys.stdin):
+    got = parsers[style].extract_tool_calls(text, None)
+    calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in got.tool_calls]
+    out.append([got.content, calls] if got.tools_called else None)
+print(json.dumps(out))
+"""
+
+
+def test_replies_parse_as_vllms_own_parsers_parse_them():
+    """The real component: vLLM 0.32's hermes and llama3_json parsers, run on every reply above."""
+    import os
+    import subprocess
+
+    python = os.environ.get("VFTRAIN_VLLM_PYTHON")
+    if not python or not os.path.exists(python):
+        pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON (.ci/run installs one)")
+    cases = [("hermes", t) for t, _ in HERMES_REPLIES] + [("llama3_json", t) for t, _ in LLAMA_REPLIES]
+    proc = subprocess.run([python, "-c", VLLM_PARSE, TINY], input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vllm = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours = [parse_tool_calls(text, style) for style, text in cases]
+    assert [None if v is None else (v[0], v[1]) for v in vllm] == ours
 
 
 class _LlamaTurns:

@@ -54,6 +54,6 @@ def _llama3_json(text: str):
 
 
 def _arguments(call: dict) -> str:
-    """A call's arguments as a JSON string (the OpenAI form); Llama's `parameters` where it has no `arguments`."""
-    value = call["arguments"] if "arguments" in call else call["parameters"]
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    """A call's arguments as a JSON string (the OpenAI form; a string is encoded again, as vLLM's parsers do, so a
+    tool then gets a string, not an object); Llama's `parameters` where it has no `arguments`."""
+    return json.dumps(call["arguments"] if "arguments" in call else call["parameters"], ensure_ascii=False)
