@@ -21,11 +21,12 @@ from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
                                     _check_compile_layers, _check_deepspeed, _check_late_failures,
-                                    _check_lora_modules, _check_template, _cuda,
-                                    _fsdp_config_with_defaults, _integer, _jsonable, _non_blocking_copies,
-                                    _reporting_integrations, budgeted_micro_batch, filled_micro_batch)
+                                    _check_lora_modules, _check_template, _cuda, _fsdp_config_with_defaults,
+                                    _integer, _jsonable, _non_blocking_copies, _reporting_integrations,
+                                    _trl_values, budgeted_micro_batch, filled_micro_batch)
 from vftrain.config_given import remember_given, remember_resolved
 from vftrain.errors import ConfigError
+from vftrain.peer_names import unknown_arguments
 
 log = logging.getLogger("vftrain")
 
@@ -214,6 +215,9 @@ class TrainerConfig(TrainingArguments):
                                       "off because it costs a GPU sync per micro-batch, and a NaN loss stops "
                                       "training with a message instead.")
 
+    def __new__(cls, *args, **kwargs):  # before the dataclass __init__, whose TypeError says nothing useful
+        return unknown_arguments(cls, kwargs, TrainerConfig.__subclasses__()) or super().__new__(cls)
+
     def __post_init__(self):
         remember_given(self)
         # Left unset: decided from the memory estimate once the model is loaded (VFTrainer._fit_memory).
@@ -318,6 +322,7 @@ class TrainerConfig(TrainingArguments):
     def _validate_choices(self):
         if self.micro_batch_size is None:  # resolved first: every later check and the accumulation read it
             self.micro_batch_size = self._default_micro_batch()
+        _trl_values(self)
         for f in dataclasses.fields(self):
             choices = f.metadata.get("vf_choices") or _TRANSFORMERS_CHOICES.get(f.name)
             value = getattr(self, f.name)
@@ -474,7 +479,8 @@ class RLConfig(TrainerConfig):
                                 "time matters.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
-                            "divided by the group's reward std ('group', GRPO: Shao et al. 2024).", ("none", "group"))
+                            "divided by the group's reward std ('group', GRPO: Shao et al. 2024; TRL's default). TRL's true / "
+                            "false mean 'group' / 'none'.", ("none", "group"))
     # ---- loss
     epsilon: float = _f(0.2, "PPO clip: the ratio's gradient stops beyond 1 - epsilon (Schulman et al. 2017).")
     epsilon_high: float | None = _f(None, "Upper PPO clip 1 + epsilon_high (DAPO's clip-higher uses 0.28, Yu et al. "

@@ -104,6 +104,18 @@ _INTEGRATION_PACKAGES = {"tensorboard": "'vftrain[tensorboard]'", "wandb": "'vft
 _MIN_LR_SCHEDULES = ("cosine_with_min_lr", "cosine_warmup_with_min_lr")
 
 
+def _trl_values(config) -> None:
+    """Values TRL and transformers users set that mean one of vftrain's: scale_rewards True / False (TRL's older
+    form of 'group' / 'none') and use_liger_kernel (transformers' patch of the whole model class, which would
+    replace vftrain's forward: vftrain's own use_liger patches this model only)."""
+    if isinstance(getattr(config, "scale_rewards", None), bool):
+        config.scale_rewards = "group" if config.scale_rewards else "none"
+    if config.use_liger_kernel:
+        if config.use_liger is False:
+            raise ConfigError("use_liger_kernel = true and use_liger = false disagree; set use_liger (vftrain's)")
+        config.use_liger, config.use_liger_kernel = True, False
+
+
 def _check_late_failures(config) -> None:
     """Settings transformers accepts here but refuses once training starts, named now with their fix."""
     from transformers.integrations.integration_utils import get_available_reporting_integrations
@@ -146,6 +158,9 @@ _TRL_ONLY = {
     "data_collator": "rows are packed and collated by vftrain (packing, micro_batch_tokens)",
     "compute_loss_func": "the loss is vftrain's (vftrain/loss.py); subclass the trainer and override compute_loss",
     "reward_processing_classes": "reward models are not supported; score with reward functions (reward_funcs)",
+    "compute_metrics": "the output head runs only on trained positions, so no logits reach it; evaluation logs "
+                       "eval_loss and eval_token_accuracy, and evaluate_generations() scores greedy generations",
+    "preprocess_logits_for_metrics": "the output head runs only on trained positions, so no logits are kept",
 }
 
 

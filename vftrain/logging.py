@@ -37,6 +37,14 @@ def setup_console_logging(level: int = logging.INFO) -> None:
     quiet_progress_bars()
 
 
+def console_unless_configured() -> None:
+    """The CLI's console output for a Python API run whose program set up no logging (no handler on the `vftrain` or
+    the root logger): the data report (rows kept and dropped, held-out lines) is what the README promises is
+    printed, and at INFO it would go nowhere."""
+    if not logging.getLogger("vftrain").handlers and not logging.getLogger().handlers:
+        setup_console_logging()
+
+
 def quiet_progress_bars() -> None:
     """No tqdm bars (loading weights, tokenizing, writing shards) when stderr is a file or pipe: there each redraw is
     glued to the last with a carriage return, and the README promises one line per step."""

@@ -171,7 +171,8 @@ def _load(entry) -> tuple[str, Callable]:
     where, _, attr = entry.rpartition(":")
     if not where or not attr:
         raise ConfigError(f"reward_funcs entry {entry!r} is neither built in ({', '.join(BUILTIN)}) nor "
-                          "'module:function' or 'path/to/file.py:function'")
+                          "'module:function' or 'path/to/file.py:function' (reward models, which TRL takes by name, "
+                          "are not supported: wrap one in a reward function)")
     if not where.endswith(".py") and ("/" in where or os.sep in where or where.startswith(".")):
         raise ConfigError(f"reward_funcs entry {entry!r}: {where!r} is neither a module name nor a .py file; "
                           "write 'path/to/file.py:function'")

@@ -25,7 +25,8 @@ from vftrain.data.load import held_out_lines, raw_splits
 from vftrain.errors import ConfigError
 from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
 from vftrain.loss import select_trained
-from vftrain.logging import LogAtSaves, MetricsFileCallback, RichProgressCallback, RunSummaryCallback
+from vftrain.logging import (LogAtSaves, MetricsFileCallback, RichProgressCallback, RunSummaryCallback,
+                             console_unless_configured)
 from vftrain.lora import adapters_in_base_dtype, continue_or_merge, refuse_attached_adapter
 from vftrain.mlp import use_lean_mlp
 from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
@@ -150,6 +151,7 @@ class VFTrainer(HeldOutGenerations, Trainer):
 
     def _setup_run(self, stats, report_lines: list[str]) -> None:
         """After `Trainer.__init__`: engine checks, loss bookkeeping, vftrain's callbacks, the resolved config."""
+        console_unless_configured()
         if self.args.fsdp and not self.is_fsdp_enabled:  # accelerate falls back to DDP without a word
             raise ConfigError("fsdp is set but accelerate did not shard the model: it runs FSDP only with one "
                               "process per GPU (torchrun or accelerate launch on GPUs); leave fsdp unset here")

@@ -30,7 +30,7 @@ def prompt_and_answer(row: dict):
     """(prompt: messages or string, reference answer: str, tools) of an RL row. The prompt is `prompt` (messages or
     a string) or `question` (a string, asked as a user message, after a `system_prompt` column's system message);
     the reference is `answer`, `reference`, or the last assistant message of `completion` (so an SFT dataset serves
-    RL as is)."""
+    RL as is), or None without one (TRL-shaped reward functions read their own columns: `need_references`)."""
     prompt = next((row[c] for c in PROMPT_COLUMNS if row.get(c) is not None), None)
     if prompt is None:
         raise DataError(f"RL rows need a prompt column ({' or '.join(PROMPT_COLUMNS)}); got {sorted(row)}")
@@ -41,10 +41,16 @@ def prompt_and_answer(row: dict):
     if isinstance(reference, list):  # completion messages: the last assistant turn
         answers = [m for m in reference if isinstance(m, dict) and m.get("role") == "assistant"]
         reference = answers[-1].get("content") if answers else None
-    if reference is None:
+    return prompt, None if reference is None else str(reference), row.get("tools")
+
+
+def need_references(prompts: "PromptSet", funcs: dict, columns: list[str]) -> None:
+    """A DataError where rows lack a reference that a `fn(completion, reference)` function (exact_match too) needs."""
+    pairs = [name for name, reward in funcs.items() if not reward.batched]
+    if pairs and any(r is None for r in prompts.references):
         raise DataError(f"RL rows need a reference column ({' or '.join(REFERENCE_COLUMNS)}) for the reward "
-                        f"functions; got {sorted(row)}")
-    return prompt, str(reference), row.get("tools")
+                        f"functions {', '.join(pairs)}; got {sorted(columns)} (a TRL-shaped function, "
+                        "fn(completions, **columns), reads its own columns)")
 
 
 @dataclasses.dataclass

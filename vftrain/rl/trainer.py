@@ -90,6 +90,7 @@ class RLTrainer(VFTrainer):
             self.prompts = R.PromptSet.build(raw_train, tokenizer, args.max_prompt_len)
             self.reward_funcs = _reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs,
                                               args.reward_weights, self.prompts.columns)
+            R.need_references(self.prompts, self.reward_funcs, raw_train.column_names)
         self.prompts_per_step = args.batch_size // args.rollouts_per_example
         if len(self.prompts.ids) < self.prompts_per_step:
             raise ConfigError(f"batch_size = {args.batch_size} needs {self.prompts_per_step} prompts per step "
@@ -454,5 +455,5 @@ def _held_out(raw_train, raw_eval, n: int):
     out = []
     for row in rows:  # the row's other columns (its tools, what TRL-shaped rewards read) stay
         prompt, reference, _ = R.prompt_and_answer(row)
-        out.append({**row, "prompt": prompt, "completion": reference})
+        out.append({**row, "prompt": prompt, "completion": reference or ""})
     return out, raw_train

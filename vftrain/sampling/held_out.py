@@ -4,7 +4,7 @@ output folder)."""
 
 from __future__ import annotations
 
-from vftrain.errors import ConfigError
+from vftrain.errors import ConfigError, DataError
 
 
 class HeldOutGenerations:
@@ -95,4 +95,8 @@ def _prompt_and_answer(row: dict):
     from vftrain.sampling import ChatPrompt
 
     prompt, reference, tools = prompt_and_answer(row)
+    if reference is None:
+        raise DataError(f"held-out generations are scored by exact match against a reference column (answer, "
+                        f"reference or completion), which these rows lack ({sorted(row)}); set "
+                        "eval_generation_rows = 0, or add one")
     return (prompt if isinstance(prompt, str) else ChatPrompt(list(prompt), parse_tools(tools))), reference
