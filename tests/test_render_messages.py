@@ -135,3 +135,12 @@ def test_float_arguments_of_a_struct_column_are_named(caplog, tmp_path):
         rendered, _ = tokenize_dataset(load_rows(write_jsonl(tmp_path / "rows.jsonl", rows), "train"), tok, 4096)
     assert "stored as floats" not in caplog.text
     assert '"limit": 10}' in tok.decode(rendered[0][0].tolist())
+
+
+def test_reasoning_under_non_thinking_qwen3_says_why_it_is_dropped():
+    """The generic "not a token prefix" reason gave no clue that enable_thinking = false closes the think block."""
+    tok = family_tokenizer("qwen2.5")
+    use_template(tok, str(TEMPLATES / "qwen3.jinja"), {"enable_thinking": False})
+    turn = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "Sum."}]
+    with pytest.raises(RowError, match="enable_thinking = false"):
+        _rows(tok, turn)

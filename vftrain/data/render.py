@@ -112,7 +112,10 @@ class Renderer:
         prompt = render_prompt(self.tokenizer, messages[:i], tools)
         ids = render_chat(self.tokenizer, messages[: i + 1], tools, generation_prompt=False)
         if ids[: len(prompt)] != prompt:
-            raise RowError("chat template: the prompt rendered for generation is not a token prefix of the turn")
+            thinking_off = template_kwargs(self.tokenizer).get("enable_thinking") is False
+            why = " (it holds reasoning, and with enable_thinking = false the generation prompt already closes the " \
+                  "think block)" if thinking_off and messages[i].get("reasoning_content") else ""
+            raise RowError(f"chat template: the prompt rendered for generation is not a token prefix of the turn{why}")
         start = len(prompt)
         end = next((k + 1 for k in range(start, len(ids)) if ids[k] in self.stop_ids), None)
         if end is None:
