@@ -145,6 +145,14 @@ def test_help_lists_fields_with_help(capsys):
     assert "Sequences per optimizer step" in out
 
 
+def test_export_help_is_exports_own(capsys):
+    """`vf-sft export --help` printed the training help (its fields), not export's arguments."""
+    with pytest.raises(SystemExit) as stop:
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "usage: vf-sft export" in out and "--out" in out and "batch_size = " not in out
+
+
 def test_seed_toml_trains_and_saves(tmp_path):
     """The seed's TOML (LoRA, batch 512 of micro 8) through the installed entry point, in a subprocess."""
     out_dir = tmp_path / "run"

@@ -127,8 +127,8 @@ class TrainerConfig(TrainingArguments):
     dataset_split: str = _f("train", "Split of `dataset` to train on.")
     eval_split: str | None = _f(None, "Split of `dataset` for held-out samples (and, in SFT, the evaluation loss); "
                                 "None: none.")
-    eval_generation_rows: int = _f(0, "Greedily generate for this many eval_split rows and report exact-match "
-                                   "accuracy after training (vf-rl: before and after); 0: skip.")
+    eval_generation_rows: int = _f(0, "Greedily generate for this many held-out rows (eval_split or eval_size) and "
+                                   "report exact-match accuracy after training (vf-rl: before and after); 0: skip.")
     # ---- held-out rows cut from one split, and who owns a run folder
     eval_size: float | None = _f(None, "Cut a held-out eval split out of the training rows: a fraction in (0, 1) "
                                  "or a number of rows (datasets' test_size, Axolotl's val_set_size), picked at "

@@ -27,14 +27,14 @@ Ctrl-C (or SIGTERM) during training saves a checkpoint at the end of the current
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "export":  # its own --help
+        return export(argv[1:])
     if not argv or "-h" in argv or "--help" in argv:
         try:
             print_help()
         except BrokenPipeError:  # `vf-sft --help | head`
             sys.stderr.close()
         return 0
-    if argv[0] == "export":
-        return export(argv[1:])
     try:
         inv = parse_argv(argv, "sft", FLAGS)
         model, config = resolve(inv)
