@@ -26,7 +26,8 @@ def test_the_dialect_is_the_chat_templates(family, style):
 
 
 HERMES_REPLIES = [
-    ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>', ("Let me add.\n", [ADD])),
+    ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>',
+     ("Let me add.\n", [ADD])),
     ('<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call><tool_call>{"name": "add", '
      '"arguments": {"a": 2, "b": 3}}', (None, [ADD, ADD])),  # the last block left open
     ('<tool_call>{"name": "add", "arguments": "{\\"a\\": 2}"}</tool_call>',  # a string: encoded again, as vLLM

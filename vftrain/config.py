@@ -479,8 +479,8 @@ class RLConfig(TrainerConfig):
                                 "time matters.")
     reward_weights: Any = _f(None, "Weight of each reward_funcs entry in the reward (None: all 1.0).")
     scale_rewards: str = _f("none", "Advantage = reward - group mean ('none', Dr. GRPO: Liu et al. 2025), or also "
-                            "divided by the group's reward std ('group', GRPO: Shao et al. 2024; TRL's default). TRL's true / "
-                            "false mean 'group' / 'none'.", ("none", "group"))
+                            "divided by the group's reward std ('group', GRPO: Shao et al. 2024; TRL's default). "
+                            "TRL's true / false mean 'group' / 'none'.", ("none", "group"))
     # ---- loss
     epsilon: float = _f(0.2, "PPO clip: the ratio's gradient stops beyond 1 - epsilon (Schulman et al. 2017).")
     epsilon_high: float | None = _f(None, "Upper PPO clip 1 + epsilon_high (DAPO's clip-higher uses 0.28, Yu et al. "
