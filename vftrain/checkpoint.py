@@ -15,7 +15,10 @@ from vftrain.errors import ConfigError
 from vftrain.logging import HELD_OUT, trim_log
 
 STAGING = ".staging"
+LOCK = ".vftrain.lock"  # held by the run writing the folder (`claim`)
+_CLAIMED: dict = {}  # run folders this process holds: path -> its open lock file
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
+SUPERSEDED = "superseded-"  # a continuation that a resume from an earlier checkpoint replaced
 # What a run leaves in its output_dir that another run must not mix with: logs, plots, checkpoints, held-out
 # generations and a saved model (weights or adapter). The resolved config alone (a run that stopped before its
 # first logged step) is not an output: a new run rewrites it.
@@ -96,35 +99,72 @@ def gathered_state_dict(model, dtype, keep: bool) -> dict:
     return out
 
 
-def data_changes(checkpoint_dir: str, config: dict) -> list[str]:
+def data_changes(checkpoint_dir: str, config: dict, fingerprint: str | None = None) -> list[str]:
     """`what: saved -> now` for each setting that decides the training rows and differs from the checkpoint's
-    resolved config (empty when the checkpoint has none)."""
+    resolved config, and for the rows themselves where their fingerprint differs (a file changed under the same
+    path, another Dataset object); empty when the checkpoint has none."""
     saved = _saved_config(checkpoint_dir)
     changes = _changes(saved, config, DATA_FIELDS)
     if _held_out(saved) != _held_out(config):
         changes.append(f"rows held out of training for samples: {_held_out(saved)} -> {_held_out(config)}")
+    rows = _saved(checkpoint_dir).get("train_rows")
+    if rows and fingerprint and rows != fingerprint:
+        changes.append("the training rows themselves (their tokens differ from the checkpoint's run)")
     return changes
 
 
-def check_same_model(args, resume: str | None) -> None:
+def setting_changes(checkpoint_dir: str, config: dict, fields) -> list[str]:
+    """`what: saved -> now` for each of `fields` that differs from the checkpoint's resolved config."""
+    return _changes(_saved_config(checkpoint_dir), config, fields)
+
+
+# A model config's entries that decide its parameters' shapes: a checkpoint of another shape cannot load.
+_SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+
+
+def check_same_model(args, resume: str | None, model_source: str | None = None, model_config=None) -> None:
     """Refuse (ConfigError) a resume whose settings make another set of trained parameters than the checkpoint's
-    (full weights vs LoRA, another rank or target modules, another scale): its weights and optimizer state would
-    not load (transformers' traceback) or would train another function."""
+    (full weights vs LoRA, another rank or target modules, another scale) or whose model has another shape: its
+    weights and optimizer state would not load (transformers' traceback, after the folder was set up for the
+    resume) or would train another function. A model given by another path is said (the same model moved, or
+    another one: a LoRA adapter continued on another base)."""
     saved, now = (_saved_config(resume) if resume else {}), args.to_dict()
     both_lora = saved.get("use_lora") and now.get("use_lora") and now.get("lora_config") is None
     changes = _changes(saved, now, ("use_lora", *(LORA_FIELDS if both_lora else ())))
+    shape = _read_json(os.path.join(resume, "config.json")) if resume and model_config is not None else {}
+    ours = model_config.to_dict() if shape else {}
+    changes += [f"{key}: {shape[key]!r} -> {ours.get(key)!r}" for key in _SHAPE_KEYS
+                if key in shape and shape[key] != ours.get(key)]
     if changes:
         raise ConfigError(f"{resume} was saved with other model settings than this run's ({'; '.join(changes)}); "
                           "resume with the checkpoint's, or start a new run (another run_name or output_dir)")
+    before = _saved(resume).get("model") if resume else None
+    if before and model_source and _where(before) != _where(model_source):
+        logging.getLogger("vftrain").warning("resuming from %s, a run of model %r, with model %r: if that is another "
+                                             "model, the run continues on it (a LoRA adapter on another base)",
+                                             resume, before, model_source)
+
+
+def _where(model: str) -> str:
+    return os.path.realpath(model) if os.path.exists(model) else model
 
 
 def _saved_config(checkpoint_dir: str) -> dict:
     """The resolved config saved with a checkpoint (empty when it has none)."""
-    path = os.path.join(checkpoint_dir, "vftrain_config.json")
+    return _saved(checkpoint_dir).get("config", {})
+
+
+def _saved(checkpoint_dir: str) -> dict:
+    """The checkpoint's vftrain_config.json: its config, model, dataset and training rows' fingerprint."""
+    return _read_json(os.path.join(checkpoint_dir, "vftrain_config.json"))
+
+
+def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     with open(path) as fh:
-        return json.load(fh).get("config", {})
+        return json.load(fh)
 
 
 def _changes(saved: dict, config: dict, fields) -> list[str]:
@@ -158,9 +198,54 @@ def finished(args, folder: str | None) -> bool:
 
 
 def has_final_model(run_dir: str) -> bool:
-    """Whether `run_dir` holds the model a finished run saves beside its checkpoints (weights or an adapter)."""
-    return os.path.isdir(run_dir) and any(name.endswith(_WEIGHTS) and name != "training_args.bin"
-                                          for name in os.listdir(run_dir))
+    """Whether `run_dir` holds the model a finished run saves beside its checkpoints (weights or an adapter), whole:
+    a run killed while it wrote its safetensors left a truncated file, and a requeued job took the run as done."""
+    if not os.path.isdir(run_dir):
+        return False
+    weights = [name for name in os.listdir(run_dir) if name.endswith(_WEIGHTS) and name != "training_args.bin"]
+    return bool(weights) and all(_whole(os.path.join(run_dir, name)) for name in weights)
+
+
+def _whole(path: str) -> bool:
+    """A safetensors file is as long as its header says (8-byte header length, JSON header, then the tensors)."""
+    if not path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            length = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(length))
+    except (OSError, ValueError):
+        return False
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    return os.path.getsize(path) == 8 + length + end
+
+
+def claim(run_dir: str) -> str | None:
+    """Take `run_dir` for this process's run (an exclusive lock on `.vftrain.lock`, held until the process ends);
+    None when taken, else why not: two runs at once in one folder both wrote its logs, checkpoints and model, and
+    cleared each other's staging folder."""
+    import fcntl
+    import socket
+
+    key = os.path.realpath(run_dir)
+    if key in _CLAIMED:
+        return None
+    os.makedirs(run_dir, exist_ok=True)
+    handle = open(os.path.join(run_dir, LOCK), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        return (f"output_dir {run_dir!r} is in use by a run still going ({holder}); wait for it to end, or give this "
+                "run another run_name or output_dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    handle.flush()
+    _CLAIMED[key] = handle
+    return None
 
 
 def run_outputs(run_dir: str) -> list[str]:
@@ -168,7 +253,7 @@ def run_outputs(run_dir: str) -> list[str]:
     if not os.path.isdir(run_dir):
         return []
     return sorted(name for name in os.listdir(run_dir) if name in _LOGS or _CHECKPOINT.match(name)
-                  or HELD_OUT.match(name) or name.endswith(_WEIGHTS))
+                  or HELD_OUT.match(name) or name.endswith(_WEIGHTS) or name.startswith(SUPERSEDED))
 
 
 def check_output_dir(args, resume) -> None:
@@ -179,6 +264,10 @@ def check_output_dir(args, resume) -> None:
     if not found or _continued_step(args, resume) is not None or args.overwrite_output_dir:
         return
     shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+    if resume is not None:  # a checkpoint of another folder: this run writes to output_dir, as a new one
+        raise ConfigError(f"output_dir {run_dir!r} holds another run's outputs ({shown}); a run resumed from {resume} "
+                          "(another folder's checkpoint) writes its own outputs there: give it an empty output_dir "
+                          "(another run_name), or set overwrite_output_dir = true to delete them first")
     # Without a checkpoint 'latest' has nothing to continue: a finished run that saved none (save_strategy "no"),
     # or one killed before its first save, whose model and logs a fresh start would replace.
     resumable = any(_CHECKPOINT.match(name) for name in found)
@@ -236,12 +325,15 @@ def _set_aside_later_checkpoints(run_dir: str, step: int) -> None:
                    key=lambda name: int(name.split("-")[1]))
     if not later:
         return
-    aside = os.path.join(run_dir, "superseded-" + time.strftime("%Y%m%d-%H%M%S"))
+    aside = os.path.join(run_dir, SUPERSEDED + time.strftime("%Y%m%d-%H%M%S"))
     os.makedirs(aside, exist_ok=True)
-    for name in later:
+    model = [name for name in os.listdir(run_dir) if name.endswith(_WEIGHTS) or name in _COMPANIONS] \
+        if has_final_model(run_dir) else []  # that continuation's final model, when it got that far
+    for name in later + model:
         os.rename(os.path.join(run_dir, name), os.path.join(aside, name))
     logging.getLogger("vftrain").warning("resuming from step %d: the later %s of the continuation this run replaces "
-                                         "moved to %s", step, ", ".join(later), aside)
+                                         "moved to %s", step, ", ".join(later + (["final model"] if model else [])),
+                                         aside)
 
 
 def _killed_before_first_save(args) -> bool:
@@ -263,6 +355,17 @@ def _continued_step(args, resume) -> int | None:
     resume from a checkpoint in another folder: this folder's files are not that run's)."""
     if resume is None:
         return 0 if _killed_before_first_save(args) else None
-    inside = os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(resume)))
-    return int(match.group(1)) if inside and match else None
+    return int(match.group(1)) if inside(args, resume) and match else None
+
+
+def inside(args, resume: str) -> bool:
+    """Whether the checkpoint `resume` is one of this run folder's own."""
+    return os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
+
+
+def newest(args, resume: str | None) -> bool:
+    """Whether `resume` is the newest checkpoint of its run folder (a resume from it abandons nothing)."""
+    step = _continued_step(args, resume)
+    return step is None or not any(m and int(m.group(1)) > step
+                                   for m in map(_CHECKPOINT.match, os.listdir(args.output_dir)))

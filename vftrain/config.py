@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from transformers import TrainingArguments
 
 from vftrain.config_checks import (_BOUNDS, _TRANSFORMERS_CHOICES, _bf16_supported, _check_bounds,
-                                    _check_compile_layers, _check_deepspeed, _check_late_failures,
+                                    _check_compile_layers, _check_deepspeed, _check_late_failures, _check_overwrite,
                                     _check_lora_modules, _check_template, _cuda, _fsdp_config_with_defaults,
                                     _integer, _jsonable, _non_blocking_copies, _reporting_integrations,
                                     _trl_values, budgeted_micro_batch, filled_micro_batch)
@@ -237,9 +237,7 @@ class TrainerConfig(TrainingArguments):
         if self.eval_size is not None and self.eval_split:
             raise ConfigError(f"eval_size = {self.eval_size!r} and eval_split = {self.eval_split!r} both name the "
                               "held-out rows; set one (eval_size cuts them out of dataset_split)")
-        if self.overwrite_output_dir and self.resume_from_checkpoint:
-            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint = "
-                              f"{self.resume_from_checkpoint!r} would continue; set one of them")
+        _check_overwrite(self)
         # A generated name makes a new folder every run: "the newest checkpoint in it" can never exist.
         self.generated_output_dir = not self.run_name and not self.output_dir
         self.check_resume(self.resume_from_checkpoint)

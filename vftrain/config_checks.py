@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -114,6 +115,19 @@ def _trl_values(config) -> None:
         if config.use_liger is False:
             raise ConfigError("use_liger_kernel = true and use_liger = false disagree; set use_liger (vftrain's)")
         config.use_liger, config.use_liger_kernel = True, False
+
+
+def _check_overwrite(config) -> None:
+    """overwrite_output_dir with a resume from this folder would delete the checkpoint it continues (one of another
+    folder's run may start this folder afresh)."""
+    resume = config.resume_from_checkpoint
+    if not (config.overwrite_output_dir and resume):
+        return
+    elsewhere = isinstance(resume, str) and resume.lower() not in ("latest", "true") and (
+        not config.output_dir or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(config.output_dir))
+    if not elsewhere:
+        raise ConfigError(f"overwrite_output_dir deletes the checkpoints that resume_from_checkpoint = {resume!r} "
+                          "would continue; set one of them")
 
 
 def _check_late_failures(config) -> None:

@@ -14,8 +14,7 @@ import os
 import shutil
 import torch
 from transformers import Trainer, enable_full_determinism, set_seed
-from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from vftrain import attention, checkpoint, memory
 from vftrain.compile import CompiledLayers
@@ -23,7 +22,7 @@ from vftrain.config import TrainerConfig
 from vftrain.config_checks import compiles_when_unset, weights_from_rank0
 from vftrain.data.load import held_out_lines, raw_splits
 from vftrain.errors import ConfigError
-from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, OutOfMemory, any_process, oom_message
+from vftrain.guards import GracefulInterrupt, NonFiniteLossGuard, any_process
 from vftrain.loss import select_trained
 from vftrain.logging import (LogAtSaves, MetricsFileCallback, RichProgressCallback, RunSummaryCallback,
                              console_unless_configured)
@@ -33,13 +32,14 @@ from vftrain.models import (apply_lora, distinct_meta_pointers, export_merged,
                             get_model_and_tokenizer, head_returns_hidden, is_adapter_folder,
                             keep_gathered_through_backward, layers_compiled, plain_output_head, save_merged)
 from vftrain.optim import KAHAN_MODES, CompensatedAdamW, needs_master_weights, use_float32_master_weights
+from vftrain.resume import RunFolder
 from vftrain.sampling.held_out import HeldOutGenerations
 from vftrain.walks import walk
 
 log = logging.getLogger("vftrain")
 
 
-class VFTrainer(HeldOutGenerations, Trainer):
+class VFTrainer(HeldOutGenerations, RunFolder, Trainer):
     """Base of SFTTrainer and RLTrainer. Subclasses load their data, call `super().__init__` with the model from
     `_load_model`, then `_setup_run()`; they implement `compute_loss` and `get_batch_samples`."""
 
@@ -162,7 +162,7 @@ class VFTrainer(HeldOutGenerations, Trainer):
         self.throughput = None
         for callback in (ProgressCallback, PrinterCallback):
             self.remove_callback(callback)
-        agree = any_process(self.accelerator)  # the processes take the stop/skip decisions together
+        self._agree = agree = any_process(self.accelerator)  # the processes take decisions together
         self.nan_guard = NonFiniteLossGuard(self, agree)
         # The NaN guard after the interrupt and LogAtSaves: a stop, save or log they ask for sees the step's flag read.
         self.interrupt = GracefulInterrupt(agree)
@@ -197,56 +197,6 @@ class VFTrainer(HeldOutGenerations, Trainer):
                         "positions the model was not trained on; lower it to %s unless the context was extended",
                         what, f"{length:,}", f"{context:,}", known, f"{context:,}")
 
-    def start_run(self, resume=None) -> None:
-        """Claim output_dir for this run before anything is written there (`train` calls it; the CLI calls it
-        earlier, before its held-out generation): another run's outputs refuse a new run unless
-        `overwrite_output_dir` deletes them; a resumed run's later log lines are dropped (`checkpoint.start_run`).
-        Then the resolved config is written. Every process calls it (the check raises on all of them)."""
-        if self.run_started:
-            return
-        if resume is not None and self.args.overwrite_output_dir:
-            raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
-                              "continue; set one of them")
-        model = self.accelerator.unwrap_model(self.model)
-        bases = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
-        checkpoint.check_inputs_kept(self.args, [p for p in (self.model_source, *bases) if isinstance(p, str)])
-        if self.args.should_save:
-            checkpoint.start_run(self.args, resume)
-            self.save_resolved_config(self.args.output_dir)
-        else:
-            checkpoint.check_output_dir(self.args, resume)
-        self.accelerator.wait_for_everyone()
-        self.run_started = True
-
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
-        reads neither): a checkpoint folder, or 'latest' (or True), the newest checkpoint in output_dir or a fresh
-        start when there is none, as vf-sft reads it. A checkpoint that ends the run trains nothing (logged) and
-        loads its weights, so that `save_model()` saves those. Out of GPU memory, the finished steps are saved (one
-        process) and the error names the settings to change."""
-        resume = self.resume_point(resume_from_checkpoint)
-        if resume is None and self.state.global_step:  # transformers would start over, over this run's checkpoints
-            raise ConfigError(f"train() already ran {self.state.global_step} steps on this trainer: continue with "
-                              "train(resume_from_checkpoint='latest') and a larger max_steps, or build a new trainer "
-                              "for a new run (another run_name or output_dir)")
-        if checkpoint.finished(self.args, resume):
-            if self.is_deepspeed_enabled:  # transformers loads its weights only into the engine training builds
-                raise ConfigError(f"{resume} ends the run; under DeepSpeed train() cannot load its weights without "
-                                  f"training: its model folder is {resume} (from_pretrained loads it)")
-            self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
-            self._sharded_before_training()  # FSDP: sharded first, as the training loop does before it loads
-            self._load_from_checkpoint(resume)
-            return TrainOutput(self.state.global_step, float("nan"), {})  # no step taken: no training loss
-        checkpoint.check_same_model(self.args, resume)
-        self.start_run(resume)
-        self._warn_on_data_changes(resume)
-        if resume is not None:
-            self._load_extra_state(resume)
-        try:
-            return super().train(resume, *args, **kwargs)
-        except torch.OutOfMemoryError as exc:
-            raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
-
     def evaluate(self, *args, **kwargs):
         """transformers' evaluation (eval loss), which logs to output_dir: before training the folder is claimed first
         (`start_run`, with the config's resume_from_checkpoint), so a later train() continues what it wrote."""
@@ -267,13 +217,6 @@ class VFTrainer(HeldOutGenerations, Trainer):
         if self.args.use_lora and self.args.master_weights and not self.sharded:
             adapters_in_base_dtype(model)
 
-    def resume_point(self, value: str | bool | None = None) -> str | None:
-        """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""
-        from vftrain.cli.args import resume_point
-
-        self.args.check_resume(self.args.resume_from_checkpoint if value is None else value)
-        return resume_point(self.args, value)
-
     def _issue_warnings_after_load(self, load_result) -> None:
         """transformers' check after a resume, without the tied output head: it is saved once, as the embedding,
         and transformers 5 no longer lists it in `_keys_to_ignore_on_save`, so every resume of a tied model said
@@ -283,15 +226,6 @@ class VFTrainer(HeldOutGenerations, Trainer):
             self.model.tie_weights()
         super()._issue_warnings_after_load(load_result._replace(
             missing_keys=[k for k in load_result.missing_keys if k not in tied]))
-
-    def _warn_on_data_changes(self, resume) -> None:
-        """A resume continues exactly only on the same data plan: say so when a setting that decides it changed."""
-        if resume is None or not self.args.should_log:
-            return
-        changes = checkpoint.data_changes(resume, self.args.to_dict())
-        if changes:
-            log.warning("resuming from %s with other data settings (%s): the steps after it train on other rows "
-                        "than the original run would have", resume, "; ".join(changes))
 
     def _save_after_oom(self) -> str | None:
         """Checkpoint of the finished steps, unless there are none, one exists already, or other processes are
@@ -523,47 +457,6 @@ class VFTrainer(HeldOutGenerations, Trainer):
             config = self.accelerator.unwrap_model(self.model).config
             config.dtype = self.weights_dtype
             config.save_pretrained(output_dir or self.args.output_dir)
-
-    def _save_checkpoint(self, model, trial):
-        """transformers' checkpoint, written to a staging folder and then renamed into place (atomic); never of a
-        step whose non-finite loss is still unread (the guard reads it on the save paths it knows; this is the
-        backstop for the others)."""
-        self.nan_guard.resolve(self.args)
-        run_dir = self._get_output_dir(trial=trial)
-        folder = f"checkpoint-{self.state.global_step}"
-        if self.args.should_save:
-            checkpoint.clear_staging(run_dir)
-        self.accelerator.wait_for_everyone()
-        self._staging_for = run_dir
-        try:
-            super()._save_checkpoint(model, trial)
-            self._save_extra_state(os.path.join(checkpoint.staging_dir(run_dir), folder))
-        finally:
-            self._staging_for = None
-        self.accelerator.wait_for_everyone()
-        best = self.state.best_model_checkpoint  # transformers named it in the staging folder
-        if best:  # on every process: each loads it at the end (load_best_model_at_end)
-            self.state.best_model_checkpoint = best.replace(checkpoint.staging_dir(run_dir), run_dir)
-        if self.args.should_save:
-            checkpoint.publish(run_dir, folder)
-            if best:  # the checkpoint's own trainer_state.json too, which a resume reads
-                self.state.save_to_json(os.path.join(run_dir, folder, "trainer_state.json"))
-            checkpoint.rotate(self, run_dir)
-        self.accelerator.wait_for_everyone()
-
-    def _save_extra_state(self, folder: str) -> None:
-        """A subclass's own state, written into the checkpoint folder before it is published."""
-
-    def _load_extra_state(self, folder: str) -> None:
-        """What `_save_extra_state` wrote, read before training resumes from `folder` (before the first step's
-        `get_batch_samples`, which the Trainer calls before it restores its own RNG state)."""
-
-    def _get_output_dir(self, trial):
-        run_dir = super()._get_output_dir(trial)
-        return checkpoint.staging_dir(run_dir) if getattr(self, "_staging_for", None) == run_dir else run_dir
-
-    def save_resolved_config(self, directory: str) -> str:
-        return self.args.save_resolved(directory, extra={"model": self.model_source, "dataset": self.args.dataset})
 
     def save_merged(self, directory: str | None = None) -> str | None:
         """LoRA runs: write the merged model (plain transformers folder) to `directory` (default

@@ -113,14 +113,16 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
     if trainer_cls is None:
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
-    from vftrain.checkpoint import check_output_dir, finished, has_final_model
+    from vftrain.checkpoint import check_output_dir, finished, has_final_model, newest
 
     setup_console_logging()
     resume = resume_point(config)
     wrap_up = finished(config, resume)
     if wrap_up:
-        if has_final_model(config.output_dir):  # a requeued finished job: its model, merge and held-out generation
-            _close_process_group()              # stay as they are
+        # a requeued finished job: its model, merge and held-out generation stay as they are (a resume from an
+        # earlier checkpoint sets aside the later continuation's, model included, and wraps up from it)
+        if has_final_model(config.output_dir) and newest(config, resume):
+            _close_process_group()
             return 0
         # killed after its last checkpoint, before the model was saved: the run is wrapped up from that checkpoint
         logging.getLogger("vftrain").info("%s has no final model: saving it from %s, then what follows a run",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import time
@@ -168,6 +169,9 @@ class RLTrainer(VFTrainer):
             yield model
         finally:
             peft_model.set_adapter(active)  # also makes the trained adapter's weights require grad again
+
+    def _data_parts(self) -> list[bytes]:
+        return [json.dumps([self.prompts.ids, self.prompts.references]).encode()]
 
     def evaluate(self, *args, **kwargs):
         raise ConfigError("RLTrainer has no eval loss: evaluate_generations() scores greedy completions of the "

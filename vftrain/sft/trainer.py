@@ -89,6 +89,10 @@ class SFTTrainer(VFTrainer):
                 "left out (other ones each epoch, the rows being reshuffled; a batch_size dividing "
                 f"{rows:,} leaves none)"]
 
+    def _data_parts(self) -> list[bytes]:
+        rows = self.train_rows
+        return [rows.tokens.tobytes(), rows.masks.tobytes(), rows.offsets.tobytes()]
+
     def _largest_forward(self, args) -> int:
         """The most tokens one forward of this run will carry: the sampler's plan is fixed by the seed, so every
         epoch the run reaches is planned here (~0.1 s per 100k rows) and its largest micro-batch taken (packed:
