@@ -18,7 +18,7 @@ import vftrain as vf
 from conftest import TINY, addition_rows, tiny_tokenizer, worker_env
 from rl_worker import config, digits, one_sgd_step
 from vftrain.data.collate import IGNORE_INDEX, Collator
-from vftrain.errors import ConfigError, DataError
+from vftrain.errors import ConfigError
 from vftrain.rl import rollouts as R
 from vftrain.sampling.tokens import Sample
 
