@@ -118,7 +118,9 @@ def test_a_model_from_another_path_is_said(tmp_path, caplog):
 HOLD = """
 import sys, time
 from vftrain.checkpoint import claim
-assert claim(sys.argv[1]) is None
+class Run: pass
+run = Run()
+assert claim(sys.argv[1], run) is None
 print("held", flush=True)
 time.sleep(120)
 """
@@ -136,6 +138,15 @@ def test_two_runs_at_once_in_one_folder_are_refused(tmp_path):
         holder.kill()
         holder.wait()
     _sft(tmp_path).train()  # the lock went with its process
+    first = _sft(tmp_path, max_steps=6)
+    first.train(resume_from_checkpoint="latest")
+    del first  # a trainer gone releases the folder (tests and notebooks build many in one process)
+    import gc
+
+    gc.collect()
+    from vftrain.checkpoint import _CLAIMED
+
+    assert os.path.realpath(tmp_path / "out") not in _CLAIMED
 
 
 def test_a_final_model_cut_short_is_not_a_finished_run(tmp_path, capsys):

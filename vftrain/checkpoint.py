@@ -16,7 +16,7 @@ from vftrain.logging import HELD_OUT, trim_log
 
 STAGING = ".staging"
 LOCK = ".vftrain.lock"  # held by the run writing the folder (`claim`)
-_CLAIMED: dict = {}  # run folders this process holds: path -> its open lock file
+_CLAIMED: dict = {}  # run folders this process holds: path -> [its open lock file, trainers holding it]
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # transformers' PREFIX_CHECKPOINT_DIR folders
 SUPERSEDED = "superseded-"  # a continuation that a resume from an earlier checkpoint replaced
 # What a run leaves in its output_dir that another run must not mix with: logs, plots, checkpoints, held-out
@@ -220,15 +220,18 @@ def _whole(path: str) -> bool:
     return os.path.getsize(path) == 8 + length + end
 
 
-def claim(run_dir: str) -> str | None:
-    """Take `run_dir` for this process's run (an exclusive lock on `.vftrain.lock`, held until the process ends);
-    None when taken, else why not: two runs at once in one folder both wrote its logs, checkpoints and model, and
-    cleared each other's staging folder."""
+def claim(run_dir: str, owner) -> str | None:
+    """Take `run_dir` for the run of `owner` (a trainer): an exclusive lock on `.vftrain.lock`, held until every
+    owner in this process is gone (or the process ends); None when taken, else why not. Two runs at once in one
+    folder both wrote its logs, checkpoints and model, and cleared each other's staging folder."""
     import fcntl
     import socket
+    import weakref
 
     key = os.path.realpath(run_dir)
     if key in _CLAIMED:
+        _CLAIMED[key][1] += 1
+        weakref.finalize(owner, _release, key)
         return None
     os.makedirs(run_dir, exist_ok=True)
     handle = open(os.path.join(run_dir, LOCK), "a+")
@@ -244,8 +247,18 @@ def claim(run_dir: str) -> str | None:
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
     handle.flush()
-    _CLAIMED[key] = handle
+    _CLAIMED[key] = [handle, 1]
+    weakref.finalize(owner, _release, key)
     return None
+
+
+def _release(key: str) -> None:
+    entry = _CLAIMED.get(key)
+    if entry is not None:
+        entry[1] -= 1
+        if not entry[1]:
+            entry[0].close()  # closing the file releases its lock
+            del _CLAIMED[key]
 
 
 def run_outputs(run_dir: str) -> list[str]:

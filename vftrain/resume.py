@@ -51,7 +51,7 @@ class RunFolder:
         bases = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
         checkpoint.check_inputs_kept(self.args, [p for p in (self.model_source, *bases) if isinstance(p, str)])
         checkpoint.check_same_model(self.args, resume, self.model_source, model.config)
-        busy = checkpoint.claim(self.args.output_dir) if self.args.should_save else None
+        busy = checkpoint.claim(self.args.output_dir, self) if self.args.should_save else None
         if self._agree(busy is not None) if self._agree else busy:  # every process raises, none waits for the rest
             raise ConfigError(busy or f"output_dir {self.args.output_dir!r} is in use by another run")
         if self.args.should_save:
