@@ -198,3 +198,21 @@ def test_overwrite_output_dir_deletes_a_set_aside_continuation_and_takes_another
     _sft(tmp_path, max_steps=4, overwrite_output_dir=True).train(
         resume_from_checkpoint=str(other / "out" / "checkpoint-2"))
     assert not list((tmp_path / "out").glob("superseded-*")) and max(_metrics(tmp_path)) == 4
+
+
+def test_an_rl_resume_with_another_reward_is_said(tmp_path, caplog):
+    """`reward` meant exact_match up to the checkpoint and the new function after it, on one plot line, silently."""
+    from rl_worker import config as rl_config
+
+    def run(max_steps, reward_funcs):
+        cfg = rl_config(str(tmp_path / "out"), max_steps, save_steps=2, reward_funcs=reward_funcs)
+        return vf.RLTrainer(model=TINY, train_dataset=datasets.Dataset.from_list(addition_rows(40)), args=cfg)
+
+    run(2, ["exact_match"]).train()
+    with caplog.at_level("WARNING", logger="vftrain"):
+        run(3, [f"{__file__}:always_one"]).train(resume_from_checkpoint="latest")
+    assert "with another objective (reward_funcs: ['exact_match'] ->" in caplog.text
+
+
+def always_one(completion: str, reference: str) -> float:
+    return 1.0

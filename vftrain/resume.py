@@ -33,6 +33,9 @@ CONFIG_GROUP_KEYS = ("initial_lr", "weight_decay", "betas", "eps")
 SCHEDULE_FIELDS = ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "max_steps",
                    "num_train_epochs", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "logging_steps",
                    "eval_steps", "save_steps")
+# RL's: what a step samples and how it is scored; a change there changes what `reward` means from that step on.
+OBJECTIVE_FIELDS = ("reward_funcs", "reward_weights", "scale_rewards", "temperature", "top_p", "max_new_tokens",
+                    "beta", "env", "env_args")
 
 
 class RunFolder:
@@ -113,6 +116,10 @@ class RunFolder:
         if schedule:
             log.info("resuming from %s with other settings (%s): they apply from its next step", resume,
                      "; ".join(schedule))
+        objective = checkpoint.setting_changes(resume, config, OBJECTIVE_FIELDS)
+        if objective:
+            log.warning("resuming from %s with another objective (%s): from its next step the logged reward is "
+                        "another measure than before", resume, "; ".join(objective))
 
     def data_fingerprint(self) -> str | None:
         """A digest of the training rows (tokens and masks, or prompts and references), saved with the config: a
