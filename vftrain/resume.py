@@ -132,8 +132,8 @@ class RunFolder:
             digest.update(part)
         return digest.hexdigest()
 
-    def _data_parts(self) -> list[bytes] | None:
-        """The bytes the training rows are fingerprinted by (each trainer's own rows)."""
+    def _data_parts(self) -> list | None:
+        """The buffers (bytes, contiguous arrays) the training rows are fingerprinted by (each trainer's own)."""
         return None
 
     # ---- what a resume takes from the config (transformers restores the checkpoint's)
