@@ -216,3 +216,15 @@ def test_an_rl_resume_with_another_reward_is_said(tmp_path, caplog):
 
 def always_one(completion: str, reference: str) -> float:
     return 1.0
+
+
+def test_fewer_epochs_than_a_finished_run_trained_is_a_finished_run(tmp_path, caplog):
+    """num_train_epochs 2 -> 1 on a finished 2-epoch run: transformers logged a second summary of no steps (train_loss
+    0.0), and the 'finished' line, where given, named max_steps."""
+    rows = datasets.Dataset.from_list(addition_rows(32))
+    _sft(tmp_path, rows=rows, max_steps=-1, num_train_epochs=2).train()
+    lines = (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    with caplog.at_level("INFO", logger="vftrain"):
+        _sft(tmp_path, rows=rows, max_steps=-1, num_train_epochs=1).train(resume_from_checkpoint="latest")
+    assert (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() == lines
+    assert "is step 8 of 4: the run is finished, nothing to train (a larger num_train_epochs" in caplog.text

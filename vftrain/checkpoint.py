@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -181,19 +182,23 @@ def _held_out(config: dict) -> int:
 
 def finished(args, folder: str | None) -> bool:
     """Whether the checkpoint `folder` ends the run `args` describes (its step reached max_steps; without
-    max_steps, the saved run's own end for the same num_train_epochs), said in one log line: a requeued finished job
-    then trains nothing (transformers would train one step past max_steps before it checks)."""
+    max_steps, the end of num_train_epochs at the saved run's steps per epoch), said in one log line: a requeued
+    finished job then trains nothing (transformers would train one step past max_steps before it checks, or with
+    fewer epochs log a second summary of no steps)."""
     path = os.path.join(folder, "trainer_state.json") if folder else ""
     if not os.path.isfile(path):
         return False
     with open(path) as fh:
         state = json.load(fh)
+    epochs = state.get("num_train_epochs")
     end = args.max_steps if args.max_steps > 0 else (
-        state.get("max_steps") if state.get("num_train_epochs") == args.num_train_epochs else None)
+        math.ceil(state["max_steps"] / epochs * args.num_train_epochs - 1e-9) if epochs and state.get("max_steps")
+        else None)
     if not end or state["global_step"] < end:
         return False
-    logging.getLogger("vftrain").info("%s is step %d of %d: the run is finished, nothing to train (a larger max_steps "
-                                      "continues it)", folder, state["global_step"], end)
+    longer = "max_steps" if args.max_steps > 0 else "num_train_epochs"
+    logging.getLogger("vftrain").info("%s is step %d of %d: the run is finished, nothing to train (a larger %s "
+                                      "continues it)", folder, state["global_step"], end, longer)
     return True
 
 
