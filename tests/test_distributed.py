@@ -345,3 +345,19 @@ def test_fsdp_that_cannot_shard_is_an_error(tmp_path):
     proc = _run(tmp_path / "two", 2, data, ("--sft.fsdp", "true"))
     assert proc.returncode != 0
     assert "fsdp is set but accelerate did not shard the model" in proc.stderr
+
+
+def test_processes_that_found_different_checkpoints_are_refused_before_the_folder_changes(tmp_path):
+    """Each process resolves 'latest' on its own; a checkpoint published between their lookups made rank 0 set the
+    folder up for checkpoint-2 (moving checkpoint-4 aside) while rank 1 resumed checkpoint-4, and the run died in
+    gloo. Both processes now stop with one error, and nothing moves."""
+    from conftest import run_worker
+
+    out = tmp_path / "run"
+    first = run_worker(out, max_steps=4, processes=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = sorted(os.listdir(out))
+    skewed = run_worker(out, max_steps=6, processes=2, resume_skew=True)
+    assert skewed.returncode != 0
+    assert "the processes found different checkpoints to resume from" in skewed.stderr, skewed.stderr[-3000:]
+    assert sorted(os.listdir(out)) == before

@@ -90,8 +90,11 @@ def train(opts) -> None:
         poison(trainer, opts.nan_at)
     if opts.snapshots:
         trainer.add_callback(Snapshots(opts.out_dir))
+    # --resume-skew: each process was given its own checkpoint, as when one is published between the processes'
+    # lookups of 'latest' (rank r: checkpoint-(2 + 2r))
+    resume = os.path.join(opts.out_dir, f"checkpoint-{2 + 2 * int(RANK)}") if opts.resume_skew else opts.resume
     try:
-        trainer.train(resume_from_checkpoint=True if opts.resume else None)
+        trainer.train(resume_from_checkpoint=resume or None)
     except NonFiniteLossError:
         (pathlib.Path(opts.out_dir) / f"stopped-{RANK}").write_text("")
         raise
@@ -143,6 +146,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=7)
     parser.add_argument("--rows", type=int, default=24, help="training rows: 3 steps of 8 per epoch")
     parser.add_argument("--resume", action="store_true", help="resume_from_checkpoint latest")
+    parser.add_argument("--resume-skew", action="store_true", help="rank r resumes from checkpoint-(2 + 2r)")
     parser.add_argument("--kill-at", type=int, default=0, help="send --signal to this process after that step")
     # not --signal: torchrun would take it for an abbreviation of its own --signals-to-handle
     parser.add_argument("--kill-signal", type=int, default=int(signal.SIGKILL))

@@ -47,6 +47,7 @@ class RunFolder:
         checks raise on all of them)."""
         if self.run_started:
             return
+        self._same_resume_everywhere(resume)
         if resume is not None and self.args.overwrite_output_dir and checkpoint.inside(self.args, resume):
             raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
                               "continue; set one of them")
@@ -64,6 +65,19 @@ class RunFolder:
             checkpoint.check_output_dir(self.args, resume)
         self.accelerator.wait_for_everyone()
         self.run_started = True
+
+    def _same_resume_everywhere(self, resume) -> None:
+        """Each process resolves 'latest' on its own: a checkpoint published between them (an earlier job still
+        finishing) made one process resume from it and another from the one before, and the folder was set up for
+        the second. Refused on every process before anything in the folder moves."""
+        if not self._agree:
+            return
+        from accelerate.utils import broadcast_object_list
+
+        first = broadcast_object_list([resume])[0]
+        if self._agree(first != resume):
+            raise ConfigError(f"the processes found different checkpoints to resume from ({first} on the first); one "
+                              "was being written as this run started: start it again once the earlier run has ended")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers
