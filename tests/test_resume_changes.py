@@ -149,6 +149,24 @@ def test_two_runs_at_once_in_one_folder_are_refused(tmp_path):
     assert os.path.realpath(tmp_path / "out") not in _CLAIMED
 
 
+def test_a_finished_run_reloaded_through_the_api_claims_its_folder(tmp_path):
+    """train() on a run whose newest checkpoint ends it loaded that checkpoint without the lock: a save_model() after
+    it wrote into a folder another run was using."""
+    import gc
+
+    _sft(tmp_path).train()
+    gc.collect()  # the trainer, gone, releases the folder
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out")], env=worker_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="is in use by a run still going"):
+            _sft(tmp_path).train(resume_from_checkpoint="latest")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_final_model_cut_short_is_not_a_finished_run(tmp_path, capsys):
     """A kill while the final model was written left half a safetensors file; a requeued job said "finished" and
     kept it. The CLI now saves the model again from the last checkpoint."""

@@ -55,9 +55,7 @@ class RunFolder:
         bases = [c.base_model_name_or_path for c in getattr(model, "peft_config", {}).values()]
         checkpoint.check_inputs_kept(self.args, [p for p in (self.model_source, *bases) if isinstance(p, str)])
         checkpoint.check_same_model(self.args, resume, self.model_source, model.config)
-        busy = checkpoint.claim(self.args.output_dir, self) if self.args.should_save else None
-        if self._agree(busy is not None) if self._agree else busy:  # every process raises, none waits for the rest
-            raise ConfigError(busy or f"output_dir {self.args.output_dir!r} is in use by another run")
+        self._claim()
         if self.args.should_save:
             checkpoint.start_run(self.args, resume)
             self.save_resolved_config(self.args.output_dir)
@@ -65,6 +63,12 @@ class RunFolder:
             checkpoint.check_output_dir(self.args, resume)
         self.accelerator.wait_for_everyone()
         self.run_started = True
+
+    def _claim(self) -> None:
+        """output_dir locked for this run (`checkpoint.claim`) on the main process, or refused on every process."""
+        busy = checkpoint.claim(self.args.output_dir, self) if self.args.should_save else None
+        if self._agree(busy is not None) if self._agree else busy:  # every process raises, none waits for the rest
+            raise ConfigError(busy or f"output_dir {self.args.output_dir!r} is in use by another run")
 
     def _same_resume_everywhere(self, resume) -> None:
         """Each process resolves 'latest' on its own: a checkpoint published between them (an earlier job still
@@ -96,6 +100,8 @@ class RunFolder:
                                   f"training: its model folder is {resume} (from_pretrained loads it)")
             if not checkpoint.newest(self.args, resume):  # the later continuation is set aside
                 self.start_run(resume)
+            elif not self.run_started:  # the folder stays as it is, claimed for the save_model() that may follow
+                self._claim()
             self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
             self._sharded_before_training()  # FSDP: sharded first, as the training loop does before it loads
             self._load_from_checkpoint(resume)
