@@ -157,17 +157,26 @@ class RunFolder:
         return None
 
     # ---- what a resume takes from the config (transformers restores the checkpoint's)
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """transformers' schedule; then the config's optimizer settings and the schedule's initial learning rates are
+        noted, before any checkpoint loads (DeepSpeed loads its optimizer's state before `_load_optimizer_and_scheduler`
+        runs, so they are noted here rather than there)."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        groups = (optimizer or self.optimizer).param_groups
+        self._config_groups = [{k: group[k] for k in CONFIG_GROUP_KEYS if k in group} for group in groups]
+        self._config_base_lrs = list(getattr(scheduler, "base_lrs", []))
+        return scheduler
+
     def _load_optimizer_and_scheduler(self, checkpoint_dir) -> None:
-        if checkpoint_dir is None or self.is_deepspeed_enabled or self.optimizer is None:  # DeepSpeed: its own
-            return super()._load_optimizer_and_scheduler(checkpoint_dir)
-        fresh = [{k: group[k] for k in CONFIG_GROUP_KEYS if k in group} for group in self.optimizer.param_groups]
-        base_lrs = list(getattr(self.lr_scheduler, "base_lrs", []))
         super()._load_optimizer_and_scheduler(checkpoint_dir)
+        fresh = getattr(self, "_config_groups", None)
+        if checkpoint_dir is None or self.optimizer is None or fresh is None:
+            return
         for group, settings in zip(self.optimizer.param_groups, fresh):
             group.update(settings)  # the config's weight decay, betas, eps and the schedule's initial lr
-        lambdas = getattr(self.lr_scheduler, "lr_lambdas", None)
+        base_lrs, lambdas = self._config_base_lrs, getattr(self.lr_scheduler, "lr_lambdas", None)
         if lambdas and len(base_lrs) == len(lambdas):  # transformers' schedules are LambdaLRs
-            self.lr_scheduler.base_lrs = base_lrs
+            self.lr_scheduler.base_lrs = list(base_lrs)
             step = self.lr_scheduler.last_epoch
             for group, lr, at in zip(self.optimizer.param_groups, base_lrs, lambdas):
                 group["lr"] = lr * at(step)
