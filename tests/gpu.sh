@@ -14,14 +14,15 @@ set -uo pipefail
 out=${OUT:-/tmp/gpu-tests}
 mkdir -p "$out"
 export PYTHONPATH=$PWD
-. benchmarks/wheels.sh && install_wheels || exit 1
+# shellcheck disable=SC2046  # DeepSpeed's wheels (.whl/ds/, benchmarks/RESULTS.md), where carried, are separate words
+. benchmarks/wheels.sh && install_wheels $(ls .whl/ds/*.whl 2>/dev/null) || exit 1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 python3 - <<'EOF'
 from importlib import metadata
 import torch
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none", torch.cuda.device_count())
 for name in ("torch", "transformers", "accelerate", "peft", "datasets", "liger-kernel", "triton", "pytest-xdist",
-             "openai", "verifiers", "matplotlib"):
+             "deepspeed", "openai", "verifiers", "matplotlib"):
     try:
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:

@@ -30,7 +30,7 @@ def _dataset(tmp_path) -> str:
     return write_jsonl(tmp_path / "data.jsonl", [r for pair in zip(rows, [easy] * 128) for r in pair])
 
 
-def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False, timeout=600):
+def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=False, timeout=600, program=None):
     env = worker_env()  # CPU processes over gloo, also where a GPU is
     port = str(29500 + os.getpid() % 1000)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
@@ -39,7 +39,7 @@ def _run(out_dir, processes: int, data: str, extra=(), fsdp=False, accelerate=Fa
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
                     port]
-    program = [str(ROOT / "tests" / "cpu_fsdp.py")] if fsdp else ["-m", "vftrain.cli.sft"]
+    program = program or ([str(ROOT / "tests" / "cpu_fsdp.py")] if fsdp else ["-m", "vftrain.cli.sft"])
     return subprocess.run([*launcher, *program, *ARGS, *extra, "--dataset", data, "--sft.output_dir", str(out_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -360,4 +360,31 @@ def test_processes_that_found_different_checkpoints_are_refused_before_the_folde
     skewed = run_worker(out, max_steps=6, processes=2, resume_skew=True)
     assert skewed.returncode != 0
     assert "the processes found different checkpoints to resume from" in skewed.stderr, skewed.stderr[-3000:]
+    assert sorted(os.listdir(out)) == before
+
+
+SKEWED_LATEST = """
+import os, sys
+import transformers.trainer_utils
+if os.environ["RANK"] == "1":  # as when checkpoint-4 was published between the processes' lookups of 'latest'
+    transformers.trainer_utils.get_last_checkpoint = lambda folder: os.path.join(folder, "checkpoint-2")
+from vftrain.cli.sft import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_requeued_cli_run_whose_processes_found_different_checkpoints_stops_on_every_process(tmp_path):
+    """The CLI decided on each process whether the run was finished before any collective: rank 0 found the last
+    checkpoint (finished, exit 0) while rank 1 found the one before and waited for rank 0 in its first collective.
+    Both now stop with one error, and nothing in the folder moves."""
+    data, out = _dataset(tmp_path), tmp_path / "run"
+    steps = ("--sft.max_steps", "4", "--sft.save_strategy", "steps", "--sft.save_steps", "2",
+             "--sft.resume_from_checkpoint", "latest")
+    _train(out, 2, data, steps)
+    before = sorted(os.listdir(out))
+    script = tmp_path / "skewed.py"
+    script.write_text(SKEWED_LATEST)
+    proc = _run(out, 2, data, steps, program=[str(script)], timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("the processes found different checkpoints to resume from") == 2, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == before

@@ -5,6 +5,7 @@ finished run, and overwrite_output_dir with a continuation set aside or a checkp
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from transformers import TrainerCallback
 
 import vftrain as vf
@@ -246,3 +248,24 @@ def test_fewer_epochs_than_a_finished_run_trained_is_a_finished_run(tmp_path, ca
         _sft(tmp_path, rows=rows, max_steps=-1, num_train_epochs=1).train(resume_from_checkpoint="latest")
     assert (tmp_path / "out" / "metrics.jsonl").read_text().splitlines() == lines
     assert "is step 8 of 4: the run is finished, nothing to train (a larger num_train_epochs" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed runs on GPUs (tests/gpu.sh installs it where .whl/ds/ carries it)")
+def test_a_new_learning_rate_applies_under_deepspeed(tmp_path):
+    """DeepSpeed loads its optimizer's state, hyperparameters included, before transformers' scheduler load: a resume
+    there kept the checkpoint's learning rate."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(64)))
+    env = {**worker_env(), "CUDA_VISIBLE_DEVICES": "0"}  # worker_env hides the GPU
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+               "vftrain.cli.sft", "--model", TINY, "--dataset", str(data), "--sft.output_dir", str(tmp_path / "out"),
+               "--sft.deepspeed", str(ROOT / "examples" / "ds_zero3.json"), "--sft.save_steps", "2",
+               "--sft.batch_size", "8", "--sft.micro_batch_size", "8", "--sft.max_seq_len", "64",
+               "--sft.lr_scheduler_type", "constant", "--sft.resume_from_checkpoint", "latest"]
+    for lr, steps in (("1e-3", "2"), ("1e-4", "4")):
+        done = subprocess.run(command + ["--sft.learning_rate", lr, "--sft.max_steps", steps], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert {step: row["learning_rate"] for step, row in _metrics(tmp_path).items()} == pytest.approx(
+        {1: 1e-3, 2: 1e-3, 3: 1e-4, 4: 1e-4})

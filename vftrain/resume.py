@@ -38,6 +38,22 @@ OBJECTIVE_FIELDS = ("reward_funcs", "reward_weights", "scale_rewards", "temperat
                     "beta", "env", "env_args")
 
 
+def same_resume_everywhere(resume: str | None) -> None:
+    """Each process resolves 'latest' on its own: a checkpoint published between their lookups (an earlier job still
+    finishing) made one process resume from it and another from the one before (or take the run for finished and
+    leave the other waiting in a collective). Refused on every process, before anything in the folder moves; every
+    process must call it at the same point."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if PartialState().num_processes == 1:
+        return
+    first = broadcast_object_list([resume])[0]
+    if any(gather_object([first != resume])):
+        raise ConfigError(f"the processes found different checkpoints to resume from ({first} on the first); one "
+                          "was being written as this run started: start it again once the earlier run has ended")
+
+
 class RunFolder:
     def start_run(self, resume=None) -> None:
         """Claim output_dir for this run before anything is written there (`train` calls it; the CLI calls it
@@ -47,7 +63,7 @@ class RunFolder:
         checks raise on all of them)."""
         if self.run_started:
             return
-        self._same_resume_everywhere(resume)
+        same_resume_everywhere(resume)
         if resume is not None and self.args.overwrite_output_dir and checkpoint.inside(self.args, resume):
             raise ConfigError("overwrite_output_dir deletes the checkpoints that resume_from_checkpoint would "
                               "continue; set one of them")
@@ -69,19 +85,6 @@ class RunFolder:
         busy = checkpoint.claim(self.args.output_dir, self) if self.args.should_save else None
         if self._agree(busy is not None) if self._agree else busy:  # every process raises, none waits for the rest
             raise ConfigError(busy or f"output_dir {self.args.output_dir!r} is in use by another run")
-
-    def _same_resume_everywhere(self, resume) -> None:
-        """Each process resolves 'latest' on its own: a checkpoint published between them (an earlier job still
-        finishing) made one process resume from it and another from the one before, and the folder was set up for
-        the second. Refused on every process before anything in the folder moves."""
-        if not self._agree:
-            return
-        from accelerate.utils import broadcast_object_list
-
-        first = broadcast_object_list([resume])[0]
-        if self._agree(first != resume):
-            raise ConfigError(f"the processes found different checkpoints to resume from ({first} on the first); one "
-                              "was being written as this run started: start it again once the earlier run has ended")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """transformers' training loop, continued from `resume_from_checkpoint` (default: the config's; transformers

@@ -115,8 +115,11 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
 
     from vftrain.checkpoint import check_output_dir, finished, has_final_model, newest
 
+    from vftrain.resume import same_resume_everywhere
+
     setup_console_logging()
     resume = resume_point(config)
+    same_resume_everywhere(resume)  # before each process decides on its own whether the run is finished
     wrap_up = finished(config, resume)
     if wrap_up:
         # a requeued finished job: its model, merge and held-out generation stay as they are (a resume from an
