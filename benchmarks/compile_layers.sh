@@ -2,7 +2,7 @@
 # compile_layers against eager layers (liger on, the previous default), same call, on the lent GPU machine:
 #   bash benchmarks/compile_layers.sh NAME "THROUGHPUT ARGS" [NAME "ARGS"]...
 # Each NAME runs benchmarks/throughput.py --default --breakdown ARGS twice, with compile_layers unset (on for models of
-# >= 100M parameters) and with --compile-layers false (MODES="default" or "false": one of them); logs and $OUT/compile_layers.jsonl (one line per run: speed,
+# >= 100M parameters) and with --compile-layers false (MODES: any of default, true, false); logs and $OUT/compile_layers.jsonl (one line per run: speed,
 # peak, and wall seconds from start to exit, which holds the compile time).
 set -uo pipefail
 . benchmarks/wheels.sh && install_wheels || exit 1
@@ -12,7 +12,7 @@ mkdir -p "$out"
 while [ $# -ge 2 ]; do
   name=$1 bench=$2; shift 2
   for mode in ${MODES:-default false}; do
-    extra=(); [ $mode = false ] && extra=(--compile-layers false)
+    extra=(); [ $mode != default ] && extra=(--compile-layers $mode)
     log="$out/${name}_${mode}.log"
     start=$(date +%s.%N)
     timeout "${RUN_TIMEOUT:-240}" python3 benchmarks/throughput.py --default --breakdown $bench "${extra[@]}" \

@@ -168,11 +168,11 @@ def test_unset_compiles_models_from_100m_parameters_on_a_gpu_without_liger(monke
 
 
 @pytest.mark.parametrize("fields, may_compile", [
-    (dict(use_lora=True), True), (dict(lean_mlp=False), True), ({}, False), (dict(lean_mlp=True), False),
-    (dict(use_lora=True, torch_compile=True), False)])
+    (dict(use_lora=True), True), (dict(lean_mlp=False), True), ({}, True), (dict(lean_mlp=True), True),
+    (dict(use_lora=True, torch_compile=True), False), (dict(torch_compile=True), False)])
 def test_which_runs_compile_their_layers_when_unset(tmp_path, fields, may_compile):
-    """LoRA runs, and full-weight runs without lean_mlp; not a full-weight run with lean_mlp (its default: compiled
-    it measured no faster) nor beside torch_compile. RL never turns it on by itself."""
+    """SFT runs, LoRA or full weights (lean_mlp or not: compiled with lean_mlp, once the optimizer's tables stopped
+    being rebuilt, measured +11-24%); not beside torch_compile. RL never turns it on by itself."""
     from vftrain.config_checks import compiles_when_unset
 
     assert compiles_when_unset(vf.SFTConfig(output_dir=str(tmp_path), **fields)) is may_compile

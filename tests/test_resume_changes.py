@@ -250,15 +250,15 @@ def test_fewer_epochs_than_a_finished_run_trained_is_a_finished_run(tmp_path, ca
     assert "is step 8 of 4: the run is finished, nothing to train (a larger num_train_epochs" in caplog.text
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("deepspeed") is None,
-                    reason="DeepSpeed runs on GPUs (tests/gpu.sh installs it where .whl/ds/ carries it)")
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or importlib.util.find_spec("deepspeed") is None,
+                    reason="vftrain runs DeepSpeed on several GPUs (tests/gpu.sh installs it where .whl/ds/ carries it)")
 def test_a_new_learning_rate_applies_under_deepspeed(tmp_path):
     """DeepSpeed loads its optimizer's state, hyperparameters included, before transformers' scheduler load: a resume
     there kept the checkpoint's learning rate."""
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in addition_rows(64)))
-    env = {**worker_env(), "CUDA_VISIBLE_DEVICES": "0"}  # worker_env hides the GPU
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+    env = {**worker_env(), "CUDA_VISIBLE_DEVICES": "0,1"}  # worker_env hides the GPUs
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                "vftrain.cli.sft", "--model", TINY, "--dataset", str(data), "--sft.output_dir", str(tmp_path / "out"),
                "--sft.deepspeed", str(ROOT / "examples" / "ds_zero3.json"), "--sft.save_steps", "2",
                "--sft.batch_size", "8", "--sft.micro_batch_size", "8", "--sft.max_seq_len", "64",

@@ -93,12 +93,11 @@ class TrainerConfig(TrainingArguments):
     compile_layers: bool | None = _f(None, "Compile each decoder layer with torch.compile (dynamic shapes: packed "
                                      "forwards of new lengths do not recompile) for training and evaluation "
                                      "forwards; generation stays eager. Replaces liger's kernels with its own "
-                                     "fusions; the first forward takes ~20-60 s longer. Default: on in an SFT LoRA "
-                                     "run (or one with lean_mlp = false) of a model of >= 100M parameters by one "
-                                     "process on a CUDA GPU (7B LoRA: +18% speed; benchmarks/RESULTS.md); off with "
-                                     "use_liger = true or torch_compile, in full-weight runs with lean_mlp (no "
-                                     "faster), and in RL (rollouts would decode without liger). Not with fsdp or "
-                                     "deepspeed.")
+                                     "fusions; the first forward takes ~20-60 s longer. Default: on in SFT of a "
+                                     "model of >= 100M parameters by one process on a CUDA GPU (7B LoRA +18%, full "
+                                     "weights +11-24%; benchmarks/RESULTS.md); off with use_liger = true or "
+                                     "torch_compile, and in RL (rollouts would decode without liger). Not with fsdp "
+                                     "or deepspeed.")
     lean_mlp: bool | None = _f(None, "Recompute SwiGLU's gate*up product in the backward instead of saving it "
                                "(exact): intermediate_size x 2 bytes less per token per layer (-16% peak at 0.5B, -12% "
                                "at 1.3B, speed unchanged; benchmarks/RESULTS.md). Default (unset): on in a full-weight "

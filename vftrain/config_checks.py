@@ -347,11 +347,9 @@ def compiles_when_unset(args) -> bool:
     """Whether `compile_layers` left unset may turn on for this run (the model decides the rest:
     `compile.compile_applies`). Measured on one GPU only: several processes ask for it with compile_layers = true
     (not under fsdp or deepspeed, whose sharding hooks are not compiled here); torch_compile compiles the whole model.
-    A full-weight run keeps lean_mlp (its default there) and eager layers: compiled with lean_mlp it was no faster at
-    0.5B (its optimizer step slowed 14 -> 61 ms), compiled without it +29% at +19% memory (benchmarks/RESULTS.md,
-    session 36)."""
-    full_weight_lean = not args.use_lora and args.lean_mlp is not False
-    return args.world_size == 1 and not args.torch_compile and not full_weight_lean
+    Full weights with lean_mlp: +24% at 0.5B, +11% at the 1.3B long-row and 1.5B shapes, at the same peak memory
+    (benchmarks/RESULTS.md, session 39)."""
+    return args.world_size == 1 and not args.torch_compile
 
 
 def _non_blocking_copies(value):
