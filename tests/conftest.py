@@ -48,6 +48,9 @@ OTHER_FAMILIES = {
     "deepseek-r1-distill": dict(specials=["<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                                           "<｜end▁of▁sentence｜>"],
                                 eos="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>"),
+    # Mistral Nemo: the system message only in a last user turn; its tool tokens are special (control) tokens.
+    "mistral": dict(specials=["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                              "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "</s>"], eos="</s>", bos="<s>"),
 }
 
 

@@ -1,6 +1,7 @@
 """Tool calls read from sampled replies as vLLM's parser for the chat template's dialect reads them: Hermes / Qwen
-`<tool_call>` blocks, Llama 3's bare JSON calls. Llama 3.1 tool rollouts in a verifiers environment ended at the
-first turn: its calls (`{"name": ..., "parameters": ...}`, no tag) were read as the answer."""
+`<tool_call>` blocks, Llama 3's bare JSON calls, Mistral's `[TOOL_CALLS]`. Llama 3.1 tool rollouts in a verifiers
+environment ended at the first turn: its calls (`{"name": ..., "parameters": ...}`, no tag) were read as the answer;
+Mistral's ended there too (the marker, a special token, was decoded away, and the template refused the call ids)."""
 
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ ADD = {"name": "add", "arguments": '{"a": 2, "b": 3}'}
 
 
 @pytest.mark.parametrize(("family", "style"), [("qwen2.5", "hermes"), ("qwen3", "hermes"),
-                                               ("llama3.1", "llama3_json"), ("tiny", "hermes")])
+                                               ("llama3.1", "llama3_json"), ("mistral", "mistral"), ("tiny", "hermes")])
 def test_the_dialect_is_the_chat_templates(family, style):
     tok = tiny_tokenizer()
     if family != "tiny":
         tok.chat_template = (TEMPLATES / f"{family}.jinja").read_text()
     assert dialect(tok) == style
+    if family == "mistral":  # v11+ tokenizers (Mistral Small 3): as vLLM, told by the vocabulary
+        tok.add_special_tokens({"additional_special_tokens": ["[ARGS]"]})
+        assert dialect(tok) == "mistral_v11"
 
 
 HERMES_REPLIES = [
@@ -49,15 +53,34 @@ LLAMA_REPLIES = [
     ("5", None),
 ]
 
+MISTRAL_REPLIES = [  # before v11 (Mistral 7B v0.3, Nemo): the first JSON value after the marker
+    ('Sure.[TOOL_CALLS][{"name": "add", "arguments": {"a": 2, "b": 3}}]', ("Sure.", [ADD])),
+    ('[TOOL_CALLS] [{"name": "add", "arguments": {"a": 2, "b": 3}}, {"name": "add", "arguments": "{\\"a\\": 2, '
+     '\\"b\\": 3}"}] trailing', (None, [ADD, ADD])),  # string arguments kept as they are
+    ('[TOOL_CALLS][TOOL_CALLS]{"name": "add", "arguments": {"a": 2, "b": 3}}', (None, [ADD])),
+    ('[TOOL_CALLS]x [{"name": "add", "arguments": {}}] y', (None, [{"name": "add", "arguments": "{}"}])),
+    ('[TOOL_CALLS][{"arguments": {"a": 2}}, {"x": 1}, 5]', (None, [{"name": "", "arguments": '{"a": 2}'}])),
+    ("[TOOL_CALLS] garbage", None),
+    ("[TOOL_CALLS]", None),
+    ("plain 5", None),
+]
+MISTRAL_V11_REPLIES = [  # v11+ (an [ARGS] token): name[ARGS]{...} or name{...} per marker
+    ('I will add.[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}', ("I will add.", [ADD])),
+    ('  [TOOL_CALLS]add[ARGS] {"a": 2, "b": 3} trailing[TOOL_CALLS]add{"a": 2, "b": 3}', (None, [ADD, ADD])),
+    ('[TOOL_CALLS] add {"a": {"b": "{"}}', (None, [{"name": "add", "arguments": '{"a": {"b": "{"}}'}])),
+    ("[TOOL_CALLS]add[ARGS]not json", (None, [{"name": "add", "arguments": "not json"}])),
+    ("[TOOL_CALLS] garbage", (None, [{"name": "garbage", "arguments": "{}"}])),
+    ('[TOOL_CALLS][TOOL_CALLS]add{"a": 2}', (None, [{"name": "[TOOL_CALLS]add", "arguments": '{"a": 2}'}])),
+    ("[TOOL_CALLS]", None),
+    ("plain 5", None),
+]
+STYLES = {"hermes": HERMES_REPLIES, "llama3_json": LLAMA_REPLIES, "mistral": MISTRAL_REPLIES,
+          "mistral_v11": MISTRAL_V11_REPLIES}
 
-@pytest.mark.parametrize(("text", "expected"), HERMES_REPLIES)
-def test_hermes_replies(text, expected):
-    assert parse_tool_calls(text, "hermes") == expected
 
-
-@pytest.mark.parametrize(("text", "expected"), LLAMA_REPLIES)
-def test_llama3_json_replies(text, expected):
-    assert parse_tool_calls(text, "llama3_json") == expected
+@pytest.mark.parametrize(("style", "text", "expected"), [(s, t, e) for s, cases in STYLES.items() for t, e in cases])
+def test_replies(style, text, expected):
+    assert parse_tool_calls(text, style) == expected
 
 
 VLLM_PARSE = """
@@ -65,10 +88,19 @@ import json, sys
 from transformers import AutoTokenizer
 from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 from vllm.tool_parsers.llama_tool_parser import Llama3JsonToolParser
+from vllm.tool_parsers.mistral_tool_parser import MistralToolParser
 
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-tok.add_special_tokens({"additional_special_tokens": ["<|python_tag|>"]})
-parsers = {"hermes": Hermes2ProToolParser(tok), "llama3_json": Llama3JsonToolParser(tok)}
+
+def tokenizer(*specials):
+    tok = AutoTokenizer.from_pretrained(sys.argv[1])
+    tok.add_special_tokens({"additional_special_tokens": list(specials)})
+    return tok
+
+
+tok = tokenizer("<|python_tag|>")
+parsers = {"hermes": Hermes2ProToolParser(tok), "llama3_json": Llama3JsonToolParser(tok),
+           "mistral": MistralToolParser(tokenizer("[TOOL_CALLS]")),  # vLLM picks the version by the vocabulary
+           "mistral_v11": MistralToolParser(tokenizer("[TOOL_CALLS]", "[ARGS]"))}
 out = []
 for style, text in json.load(sys.stdin):
     got = parsers[style].extract_tool_calls(text, None)
@@ -79,14 +111,14 @@ print(json.dumps(out))
 
 
 def test_replies_parse_as_vllms_own_parsers_parse_them():
-    """The real component: vLLM 0.32's hermes and llama3_json parsers, run on every reply above."""
+    """The real component: vLLM 0.32's hermes, llama3_json and mistral parsers, run on every reply above."""
     import os
     import subprocess
 
     python = os.environ.get("VFTRAIN_VLLM_PYTHON")
     if not python or not os.path.exists(python):
         pytest.skip("no vLLM virtualenv: set VFTRAIN_VLLM_PYTHON (.ci/run installs one)")
-    cases = [("hermes", t) for t, _ in HERMES_REPLIES] + [("llama3_json", t) for t, _ in LLAMA_REPLIES]
+    cases = [(style, text) for style, replies in STYLES.items() for text, _ in replies]
     proc = subprocess.run([python, "-c", VLLM_PARSE, TINY], input=json.dumps(cases), capture_output=True, text=True,
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -95,15 +127,16 @@ def test_replies_parse_as_vllms_own_parsers_parse_them():
     assert [None if v is None else (v[0], v[1]) for v in vllm] == ours
 
 
-class _LlamaTurns:
-    """A Llama 3.1 policy in a tool environment: a bare JSON call ended by <|eot_id|>, then the answer."""
+class _Turns:
+    """A policy in a tool environment: a call ended by the family's stop token (Llama 3.1's bare JSON ended by
+    <|eot_id|>), then the answer."""
 
-    def __init__(self, tok, call: str):
-        self.tok, self.call, self.sampled = tok, call, []
+    def __init__(self, tok, call: str, stop: str = "<|eot_id|>"):
+        self.tok, self.call, self.stop, self.sampled = tok, call, stop, []
 
     def __call__(self, prompts, n, turn):
         text = self.call if turn == 0 else "5"
-        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.convert_tokens_to_ids("<|eot_id|>")]
+        ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.convert_tokens_to_ids(self.stop)]
         self.sampled.append(ids)
         return [[Sample(list(p), list(ids), [-0.5] * len(ids), "stop") for _ in range(n)] for p in prompts]
 
@@ -117,7 +150,7 @@ def _llama_env():
 
 def test_a_llama31_tool_rollout_runs_its_call(envs):
     tok, env = _llama_env()
-    script = _LlamaTurns(tok, '{"name": "add", "parameters": {"a": 2, "b": 3}}')
+    script = _Turns(tok, '{"name": "add", "parameters": {"a": 2, "b": 3}}')
     out = env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=60)
     assert out["rewards"].tolist() == [1.0, 1.0]  # used_tool: the call ran
     call, answer = script.sampled
@@ -135,8 +168,26 @@ def test_two_llama31_calls_in_one_turn_end_the_episode(envs, caplog):
     as vLLM does with a 400: the episode ends at that turn, with a warning, instead of the run."""
     tok, env = _llama_env()
     call = '{"name": "add", "parameters": {"a": 2, "b": 3}}; {"name": "add", "parameters": {"a": 1, "b": 1}}'
-    script = _LlamaTurns(tok, call)
+    script = _Turns(tok, call)
     with caplog.at_level("WARNING", logger="vftrain"):
         out = env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=60)
     assert len(script.sampled) == 1 and out["samples"][0].completion_ids == script.sampled[0]
     assert "single tool-calls" in caplog.text
+
+
+def test_a_mistral_tool_rollout_runs_its_call(envs):
+    """Mistral Nemo: `[TOOL_CALLS]` is a special token (decoded away before, so the call was the answer), and the
+    template refuses call ids other than 9 letters and digits."""
+    from vftrain.rl.environment import VerifiersEnv
+
+    tok = family_tokenizer("mistral")
+    env = VerifiersEnv("vf-sum-tools", None, tok, max_prompt_len=1400, max_turns=4)
+    script = _Turns(tok, '[TOOL_CALLS][{"name": "add", "arguments": {"a": 2, "b": 3}}]', stop="</s>")
+    out = env.rollouts([0], 2, script, max_seq_len=1600, max_new_tokens=80)
+    assert out["rewards"].tolist() == [1.0, 1.0]
+    call, answer = script.sampled
+    ids = out["samples"][0].completion_ids
+    assert ids[:len(call)] == call and ids[-len(answer):] == answer
+    results = '[TOOL_RESULTS]{"content": 5, "call_id": "call00000"}[/TOOL_RESULTS]'
+    assert tok.decode(ids[len(call):-len(answer)]) == results
+    assert out["texts"][0][0]["tool_calls"][0]["function"] == ADD

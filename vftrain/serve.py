@@ -110,8 +110,7 @@ class ModelHost:
     def _choice(self, s: Sample, p: dict) -> Choice:
         """The response's view of a sample: decoded, cut at the first `stop` string, top logprobs added."""
         ids = s.completion_ids
-        if p["parse_tools"]:
-            # vLLM's tool parsers keep special tokens (a <tool_call> token may be one); the stop token is no text.
+        if p["parse_tools"]:  # as vLLM's tool parsers read it (`reply_text`)
             ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.stops else ids
         decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=not p["parse_tools"])  # noqa: E731
         choice = Choice(s, decode(len(ids)))
@@ -244,12 +243,16 @@ class ModelHost:
 
     def _message(self, text: str, choice: dict, p: dict) -> dict:
         """The assistant message; with tools, its tool calls parsed out as vLLM's parser for the template's dialect
-        gives them (finish_reason "tool_calls"; arguments as a JSON string, ids "chatcmpl-tool-<hex>")."""
-        parsed = parse_tool_calls(text, dialect(self.tokenizer)) if p["parse_tools"] else None
+        gives them (finish_reason "tool_calls"; arguments as a JSON string, ids "chatcmpl-tool-<hex>", Mistral's 9
+        random letters and digits)."""
+        style = dialect(self.tokenizer)
+        parsed = parse_tool_calls(text, style) if p["parse_tools"] else None
         if parsed is None:
             return {"role": "assistant", "content": text}
         choice["finish_reason"] = "tool_calls"
-        calls = [{"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function", "function": c} for c in parsed[1]]
+        new_id = (lambda: uuid.uuid4().hex[:9]) if style.startswith("mistral") else \
+            (lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
+        calls = [{"id": new_id(), "type": "function", "function": c} for c in parsed[1]]
         return {"role": "assistant", "content": parsed[0], "tool_calls": calls}
 
     def _logprobs(self, c: Choice, chat: bool, as_ids: bool) -> dict:

@@ -20,7 +20,8 @@ verifiers' own tool-calling chat loop does (`harnesses/utils/core.py::run_chat_l
 - tools: the task's and taskset's `Toolset`s, each registered on its own in-memory MCP server and called in process,
   named as verifiers' harnesses name them (`<server_name>_<tool>`). Tool calls are read from a reply as vLLM's
   parser for the chat template's dialect reads them (`sampling/tool_calls.py`: Hermes / Qwen `<tool_call>` blocks,
-  Llama 3's JSON), so the policy learns the calls its server will run.
+  Llama 3's JSON, Mistral's `[TOOL_CALLS]`), from the reply decoded with its special tokens as vLLM decodes it for
+  them, so the policy learns the calls its server will run.
 - rewards: `Task.score(trace)` without a runtime; reward = sum of weight x score (`Trace.reward`), per function
   `trace.rewards[name].score`. Functions that need a runtime (a sandbox) are refused when the environment loads.
 - sharded weights (FSDP / ZeRO-3) with the embedded sampler: every sampler call is a collective, so all processes
@@ -48,7 +49,7 @@ from vftrain.errors import ConfigError, DataError
 from vftrain.rewards import split_reasoning
 from vftrain.rl.rollouts import PromptSet
 from vftrain.sampling.tokens import Sample
-from vftrain.sampling.tool_calls import dialect, parse_tool_calls
+from vftrain.sampling.tool_calls import call_id, dialect, parse_tool_calls, reply_text
 
 INSTALL = "pip install 'vftrain[verifiers]'"
 log = logging.getLogger("vftrain")
@@ -188,9 +189,11 @@ class VerifiersEnv:
         from verifiers.v1.graph import prepare_turn
 
         vf = self.vf
-        text = self.tokenizer.decode(sample.completion_ids, skip_special_tokens=True)
-        content, calls = parse_tool_calls(text, self.dialect) or (text, [])
-        calls = [vf.ToolCall(id=f"call_{i}", **call) for i, call in enumerate(calls)]
+        ids = sample.completion_ids
+        text = reply_text(self.tokenizer, ids, sample.finish_reason, self.stop_ids) if self.schemas else \
+            self.tokenizer.decode(ids, skip_special_tokens=True)
+        content, calls = (parse_tool_calls(text, self.dialect) if self.schemas else None) or (text, [])
+        calls = [vf.ToolCall(id=call_id(self.dialect, i), **call) for i, call in enumerate(calls)]
         reasoning, content = split_reasoning(content or "")  # the environment's rewards read the answer (Qwen3's think)
         message = vf.AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
         finish = "tool_calls" if calls and sample.finish_reason == "stop" else sample.finish_reason

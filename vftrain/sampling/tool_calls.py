@@ -9,6 +9,11 @@ is what the server it is deployed on runs. The dialect follows the chat template
   vLLM's `llama_tool_parser.py`: every JSON object in the reply (after `<|python_tag|>` where it is kept), each
   with a `name` and `arguments` or `parameters`; the content is then empty, and an object without them, or a `{`
   that starts no JSON, makes the whole reply content.
+- `mistral` (templates that write `[TOOL_CALLS]`), vLLM's `parser/mistral.py`, which vLLM picks by the vocabulary:
+  without an `[ARGS]` token (Mistral 7B v0.3, Nemo, Small 2409) the first JSON value after the marker, a call or a
+  list of them (string arguments kept as they are, a missing name ""); with one (v11+ tokenizers),
+  `[TOOL_CALLS]name[ARGS]{...}` or `[TOOL_CALLS]name{...}` per call, the arguments the first JSON value's text. The
+  content is the text before the first marker. Call ids are 9 letters and digits, as Mistral's templates require.
 """
 
 from __future__ import annotations
@@ -19,18 +24,39 @@ import re
 HERMES = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)", re.DOTALL)
 # What Llama 3.x templates write for a custom tool call (and for a built-in one): none of the hermes templates do.
 LLAMA_MARKS = ('"parameters": ', "<|python_tag|>")
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+MISTRAL_JSON = re.compile(r"\[{.*}\]", re.DOTALL)  # vLLM's fallback where the text after the marker is no JSON
 
 
 def dialect(tokenizer) -> str:
-    """The tool-call dialect of the tokenizer's chat template: `llama3_json` where it writes Llama 3's calls, else
-    `hermes`."""
+    """The tool-call dialect of the tokenizer's chat template: `mistral` (`mistral_v11` with an `[ARGS]` token)
+    where it writes `[TOOL_CALLS]`, `llama3_json` where it writes Llama 3's calls, else `hermes`."""
     template = str(getattr(tokenizer, "chat_template", None) or "")
+    if MISTRAL_CALLS in template:
+        return "mistral_v11" if MISTRAL_ARGS in tokenizer.get_vocab() else "mistral"
     return "llama3_json" if "<tool_call>" not in template and any(m in template for m in LLAMA_MARKS) else "hermes"
+
+
+def call_id(style: str, index: int) -> str:
+    """The id of a reply's `index`-th call: Mistral's templates refuse any but 9 letters and digits."""
+    return f"call{index:05d}" if style.startswith("mistral") else f"call_{index}"
+
+
+def reply_text(tokenizer, ids: list[int], finish_reason: str | None, stop_ids) -> str:
+    """A sampled reply's text as vLLM hands it to a tool parser: special tokens kept (vLLM's parsers ask for them;
+    Mistral's `[TOOL_CALLS]` is one), the stop token that ended the reply left out (vLLM's text never holds it)."""
+    ids = ids[:-1] if finish_reason == "stop" and ids and ids[-1] in stop_ids else ids
+    return tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def parse_tool_calls(text: str, style: str) -> tuple[str | None, list[dict]] | None:
     """(content, or None where there is none; [{"name", "arguments": a JSON string}]) of a reply that holds tool
     calls in `style` (see `dialect`); None when it holds none, or one does not parse (the reply is then content)."""
+    if style.startswith("mistral"):
+        if MISTRAL_CALLS not in text:
+            return None
+        content, calls = (_mistral_v11 if style == "mistral_v11" else _mistral)(text)
+        return (content if content.strip() else None, calls) if calls else None
     try:
         content, bodies = (_hermes if style == "hermes" else _llama3_json)(text)
         calls = [{"name": str(body["name"]), "arguments": _arguments(body)} for body in bodies]
@@ -57,3 +83,51 @@ def _arguments(call: dict) -> str:
     """A call's arguments as a JSON string (the OpenAI form; a string is encoded again, as vLLM's parsers do, so a
     tool then gets a string, not an object); Llama's `parameters` where it has no `arguments`."""
     return json.dumps(call["arguments"] if "arguments" in call else call["parameters"], ensure_ascii=False)
+
+
+def _mistral(text: str):
+    """Before v11: the first JSON value after the marker (repeated markers with nothing between count as one)."""
+    content, *segments = text.split(MISTRAL_CALLS)
+    body = next((segment.strip() for segment in segments if segment.strip()), "")
+    try:
+        parsed = json.JSONDecoder().raw_decode(body)[0]
+    except ValueError:
+        found = MISTRAL_JSON.findall(body)
+        try:
+            parsed = json.loads(found[0]) if found else None
+        except ValueError:
+            parsed = None
+    entries = [parsed] if isinstance(parsed, dict) else parsed if isinstance(parsed, list) else []
+    calls = [{"name": e.get("name") if isinstance(e.get("name"), str) else "",
+              "arguments": _mistral_arguments(e.get("arguments"))}
+             for e in entries if isinstance(e, dict) and ("name" in e or "arguments" in e)]
+    return content, calls
+
+
+def _mistral_arguments(value) -> str:
+    return "{}" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _mistral_v11(text: str):
+    """v11+: `name[ARGS]{...}` or `name{...}` after the marker; a marker after the arguments starts the next call (one
+    inside a name is part of it). The arguments are the first JSON value's text (what follows it is dropped), else
+    the text as it is, "{}" when there is none; a name that never ends is a call without arguments, if it has one."""
+    content, _, rest = text.partition(MISTRAL_CALLS)
+    calls = []
+    while True:
+        ends = [i for i in (rest.find(MISTRAL_ARGS), rest.find("{")) if i >= 0]
+        if not ends:
+            return content, calls + ([{"name": rest.strip(), "arguments": "{}"}] if rest.strip() else [])
+        at = min(ends)
+        name, rest = rest[:at], rest[at + len(MISTRAL_ARGS) if rest.startswith(MISTRAL_ARGS, at) else at:]
+        raw, marker, rest = rest.partition(MISTRAL_CALLS)
+        calls.append({"name": name.strip(), "arguments": _first_json_text(raw.strip())})
+        if not marker:
+            return content, calls
+
+
+def _first_json_text(raw: str) -> str:
+    try:
+        return raw[:json.JSONDecoder().raw_decode(raw)[1]] if raw else "{}"
+    except ValueError:
+        return raw
