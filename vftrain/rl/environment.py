@@ -190,7 +190,7 @@ class VerifiersEnv:
 
         vf = self.vf
         ids = sample.completion_ids
-        text = reply_text(self.tokenizer, ids, sample.finish_reason, self.stop_ids) if self.schemas else \
+        text = reply_text(self.tokenizer, ids, sample.finish_reason, self.stop_ids, self.dialect) if self.schemas else \
             self.tokenizer.decode(ids, skip_special_tokens=True)
         content, calls = (parse_tool_calls(text, self.dialect) if self.schemas else None) or (text, [])
         calls = [vf.ToolCall(id=call_id(self.dialect, i), **call) for i, call in enumerate(calls)]

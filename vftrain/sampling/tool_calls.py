@@ -42,9 +42,17 @@ def call_id(style: str, index: int) -> str:
     return f"call{index:05d}" if style.startswith("mistral") else f"call_{index}"
 
 
-def reply_text(tokenizer, ids: list[int], finish_reason: str | None, stop_ids) -> str:
-    """A sampled reply's text as vLLM hands it to a tool parser: special tokens kept (vLLM's parsers ask for them;
-    Mistral's `[TOOL_CALLS]` is one), the stop token that ended the reply left out (vLLM's text never holds it)."""
+def keeps_special_tokens(style: str) -> bool:
+    """Whether vLLM decodes a reply with its special tokens for this dialect's parser: the hermes and mistral parsers
+    ask for them (a `<tool_call>` may be one; Mistral's `[TOOL_CALLS]` is one), llama3_json's does not."""
+    return style != "llama3_json"
+
+
+def reply_text(tokenizer, ids: list[int], finish_reason: str | None, stop_ids, style: str) -> str:
+    """A sampled reply's text as vLLM hands it to the tool parser of `style`: special tokens kept where that parser
+    asks for them, the stop token that ended the reply left out (vLLM's text never holds it)."""
+    if not keeps_special_tokens(style):
+        return tokenizer.decode(ids, skip_special_tokens=True)
     ids = ids[:-1] if finish_reason == "stop" and ids and ids[-1] in stop_ids else ids
     return tokenizer.decode(ids, skip_special_tokens=False)
 
