@@ -114,7 +114,6 @@ def train(model: str, config, trainer_cls=None, before=None, launch=None) -> int
         from vftrain.sft.trainer import SFTTrainer as trainer_cls
 
     from vftrain.checkpoint import check_output_dir, finished, has_final_model, newest
-
     from vftrain.resume import same_resume_everywhere
 
     setup_console_logging()
