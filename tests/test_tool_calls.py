@@ -11,6 +11,7 @@ import pytest
 
 from conftest import TEMPLATES, TINY, family_tokenizer, tiny_tokenizer
 from test_rl_env import envs  # noqa: F401  (a fixture)
+from vftrain.errors import ConfigError
 from vftrain.sampling.tokens import Sample
 from vftrain.sampling.tool_calls import dialect, parse_tool_calls
 
@@ -40,6 +41,7 @@ HERMES_REPLIES = [
     ('<tool_call>{"arguments": {}}</tool_call>', None),
     ('{"name": "add", "arguments": {"a": 2, "b": 3}}', None),  # bare JSON is content to the hermes parser
     ("5", None),
+    ('  <tool_call>{"name": "add", "arguments": {}}</tool_call>', (None, [{"name": "add", "arguments": "{}"}])),
 ]
 LLAMA_REPLIES = [
     ('{"name": "add", "parameters": {"a": 2, "b": 3}}', (None, [ADD])),
@@ -60,9 +62,10 @@ MISTRAL_REPLIES = [  # before v11 (Mistral 7B v0.3, Nemo): the first JSON value 
     ('[TOOL_CALLS][TOOL_CALLS]{"name": "add", "arguments": {"a": 2, "b": 3}}', (None, [ADD])),
     ('[TOOL_CALLS]x [{"name": "add", "arguments": {}}] y', (None, [{"name": "add", "arguments": "{}"}])),
     ('[TOOL_CALLS][{"arguments": {"a": 2}}, {"x": 1}, 5]', (None, [{"name": "", "arguments": '{"a": 2}'}])),
-    ("[TOOL_CALLS] garbage", None),
-    ("[TOOL_CALLS]", None),
-    ("plain 5", None),
+    ("Sure.[TOOL_CALLS] garbage", ("garbage", [])),  # no call: the text after the marker is the content
+    ('[TOOL_CALLS][{"name": "add", "arguments": {"a": 2, ', ('[{"name": "add", "arguments": {"a": 2,', [])),
+    ("[TOOL_CALLS]", (None, [])),
+    ("plain 5", ("plain 5", [])),
 ]
 MISTRAL_V11_REPLIES = [  # v11+ (an [ARGS] token): name[ARGS]{...} or name{...} per marker
     ('I will add.[TOOL_CALLS]add[ARGS]{"a": 2, "b": 3}', ("I will add.", [ADD])),
@@ -71,16 +74,26 @@ MISTRAL_V11_REPLIES = [  # v11+ (an [ARGS] token): name[ARGS]{...} or name{...} 
     ("[TOOL_CALLS]add[ARGS]not json", (None, [{"name": "add", "arguments": "not json"}])),
     ("[TOOL_CALLS] garbage", (None, [{"name": "garbage", "arguments": "{}"}])),
     ('[TOOL_CALLS][TOOL_CALLS]add{"a": 2}', (None, [{"name": "[TOOL_CALLS]add", "arguments": '{"a": 2}'}])),
-    ("[TOOL_CALLS]", None),
-    ("plain 5", None),
+    ("[TOOL_CALLS]add{}  [TOOL_CALLS]  ", (None, [{"name": "add", "arguments": "{}"},
+                                                 {"name": "", "arguments": "{}"}])),
+    ("x[TOOL_CALLS]", ("x", [])),
+    ("[TOOL_CALLS]", (None, [])),
+    ("plain 5", ("plain 5", [])),
 ]
 STYLES = {"hermes": HERMES_REPLIES, "llama3_json": LLAMA_REPLIES, "mistral": MISTRAL_REPLIES,
           "mistral_v11": MISTRAL_V11_REPLIES}
 
 
+
+
+def _expected(text: str, expected):
+    """None: no calls, the reply is the content."""
+    return (text, []) if expected is None else expected
+
+
 @pytest.mark.parametrize(("style", "text", "expected"), [(s, t, e) for s, cases in STYLES.items() for t, e in cases])
 def test_replies(style, text, expected):
-    assert parse_tool_calls(text, style) == expected
+    assert parse_tool_calls(text, style) == _expected(text, expected)
 
 
 VLLM_PARSE = """
@@ -105,7 +118,12 @@ out = []
 for style, text in json.load(sys.stdin):
     got = parsers[style].extract_tool_calls(text, None)
     calls = [{"name": c.function.name, "arguments": c.function.arguments} for c in got.tool_calls]
-    out.append([got.content, calls] if got.tools_called else None)
+    # the chat response's content, as parser/abstract_parser.py makes it: whitespace beside calls is None; without
+    # calls the reply, or what Mistral's engine-based parser leaves of it
+    if got.tools_called:
+        out.append([got.content if got.content and got.content.strip() else None, calls])
+    else:
+        out.append([(got.content or None) if style.startswith("mistral") else text, []])
 print(json.dumps(out))
 """
 
@@ -124,7 +142,7 @@ def test_replies_parse_as_vllms_own_parsers_parse_them():
     assert proc.returncode == 0, proc.stderr[-3000:]
     vllm = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = [parse_tool_calls(text, style) for style, text in cases]
-    assert [None if v is None else (v[0], v[1]) for v in vllm] == ours
+    assert [(v[0], v[1]) for v in vllm] == ours
 
 
 class _Turns:
@@ -191,3 +209,61 @@ def test_a_mistral_tool_rollout_runs_its_call(envs):
     results = '[TOOL_RESULTS]{"content": 5, "call_id": "call00000"}[/TOOL_RESULTS]'
     assert tok.decode(ids[len(call):-len(answer)]) == results
     assert out["texts"][0][0]["tool_calls"][0]["function"] == ADD
+
+
+def _mistral_env(env_id="vf-sum-tools"):
+    from vftrain.rl.environment import VerifiersEnv
+
+    tok = family_tokenizer("mistral")
+    return tok, VerifiersEnv(env_id, None, tok, max_prompt_len=1400, max_turns=4)
+
+
+@pytest.mark.parametrize("call", ['[TOOL_CALLS][{"arguments": {"a": 2, "b": 3}}]',
+                                  '[TOOL_CALLS][{"name": "add", "arguments": "a=2, b=3"}]'])
+def test_a_call_vllm_returns_without_a_name_or_json_arguments_is_answered(envs, call):
+    """vLLM returns such calls (Mistral's parser keeps string arguments as they are) and renders them at the next turn
+    with {} arguments; the environment refused them as training data and the run stopped (audit, finding 1)."""
+    tok, env = _mistral_env()
+    out = env.rollouts([0], 1, _Turns(tok, call, stop="</s>"), max_seq_len=1600, max_new_tokens=80)
+    assert out["texts"][0][1]["content"].startswith("error: ")  # the tool's answer: unknown tool, or bad arguments
+
+
+SYSTEM_TOOLS = '''
+import verifiers.v1 as vf
+from vf_sum_tools import SumTask
+
+
+class SystemTaskset(vf.Taskset[SumTask, vf.TasksetConfig]):
+    def load(self):
+        for k in range(2):
+            yield SumTask(vf.TaskData(prompt=f"{k}+1", system_prompt="Use tools."), self.config.task)
+
+
+__all__ = ["SystemTaskset"]
+'''
+
+
+def test_a_system_prompt_that_a_mistral_template_drops_after_a_call_is_refused_at_load(envs):
+    """Mistral Nemo writes the system message only into a last user turn: the run stopped at its first tool call with
+    an error about rendering (audit, finding 2); it is now refused before the first step, naming the way out."""
+    (envs / "vf_system_tools.py").write_text(SYSTEM_TOOLS)
+    with pytest.raises(ConfigError, match="system message only into a last user turn: give the tasks no system"):
+        _mistral_env("vf-system-tools")
+    _mistral_env()  # without one it loads
+
+
+def test_a_served_history_renders_as_vllm_renders_it():
+    """vftrain.serve answered 400 to a history call vLLM accepts (no name, arguments no JSON: {}), and wrote a call's
+    fields in another order than vLLM's validated (arguments, name) under `function|tojson` (audit, findings 4-5)."""
+    from vftrain.data.render import render_prompt
+
+    tok = family_tokenizer("mistral")
+    history = [{"role": "user", "content": "2+3?"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "abcDEF123", "type": "function", "function": {"name": "", "arguments": "not json"}},
+                   {"id": "abcDEF124", "type": "function", "function": {"name": "add", "arguments": '{"a": 2}'}}]},
+               {"role": "tool", "tool_call_id": "abcDEF123", "content": "5"},
+               {"role": "tool", "tool_call_id": "abcDEF124", "content": "5"}]
+    text = tok.decode(render_prompt(tok, history, served=True))
+    assert '[TOOL_CALLS][{"arguments": {}, "name": "", "id": "abcDEF123"}, {"arguments": {"a": 2}, "name": "add", ' \
+        '"id": "abcDEF124"}]</s>' in text

@@ -36,9 +36,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from vftrain.data.render import RowError, stop_token_ids
-from vftrain.sampling import ChatPrompt
-from vftrain.sampling.embedded import encode_prompt, generate_ids, pad_token_id
+from vftrain.data.render import RowError, render_prompt, stop_token_ids
+from vftrain.sampling.embedded import generate_ids, pad_token_id
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING
 from vftrain.sampling.tokens import Sample, sample, sampling_logits
 from vftrain.sampling.tool_calls import dialect, keeps_special_tokens, parse_tool_calls
@@ -103,7 +102,7 @@ class ModelHost:
         if not (isinstance(body.get("messages"), list) and body["messages"]):
             raise BadRequest("messages must be a non-empty list of chat messages")
         try:
-            return encode_prompt(self.tokenizer, ChatPrompt(body["messages"], p["tools"]))
+            return render_prompt(self.tokenizer, body["messages"], p["tools"], served=True)
         except RowError as exc:
             raise BadRequest(f"messages: {exc}") from None
 
@@ -246,14 +245,14 @@ class ModelHost:
         gives them (finish_reason "tool_calls"; arguments as a JSON string, ids "chatcmpl-tool-<hex>", Mistral's 9
         random letters and digits)."""
         style = dialect(self.tokenizer)
-        parsed = parse_tool_calls(text, style) if p["parse_tools"] else None
-        if parsed is None:
-            return {"role": "assistant", "content": text}
+        content, calls = parse_tool_calls(text, style) if p["parse_tools"] else (text, [])
+        if not calls:
+            return {"role": "assistant", "content": content}
         choice["finish_reason"] = "tool_calls"
         new_id = (lambda: uuid.uuid4().hex[:9]) if style.startswith("mistral") else \
             (lambda: f"chatcmpl-tool-{uuid.uuid4().hex}")
-        calls = [{"id": new_id(), "type": "function", "function": c} for c in parsed[1]]
-        return {"role": "assistant", "content": parsed[0], "tool_calls": calls}
+        calls = [{"id": new_id(), "type": "function", "function": c} for c in calls]
+        return {"role": "assistant", "content": content, "tool_calls": calls}
 
     def _logprobs(self, c: Choice, chat: bool, as_ids: bool) -> dict:
         name = (lambda t: f"token_id:{t}") if as_ids else (lambda t: self.tokenizer.decode([t]))  # noqa: E731

@@ -183,12 +183,12 @@ def _dropped_part(tokenizer, text: str, message: dict) -> str:
             "content) in the tokens it would train; set chat_template to a template that renders the turn as given")
 
 
-def render_prompt(tokenizer, prompt: str | list[dict], tools: list | None = None) -> list[int]:
+def render_prompt(tokenizer, prompt: str | list[dict], tools: list | None = None, served: bool = False) -> list[int]:
     """Token ids inference feeds the model for `prompt` (a message list, rendered by the chat template with the
-    generation prompt and `tools`; or a plain string, with the tokenizer's BOS once)."""
+    generation prompt and `tools`; or a plain string, with the tokenizer's BOS once); `served`: see `clean_message`."""
     if isinstance(prompt, str):
         return encode_text(tokenizer, prompt)
-    return render_chat(tokenizer, [clean_message(m) for m in prompt], tools, generation_prompt=True)
+    return render_chat(tokenizer, [clean_message(m, served) for m in prompt], tools, generation_prompt=True)
 
 
 def render_chat(tokenizer, messages: list[dict], tools, generation_prompt: bool) -> list[int]:
@@ -279,13 +279,15 @@ def as_messages(value: Any, column: str) -> list[dict]:
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
 
 
-def clean_message(message: dict) -> dict:
+def clean_message(message: dict, served: bool = False) -> dict:
     """A copy of `message` as templates expect it, prepared as vLLM prepares a conversation for its template
     (renderers/chat_utils.py), so that training renders what serving will: None-valued keys removed (templates test
     for presence: "tool_calls" in message) but a null content is "", text-only content parts joined by newlines,
     reasoning under `thinking` / `reasoning` also as `reasoning_content` (transformers' order), JSON-string tool
     calls and arguments parsed (templates write them with `tojson`; "" and null arguments are {}), an empty
-    tool_calls list dropped."""
+    tool_calls list dropped. `served`: a conversation a server is handed (a sampled turn, a request's history), whose
+    arguments that are no JSON object become {} and whose calls without a name are kept, as vLLM keeps them; in
+    training rows both are refused."""
     out = {k: v for k, v in message.items() if v is not None}
     if "content" in message:
         out["content"] = _text_parts(message["content"])
@@ -299,7 +301,7 @@ def clean_message(message: dict) -> dict:
         except json.JSONDecodeError:
             raise RowError("tool_calls is not valid JSON") from None
     if isinstance(calls, list):
-        out["tool_calls"] = [_parsed_call(c) for c in calls]
+        out["tool_calls"] = [_parsed_call(c, served) for c in calls]
     if not out.get("tool_calls", True):
         del out["tool_calls"]
     return out
@@ -315,14 +317,15 @@ def _text_parts(content: Any) -> Any:
     return content
 
 
-def _parsed_call(call: Any) -> Any:
+def _parsed_call(call: Any, served: bool) -> Any:
     """A tool call with its arguments as a dict, in OpenAI's form (`function`) or the flat one Qwen's template also
-    reads; a call without a name or with arguments that are not JSON is refused (it would train broken JSON)."""
+    reads; in training rows a call without a name or with arguments that are not JSON is refused (it would train
+    broken JSON); `served` (see `clean_message`): vLLM's {} for such arguments, and the call kept."""
     if not isinstance(call, dict):
         return call
     wrapped = isinstance(call.get("function"), dict)
     fn = call["function"] if wrapped else call
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
+    if not served and (not isinstance(fn.get("name"), str) or not fn["name"]):
         raise RowError("a tool call has no function name")
     arguments = fn.get("arguments")
     if arguments is None or arguments == "":
@@ -331,8 +334,14 @@ def _parsed_call(call: Any) -> Any:
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError:
-            raise RowError("tool call arguments are not valid JSON") from None
-    fn = {**fn, "arguments": arguments}
+            if not served:
+                raise RowError("tool call arguments are not valid JSON") from None
+            arguments = {}
+    if served and not isinstance(arguments, dict):  # vLLM: "Chat templates require a mapping"
+        arguments = {}
+    # served in vLLM's order: it validates a call's function as OpenAI's TypedDict (arguments, name), which
+    # templates that write `function|tojson` (Mistral's) show
+    fn = {"arguments": arguments, "name": fn.get("name", "")} if served and wrapped else {**fn, "arguments": arguments}
     return {**call, "function": fn} if wrapped else fn
 
 

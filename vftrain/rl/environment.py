@@ -104,6 +104,28 @@ class VerifiersEnv:
                                                           "parameters": t.parameters}} for t in self.tools] or None
         self.tasks, self.prompts = self._prompt_set(list(env.taskset), max_prompt_len)
         self.reward_names = _reward_names(env_id, self.tasks)
+        if self.schemas and self.tasks:
+            self._check_tool_turns(env_id)
+
+    def _check_tool_turns(self, env_id: str) -> None:
+        """A tool episode extends the prompt's tokens turn by turn (`env_tokens`), so the template must render the
+        conversation before a call alike once the call's result follows. Mistral's (Nemo, 7B v0.3) write a system
+        message only into a last user turn: refused here, before the first step, rather than at the first call."""
+        calls = [{"id": call_id(self.dialect, 0), "type": "function",
+                  "function": {"name": self.schemas[0]["function"]["name"], "arguments": "{}"}}]
+        conversation = [_wire(m) for m in self.initial_messages(self.tasks[0])] + [
+            {"role": "assistant", "content": "", "tool_calls": calls}]
+        result = [{"role": "tool", "tool_call_id": calls[0]["id"], "content": "0"}]
+        try:
+            env_tokens(self.tokenizer, conversation, result, self.stop_ids[0], self.stop_ids, self.schemas)
+        except TemplateError:  # a call the template refuses ends its episode (`_advance`)
+            return
+        except DataError:
+            system = " (Mistral's templates write a system message only into a last user turn: give the tasks no " \
+                "system prompt)" if conversation[0]["role"] == "system" else ""
+            raise ConfigError(f"env = {env_id!r}: the chat template renders a task's conversation otherwise once a "
+                              f"tool call and its result follow it{system}, so its tool episodes cannot go on from "
+                              "their sampled tokens; set chat_template to one that keeps it") from None
 
     def _prompt_set(self, tasks: list, max_prompt_len: int) -> tuple[list, PromptSet]:
         """(the tasks kept, their PromptSet): prompts the template rejects or longer than max_prompt_len dropped."""
@@ -192,7 +214,7 @@ class VerifiersEnv:
         ids = sample.completion_ids
         text = reply_text(self.tokenizer, ids, sample.finish_reason, self.stop_ids, self.dialect) if self.schemas else \
             self.tokenizer.decode(ids, skip_special_tokens=True)
-        content, calls = (parse_tool_calls(text, self.dialect) if self.schemas else None) or (text, [])
+        content, calls = parse_tool_calls(text, self.dialect) if self.schemas else (text, [])
         calls = [vf.ToolCall(id=call_id(self.dialect, i), **call) for i, call in enumerate(calls)]
         reasoning, content = split_reasoning(content or "")  # the environment's rewards read the answer (Qwen3's think)
         message = vf.AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)
@@ -333,7 +355,8 @@ def env_tokens(tokenizer, conversation: list[dict], new: list[dict], stop_id: in
     longer rendering. What comes before the turn must render alike in both."""
     variables = template_kwargs(tokenizer)
     render = partial(tokenizer.apply_chat_template, tools=tools, tokenize=False, **variables)
-    conversation, new = [clean_message(m) for m in conversation], [clean_message(m) for m in new]  # arguments dicts
+    # arguments as dicts; a sampled call vLLM would keep (no name, arguments no JSON object) as vLLM renders it
+    conversation, new = [clean_message(m, served=True) for m in conversation], [clean_message(m) for m in new]
     before, after = render(conversation), render(conversation + new, add_generation_prompt=True)
     earlier = render(conversation[:-1]) if len(conversation) > 1 else ""
     texts = [t for t in tokenizer.batch_decode([[i] for i in stop_ids]) if t and t in before[len(earlier):]]

@@ -57,20 +57,23 @@ def reply_text(tokenizer, ids: list[int], finish_reason: str | None, stop_ids, s
     return tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def parse_tool_calls(text: str, style: str) -> tuple[str | None, list[dict]] | None:
-    """(content, or None where there is none; [{"name", "arguments": a JSON string}]) of a reply that holds tool
-    calls in `style` (see `dialect`); None when it holds none, or one does not parse (the reply is then content)."""
+def parse_tool_calls(text: str, style: str) -> tuple[str | None, list[dict]]:
+    """(content, calls) of a reply with tools in `style` (see `dialect`), as vLLM's chat response gives them
+    (`parser/abstract_parser.py`): calls [{"name", "arguments": a JSON string}], none where the reply holds none or
+    one does not parse; beside calls a content of whitespace only is None. Without calls the content is the reply,
+    or for Mistral's engine-based parser what it leaves of it (the text after a marker no call follows)."""
     if style.startswith("mistral"):
-        if MISTRAL_CALLS not in text:
-            return None
         content, calls = (_mistral_v11 if style == "mistral_v11" else _mistral)(text)
-        return (content if content.strip() else None, calls) if calls else None
-    try:
-        content, bodies = (_hermes if style == "hermes" else _llama3_json)(text)
-        calls = [{"name": str(body["name"]), "arguments": _arguments(body)} for body in bodies]
-    except (ValueError, KeyError, TypeError):
-        return None
-    return (content or None, calls) if calls else None
+    else:
+        try:
+            content, bodies = (_hermes if style == "hermes" else _llama3_json)(text)
+            calls = [{"name": str(body["name"]), "arguments": _arguments(body)} for body in bodies]
+        except (ValueError, KeyError, TypeError):
+            return text, []
+        content = content if calls else text
+    if not calls:
+        return content or None, []
+    return (content if content.strip() else None), calls
 
 
 def _hermes(text: str):
@@ -94,9 +97,12 @@ def _arguments(call: dict) -> str:
 
 
 def _mistral(text: str):
-    """Before v11: the first JSON value after the marker (repeated markers with nothing between count as one)."""
+    """Before v11: the first JSON value after the marker (repeated markers with nothing between count as one); with
+    no call in it, that text is the content."""
     content, *segments = text.split(MISTRAL_CALLS)
     body = next((segment.strip() for segment in segments if segment.strip()), "")
+    if not segments:
+        return text, []
     try:
         parsed = json.JSONDecoder().raw_decode(body)[0]
     except ValueError:
@@ -109,7 +115,7 @@ def _mistral(text: str):
     calls = [{"name": e.get("name") if isinstance(e.get("name"), str) else "",
               "arguments": _mistral_arguments(e.get("arguments"))}
              for e in entries if isinstance(e, dict) and ("name" in e or "arguments" in e)]
-    return content, calls
+    return (content, calls) if calls else (body, [])
 
 
 def _mistral_arguments(value) -> str:
@@ -119,13 +125,14 @@ def _mistral_arguments(value) -> str:
 def _mistral_v11(text: str):
     """v11+: `name[ARGS]{...}` or `name{...}` after the marker; a marker after the arguments starts the next call (one
     inside a name is part of it). The arguments are the first JSON value's text (what follows it is dropped), else
-    the text as it is, "{}" when there is none; a name that never ends is a call without arguments, if it has one."""
+    the text as it is, "{}" when there is none; a name that never ends is a call without arguments, unless nothing
+    follows the marker."""
     content, _, rest = text.partition(MISTRAL_CALLS)
     calls = []
     while True:
         ends = [i for i in (rest.find(MISTRAL_ARGS), rest.find("{")) if i >= 0]
         if not ends:
-            return content, calls + ([{"name": rest.strip(), "arguments": "{}"}] if rest.strip() else [])
+            return content, calls + ([{"name": rest.strip(), "arguments": "{}"}] if rest else [])
         at = min(ends)
         name, rest = rest[:at], rest[at + len(MISTRAL_ARGS) if rest.startswith(MISTRAL_ARGS, at) else at:]
         raw, marker, rest = rest.partition(MISTRAL_CALLS)
