@@ -268,6 +268,23 @@ def test_serve_renders_tools_and_parses_hermes_tool_calls(served, tmp_path, monk
     assert plain.finish_reason == "stop" and plain.message.tool_calls is None and "<tool_call>" in plain.message.content
 
 
+def test_serve_renders_tools_as_vllm_renders_them(served, tmp_path):
+    """vLLM validates tools and renders their dump (name, description, parameters; null where missing); a template
+    that writes `tool|tojson` (Qwen's, Mistral's) showed the request's own keys and order instead (audit, finding 7)."""
+    import shutil
+
+    model = tmp_path / "tiny-tools-json"
+    shutil.copytree(TINY, model)
+    template = (model / "chat_template.jinja").read_text()
+    (model / "chat_template.jinja").write_text("{%- for t in tools or [] %}{{- t|tojson }}{%- endfor %}" + template)
+    client, _ = served(str(model))
+    tools = [{"type": "function", "function": {"parameters": {"type": "object"}, "name": "add", "extra": 1}}]
+    reply = client.chat.completions.create(model=str(model), messages=[{"role": "user", "content": "2+3"}], tools=tools,
+                                           max_tokens=1, extra_body={"return_token_ids": True})
+    assert client_decode(model, reply.prompt_token_ids).startswith(
+        '{"type": "function", "function": {"name": "add", "description": null, "parameters": {"type": "object"}}}')
+
+
 def test_serve_parses_llama3_json_tool_calls_under_a_llama_template(served, tmp_path, monkeypatch):
     """Under a template that writes Llama 3's calls, the reply's JSON objects are its calls (vLLM's llama3_json)."""
     import shutil

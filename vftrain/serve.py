@@ -385,16 +385,28 @@ def _is_tool(tool) -> bool:
     return isinstance(fn, dict) and isinstance(fn.get("name"), str)
 
 
+def _as_vllm_renders(tool: dict) -> dict:
+    """A tool as vLLM hands it to the template: validated into its FunctionDefinition and dumped (name, description
+    and parameters in that order, null where missing, `strict` only where set, other keys dropped), which templates
+    that write a tool with `tojson` show."""
+    fn = tool.get("function", tool)
+    function = {"name": fn["name"], "description": fn.get("description"), "parameters": fn.get("parameters")}
+    return {"type": "function", "function": function | ({"strict": fn["strict"]} if fn.get("strict") is not None
+                                                        else {})}
+
+
 def _tool_fields(get, chat: bool) -> dict:
-    """tools (rendered by the chat template) and whether to parse tool calls from the reply: with tools and
-    tool_choice "auto" (the default), as vLLM's --enable-auto-tool-choice; "none" renders them and parses nothing."""
+    """tools (rendered by the chat template as vLLM renders them) and whether to parse tool calls from the reply: with
+    tools and tool_choice "auto" (the default), as vLLM's --enable-auto-tool-choice; "none" renders them and parses
+    nothing."""
     if not chat:
         return {"tools": None, "parse_tools": False}
     tools = get("tools", None, lambda v: isinstance(v, list) and all(map(_is_tool, v)),
                 "a list of tools, each {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
     choice = get("tool_choice", "auto", lambda v: v in ("auto", "none"),
                  "only 'auto' or 'none' (a forced call needs guided decoding, which vftrain.serve does not do)")
-    return {"tools": tools or None, "parse_tools": bool(tools) and choice == "auto"}
+    return {"tools": [_as_vllm_renders(t) for t in tools] if tools else None,
+            "parse_tools": bool(tools) and choice == "auto"}
 
 
 def make_handler(host: ModelHost, api_key: str | None = None):
