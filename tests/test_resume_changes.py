@@ -269,3 +269,15 @@ def test_a_new_learning_rate_applies_under_deepspeed(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     assert {step: row["learning_rate"] for step, row in _metrics(tmp_path).items()} == pytest.approx(
         {1: 1e-3, 2: 1e-3, 3: 1e-4, 4: 1e-4})
+
+
+def test_a_resumed_runs_train_loss_is_the_whole_runs(tmp_path):
+    """transformers' train_loss covers the steps of one train() call: after a resume it was the mean of the resumed
+    steps alone, in metrics.jsonl's last line, the summary and the returned TrainOutput."""
+    constant = dict(lr_scheduler_type="constant", max_steps=6)
+    straight = _sft(tmp_path / "straight", **constant).train()
+    _sft(tmp_path, **{**constant, "max_steps": 4}).train()
+    resumed = _sft(tmp_path, **constant).train(resume_from_checkpoint="latest")
+    last = json.loads((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert resumed.training_loss == pytest.approx(straight.training_loss, rel=1e-5)
+    assert last["train_loss"] == pytest.approx(straight.training_loss, rel=1e-5)

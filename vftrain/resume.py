@@ -114,9 +114,24 @@ class RunFolder:
         if resume is not None:
             self._load_extra_state(resume)
         try:
-            return super().train(resume, *args, **kwargs)
+            out = super().train(resume, *args, **kwargs)
         except torch.OutOfMemoryError as exc:
             raise OutOfMemory(oom_message(self.args, self.state.global_step, self._save_after_oom())) from exc
+        return TrainOutput(out.global_step, out.metrics.get("train_loss", out.training_loss), out.metrics)
+
+    def _whole_run_loss(self, train_loss: float) -> float:
+        """transformers' `train_loss` is the mean loss of this call's steps; after a resume, the whole run's, as a
+        straight run's: the steps before it from the checkpoint's log (a loss line at every checkpoint,
+        `LogAtSaves`). Left as transformers' where that log does not reach the resumed step."""
+        start, end = getattr(self, "_initial_global_step", 0), self.state.global_step
+        if not start or end <= start:
+            return train_loss
+        before = last = 0
+        for entry in self.state.log_history:  # each loss line is the mean over the steps since the one before
+            step = entry.get("step", 0)
+            if "loss" in entry and last < step <= start:
+                before, last = before + entry["loss"] * (step - last), step
+        return (before + train_loss * (end - start)) / end if last == start else train_loss
 
     def resume_point(self, value: str | bool | None = None) -> str | None:
         """The checkpoint folder `value` (default: args.resume_from_checkpoint) names, None for a fresh start."""

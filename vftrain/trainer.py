@@ -400,6 +400,8 @@ class VFTrainer(HeldOutGenerations, RunFolder, Trainer):
 
     # ---- logging and saving
     def log(self, logs: dict, *args, **kwargs) -> None:
+        if "train_loss" in logs:  # in place: train() returns these metrics
+            logs["train_loss"] = self._whole_run_loss(logs["train_loss"])
         if "loss" in logs:
             metrics, attn_sq = self.stats.pop(self._reduce_stats)
             logs.update(metrics)
