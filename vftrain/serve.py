@@ -391,8 +391,9 @@ def _as_vllm_renders(tool: dict) -> dict:
     that write a tool with `tojson` show."""
     fn = tool.get("function", tool)
     function = {"name": fn["name"], "description": fn.get("description"), "parameters": fn.get("parameters")}
-    return {"type": "function", "function": function | ({"strict": fn["strict"]} if fn.get("strict") is not None
-                                                        else {})}
+    if fn.get("strict") is not None:
+        function["strict"] = fn["strict"]
+    return {"type": "function", "function": function}
 
 
 def _tool_fields(get, chat: bool) -> dict:
