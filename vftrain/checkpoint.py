@@ -12,6 +12,7 @@ import re
 import shutil
 import time
 
+from vftrain.config_checks import checkpoint_of
 from vftrain.errors import ConfigError
 from vftrain.logging import HELD_OUT, trim_log
 
@@ -379,7 +380,7 @@ def _continued_step(args, resume) -> int | None:
 
 def inside(args, resume: str) -> bool:
     """Whether the checkpoint `resume` is one of this run folder's own."""
-    return os.path.abspath(os.path.dirname(os.path.normpath(resume))) == os.path.abspath(args.output_dir)
+    return checkpoint_of(resume, args.output_dir)
 
 
 def newest(args, resume: str | None) -> bool:

@@ -117,6 +117,12 @@ def _trl_values(config) -> None:
         config.use_liger, config.use_liger_kernel = True, False
 
 
+def checkpoint_of(resume: str, run_dir: str) -> bool:
+    """Whether the checkpoint folder `resume` lies in the run folder `run_dir` (here, not in checkpoint.py: config
+    checks import no torch)."""
+    return os.path.dirname(os.path.abspath(resume)) == os.path.abspath(run_dir)
+
+
 def _check_overwrite(config) -> None:
     """overwrite_output_dir with a resume from this folder would delete the checkpoint it continues (one of another
     folder's run may start this folder afresh)."""
@@ -124,7 +130,7 @@ def _check_overwrite(config) -> None:
     if not (config.overwrite_output_dir and resume):
         return
     elsewhere = isinstance(resume, str) and resume.lower() not in ("latest", "true") and (
-        not config.output_dir or os.path.dirname(os.path.abspath(resume)) != os.path.abspath(config.output_dir))
+        not config.output_dir or not checkpoint_of(resume, config.output_dir))
     if not elsewhere:
         raise ConfigError(f"overwrite_output_dir deletes the checkpoints that resume_from_checkpoint = {resume!r} "
                           "would continue; set one of them")

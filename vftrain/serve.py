@@ -40,7 +40,7 @@ from vftrain.data.render import RowError, render_prompt, stop_token_ids
 from vftrain.sampling.embedded import generate_ids, pad_token_id
 from vftrain.sampling.openai_backend import NEUTRAL_SAMPLING
 from vftrain.sampling.tokens import Sample, sample, sampling_logits
-from vftrain.sampling.tool_calls import dialect, keeps_special_tokens, parse_tool_calls
+from vftrain.sampling.tool_calls import dialect, parse_tool_calls, reply_ids
 
 COMPLETION_MAX_TOKENS = 16  # the OpenAI completions default (vLLM's too); chat defaults to the context left
 MAX_LOGPROBS = 20  # most top logprobs per token: vLLM's default --max-logprobs, OpenAI chat's top_logprobs limit
@@ -108,10 +108,10 @@ class ModelHost:
 
     def _choice(self, s: Sample, p: dict) -> Choice:
         """The response's view of a sample: decoded, cut at the first `stop` string, top logprobs added."""
-        ids, keep = s.completion_ids, p["parse_tools"] and keeps_special_tokens(dialect(self.tokenizer))
-        if keep:  # as vLLM hands it to the tool parser (`tool_calls.reply_text`, decoded here a prefix at a time)
-            ids = ids[:-1] if s.finish_reason == "stop" and ids and ids[-1] in self.stops else ids
-        decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=not keep)  # noqa: E731
+        # with tools, as vLLM hands the reply to the tool parser (decoded here a prefix at a time: stop strings)
+        ids, skip = reply_ids(s.completion_ids, s.finish_reason, self.stops, dialect(self.tokenizer)) \
+            if p["parse_tools"] else (s.completion_ids, True)
+        decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=skip)  # noqa: E731
         choice = Choice(s, decode(len(ids)))
         hits = sorted((choice.text.find(x), x) for x in p["stop"] if x in choice.text)
         if hits:  # vLLM: the text ends before the stop string; the tokens end with the one that completed it

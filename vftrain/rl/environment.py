@@ -211,10 +211,11 @@ class VerifiersEnv:
         from verifiers.v1.graph import prepare_turn
 
         vf = self.vf
-        ids = sample.completion_ids
-        text = reply_text(self.tokenizer, ids, sample.finish_reason, self.stop_ids, self.dialect) if self.schemas else \
-            self.tokenizer.decode(ids, skip_special_tokens=True)
-        content, calls = parse_tool_calls(text, self.dialect) if self.schemas else (text, [])
+        if self.schemas:
+            text = reply_text(self.tokenizer, sample.completion_ids, sample.finish_reason, self.stop_ids, self.dialect)
+            content, calls = parse_tool_calls(text, self.dialect)
+        else:
+            content, calls = self.tokenizer.decode(sample.completion_ids, skip_special_tokens=True), []
         calls = [vf.ToolCall(id=call_id(self.dialect, i), **call) for i, call in enumerate(calls)]
         reasoning, content = split_reasoning(content or "")  # the environment's rewards read the answer (Qwen3's think)
         message = vf.AssistantMessage(content=content, reasoning_content=reasoning, tool_calls=calls or None)

@@ -42,19 +42,19 @@ def call_id(style: str, index: int) -> str:
     return f"call{index:05d}" if style.startswith("mistral") else f"call_{index}"
 
 
-def keeps_special_tokens(style: str) -> bool:
-    """Whether vLLM decodes a reply with its special tokens for this dialect's parser: the hermes and mistral parsers
-    ask for them (a `<tool_call>` may be one; Mistral's `[TOOL_CALLS]` is one), llama3_json's does not."""
-    return style != "llama3_json"
+def reply_ids(ids: list[int], finish_reason: str | None, stop_ids, style: str) -> tuple[list[int], bool]:
+    """(the ids of a sampled reply that vLLM decodes for the tool parser of `style`, whether it skips special tokens):
+    the hermes and mistral parsers ask for special tokens (a `<tool_call>` may be one; Mistral's `[TOOL_CALLS]` is
+    one), without the stop token that ended the reply (vLLM's text never holds it); llama3_json's does not."""
+    if style == "llama3_json":
+        return ids, True
+    return (ids[:-1] if finish_reason == "stop" and ids and ids[-1] in stop_ids else ids), False
 
 
 def reply_text(tokenizer, ids: list[int], finish_reason: str | None, stop_ids, style: str) -> str:
-    """A sampled reply's text as vLLM hands it to the tool parser of `style`: special tokens kept where that parser
-    asks for them, the stop token that ended the reply left out (vLLM's text never holds it)."""
-    if not keeps_special_tokens(style):
-        return tokenizer.decode(ids, skip_special_tokens=True)
-    ids = ids[:-1] if finish_reason == "stop" and ids and ids[-1] in stop_ids else ids
-    return tokenizer.decode(ids, skip_special_tokens=False)
+    """A sampled reply's text as vLLM hands it to the tool parser of `style` (`reply_ids`)."""
+    ids, skip = reply_ids(ids, finish_reason, stop_ids, style)
+    return tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def parse_tool_calls(text: str, style: str) -> tuple[str | None, list[dict]]:
